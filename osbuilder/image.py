@@ -1,0 +1,252 @@
+"""`osbuilder image`: a GPT disk image with one ext4 partition filled from the rootfs directory.
+
+No root-only tricks: the partition table is written by sfdisk into a plain file and the filesystem
+by `mke2fs -d` at the partition's byte offset (`-E offset=`). The tree is checked first (init,
+systemd, agent), the size is computed from the tree (or IMG_SIZE) and rounded up to 128 MiB, the
+result must pass `e2fsck -fn`, and only then does it replace WORKDIR/container.img.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from osbuilder.cache import Manifest, _remove, file_hash, publish, temp_beside
+from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.rootfs import METADATA_PATH, AgentChoice
+from osbuilder.run import run, tool_version
+from osbuilder.settings import Settings
+
+MiB = 1024 * 1024
+ALIGN = 128 * MiB  # memory-hotplug alignment the runtimes need for an NVDIMM-mapped image
+PART_START = 1 * MiB
+TAIL = 1 * MiB  # room for the backup GPT
+LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+INODE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where things are in the image file."""
+
+    total_bytes: int
+    fs_offset: int
+    fs_bytes: int
+    block_size: int
+
+    @property
+    def fs_blocks(self) -> int:
+        return self.fs_bytes // self.block_size
+
+    def fs_spec(self, image: Path) -> str:
+        """The name e2fsprogs tools accept for the filesystem inside the image file."""
+        return f"{image}?offset={self.fs_offset}"
+
+
+def rootfs_usage(rootfs: Path, block_size: int) -> tuple[int, int]:
+    """(bytes the tree needs in blocks, number of inodes) — what mke2fs will have to store."""
+    total = inodes = 0
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        inodes += 1 + len(filenames)
+        total += block_size  # the directory itself
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += -(-st.st_size // block_size) * block_size
+        inodes += sum(1 for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+    return total, inodes
+
+
+def plan_layout(rootfs: Path, settings: Settings) -> ImageLayout:
+    bs = settings.block_size
+    data, inodes = rootfs_usage(rootfs, bs)
+    # ext4 overhead: inode tables (a generous inode count), bitmaps, the journal (~16-64 MiB)
+    needed = data + inodes * 2 * INODE_SIZE + 64 * MiB
+    auto = int(needed * 1.25) + PART_START + TAIL
+    if settings.img_size is None:
+        total = auto
+    else:
+        total = settings.img_size * MiB
+        minimum = needed + PART_START + TAIL
+        if total < minimum:
+            raise UsageError(f"IMG_SIZE: {settings.img_size} MiB is too small for the rootfs "
+                             f"(needs at least {-(-minimum // MiB)} MiB)")
+    total = -(-total // ALIGN) * ALIGN
+    fs_bytes = (total - PART_START - TAIL) // bs * bs
+    return ImageLayout(total, PART_START, fs_bytes, bs)
+
+
+def resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
+    """Resolve `rel` inside `root` as the guest would see it (absolute links stay inside root)."""
+    parts = [p for p in rel.split("/") if p]
+    path = root
+    for i, part in enumerate(parts):
+        candidate = path / part
+        if candidate.is_symlink():
+            if depth > 40:
+                return None
+            target = os.readlink(candidate)
+            here = "" if target.startswith("/") else str(path.relative_to(root))
+            rest = "/".join(parts[i + 1:])
+            return resolve_in(root, posixpath.normpath(f"/{here}/{target}/{rest}"), depth + 1)
+        path = candidate
+    return path if path.exists() else None
+
+
+def check_tree(rootfs: Path, settings: Settings) -> None:
+    """The sanity checks of the tree that a bootable guest needs. One clear error per problem."""
+    init = resolve_in(rootfs, "sbin/init")
+    if init is None:
+        raise UsageError(f"rootfs: {rootfs}/sbin/init is missing; the guest kernel would have nothing to run")
+    name = agent_name(rootfs, settings)
+    agent_bin = resolve_in(rootfs, f"usr/bin/{name}")
+    if agent_bin is None:
+        raise UsageError(f"rootfs: agent {name} is missing from {rootfs}/usr/bin")
+    if not os.access(agent_bin, os.X_OK):
+        raise UsageError(f"rootfs: agent {agent_bin} is not executable")
+    systemd = resolve_in(rootfs, "usr/lib/systemd/systemd")
+    if settings.agent_init:
+        if init.resolve() != agent_bin.resolve():
+            raise UsageError(f"rootfs: AGENT_INIT=yes but /sbin/init is {init.relative_to(rootfs)}, not the agent")
+    elif systemd is None:
+        raise UsageError(f"rootfs: systemd is missing ({rootfs}/usr/lib/systemd/systemd); "
+                         "install it or set AGENT_INIT=yes")
+
+
+def agent_name(rootfs: Path, settings: Settings) -> str:
+    """The agent recorded in the rootfs metadata, else the one the settings choose."""
+    meta = rootfs / METADATA_PATH
+    if meta.is_file():
+        try:
+            return yaml.safe_load(meta.read_text())["agent"]["name"]
+        except (yaml.YAMLError, KeyError, TypeError):
+            raise UsageError(f"rootfs: {meta} is not valid osbuilder metadata") from None
+    return AgentChoice.from_settings(settings).name
+
+
+def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path | None = None) -> ImageLayout:
+    """Make `dest` from `rootfs`. A failure leaves any earlier `dest` untouched."""
+    if not (rootfs / "usr").is_dir() and not (rootfs / "sbin").exists():
+        raise UsageError(f"image: no rootfs at {rootfs}; run `osbuilder rootfs` first")
+    check_tree(rootfs, settings)
+    layout = plan_layout(rootfs, settings)
+    logfile = logfile or settings.workdir / "logs" / "image.log"
+    tmp = temp_beside(dest)
+    try:
+        write_image(settings, rootfs, tmp, layout, logfile)
+        publish(tmp, dest)
+    finally:
+        _remove(tmp)
+    return layout
+
+
+def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout, logfile: Path) -> None:
+    with open(out, "wb") as f:
+        f.truncate(layout.total_bytes)
+    ids = stable_ids(settings)
+    table = "label: gpt\n"
+    if ids:
+        table += f"label-id: {ids[0]}\n"
+    table += (f"start={layout.fs_offset // 512}, size={layout.fs_bytes // 512}, type={LINUX_FS}, name=rootfs"
+              + (f", uuid={ids[1]}" if ids else "") + "\n")
+    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(out)], step="image",
+        logfile=logfile, input=table.encode())
+    extended = f"offset={layout.fs_offset}"  # mke2fs honours only its last -E: one list
+    mke2fs = ["mke2fs", "-q", "-t", settings.fs_type, "-b", str(layout.block_size), "-m", "0",
+              "-L", "rootfs", "-d", str(rootfs), "-F"]
+    env = None
+    if ids:
+        clamp_times(rootfs, settings.source_date_epoch)
+        extended += f",hash_seed={ids[3]}"
+        mke2fs += ["-U", ids[2]]
+        env = {"E2FSPROGS_FAKE_TIME": str(settings.source_date_epoch)}
+    mke2fs += ["-E", extended]
+    try:
+        run([*mke2fs, str(out), str(layout.fs_blocks)], step="image", logfile=logfile, env=env)
+    except OsbuilderError as e:
+        if "No space left" in e.detail or "Could not allocate block" in e.detail:
+            raise UsageError("IMG_SIZE: the rootfs does not fit in the image", e.detail) from None
+        raise
+    run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
+
+
+def clamp_times(rootfs: Path, epoch: int) -> None:
+    """Reproducible timestamps: no file newer than SOURCE_DATE_EPOCH; access times set to it."""
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in [*dirnames, *filenames, ""]:
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            os.utime(path, ns=(epoch * 10**9, min(st.st_mtime_ns, epoch * 10**9)), follow_symlinks=False)
+
+
+def stable_ids(settings: Settings) -> tuple[str, str, str, str] | None:
+    """Deterministic table/partition/filesystem UUIDs when SOURCE_DATE_EPOCH asks for reproducibility."""
+    if settings.source_date_epoch is None:
+        return None
+    base = f"osbuilder:{settings.source_date_epoch}"
+    return tuple(str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base}:{what}"))  # type: ignore[return-value]
+                 for what in ("label", "partition", "filesystem", "hash"))
+
+
+def read_layout(image: Path) -> ImageLayout:
+    """Read the partition table back (sfdisk -J) and the filesystem's block size (dumpe2fs)."""
+    table = json.loads(run(["sfdisk", "-J", str(image)], step="image", capture=True).stdout)["partitiontable"]
+    part = table["partitions"][0]
+    sector = table.get("sectorsize", 512)
+    offset = part["start"] * sector
+    header = run(["dumpe2fs", "-h", f"{image}?offset={offset}"], step="image", capture=True).stdout.decode()
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    return ImageLayout(image.stat().st_size, offset, part["size"] * sector, int(fields["Block size"].strip()))
+
+
+def read_file(image: Path, path: str) -> bytes:
+    """A file's content from inside the image, read with debugfs (no mount)."""
+    return _debugfs(image, f"cat {path}")
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """What debugfs says about a path inside the image."""
+
+    kind: str  # regular, directory, symlink, ...
+    mode: int
+    uid: int
+    link: str | None
+
+
+def stat_path(image: Path, path: str) -> PathInfo | None:
+    """Type, mode, owner and symlink target of `path` inside the image; None if it does not exist."""
+    text = _debugfs(image, f"stat {path}").decode(errors="replace")
+    m = re.search(r"Type:\s+(\S+)\s+Mode:\s+(\d+)", text)
+    if not m:
+        return None
+    uid = re.search(r"User:\s+(\d+)", text)
+    link = re.search(r'Fast link dest: "(.*)"', text)
+    return PathInfo(m.group(1), int(m.group(2), 8), int(uid.group(1)) if uid else -1,
+                    link.group(1) if link else None)
+
+
+def _debugfs(image: Path, request: str) -> bytes:
+    layout = read_layout(image)
+    return run(["debugfs", "-R", request, layout.fs_spec(image)], step="image", capture=True).stdout
+
+
+def image_manifest(settings: Settings, rootfs_key: str) -> Manifest:
+    """Every input of an image made from a cached rootfs."""
+    return Manifest("image", {
+        "rootfs": rootfs_key,
+        "img_size": str(settings.img_size),
+        "block_size": str(settings.block_size),
+        "fs_type": settings.fs_type,
+        "agent_init": str(settings.agent_init),
+        "source_date_epoch": str(settings.source_date_epoch),
+        "code": file_hash(Path(__file__)),
+        "mke2fs": tool_version("mke2fs", "-V"),
+        "sfdisk": tool_version("sfdisk", "--version"),
+    })

@@ -1,0 +1,47 @@
+"""The interface every distribution plugin implements, and the registry of plugins."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from osbuilder.errors import UsageError
+
+
+class Distro(ABC):
+    """A way to populate a directory with a distribution's packages, without mounts or loop devices."""
+
+    name: str
+    releases: tuple[str, ...]
+    default_mirror: str
+    tool: str  # the program that does the work, for check-deps and cache manifests
+
+    @abstractmethod
+    def default_packages(self, agent_init: bool) -> list[str]:
+        """The package set for a guest rootfs (systemd, coreutils, iptables, kmod, iproute2, sshd...)."""
+
+    @abstractmethod
+    def build(self, release: str, mirror: str, packages: list[str], overlay: Path, dest: Path,
+              *, logfile: Path, verbose: bool, source_date_epoch: int | None) -> None:
+        """Create the rootfs at `dest` (which must not exist) and copy `overlay` over it."""
+
+    def check_release(self, release: str) -> None:
+        if release not in self.releases:
+            raise UsageError(f"OS_VERSION: unknown {self.name} release {release!r}; known: {', '.join(self.releases)}")
+
+
+_REGISTRY: dict[str, Distro] = {}
+
+
+def register(distro: Distro) -> Distro:
+    _REGISTRY[distro.name] = distro
+    return distro
+
+
+def get(name: str) -> Distro:
+    from osbuilder.rootfs import debian  # noqa: F401  (registers itself)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"DISTRO: unknown distribution {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None

@@ -1,0 +1,94 @@
+"""The artifact cache: hits, misses that explain themselves, atomic publish, one build across processes."""
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from osbuilder.cache import Cache, Manifest, publish, temp_beside
+
+
+def _build_counting(tmp: Path, counter: Path) -> None:
+    with open(counter, "a") as f:
+        f.write("x")
+    (tmp / "artifact").write_text("payload")
+
+
+def test_second_lookup_is_a_hit_without_building(tmp_path: Path):
+    cache, counter = Cache(tmp_path / "cache"), tmp_path / "count"
+    m = Manifest("thing", {"a": "1"})
+    first = cache.get_or_build(m, lambda t: _build_counting(t, counter))
+    second = cache.get_or_build(m, lambda t: _build_counting(t, counter))
+    assert first == second and (first / "artifact").read_text() == "payload"
+    assert counter.read_text() == "x"
+
+
+def test_rebuild_builds_again(tmp_path: Path):
+    cache, counter = Cache(tmp_path / "cache"), tmp_path / "count"
+    m = Manifest("thing", {"a": "1"})
+    cache.get_or_build(m, lambda t: _build_counting(t, counter))
+    cache.get_or_build(m, lambda t: _build_counting(t, counter), rebuild=True)
+    assert counter.read_text() == "xx"
+
+
+def test_failed_build_leaves_no_entry(tmp_path: Path):
+    cache = Cache(tmp_path / "cache")
+    m = Manifest("thing", {"a": "1"})
+
+    def broken(tmp: Path) -> None:
+        (tmp / "half").write_text("half-written")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build(m, broken)
+    assert cache.lookup(m) is None
+    assert list((tmp_path / "cache" / "thing").iterdir()) == [cache.entry(m).with_name(cache.entry(m).name + ".lock")]
+
+
+def test_miss_explains_which_input_changed(tmp_path: Path):
+    cache = Cache(tmp_path / "cache")
+    cache.get_or_build(Manifest("rootfs", {"packages": "a b", "os_version": "bookworm"}), lambda t: None)
+    reasons = cache.explain_miss(Manifest("rootfs", {"packages": "a b c", "os_version": "bookworm"}))
+    assert reasons == ["packages changed: a b -> a b c"]
+    assert Cache(tmp_path / "empty").explain_miss(Manifest("rootfs", {})) == ["no earlier build"]
+
+
+def _worker(root: str, counter: str) -> None:
+    import time
+
+    def slow(tmp: Path) -> None:
+        time.sleep(0.5)
+        _build_counting(tmp, Path(counter))
+
+    Cache(Path(root)).get_or_build(Manifest("shared", {"k": "v"}), slow)
+
+
+def test_parallel_processes_build_once(tmp_path: Path):
+    counter = tmp_path / "count"
+    procs = [multiprocessing.Process(target=_worker, args=(str(tmp_path / "c"), str(counter))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert counter.read_text() == "x"
+
+
+def test_publish_replaces_a_directory_whole(tmp_path: Path):
+    dest = tmp_path / "rootfs"
+    dest.mkdir()
+    (dest / "old").write_text("old")
+    tmp = temp_beside(dest)
+    tmp.mkdir()
+    (tmp / "new").write_text("new")
+    publish(tmp, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs"]
+
+
+def test_temp_beside_removes_leftovers_of_dead_processes(tmp_path: Path):
+    dest = tmp_path / "container.img"
+    stale = tmp_path / ".container.img.tmp-999999999"
+    stale.write_text("interrupted")
+    temp_beside(dest)
+    assert not stale.exists()

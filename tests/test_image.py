@@ -1,0 +1,129 @@
+"""`osbuilder image` on small synthetic trees: layout, tree checks, errors that leave nothing behind.
+
+These use the real sfdisk, mke2fs, e2fsck and debugfs; only the rootfs is small and hand-made.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from osbuilder import settings as S
+from osbuilder.errors import UsageError
+from osbuilder.image import ALIGN, MiB, build_image, check_tree, plan_layout, read_file, read_layout
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["which", "mke2fs", "sfdisk"], capture_output=True).returncode != 0,
+    reason="e2fsprogs or fdisk not installed (osbuilder check-deps --install)")
+
+
+def make_tree(root: Path, *, init_target="../lib/systemd/systemd", agent=True, systemd=True) -> Path:
+    for d in ("usr/sbin", "usr/bin", "usr/lib/systemd", "var/lib/osbuilder", "etc"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "sbin").symlink_to("usr/sbin")
+    if systemd:
+        (root / "usr/lib/systemd/systemd").write_bytes(b"\x7fELF systemd")
+        (root / "usr/lib/systemd/systemd").chmod(0o755)
+    if init_target:
+        (root / "usr/sbin/init").symlink_to(init_target)
+    if agent:
+        (root / "usr/bin/osbuilder-agent").write_bytes(b"\x7fELF agent")
+        (root / "usr/bin/osbuilder-agent").chmod(0o755)
+    (root / "var/lib/osbuilder/osbuilder.yaml").write_text(yaml.safe_dump({"agent": {"name": "osbuilder-agent"}}))
+    (root / "etc/hostname").write_text("guest\n")
+    return root
+
+
+def settings(tmp_path: Path, **env) -> S.Settings:
+    return S.load({}, env={"WORKDIR": str(tmp_path / "wd"), **env}, cwd=tmp_path)
+
+
+def test_image_layout_partition_and_filesystem(tmp_path: Path):
+    s = settings(tmp_path)
+    rootfs = make_tree(tmp_path / "rootfs")
+    dest = tmp_path / "container.img"
+    build_image(s, rootfs, dest)
+    assert dest.stat().st_size % ALIGN == 0
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(dest)], capture_output=True, check=True).stdout)
+    table = table["partitiontable"]
+    assert table["label"] == "gpt" and len(table["partitions"]) == 1
+    assert table["partitions"][0]["start"] * 512 == 1 * MiB
+    layout = read_layout(dest)
+    assert layout.block_size == 4096
+    assert read_file(dest, "/etc/hostname") == b"guest\n"
+    check = subprocess.run(["e2fsck", "-fn", layout.fs_spec(dest)], capture_output=True)
+    assert check.returncode == 0, check.stdout
+
+
+def test_img_size_is_rounded_up_to_128_mib(tmp_path: Path):
+    rootfs = make_tree(tmp_path / "rootfs")
+    assert plan_layout(rootfs, settings(tmp_path, IMG_SIZE="130")).total_bytes == 256 * MiB
+    assert plan_layout(rootfs, settings(tmp_path, IMG_SIZE="128")).total_bytes == 128 * MiB
+
+
+def test_img_size_smaller_than_rootfs_is_refused(tmp_path: Path):
+    rootfs = make_tree(tmp_path / "rootfs")
+    (rootfs / "big").write_bytes(os.urandom(8 * MiB))
+    with pytest.raises(UsageError, match="IMG_SIZE: 60 MiB is too small"):
+        plan_layout(rootfs, settings(tmp_path, IMG_SIZE="60"))
+
+
+def test_automatic_size_leaves_headroom(tmp_path: Path):
+    rootfs = make_tree(tmp_path / "rootfs")
+    (rootfs / "big").write_bytes(b"\0" * 200 * MiB)
+    layout = plan_layout(rootfs, settings(tmp_path))
+    assert layout.fs_bytes >= 1.2 * 200 * MiB
+
+
+@pytest.mark.parametrize("broken,message", [
+    (dict(init_target=None), "sbin/init is missing"),
+    (dict(agent=False), "agent osbuilder-agent is missing"),
+    (dict(systemd=False, init_target="../bin/osbuilder-agent"), "systemd is missing"),
+])
+def test_tree_checks(tmp_path: Path, broken, message):
+    rootfs = make_tree(tmp_path / "rootfs", **broken)
+    with pytest.raises(UsageError, match=message):
+        check_tree(rootfs, settings(tmp_path))
+
+
+def test_agent_must_be_executable(tmp_path: Path):
+    rootfs = make_tree(tmp_path / "rootfs")
+    (rootfs / "usr/bin/osbuilder-agent").chmod(0o644)
+    with pytest.raises(UsageError, match="is not executable"):
+        check_tree(rootfs, settings(tmp_path))
+
+
+def test_agent_as_init_requires_init_to_be_the_agent(tmp_path: Path):
+    rootfs = make_tree(tmp_path / "rootfs")
+    with pytest.raises(UsageError, match="AGENT_INIT=yes but /sbin/init is usr/lib/systemd/systemd"):
+        check_tree(rootfs, settings(tmp_path, AGENT_INIT="yes"))
+    ok = make_tree(tmp_path / "agent-init", systemd=False, init_target="../bin/osbuilder-agent")
+    check_tree(ok, settings(tmp_path, AGENT_INIT="yes"))
+
+
+def test_failed_image_keeps_the_earlier_image(tmp_path: Path):
+    s = settings(tmp_path)
+    good = make_tree(tmp_path / "rootfs")
+    dest = tmp_path / "container.img"
+    build_image(s, good, dest)
+    before = dest.read_bytes()
+    bad = make_tree(tmp_path / "bad", agent=False)
+    with pytest.raises(UsageError):
+        build_image(s, bad, dest)
+    with pytest.raises(UsageError, match="run `osbuilder rootfs` first"):
+        build_image(s, tmp_path / "nothing", dest)
+    assert dest.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "container.img", "rootfs", "wd"]
+
+
+def test_source_date_epoch_makes_the_image_reproducible(tmp_path: Path):
+    s = settings(tmp_path, SOURCE_DATE_EPOCH="1700000000")
+    rootfs = make_tree(tmp_path / "rootfs")
+    for p in [rootfs, *rootfs.rglob("*")]:
+        os.utime(p, (1700000000, 1700000000), follow_symlinks=False)
+    build_image(s, rootfs, tmp_path / "a.img")
+    build_image(s, rootfs, tmp_path / "b.img")
+    assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes()

@@ -1,0 +1,98 @@
+"""The rootfs step without the network: package set, agent choice, staging, and error translation."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from osbuilder import settings as S
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.rootfs import AgentChoice, manifest, packages, stage_overlay
+from osbuilder.rootfs.debian import classify_failure
+from osbuilder.rootfs.distro import get
+
+
+def settings(tmp_path: Path, **env) -> S.Settings:
+    return S.load({}, env={"WORKDIR": str(tmp_path / "wd"), **env}, cwd=tmp_path)
+
+
+def test_default_packages_follow_the_original_list(tmp_path: Path):
+    pkgs = packages(settings(tmp_path, EXTRA_PKGS="vim systemd"))
+    for wanted in ("systemd", "udev", "coreutils", "iptables", "kmod", "iproute2", "openssh-server", "vim"):
+        assert wanted in pkgs
+    assert pkgs.count("systemd") == 1
+
+
+def test_agent_as_init_drops_systemd(tmp_path: Path):
+    pkgs = packages(settings(tmp_path, AGENT_INIT="yes"))
+    assert "systemd" not in pkgs and "systemd-sysv" not in pkgs and "coreutils" in pkgs
+
+
+def test_unknown_release_is_refused_before_any_download():
+    with pytest.raises(UsageError, match="OS_VERSION: unknown debian release 'bookwurm'"):
+        get("debian").check_release("bookwurm")
+
+
+def test_agent_source_bin_must_exist_and_be_executable(tmp_path: Path):
+    with pytest.raises(UsageError, match="AGENT_SOURCE_BIN: .* is not a file"):
+        AgentChoice.from_settings(settings(tmp_path, AGENT_SOURCE_BIN=str(tmp_path / "nope")))
+    agent = tmp_path / "kata-agent"
+    agent.write_text("#!/bin/sh\n")
+    with pytest.raises(UsageError, match="is not executable"):
+        AgentChoice.from_settings(settings(tmp_path, AGENT_SOURCE_BIN=str(agent)))
+    agent.chmod(0o755)
+    choice = AgentChoice.from_settings(settings(tmp_path, AGENT_SOURCE_BIN=str(agent)))
+    assert (choice.name, choice.service) == ("kata-agent", "kata-agent.service")
+    named = AgentChoice.from_settings(settings(tmp_path, AGENT_SOURCE_BIN=str(agent), AGENT_SERVICE="my.service"))
+    assert named.service == "my.service"
+
+
+def test_staged_overlay_for_a_user_agent(tmp_path: Path):
+    agent = tmp_path / "kata-agent"
+    agent.write_text("#!/bin/sh\n")
+    agent.chmod(0o755)
+    s = settings(tmp_path, AGENT_SOURCE_BIN=str(agent), EXTRA_PKGS="vim", SOURCE_DATE_EPOCH="1700000000")
+    overlay = tmp_path / "overlay"
+    stage_overlay(s, AgentChoice.from_settings(s), packages(s), overlay, tmp_path / "log")
+    assert os.access(overlay / "usr/bin/kata-agent", os.X_OK)
+    unit = (overlay / "usr/lib/systemd/system/kata-agent.service").read_text()
+    assert "ExecStart=/usr/bin/kata-agent" in unit
+    link = overlay / "etc/systemd/system/multi-user.target.wants/kata-agent.service"
+    assert os.readlink(link) == "/usr/lib/systemd/system/kata-agent.service"
+    meta = yaml.safe_load((overlay / "var/lib/osbuilder/osbuilder.yaml").read_text())
+    assert meta["created"] == "2023-11-14T22:13:20Z"
+    assert meta["packages"]["extra"] == ["vim"] and meta["agent"]["name"] == "kata-agent"
+    assert not list(overlay.rglob("ssh_host_*"))
+
+
+def test_staged_overlay_with_agent_as_init(tmp_path: Path):
+    s = settings(tmp_path, AGENT_INIT="yes")
+    overlay = tmp_path / "overlay"
+    stage_overlay(s, AgentChoice.from_settings(s), packages(s), overlay, tmp_path / "log")
+    assert os.readlink(overlay / "usr/sbin/init") == "../bin/osbuilder-agent"
+    assert (overlay / "usr/bin/osbuilder-agent").stat().st_size > 10_000  # the real, compiled agent
+
+
+def test_manifest_changes_with_every_input(tmp_path: Path):
+    base = manifest(settings(tmp_path)).inputs
+    for env in ({"EXTRA_PKGS": "vim"}, {"OS_VERSION": "trixie"}, {"AGENT_INIT": "yes"},
+                {"REPO_URL": "http://mirror.example/debian"}):
+        assert manifest(settings(tmp_path, **env)).inputs != base
+
+
+def failure(detail: str) -> OsbuilderError:
+    return OsbuilderError("rootfs: `mmdebstrap` failed (exit 1)", detail)
+
+
+def test_missing_package_is_blamed_on_extra_pkgs():
+    e = classify_failure(failure("E: Unable to locate package no-such-pkg\nE: apt-get failed"),
+                         "bookworm", "http://deb.debian.org/debian", ["systemd", "no-such-pkg"])
+    assert isinstance(e, UsageError) and e.message == "EXTRA_PKGS: package(s) not found in bookworm: no-such-pkg"
+
+
+def test_unreachable_mirror_is_an_infrastructure_failure():
+    e = classify_failure(failure("Err:1 http://127.0.0.1:9/debian bookworm InRelease\n"
+                                 "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)"),
+                         "bookworm", "http://127.0.0.1:9/debian", [])
+    assert isinstance(e, InfrastructureError) and e.message.startswith("REPO_URL: mirror http://127.0.0.1:9/debian")
