@@ -162,6 +162,7 @@ TABLE: tuple[Setting, ...] = (
     # install
     Setting("RUNTIME", "kata", "runtime to install for: kata or clear-containers", _choice("kata", "clear-containers"), "install"),
     Setting("PREFIX", "", "install directory (default: the runtime's, e.g. /usr/share/kata-containers)", _text, "install"),
+    Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files (default: the runtime's)", _text, "install"),
     Setting("DESTDIR", "", "staging root prepended to every installed path (packaging, tests)", _text, "install"),
 )
 

@@ -81,3 +81,20 @@ def test_installed_packages(rootfs, osbuilder_settings):
     installed = {block.split("\n")[0].removeprefix("Package: ") for block in status.split("\n\n")
                  if "Status: install ok installed" in block}
     assert set(packages(osbuilder_settings)) <= installed
+
+
+def test_trixie_rootfs_and_image(osbuilder_settings, osbuilder_cache):
+    """The next Debian release builds too; the image's metadata says so."""
+    from osbuilder.image import build_image, image_manifest
+    from osbuilder.rootfs import build_rootfs, manifest
+
+    s = osbuilder_settings.with_values(OS_VERSION="trixie")
+    m = manifest(s)
+    rootfs = osbuilder_cache.get_or_build(m, lambda tmp: build_rootfs(s, tmp / "rootfs")) / "rootfs"
+    entry = osbuilder_cache.get_or_build(image_manifest(s, m.key),
+                                         lambda tmp: build_image(s, rootfs, tmp / "container.img"))
+    image = entry / "container.img"
+    meta = yaml.safe_load(read_file(image, "/" + METADATA_PATH))
+    assert meta["distro"]["version"] == "trixie"
+    assert read_file(image, "/etc/debian_version").decode().startswith(("13", "trixie"))
+    assert stat_path(image, agent.GUEST_BINARY_PATH).mode & 0o111
