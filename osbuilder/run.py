@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from osbuilder.errors import OsbuilderError
 

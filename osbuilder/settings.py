@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -186,7 +187,7 @@ class Settings:
         except KeyError:
             raise AttributeError(attr) from None
 
-    def with_values(self, **overrides: str) -> "Settings":
+    def with_values(self, **overrides: str) -> Settings:
         """A copy with some settings replaced (raw strings, parsed as if given on the CLI)."""
         raw = dict(self.raw)
         sources = dict(self.sources)

@@ -38,7 +38,7 @@ class AgentChoice:
     version: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "AgentChoice":
+    def from_settings(cls, settings: Settings) -> AgentChoice:
         src = settings.agent_source_bin
         if src is None:
             return cls(None, agent.AGENT_NAME, agent.SERVICE_NAME, agent.AGENT_VERSION)

@@ -7,7 +7,6 @@ on the host. apt verifies every package against the archive keyring.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.rootfs.distro import Distro, register

@@ -1,0 +1,37 @@
+"""The README stays true: every setting and subcommand documented, CI runs the quick start's test command."""
+
+import re
+from pathlib import Path
+
+from osbuilder.cli import COMMANDS
+from osbuilder.settings import TABLE
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def quick_start_commands() -> list[str]:
+    section = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)]
+
+
+def test_quick_start_is_two_commands():
+    commands = quick_start_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    assert "osbuilder image" in commands[0] and "osbuilder boot --check" in commands[0]
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = quick_start_commands()[1]
+    assert test_command in (ROOT / ".ci/run").read_text()
+
+
+def test_every_setting_is_in_the_table_with_its_default():
+    for s in TABLE:
+        row = f"| `{s.name}` / `{s.yaml_key}` / `{s.flag}` | " + (f"`{s.default}`" if s.default else '""')
+        assert row in README, f"README settings table lacks {s.name}"
+
+
+def test_every_subcommand_is_documented():
+    for name in COMMANDS:
+        assert f"`osbuilder {name}" in README, name
