@@ -88,18 +88,20 @@ class Cache:
         return entry
 
     def explain_miss(self, manifest: Manifest) -> list[str]:
-        """Which inputs differ from the newest cached entry of the same kind."""
+        """Which inputs differ from the closest cached entry of the same kind."""
         kind_dir = self.root / manifest.kind
-        found = sorted(kind_dir.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime) if kind_dir.is_dir() else []
+        found = list(kind_dir.glob(f"*/{MANIFEST}")) if kind_dir.is_dir() else []
         if not found:
             return ["no earlier build"]
-        previous = json.loads(found[-1].read_text())["inputs"]
-        reasons = []
-        for name in sorted(set(previous) | set(manifest.inputs)):
-            old, new = previous.get(name), manifest.inputs.get(name)
-            if old != new:
-                reasons.append(f"{name} changed: {_short(old)} -> {_short(new)}")
-        return reasons or ["entry missing"]
+        best: list[str] | None = None
+        for path in found:
+            previous = json.loads(path.read_text())["inputs"]
+            reasons = [f"{name} changed: {_short(previous.get(name))} -> {_short(manifest.inputs.get(name))}"
+                       for name in sorted(set(previous) | set(manifest.inputs))
+                       if previous.get(name) != manifest.inputs.get(name)]
+            if best is None or len(reasons) < len(best):
+                best = reasons
+        return best or ["entry missing"]
 
 
 def _short(value: str | None) -> str:

@@ -91,6 +91,9 @@ def image(osbuilder_settings: Settings, osbuilder_cache: Cache, rootfs: Artifact
     return Artifact(entry / "container.img", m)
 
 
+from osbuilder.kernel.fixtures import kernel  # noqa: E402,F401
+
+
 def _timed(what: str, fn):
     started = time.monotonic()
     result = fn()

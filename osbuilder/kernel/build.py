@@ -1,0 +1,253 @@
+"""Build the guest kernel: configure, verify, compile out of tree, publish the outputs atomically.
+
+`build_kernel(settings, out_dir)` is shared by `osbuilder kernel` (out_dir = WORKDIR) and the
+pytest fixture (out_dir = a cache entry being filled). The object tree lives in
+WORKDIR/kernel-build and ccache in WORKDIR/ccache, so a rebuild after one option change only
+recompiles what depends on it. Fixed KBUILD_BUILD_* values make two builds of the same inputs
+byte-identical. Outputs are copied to temporary names and renamed only after `make` succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from osbuilder.cache import Manifest, file_hash, publish, temp_beside
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.kernel.config import Merged, configure, make_vars, resolve_fragments
+from osbuilder.kernel.source import SourceTree, ensure_source
+from osbuilder.run import format_command, run, tool_version
+from osbuilder.settings import Settings
+
+RECIPE = "1"  # bump when the make invocation or the outputs change shape
+METADATA = "kernel-metadata.json"
+OUTPUTS: dict[str, str] = {
+    "arch/x86/boot/bzImage": "vmlinuz.container",
+    "vmlinux": "vmlinux.container",
+    ".config": "config.container",
+    "System.map": "System.map.container",
+}
+_BUILD_MARKER = ".osbuilder-build-source"
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """A finished build: where its outputs are, and what went into it."""
+
+    out_dir: Path
+    metadata: dict[str, Any]
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.out_dir / "vmlinuz.container"
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.out_dir / "vmlinux.container"
+
+    @property
+    def config(self) -> Path:
+        return self.out_dir / "config.container"
+
+    @property
+    def version(self) -> str:
+        return self.metadata["kernel_version"]
+
+
+def build_dir(settings: Settings) -> Path:
+    return settings.workdir / "kernel-build"
+
+
+def compiler() -> tuple[str, str]:
+    """The CC make variable ('ccache gcc' when ccache is installed) and gcc's version line."""
+    cc = "ccache gcc" if shutil.which("ccache") else "gcc"
+    return cc, tool_version("gcc")
+
+
+def build_epoch(settings: Settings, tree: SourceTree) -> int:
+    return settings.source_date_epoch if settings.source_date_epoch is not None else tree.epoch
+
+
+def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
+    epoch = build_epoch(settings, tree)
+    return {
+        "KBUILD_BUILD_USER": "osbuilder",
+        "KBUILD_BUILD_HOST": "osbuilder",
+        "KBUILD_BUILD_VERSION": "1",
+        "KBUILD_BUILD_TIMESTAMP": time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime(epoch)),
+        "SOURCE_DATE_EPOCH": str(epoch),
+        "CCACHE_DIR": str(settings.workdir / "ccache"),
+        "CCACHE_MAXSIZE": "5G",
+        "LC_ALL": "C",
+        "TZ": "UTC",
+    }
+
+
+def kernel_manifest(settings: Settings) -> Manifest:
+    """Cache key inputs: source identity and version, fragments, base config, compiler, epoch."""
+    tree = ensure_source(settings)
+    base = settings.kernel_config
+    if base is not None and not base.is_file():
+        raise UsageError(f"KERNEL_CONFIG: {base}: no such file")
+    fragments = resolve_fragments(settings)
+    return Manifest("kernel", {
+        "source": json.dumps(tree.identity, sort_keys=True),
+        "source_content": str(tree.marker.get("content", "")),
+        "kernel_version": tree.version,
+        "fragments": " ".join(f"{p.name}={file_hash(p)[:16]}" for p in fragments),
+        "base_config": file_hash(base) if base else "allnoconfig",
+        "compiler": compiler()[1],
+        "source_date_epoch": str(build_epoch(settings, tree)),
+        "recipe": RECIPE,
+    })
+
+
+def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = None) -> KernelBuild:
+    """Configure, verify and compile; copy the outputs and kernel-metadata.json into `out_dir`."""
+    started = time.monotonic()
+    logfile = logfile or settings.workdir / "logs" / "kernel.log"
+    tree = ensure_source(settings, logfile=logfile)
+    bdir = build_dir(settings)
+    bdir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(bdir) + ".lock"):
+        _reset_if_other_source(bdir, tree)
+        cc, cc_version = compiler()
+        env = build_env(settings, tree)
+        merged, config_path = configure(settings, tree.path, bdir, cc=cc, logfile=logfile, env=env)
+        make = ["make", "-C", str(tree.path), f"O={bdir}", f"-j{os.cpu_count() or 1}", *make_vars(cc), "bzImage"]
+        _ccache(env, "--zero-stats")
+        _make(settings, make, bdir, logfile, env)
+        metadata = _metadata(settings, tree, merged, config_path, cc, cc_version, make, env, started)
+        _publish_outputs(bdir, out_dir, metadata)
+    return KernelBuild(out_dir, metadata)
+
+
+def _reset_if_other_source(bdir: Path, tree: SourceTree) -> None:
+    """Objects from a different source tree must not be mixed in: start the object tree anew."""
+    stamp = bdir / _BUILD_MARKER
+    content = str(tree.marker.get("content", ""))
+    if bdir.is_dir() and (not stamp.is_file() or stamp.read_text() != content):
+        shutil.rmtree(bdir)
+    bdir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(content)
+
+
+def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: dict[str, str]) -> None:
+    offset = logfile.stat().st_size if logfile.exists() else 0
+    try:
+        run(cmd, step="kernel", logfile=logfile, env=env, verbose=settings.debug)
+    except OsbuilderError as e:
+        output = _read_from(logfile, offset)
+        if "No space left on device" in output:
+            raise InfrastructureError(f"kernel: no space left on device while building in {bdir}",
+                                      e.detail) from None
+        first = _first_error(output)
+        where = f": {first}" if first else f" (see {logfile})"
+        raise OsbuilderError(f"kernel: the kernel source in KERNEL_SOURCE={settings.kernel_source} does not "
+                             f"build{where}", e.detail) from None
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _first_error(output: str) -> str:
+    for line in output.splitlines():
+        if re.search(r"(: (fatal )?error:|\*\*\* \[|undefined reference)", line):
+            return line.strip()[:200]
+    return ""
+
+
+def _ccache(env: dict[str, str], *args: str) -> str:
+    if not shutil.which("ccache"):
+        return ""
+    out = run(["ccache", *args], step="kernel", env=env, capture=True, check=False)
+    return out.stdout.decode(errors="replace") if out.returncode == 0 else ""
+
+
+def ccache_stats(env: dict[str, str]) -> dict[str, int]:
+    """Hits and misses since the last --zero-stats (empty without ccache)."""
+    counters: dict[str, int] = {}
+    for line in _ccache(env, "--print-stats").splitlines():
+        key, _, value = line.partition("\t")
+        if value.strip().isdigit():
+            counters[key] = int(value)
+    if not counters:
+        return {}
+    hits = counters.get("direct_cache_hit", 0) + counters.get("preprocessed_cache_hit", 0)
+    return {"hits": hits, "misses": counters.get("cache_miss", 0)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reproducer(settings: Settings) -> str:
+    """The osbuilder command line that rebuilds this kernel."""
+    cmd = ["osbuilder", "kernel", "--workdir", str(settings.workdir),
+           "--kernel-source", settings.raw["KERNEL_SOURCE"]]
+    if settings.raw["KERNEL_FRAGMENTS"].strip():
+        cmd += ["--kernel-fragments", settings.raw["KERNEL_FRAGMENTS"]]
+    if settings.raw["KERNEL_CONFIG"].strip():
+        cmd += ["--kernel-config", settings.raw["KERNEL_CONFIG"]]
+    if settings.source_date_epoch is not None:
+        cmd += ["--source-date-epoch", str(settings.source_date_epoch)]
+    return shlex.join(cmd)
+
+
+def _metadata(settings: Settings, tree: SourceTree, merged: Merged, config_path: Path, cc: str,
+              cc_version: str, make: list[str], env: dict[str, str], started: float) -> dict[str, Any]:
+    build_vars = {k: v for k, v in env.items() if k.startswith("KBUILD_") or k == "SOURCE_DATE_EPOCH"}
+    return {
+        "kernel_version": tree.version,
+        "source": tree.marker.get("spec", {}),
+        "source_content": tree.marker.get("content", ""),
+        "fragments": [{"path": str(p), "sha256": _sha256(p)} for p in merged.fragments],
+        "base_config": str(settings.kernel_config) if settings.kernel_config else "allnoconfig",
+        "config_sha256": _sha256(config_path),
+        "compiler": cc_version,
+        "cc": cc,
+        "ccache": ccache_stats(env),
+        "build_env": build_vars,
+        "duration_seconds": round(time.monotonic() - started, 1),
+        "reproduce": {
+            "osbuilder": reproducer(settings),
+            "make": " ".join(f"{k}={shlex.quote(v)}" for k, v in build_vars.items()) + " " + format_command(make),
+        },
+    }
+
+
+def _publish_outputs(bdir: Path, out_dir: Path, metadata: dict[str, Any]) -> None:
+    """Copy every output to a temporary name beside its destination, then rename them all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    outputs: dict[str, str] = {}
+    for rel, name in OUTPUTS.items():
+        src, dest = bdir / rel, out_dir / name
+        if not src.is_file():
+            raise OsbuilderError(f"kernel: make succeeded but {src} is missing")
+        tmp = temp_beside(dest)
+        shutil.copyfile(src, tmp)
+        outputs[name] = _sha256(tmp)
+        staged.append((tmp, dest))
+    metadata["outputs"] = outputs
+    tmp = temp_beside(out_dir / METADATA)
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    staged.append((tmp, out_dir / METADATA))
+    for tmp, dest in staged:
+        publish(tmp, dest)

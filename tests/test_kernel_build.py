@@ -1,0 +1,170 @@
+"""Real kernel builds: one cold build (the session `kernel` fixture) plus one ccache-warm rebuild.
+
+The error tests stop before anything compiles, so they cost seconds. The reproducibility test runs
+last: it empties the object tree and builds again from the same inputs with ccache warm, then
+compares vmlinux.container byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.kernel import build
+from osbuilder.kernel.config import KconfigIndex, merge, read_config, resolve_fragments, verify
+from osbuilder.kernel.source import ensure_source
+from osbuilder.run import tool_version
+
+pytestmark = pytest.mark.build
+
+OUTPUT_NAMES = ("vmlinuz.container", "vmlinux.container", "config.container", "System.map.container",
+                "kernel-metadata.json")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_kernel_outputs(kernel):
+    for name in OUTPUT_NAMES:
+        assert (kernel.path / name).is_file(), name
+    vmlinuz = (kernel.path / "vmlinuz.container").read_bytes()
+    assert vmlinuz[0x202:0x206] == b"HdrS"  # x86 boot protocol header of a bzImage
+    vmlinux = (kernel.path / "vmlinux.container").read_bytes()
+    assert vmlinux[:4] == b"\x7fELF" and vmlinux[4] == 2  # 64-bit ELF
+    assert b"(osbuilder@osbuilder)" in vmlinux
+
+
+def test_kernel_metadata(kernel, osbuilder_settings):
+    meta = json.loads((kernel.path / "kernel-metadata.json").read_text())
+    assert meta["kernel_version"].startswith("6.1")
+    assert [f["path"] for f in meta["fragments"]] == [str(p) for p in resolve_fragments(osbuilder_settings)]
+    assert meta["config_sha256"] == sha(kernel.path / "config.container")
+    assert meta["compiler"] == tool_version("gcc")
+    assert meta["duration_seconds"] > 0
+    assert meta["reproduce"]["osbuilder"].startswith("osbuilder kernel --workdir ")
+    assert "KBUILD_BUILD_USER=osbuilder" in meta["reproduce"]["make"]
+    assert meta["reproduce"]["make"].endswith(" bzImage")
+    for name in OUTPUT_NAMES[:-1]:
+        assert meta["outputs"][name] == sha(kernel.path / name)
+    assert meta["build_env"]["KBUILD_BUILD_TIMESTAMP"]
+
+
+def test_config_has_every_requested_option(kernel, osbuilder_settings):
+    tree = ensure_source(osbuilder_settings)
+    merged = merge(resolve_fragments(osbuilder_settings))
+    final = read_config(kernel.path / "config.container")
+    assert verify(merged, final, KconfigIndex.load(tree.path)) == []
+    for name in ("VIRTIO_CONSOLE", "VIRTIO_BLK", "VIRTIO_PCI", "VIRTIO_NET", "VIRTIO_VSOCKETS", "EXT4_FS"):
+        assert final[name] == "y", name
+    assert final.get("MODULES", "n") == "n"
+
+
+def test_unchanged_inputs_are_a_cache_hit(kernel, osbuilder_settings, osbuilder_cache):
+    def must_not_build(tmp: Path) -> None:
+        raise AssertionError("cache miss for unchanged inputs")
+
+    started = time.monotonic()
+    entry = osbuilder_cache.get_or_build(build.kernel_manifest(osbuilder_settings), must_not_build)
+    elapsed = time.monotonic() - started
+    assert entry == kernel.path
+    assert elapsed < 2.0, f"cache hit took {elapsed:.1f}s"
+
+
+# --- failures: each stops before compiling and leaves the previous outputs alone -----------------
+
+
+@pytest.fixture
+def previous(kernel, tmp_path) -> Path:
+    """An output directory holding a previous good build."""
+    out = tmp_path / "out"
+    shutil.copytree(kernel.path, out)
+    return out
+
+
+def fragment(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "extra.config"
+    path.write_text(text)
+    return path
+
+
+def failed_build(settings, out: Path, logfile: Path, error: type[Exception]) -> Exception:
+    before = snapshot(out)
+    with pytest.raises(error) as e:
+        build.build_kernel(settings, out, logfile=logfile)
+    assert snapshot(out) == before, "a failed build changed the previous outputs"
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name], "temporary files left behind"
+    return e.value
+
+
+def test_unknown_option_fails_before_make(osbuilder_settings, previous, tmp_path):
+    frag = fragment(tmp_path, "CONFIG_VIRTIO_BLKK=y\n")
+    s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(frag))
+    log = tmp_path / "kernel.log"
+    error = failed_build(s, previous, log, UsageError)
+    assert error.message == f"KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLKK in {frag}: no such option in Linux 6.1"
+    assert "did you mean CONFIG_VIRTIO_BLK?" in error.detail
+    assert not log.exists() or "merge_config" not in log.read_text()
+
+
+def test_unmet_dependency_names_option_and_dependency(osbuilder_settings, previous, tmp_path):
+    frag = fragment(tmp_path, "# CONFIG_BLK_DEV is not set\n")
+    s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(frag))
+    log = tmp_path / "kernel.log"
+    error = failed_build(s, previous, log, UsageError)
+    assert error.message.startswith("KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLK from block.config:")
+    assert "(unmet: BLK_DEV=n)" in error.message
+    assert "unmet dependency: BLK_DEV=n in `depends on BLK_DEV && VIRTIO`" in error.detail
+    assert " bzImage" not in log.read_text()  # verification failed before compiling
+
+
+def test_missing_fragment_names_kernel_fragments(osbuilder_settings, previous, tmp_path):
+    s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(tmp_path / "missing.config"))
+    error = failed_build(s, previous, tmp_path / "kernel.log", UsageError)
+    assert error.message == f"KERNEL_FRAGMENTS: {tmp_path / 'missing.config'}: no such file"
+
+
+def test_make_failure_is_one_line_and_keeps_outputs(osbuilder_settings, previous, tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "make_vars", lambda cc: ["CC=false"])  # the compile step cannot work
+    error = failed_build(osbuilder_settings, previous, tmp_path / "kernel.log", OsbuilderError)
+    assert error.message.startswith("kernel: the kernel source in KERNEL_SOURCE=")
+    assert "\n" not in error.message and error.detail
+
+
+def test_full_disk_is_reported_as_such(osbuilder_settings, tmp_path, monkeypatch):
+    log = tmp_path / "kernel.log"
+
+    def fake_run(cmd, **kwargs):
+        log.write_text("ld: final link failed: No space left on device\n")
+        raise OsbuilderError("kernel: `make` failed (exit 2)", "No space left on device")
+
+    monkeypatch.setattr(build, "run", fake_run)
+    with pytest.raises(InfrastructureError, match="^kernel: no space left on device while building in "):
+        build._make(osbuilder_settings, ["make"], tmp_path, log, {})
+
+
+# --- reproducibility: runs last, as it empties the object tree ---------------------------------------
+
+
+def test_rebuild_is_byte_identical(kernel, osbuilder_settings, tmp_path):
+    shutil.rmtree(build.build_dir(osbuilder_settings), ignore_errors=True)
+    started = time.monotonic()
+    again = build.build_kernel(osbuilder_settings, tmp_path / "again")
+    elapsed = time.monotonic() - started
+    print(f"ccache-warm rebuild from an empty object tree: {elapsed:.0f}s, ccache {again.metadata['ccache']}")
+    assert sha(again.vmlinux) == sha(kernel.path / "vmlinux.container")
+    assert sha(again.vmlinuz) == sha(kernel.path / "vmlinuz.container")
+    assert sha(again.config) == sha(kernel.path / "config.container")
+    if shutil.which("ccache"):
+        stats = again.metadata["ccache"]
+        assert stats["hits"] > 10 * max(stats["misses"], 1), f"ccache mostly missed: {stats}"
