@@ -10,7 +10,6 @@ The runtime's configuration.toml is pointed at the symlink (`image =` / `kernel 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.settings import Settings
+from osbuilder.vm.records import passing_record, sha256_file
 
 log = logging.getLogger("osbuilder")
 
@@ -40,14 +40,6 @@ class Target:
     source: Path
     installed: Path
     link: Path
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def destdir(settings: Settings, path: str) -> Path:
@@ -70,8 +62,6 @@ def runtime_config(settings: Settings) -> Path | None:
 
 def gate(settings: Settings, artifact: Path, force: bool, step: str) -> None:
     """Refuse an artifact without a passing boot record for its exact content."""
-    from osbuilder.vm.records import passing_record
-
     if not artifact.is_file():
         raise UsageError(f"{step}: {artifact} does not exist; build it first")
     if passing_record(settings.workdir, artifact) is not None:
@@ -79,7 +69,7 @@ def gate(settings: Settings, artifact: Path, force: bool, step: str) -> None:
     if force:
         log.warning("%s: --force: installing %s without a passing boot check", step, artifact)
         return
-    raise UsageError(f"{step}: {artifact} has no passing boot check (sha256 {sha256(artifact)[:12]}); "
+    raise UsageError(f"{step}: {artifact} has no passing boot check (sha256 {sha256_file(artifact)[:12]}); "
                      "run `osbuilder boot --check` first, or use --force")
 
 
@@ -102,7 +92,7 @@ def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = F
 
 def plan(settings: Settings, source: Path, pattern: str, link_name: str) -> Target:
     base = destdir(settings, prefix(settings))
-    return Target(source, base / pattern.format(sha256(source)[:12]), base / link_name)
+    return Target(source, base / pattern.format(sha256_file(source)[:12]), base / link_name)
 
 
 def apply(settings: Settings, targets: list[Target], key: str, link: Path, dry_run: bool) -> list[Target]:

@@ -1,0 +1,125 @@
+"""install-image / install-kernel into a DESTDIR: the boot gate, the files, and the runtime's TOML."""
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from osbuilder import settings as S
+from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.install import install_image, install_kernel, point_config
+
+KATA_TOML = """\
+[hypervisor.qemu]
+path = "/usr/bin/qemu-system-x86_64"
+kernel = "/usr/share/kata-containers/vmlinux.container"
+image = "/usr/share/kata-containers/kata-containers.img"
+# initrd = "/usr/share/kata-containers/kata-containers-initrd.img"
+machine_type = "q35"
+
+[agent.kata]
+debug = false
+"""
+
+
+@pytest.fixture
+def staged(tmp_path: Path):
+    wd, dest = tmp_path / "wd", tmp_path / "dest"
+    wd.mkdir()
+    (wd / "container.img").write_bytes(os.urandom(4096))
+    (wd / "vmlinuz.container").write_bytes(os.urandom(1024))
+    (wd / "vmlinux.container").write_bytes(os.urandom(2048))
+    config = dest / "usr/share/defaults/kata-containers/configuration.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(KATA_TOML)
+    settings = S.load({}, env={"WORKDIR": str(wd), "DESTDIR": str(dest)}, cwd=tmp_path)
+    return settings, wd, dest, config
+
+
+def test_refuses_an_image_without_a_passing_boot_check(staged):
+    settings, wd, dest, config = staged
+    with pytest.raises(UsageError, match=r"install-image: .*container.img has no passing boot check .*"
+                                         r"run `osbuilder boot --check` first"):
+        install_image(settings)
+    assert not (dest / "usr/share/kata-containers").exists()
+    assert config.read_text() == KATA_TOML
+
+
+def test_force_installs_and_points_the_runtime_at_it(staged, capsys):
+    settings, wd, dest, config = staged
+    install_image(settings, force=True)
+    link = dest / "usr/share/kata-containers/container.img"
+    assert link.is_symlink() and link.read_bytes() == (wd / "container.img").read_bytes()
+    parsed = tomllib.loads(config.read_text())
+    assert parsed["hypervisor"]["qemu"]["image"] == "/usr/share/kata-containers/container.img"
+    assert parsed["hypervisor"]["qemu"]["machine_type"] == "q35"
+    assert (config.parent / "configuration.toml.bak").read_text() == KATA_TOML
+
+
+def test_kernel_install_covers_both_images(staged):
+    settings, wd, dest, config = staged
+    install_kernel(settings, force=True)
+    base = dest / "usr/share/kata-containers"
+    assert (base / "vmlinuz.container").read_bytes() == (wd / "vmlinuz.container").read_bytes()
+    assert (base / "vmlinux.container").read_bytes() == (wd / "vmlinux.container").read_bytes()
+    kernel = tomllib.loads(config.read_text())["hypervisor"]["qemu"]["kernel"]
+    assert kernel == "/usr/share/kata-containers/vmlinuz.container"
+
+
+def test_dry_run_changes_nothing_but_shows_the_diff(staged, capsys):
+    settings, wd, dest, config = staged
+    install_image(settings, force=True, dry_run=True)
+    out = capsys.readouterr().out
+    assert '+image = "/usr/share/kata-containers/container.img"' in out
+    assert config.read_text() == KATA_TOML and not (dest / "usr/share/kata-containers").exists()
+
+
+def test_setting_the_image_comments_out_an_initrd():
+    text = '[hypervisor.qemu]\ninitrd = "/x/initrd.img"\n'
+    result = point_config(text, "image", "/y/container.img", Path("c.toml"))
+    assert tomllib.loads(result)["hypervisor"]["qemu"] == {"image": "/y/container.img"}
+
+
+def test_a_config_without_hypervisor_section_is_refused():
+    with pytest.raises(UsageError, match=r"RUNTIME_CONFIG: c.toml has no \[hypervisor.\*\] section"):
+        point_config("[agent]\n", "image", "/y", Path("c.toml"))
+
+
+def test_an_edit_that_would_break_the_toml_is_refused():
+    with pytest.raises(OsbuilderError, match="would leave invalid TOML"):
+        point_config('[hypervisor.qemu]\nimage = "a"\n[broken\n', "image", "/y", Path("c.toml"))
+
+
+def test_clear_containers_layout(staged):
+    settings, wd, dest, _ = staged
+    cc = dest / "usr/share/defaults/clear-containers/configuration.toml"
+    cc.parent.mkdir(parents=True)
+    cc.write_text('[hypervisor.qemu]\nimage = "/usr/share/clear-containers/clear-containers.img"\n')
+    install_image(settings.with_values(RUNTIME="clear-containers"), force=True)
+    assert (dest / "usr/share/clear-containers/container.img").is_file()
+    assert tomllib.loads(cc.read_text())["hypervisor"]["qemu"]["image"] == \
+        "/usr/share/clear-containers/container.img"
+
+
+def test_a_passing_boot_record_for_the_exact_file_allows_install(staged):
+    from osbuilder.vm.records import make_record, sha256_file, write_record
+
+    settings, wd, dest, config = staged
+    image = wd / "container.img"
+    write_record(wd, make_record(image, sha256_file(image), "image", True, {"name": "debian"}, {}))
+    install_image(settings)
+    assert (dest / "usr/share/kata-containers/container.img").read_bytes() == image.read_bytes()
+    image.write_bytes(os.urandom(4096))  # a different image: the record no longer covers it
+    with pytest.raises(UsageError, match="no passing boot check"):
+        install_image(settings)
+
+
+def test_a_failing_boot_record_does_not_count(staged):
+    from osbuilder.vm.records import make_record, sha256_file, write_record
+
+    settings, wd, dest, config = staged
+    image = wd / "container.img"
+    write_record(wd, make_record(image, sha256_file(image), "image", False, {"name": "debian"}, {}))
+    with pytest.raises(UsageError, match="no passing boot check"):
+        install_image(settings)
