@@ -31,10 +31,11 @@ def file_hash(*paths: Path) -> str:
     """sha256 over files (and, recursively, directories) in a stable order."""
     h = hashlib.sha256()
     for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
+        entries = sorted(p for p in path.rglob("*") if p.is_symlink() or p.is_file()) if path.is_dir() else [path]
+        for f in entries:
             h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
-            h.update(f.read_bytes())
+            # a symlink counts by its target text (the target may not exist on the host)
+            h.update(b"->" + os.readlink(f).encode() if f.is_symlink() else f.read_bytes())
     return h.hexdigest()
 
 

@@ -92,6 +92,14 @@ def image(osbuilder_settings: Settings, osbuilder_cache: Cache, rootfs: Artifact
 
 
 from osbuilder.kernel.fixtures import kernel  # noqa: E402,F401
+from osbuilder.vm.fixtures import (  # noqa: E402,F401
+    boot_accel,
+    boot_guest,
+    boot_kernel,
+    booted_guest,
+    guest,
+    ssh_session_key,
+)
 
 
 def _timed(what: str, fn):

@@ -156,6 +156,8 @@ TABLE: tuple[Setting, ...] = (
     Setting("VM_CPUS", "1", "guest vCPUs for boot checks", _positive_int, "boot"),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
     Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _positive_int, "boot"),
+    Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: WORKDIR/container.img)", _optional_path, "boot"),
+    Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
     # kernel
     Setting("KERNEL_SOURCE", "debian", "kernel source: debian (linux-source package), a tarball, a git tree, or a git URL", _text, "kernel"),
     Setting("KERNEL_FRAGMENTS", "", "extra config fragment files, on top of osbuilder's own", _word_list, "kernel"),

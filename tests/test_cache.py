@@ -92,3 +92,14 @@ def test_temp_beside_removes_leftovers_of_dead_processes(tmp_path: Path):
     stale.write_text("interrupted")
     temp_beside(dest)
     assert not stale.exists()
+
+
+def test_file_hash_sees_symlinks_whose_targets_do_not_exist_here(tmp_path: Path):
+    from osbuilder.cache import file_hash
+
+    tree = tmp_path / "overlay"
+    tree.mkdir()
+    (tree / "unit.service").write_text("[Unit]\n")
+    before = file_hash(tree)
+    (tree / "enabled.service").symlink_to("/usr/lib/systemd/system/unit.service")
+    assert file_hash(tree) != before

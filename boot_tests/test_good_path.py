@@ -1,0 +1,116 @@
+"""One boot of the session's image, many checks: read-only root, systemd running, agent, exec, SSH,
+clean power-off, boot records, and the image left untouched. All on one xdist worker, in order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from osbuilder.agent import AGENT_VERSION, PROTOCOL_VERSION
+from osbuilder.vm import records, ssh
+from osbuilder.vm.bootcheck import Guest
+
+pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("good-path")]
+
+IMAGE_HASHES: dict[str, str] = {}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def image_hash_before(image) -> str:
+    IMAGE_HASHES["before"] = sha256(image.path)
+    return IMAGE_HASHES["before"]
+
+
+def test_kernel_boots_with_runtime_command_line(guest: Guest) -> None:
+    cmdline = guest.exec(["cat", "/proc/cmdline"]).stdout.split()
+    for param in ("root=/dev/vda1", "rootfstype=ext4", "ro", "console=ttyS0", "panic=-1"):
+        assert param in cmdline
+    assert "kernel_handoff" in guest.timings
+    assert guest.phases["root"] == "passed" and "root_mounted" in guest.timings
+
+
+def test_root_filesystem_is_read_only(guest: Guest) -> None:
+    options = guest.root_mount_options()
+    assert "ro" in options, options
+    r = guest.exec(["touch", "/osbuilder-write-test"])
+    assert r.status != 0 and "Read-only file system" in r.stderr
+
+
+def test_systemd_is_running(guest: Guest) -> None:
+    assert guest.phases["running"] == "passed"
+    r = guest.exec(["systemctl", "is-system-running"])
+    assert r.stdout.strip() == "running", r
+    assert guest.guest_startup.get("total", 0) > 0
+
+
+def test_agent_answers_ping_with_expected_version(guest: Guest) -> None:
+    assert guest.agent is not None
+    assert guest.agent.ping() == AGENT_VERSION
+    info = guest.agent.version()
+    assert info["version"] == AGENT_VERSION and info["protocol"] == PROTOCOL_VERSION and info["pid1"] is False
+
+
+def test_exec_returns_status_and_output(guest: Guest) -> None:
+    r = guest.exec(["sh", "-c", "echo hello; echo oops >&2; exit 7"])
+    assert (r.status, r.stdout, r.stderr, r.timed_out) == (7, "hello\n", "oops\n", False)
+    assert guest.exec(["uname", "-r"]).stdout.strip() in guest.opts.kernel.version or guest.opts.kernel.name != "debian"
+
+
+def test_ssh_login_with_session_key(guest: Guest, ssh_session_key: ssh.SessionKey) -> None:
+    assert guest.ssh_client is not None
+    status, out, _ = ssh.run_command(guest.ssh_client, "cat /run/osbuilder/ssh/authorized_keys.root; id -u")
+    assert status == 0
+    assert ssh_session_key.public in out and out.strip().endswith("0")
+
+
+def test_session_key_not_baked_into_image(guest: Guest, ssh_session_key: ssh.SessionKey) -> None:
+    # the key reached the guest as a credential, not through the image
+    r = guest.exec(["sh", "-c", "grep -rl osbuilder-boot-check /etc /root /usr/lib 2>/dev/null || true"])
+    assert r.stdout.strip() == ""
+    creds = guest.exec(["ls", "/run/credentials/@system"]).stdout.split()
+    assert ssh.CREDENTIAL in creds
+
+
+def test_timings_cover_every_phase(guest: Guest) -> None:
+    for key in ("qemu_start", "first_console_byte", "kernel_handoff", "agent_ready", "system_running",
+                "startup_finished", "ssh_ready"):
+        assert key in guest.timings, (key, guest.timings)
+
+
+def test_powers_off_cleanly(guest: Guest) -> None:
+    event = guest.powerdown()
+    assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert guest.powerdown_seconds is not None and guest.powerdown_seconds < 60
+    assert "power_down" in guest.vm.console.milestones
+    guest.vm.stop()
+    assert guest.vm.proc.poll() is not None
+
+
+def test_passing_boot_records_written(guest: Guest, osbuilder_settings, image) -> None:
+    assert guest.passed, guest.phases
+    paths = guest.write_passing_records(osbuilder_settings.workdir)
+    assert len(paths) == 2
+    rec = records.passing_record(osbuilder_settings.workdir, image.path)
+    assert rec is not None and rec["passed"] and rec["role"] == "image"
+    assert rec["timings"]["agent_ready"] > 0
+    krec = records.passing_record(osbuilder_settings.workdir, guest.opts.kernel.kernel)
+    assert krec is not None and krec["role"] == "kernel"
+    boot_json = json.loads(guest.write_boot_json().read_text())
+    assert boot_json["passed"] and boot_json["phases"]["powerdown"] == "passed"
+    assert (guest.log_dir / "console.log").stat().st_size > 0
+    assert any('"SHUTDOWN"' in line for line in (guest.log_dir / "qmp.jsonl").read_text().splitlines())
+
+
+def test_image_unchanged(image) -> None:
+    assert sha256(image.path) == IMAGE_HASHES["before"]

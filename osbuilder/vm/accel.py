@@ -1,0 +1,167 @@
+"""Which accelerator boots run under: KVM only after a probe proved a guest really runs, else TCG.
+
+Nested KVM on these hosts is unreliable (plain `-cpu host` aborts; guests sometimes die with
+"KVM internal error"), so ACCEL=auto boots the check kernel under KVM for a few seconds and
+requires it to reach its init. The verdict is cached in WORKDIR/cache/accel-probe.json for
+PROBE_TTL seconds and the host's current boot (under a file lock, so parallel workers probe
+once). A KVM failure during a real boot marks the verdict bad (`distrust_kvm`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.run import tool_version
+from osbuilder.settings import Settings
+from osbuilder.vm.debian_kernel import BootKernel
+from osbuilder.vm.qemu import QEMU, Vm, VmSpec
+
+log = logging.getLogger("osbuilder")
+
+PROBE_TTL = 3600.0
+PROBE_TIMEOUT = 15.0  # seconds for the probe kernel to reach its init under KVM (~1 s when KVM works)
+PROBE_SETTLE = 2.0  # and then keep running without an internal error
+PROBE_FILE = "accel-probe.json"
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" or "tcg"
+    reason: str
+    auto: bool  # chosen by ACCEL=auto (so a KVM failure may fall back to TCG)
+
+
+def kvm_usable() -> str | None:
+    """Why /dev/kvm cannot be used, or None when it can be opened."""
+    if not os.path.exists("/dev/kvm"):
+        return "no /dev/kvm"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not accessible"
+    return None
+
+
+def _host_id() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{boot} {tool_version(QEMU)}"
+
+
+def _probe_path(settings: Settings) -> Path:
+    return settings.workdir / "cache" / PROBE_FILE
+
+
+def cached_verdict(path: Path, now: float | None = None) -> dict | None:
+    """The cached probe verdict if it is fresh and from this host boot and QEMU."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    if data.get("host") != _host_id() or now - float(data.get("when", 0)) > PROBE_TTL:
+        return None
+    return data
+
+
+def save_verdict(path: Path, ok: bool, detail: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"kvm": ok, "detail": detail, "when": time.time(), "host": _host_id()}))
+    os.replace(tmp, path)
+
+
+def probe_kvm(kernel: BootKernel, log_dir: Path) -> tuple[bool, str]:
+    """Boot `kernel` under KVM briefly; (works, one-line detail)."""
+    spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd, cmdline="console=ttyS0 panic=-1", accel="kvm",
+                  memory=512, agent=False, network=False)
+    started = time.monotonic()
+    try:
+        with Vm(spec, log_dir, start_timeout=15) as vm:
+            try:
+                failure = _watch_probe(vm)
+            finally:
+                vm.stop(graceful=0)
+        if failure:
+            return False, failure
+    except OsbuilderError as e:
+        return False, e.message
+    return True, f"a kernel reached its init under KVM in {time.monotonic() - started:.1f}s"
+
+
+def _watch_probe(vm: Vm) -> str | None:
+    vm.console.wait(lambda: _probe_done(vm), PROBE_TIMEOUT)
+    if "init_started" in vm.console.milestones:
+        vm.console.wait(lambda: _probe_failed(vm) is not None, PROBE_SETTLE)
+    failure = _probe_failed(vm)
+    if failure is None and "init_started" not in vm.console.milestones:
+        seen = "no console output" if "first_byte" not in vm.console.milestones else "console output stopped"
+        failure = f"the kernel did not reach its init within {PROBE_TIMEOUT:g}s under KVM ({seen})"
+    return failure
+
+
+def _probe_done(vm: Vm) -> bool:
+    return "init_started" in vm.console.milestones or _probe_failed(vm) is not None
+
+
+def _probe_failed(vm: Vm) -> str | None:
+    for watcher in (vm.stderr, vm.console):
+        if watcher.fatal and watcher.fatal.infrastructure:
+            return watcher.fatal.line
+    if not vm.alive() and "init_started" not in vm.console.milestones:
+        return f"QEMU exited ({vm.proc.returncode if vm.proc else '?'}): " + " / ".join(vm.stderr.tail(3))
+    return None
+
+
+def choose(settings: Settings, kernel: BootKernel) -> Accel:
+    """The accelerator for boots under these settings (probing KVM for ACCEL=auto)."""
+    if settings.accel == "tcg":
+        return Accel("tcg", "ACCEL=tcg", False)
+    if settings.accel == "kvm":
+        why = kvm_usable()
+        if why:
+            raise InfrastructureError(f"ACCEL=kvm: {why}")
+        return Accel("kvm", "ACCEL=kvm", False)
+    why = kvm_usable()
+    if why:
+        return _tcg_notice(why)
+    path = _probe_path(settings)
+    with FileLock(str(path) + ".lock"):
+        verdict = cached_verdict(path)
+        if verdict is None:
+            log_dir = Path(tempfile.mkdtemp(prefix="accel-probe-", dir=_ensure(settings.workdir / "boot-logs")))
+            ok, detail = probe_kvm(kernel, log_dir)
+            save_verdict(path, ok, detail)
+            if ok:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            verdict = {"kvm": ok, "detail": detail + ("" if ok else f" (logs: {log_dir})")}
+    if verdict["kvm"]:
+        return Accel("kvm", f"KVM probe passed: {verdict['detail']}", True)
+    return _tcg_notice(f"KVM probe failed: {verdict['detail']}")
+
+
+def _tcg_notice(why: str) -> Accel:
+    log.warning("boot: using TCG (slow, software emulation): %s", why)
+    return Accel("tcg", why, True)
+
+
+def distrust_kvm(settings: Settings, detail: str) -> None:
+    """After a KVM failure in a real boot: cache 'KVM does not work' so later boots use TCG."""
+    path = _probe_path(settings)
+    with FileLock(str(path) + ".lock"):
+        save_verdict(path, False, f"KVM failed during a boot: {detail}")
+
+
+def _ensure(path: Path) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)

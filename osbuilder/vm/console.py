@@ -1,0 +1,188 @@
+"""The guest's serial console: drained to a log file from the first byte, and watched line by line.
+
+A `ConsoleWatcher` reads a stream (the console chardev's UNIX socket, or QEMU's stderr) in a
+thread, appends every byte to a log file, splits lines and matches each against:
+
+* FATAL patterns (kernel panic, emergency mode, an initramfs shell, no init, systemd freezing,
+  KVM internal error): the first match is kept, with its line, so a boot fails within seconds
+  with the evidence instead of waiting for a timeout;
+* MILESTONES (first byte, "Linux version", init started, systemd, multi-user): the host time
+  of the first occurrence, for the boot's phase timings and the waits in `bootcheck`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class FatalPattern:
+    regex: re.Pattern[str]
+    reason: str
+    infrastructure: bool = False  # not the artifact's fault
+
+
+def _fatal(pattern: str, reason: str, infrastructure: bool = False) -> FatalPattern:
+    return FatalPattern(re.compile(pattern), reason, infrastructure)
+
+
+FATAL: tuple[FatalPattern, ...] = (
+    _fatal(r"KVM internal error", "KVM internal error (the host's nested KVM failed)", True),
+    _fatal(r"Kernel panic - not syncing", "kernel panic"),
+    _fatal(r"No working init found|Requested init \S+ failed|No init found|"
+           r"Target filesystem doesn't have requested", "no init to run"),
+    _fatal(r"Gave up waiting for root|ALERT!|^\(initramfs\)|\(initramfs\) ?$",
+           "dropped to an initramfs shell (root filesystem not found)"),
+    _fatal(r"Entering emergency mode|You are in emergency mode|You are in rescue mode|"
+           r"Cannot open access to console, the root account is locked", "systemd entered emergency mode"),
+    _fatal(r"Freezing execution", "systemd crashed (freezing execution)"),
+)
+
+# Name -> pattern; the first line matching each is timestamped. "first_byte" is implicit.
+MILESTONES: dict[str, re.Pattern[str]] = {
+    "linux_version": re.compile(r"Linux version \d"),
+    "init_started": re.compile(r"Run /\S*init as init process|Freeing unused kernel"),
+    "root_mounted": re.compile(r"EXT4-fs \(vda1?\): mounted filesystem"),  # ro/rw: checked via the agent
+    "systemd_started": re.compile(r"systemd\[1\]|Welcome to |systemd \d+ running in system mode"),
+    "multi_user": re.compile(r"Reached target .*Multi-User System|Reached target multi-user"),
+    "login_prompt": re.compile(r"login: ?$"),
+    "power_down": re.compile(r"reboot: Power down|System halted"),
+}
+
+FAILED_UNIT = re.compile(r"\[FAILED\].*|Failed to start .*")
+
+
+@dataclass(frozen=True)
+class FatalMatch:
+    reason: str
+    line: str
+    at: float  # seconds since the watcher's t0
+    source: str
+    infrastructure: bool
+
+
+def match_fatal(line: str) -> FatalPattern | None:
+    """The first fatal pattern `line` matches, if any."""
+    for pat in FATAL:
+        if pat.regex.search(line):
+            return pat
+    return None
+
+
+def match_milestones(line: str) -> list[str]:
+    """Names of the milestones `line` reaches."""
+    return [name for name, rx in MILESTONES.items() if rx.search(line)]
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def clean(raw: bytes) -> str:
+    """A console line without colour codes and carriage returns."""
+    return ANSI.sub("", raw.decode(errors="replace")).rstrip()
+
+
+class ConsoleWatcher:
+    """Drains one stream into a log file and keeps what the checks need from it. Thread-safe."""
+
+    def __init__(self, log_path: Path, t0: float, source: str = "console") -> None:
+        self.log_path = log_path
+        self.t0 = t0
+        self.source = source
+        self.lines: deque[str] = deque(maxlen=2000)
+        self.milestones: dict[str, float] = {}
+        self.fatal: FatalMatch | None = None
+        self.failed_lines: list[str] = []
+        self.closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the reader thread) after each new line or the stream's end."""
+        self._listeners.append(callback)
+
+    def start(self, stream: BinaryIO | Callable[[], bytes]) -> None:
+        """Read `stream` (a file object, or a function returning b'' at EOF) in a daemon thread."""
+        read = stream if callable(stream) else (lambda: stream.read1(65536))  # type: ignore[union-attr]
+        self._thread = threading.Thread(target=self._drain, args=(read,), name=f"drain-{self.source}",
+                                        daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _drain(self, read: Callable[[], bytes]) -> None:
+        partial = b""
+        with open(self.log_path, "ab", buffering=0) as log:
+            while True:
+                try:
+                    chunk = read()
+                except (OSError, ValueError):
+                    chunk = b""
+                if not chunk:
+                    break
+                log.write(chunk)
+                if "first_byte" not in self.milestones:
+                    self._note_milestone("first_byte")
+                partial += chunk
+                *complete, partial = partial.split(b"\n")
+                for raw in complete:
+                    self.feed(clean(raw))
+                if partial and (partial.endswith(b"login: ") or partial.endswith(b"# ")):
+                    self.feed(clean(partial), keep=False)  # prompts end without a newline
+        if partial:
+            self.feed(clean(partial))
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        self._notify()
+
+    def feed(self, line: str, keep: bool = True) -> None:
+        """Process one line (public for tests and for replaying a log)."""
+        now = time.monotonic() - self.t0
+        with self._cond:
+            if keep:
+                self.lines.append(line)
+            for name in match_milestones(line):
+                self.milestones.setdefault(name, now)
+            if FAILED_UNIT.search(line) and len(self.failed_lines) < 50:
+                self.failed_lines.append(line)
+            pat = match_fatal(line)
+            if pat and self.fatal is None:
+                self.fatal = FatalMatch(pat.reason, line, now, self.source, pat.infrastructure)
+            self._cond.notify_all()
+        self._notify()
+
+    def _note_milestone(self, name: str) -> None:
+        with self._cond:
+            self.milestones.setdefault(name, time.monotonic() - self.t0)
+            self._cond.notify_all()
+
+    def _notify(self) -> None:
+        for cb in self._listeners:
+            cb()
+
+    def tail(self, n: int = TAIL_LINES) -> list[str]:
+        with self._cond:
+            return list(self.lines)[-n:]
+
+    def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `predicate()` (checked under the lock after each line) is true, or timeout."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+
+def format_tail(lines: Iterable[str], title: str = "console tail") -> str:
+    body = "\n".join(f"  | {line}" for line in lines)
+    return f"{title}:\n{body}" if body else f"{title}: (empty)"

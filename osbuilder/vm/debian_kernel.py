@@ -1,0 +1,111 @@
+"""Debian's cloud kernel and an initrd that loads the virtio drivers, for boot checks only.
+
+Debian's linux-image-cloud-amd64 builds virtio_pci, virtio_blk, virtio_console, virtio_net, vsock
+and ext4 as modules, and our images carry no /lib/modules. So the initrd must load them: it is
+regenerated (in a throw-away mmdebstrap chroot) with those modules listed in
+/etc/initramfs-tools/modules. Modules loaded in the initramfs stay loaded after switch_root, so the
+guest gets its disk, agent port and network. The result (vmlinuz + initrd.img) lives in the
+artifact cache and is NEVER installed into the image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from osbuilder.cache import Cache, Manifest, _remove, file_hash
+from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.run import run, tool_version
+from osbuilder.settings import Settings
+
+PACKAGE = "linux-image-cloud-amd64"
+PACKAGES = (PACKAGE, "initramfs-tools", "zstd")
+# Loaded by the initrd; each is added only when the kernel has it as a module. `button` and
+# `evdev` deliver the ACPI power button to systemd-logind, so `system_powerdown` works.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "vsock",
+                  "vmw_vsock_virtio_transport", "virtio_pmem", "nd_pmem", "ext4", "button", "evdev")
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.img"
+VERSION_NAME = "version.txt"
+
+# Runs as an mmdebstrap customize hook: $1 is the chroot.
+HOOK = """set -e
+for m in {modules}; do
+  if chroot "$1" find /lib/modules -name "$m.ko*" | grep -q .; then
+    echo "$m" >> "$1/etc/initramfs-tools/modules"
+  fi
+done
+chroot "$1" update-initramfs -u -k all
+chroot "$1" dpkg-query -W -f '${{Version}}' {package} > "$1/boot/osbuilder-kernel-version"
+""".format(modules=" ".join(INITRD_MODULES), package=PACKAGE)
+
+
+@dataclass(frozen=True)
+class BootKernel:
+    """A kernel (and optional initrd) to boot an image with."""
+
+    kernel: Path
+    initrd: Path | None
+    name: str  # "debian", "built" or "path"
+    version: str = ""
+
+
+def manifest(settings: Settings) -> Manifest:
+    """Every input of the Debian kernel artifact."""
+    return Manifest("debian-kernel", {
+        "release": settings.os_version,
+        "mirror": settings.repo_url or "http://deb.debian.org/debian",
+        "packages": " ".join(PACKAGES),
+        "hook": HOOK,
+        "code": file_hash(Path(__file__)),
+        "mmdebstrap": tool_version("mmdebstrap"),
+    })
+
+
+def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None:
+    """Fill `out` with vmlinuz, initrd.img and version.txt taken from a temporary chroot."""
+    logfile = logfile or settings.workdir / "logs" / "debian-kernel.log"
+    chroot = out / "chroot"
+    cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
+           "--include=" + ",".join(PACKAGES),
+           "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+           f"--customize-hook={HOOK}",
+           settings.os_version, str(chroot), settings.repo_url or "http://deb.debian.org/debian"]
+    try:
+        run(cmd, step="debian-kernel", logfile=logfile, verbose=settings.debug)
+        extract(chroot / "boot", out)
+    except OsbuilderError as e:
+        if "Failed to fetch" in e.detail or "Could not resolve" in e.detail:
+            raise InfrastructureError("debian-kernel: the Debian mirror is unreachable", e.detail) from None
+        raise
+    finally:
+        _remove(chroot)
+
+
+def extract(boot: Path, out: Path) -> None:
+    """Copy the one vmlinuz-* and its initrd.img-* out of the chroot's /boot."""
+    kernels = sorted(boot.glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise OsbuilderError(f"debian-kernel: expected one kernel in {boot}, found {len(kernels)}")
+    release = kernels[0].name.removeprefix("vmlinuz-")
+    initrd = boot / f"initrd.img-{release}"
+    if not initrd.is_file():
+        raise OsbuilderError(f"debian-kernel: {initrd.name} was not generated")
+    shutil.copyfile(kernels[0], out / KERNEL_NAME)
+    shutil.copyfile(initrd, out / INITRD_NAME)
+    if (boot / f"config-{release}").is_file():
+        shutil.copyfile(boot / f"config-{release}", out / "config")
+    version = (boot / "osbuilder-kernel-version").read_text().strip()
+    (out / VERSION_NAME).write_text(f"{release} {PACKAGE} {version}\n")
+    for name in (KERNEL_NAME, INITRD_NAME, VERSION_NAME):
+        os.chmod(out / name, 0o644)
+
+
+def debian_kernel(settings: Settings, cache: Cache | None = None, rebuild: bool = False) -> BootKernel:
+    """The cached Debian kernel + initrd, built on first use."""
+    cache = cache or Cache(settings.workdir / "cache")
+    entry = cache.get_or_build(manifest(settings), lambda tmp: build(settings, tmp), rebuild).absolute()
+    version = (entry / VERSION_NAME).read_text().strip()
+    return BootKernel(entry / KERNEL_NAME, entry / INITRD_NAME, "debian", version)

@@ -1,0 +1,465 @@
+"""One way to run a guest: the QEMU command line, the launch, QMP, and a cleanup that always happens.
+
+`build_command()` turns a `VmSpec` into QEMU's argv the way the runtimes attach things: the image
+as a virtio-blk disk on a throw-away qcow2 overlay, the agent's virtio-serial port
+`agent.channel.0` on a UNIX socket, user-mode networking with SSH forwarded to a free host port,
+the serial console on a UNIX socket, QMP on another. `Vm` starts QEMU paused (-S), connects QMP and
+the console drain, then lets the CPUs run, so the console log holds every byte from the first.
+
+No QEMU outlives us: `Vm` is a context manager whose exit powers the guest down (bounded), then
+`quit`s, then kills; QEMU gets PR_SET_PDEATHSIG=SIGKILL so a crashed or killed test process takes
+it along; an atexit hook kills whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.run import format_command, run
+from osbuilder.vm.console import ConsoleWatcher
+
+log = logging.getLogger("osbuilder")
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its disconnect tracebacks are noise here
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT = "agent.channel.0"
+KVM_CPU = "host,-arch-capabilities,-kvmclock"  # plain `-cpu host` aborts on MSR 0x10a when nested
+DEFAULT_ROOT_CMDLINE = ("root=/dev/vda1 rootfstype=ext4 ro rootflags=data=ordered,errors=remount-ro "
+                        "console=ttyS0 panic=-1 systemd.show_status=1")
+# Boot-check only: the rootfs overlay gives the NIC QEMU user-net's address when it sees this.
+BOOT_CHECK_PARAMS = "osbuilder.net=slirp"
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What to boot and how. `image` is attached through a qcow2 overlay; it is never written."""
+
+    kernel: Path
+    cmdline: str
+    initrd: Path | None = None
+    image: Path | None = None
+    accel: str = "tcg"
+    memory: int = 1024
+    cpus: int = 1
+    machine: str = "q35"
+    credentials: dict[str, str] = field(default_factory=dict)  # systemd credentials via SMBIOS
+    agent: bool = True
+    network: bool = True
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Sockets and the overlay of one guest, in a short temporary directory (sun_path <= 107 bytes)."""
+
+    rundir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.rundir / "qmp"
+
+    @property
+    def console(self) -> Path:
+        return self.rundir / "con"
+
+    @property
+    def agent(self) -> Path:
+        return self.rundir / "agent"
+
+    @property
+    def overlay(self) -> Path:
+        return self.rundir / "disk.qcow2"
+
+
+def qemu_escape(value: str) -> str:
+    """QEMU option values double their commas."""
+    return value.replace(",", ",,")
+
+
+def kernel_cmdline(extra: str = "", root_cmdline: str = DEFAULT_ROOT_CMDLINE) -> str:
+    return f"{root_cmdline} {BOOT_CHECK_PARAMS} {extra}".strip()
+
+
+def accel_args(accel: str, cpus: int) -> list[str]:
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", KVM_CPU]
+    if accel == "tcg":
+        return ["-accel", "tcg,thread=multi" if cpus > 1 else "tcg"]
+    raise ValueError(f"unknown accelerator {accel!r}")
+
+
+def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = False) -> list[str]:
+    """QEMU's argv. `paths` None (interactive only): no QMP, no sockets, console on stdio."""
+    cmd = [QEMU, "-name", "osbuilder", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+           "-machine", spec.machine, *accel_args(spec.accel, spec.cpus),
+           "-m", str(spec.memory), "-smp", str(spec.cpus), "-kernel", str(spec.kernel)]
+    if spec.initrd:
+        cmd += ["-initrd", str(spec.initrd)]
+    cmd += ["-append", spec.cmdline]
+    if spec.image:
+        disk = paths.overlay if paths else spec.image
+        fmt = "qcow2" if paths else "raw"
+        cmd += ["-drive", f"if=none,id=image,file={qemu_escape(str(disk))},format={fmt}"
+                + ("" if paths else ",snapshot=on"),
+                "-device", "virtio-blk-pci,drive=image"]
+    cmd += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
+    if interactive or paths is None:
+        cmd += ["-serial", "mon:stdio"]
+    else:
+        cmd += ["-chardev", f"socket,id=con0,path={qemu_escape(str(paths.console))},server=on,wait=off",
+                "-serial", "chardev:con0"]
+    if spec.agent and paths is not None:
+        cmd += ["-device", "virtio-serial-pci,id=vser0",
+                "-chardev", f"socket,id=agent,path={qemu_escape(str(paths.agent))},server=on,wait=off",
+                "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
+    if spec.network:
+        cmd += ["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22", "-device", "virtio-net-pci,netdev=net0"]
+    for name, value in spec.credentials.items():
+        cmd += ["-smbios", f"type=11,value={qemu_escape(f'io.systemd.credential:{name}={value}')}"]
+    if paths is not None:
+        cmd += ["-qmp", f"unix:{qemu_escape(str(paths.qmp))},server=on,wait=off", "-S"]
+    return cmd
+
+
+USERNET_FORWARD = re.compile(
+    r"TCP\[HOST_FORWARD\]\s+\d+\s+(?P<host>\S+)\s+(?P<hport>\d+)\s+(?P<guest>\S+)\s+(?P<gport>\d+)")
+
+
+def parse_usernet(text: str) -> dict[int, tuple[str, int]]:
+    """`info usernet` output -> {guest port: (host address, host port)} of the TCP forwards."""
+    return {int(m["gport"]): (m["host"], int(m["hport"])) for m in USERNET_FORWARD.finditer(text)}
+
+
+def make_overlay(image: Path, overlay: Path, logfile: Path | None = None) -> None:
+    """A qcow2 copy-on-write overlay over the raw image, so the guest never writes the image."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.resolve()), str(overlay)],
+        step="boot", logfile=logfile)
+
+
+# -- process lifetime ----------------------------------------------------------------------
+
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl
+        os._exit(1)
+
+
+def spawn(cmd: list[str], *, stdout: Any, stderr: Any, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen:
+    """Start QEMU so it dies with this process (PDEATHSIG from the thread that calls this)."""
+    log.info("boot: + %s", format_command(cmd))
+    try:
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=_set_pdeathsig)
+    except FileNotFoundError:
+        raise OsbuilderError(f"boot: program '{cmd[0]}' not found; run `osbuilder check-deps --install`") from None
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    return proc
+
+
+def forget(proc: subprocess.Popen) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    forget(proc)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        kill(proc)
+
+
+# -- QMP ------------------------------------------------------------------------------------
+
+class QmpError(OsbuilderError):
+    """A QMP command failed or the connection is gone."""
+
+
+class QmpSession:
+    """A QMP client on its own event-loop thread: callable from any thread, events kept as they come.
+
+    Every command, reply and event is appended to a JSON-lines transcript with the host time
+    (seconds since t0); QEMU's own event timestamps are kept in the event.
+    """
+
+    def __init__(self, transcript: Path, t0: float) -> None:
+        self.transcript = transcript
+        self.t0 = t0
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
+        self._thread.start()
+        self._client: Any = None
+        self._reader: Any = None
+
+    def _record(self, direction: str, msg: Any) -> None:
+        entry = {"t": round(time.monotonic() - self.t0, 3), "dir": direction, "msg": msg}
+        with open(self.transcript, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def connect(self, path: Path, timeout: float, proc: subprocess.Popen) -> None:
+        """Connect to QEMU's QMP socket, retrying while QEMU starts up."""
+        from qemu.qmp import QMPClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise QmpError(f"boot: QEMU exited ({proc.returncode}) before QMP was ready")
+            try:
+                self._client = self._run(self._connect(QMPClient, str(path)), 5)
+                break
+            except Exception as e:  # noqa: BLE001 - socket not there yet, refused, ...
+                if time.monotonic() > deadline:
+                    raise QmpError(f"boot: cannot connect to QMP at {path} within {timeout:g}s: {e}") from None
+                time.sleep(0.05)
+        greeting = self._client.greeting
+        self._record("greeting", greeting._asdict() if greeting is not None else None)
+
+    async def _connect(self, factory: Any, path: str) -> Any:
+        client = factory("osbuilder")
+        await client.connect(path)
+        self._reader = asyncio.ensure_future(self._read_events(client))
+        return client
+
+    @staticmethod
+    async def _cancel(task: Any) -> None:
+        task.cancel()
+        try:
+            await task
+        except BaseException:  # noqa: BLE001 - CancelledError
+            pass
+
+    async def _read_events(self, client: Any) -> None:
+        while True:
+            event = dict(await client.events.get())
+            self._record("event", event)
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10) -> Any:
+        if self._client is None:
+            raise QmpError(f"QMP {cmd}: not connected")
+        self._record("->", {"execute": cmd, "arguments": args or {}})
+        try:
+            reply = self._run(self._client.execute(cmd, args or {}), timeout)
+        except Exception as e:  # noqa: BLE001 - ExecuteError, disconnect, timeout
+            self._record("<-", {"error": f"{type(e).__name__}: {e}"})
+            raise QmpError(f"QMP {cmd} failed: {type(e).__name__}: {e}") from None
+        self._record("<-", {"return": reply})
+        return reply
+
+    def wait_event(self, names: set[str], timeout: float, since: int = 0) -> dict[str, Any] | None:
+        """The first event named in `names` at index >= `since`, waiting up to `timeout`."""
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events[since:] if e.get("event") in names), None)
+
+        with self._cond:
+            self._cond.wait_for(lambda: found() is not None, timeout)
+            return found()
+
+    def event_names(self) -> list[str]:
+        with self._cond:
+            return [e.get("event", "") for e in self.events]
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        if self._client is not None:
+            try:
+                self._run(self._client.disconnect(), 5)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if self._reader is not None:
+            try:
+                self._run(self._cancel(self._reader), 5)
+            except Exception:  # noqa: BLE001
+                pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._loop.is_running():
+            self._loop.close()
+
+
+# -- the guest ------------------------------------------------------------------------------
+
+class Vm:
+    """A running guest. Use as a context manager: `with Vm(spec, log_dir) as vm: ...`."""
+
+    def __init__(self, spec: VmSpec, log_dir: Path, *, start_timeout: float = 30) -> None:
+        self.spec = spec
+        self.log_dir = log_dir
+        self.start_timeout = start_timeout
+        self.paths = VmPaths(Path(tempfile.mkdtemp(prefix="osbvm-", dir=_short_tmp())))
+        self.t0 = time.monotonic()
+        self.proc: subprocess.Popen | None = None
+        self.console = ConsoleWatcher(log_dir / "console.log", self.t0, "console")
+        self.stderr = ConsoleWatcher(log_dir / "qemu.log", self.t0, "qemu")
+        self.qmp = QmpSession(log_dir / "qmp.jsonl", self.t0)
+        self.command: list[str] = []
+        self._console_sock: socket.socket | None = None
+        self.shutdown_event: dict[str, Any] | None = None
+        self.stopped = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def __enter__(self) -> Vm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop(graceful=0)
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop(graceful=0 if exc_type is not None else 10)
+
+    def start(self) -> None:
+        """Launch QEMU paused, attach QMP and the console drain, then run the CPUs."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("console.log", "qemu.log", "qmp.jsonl"):
+            (self.log_dir / name).unlink(missing_ok=True)
+        if self.spec.image:
+            make_overlay(self.spec.image, self.paths.overlay, self.log_dir / "qemu.log")
+        self.command = build_command(self.spec, self.paths)
+        (self.log_dir / "command.txt").write_text(format_command(self.command) + "\n")
+        self.t0 = self.console.t0 = self.stderr.t0 = self.qmp.t0 = time.monotonic()
+        self.proc = spawn(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.stderr.start(self.proc.stdout)  # type: ignore[arg-type]
+        try:
+            self.qmp.connect(self.paths.qmp, self.start_timeout, self.proc)
+        except QmpError as e:
+            self.stderr.join(2)
+            raise self._start_failure(str(e)) from None
+        self._attach_console()
+        self.qmp.execute("cont")
+
+    def _start_failure(self, message: str) -> OsbuilderError:
+        detail = "\n".join(self.stderr.tail(20))
+        if "Could not access KVM" in detail or "failed to initialize kvm" in detail.lower():
+            return InfrastructureError(f"boot: QEMU cannot use KVM: {message}", detail)
+        return OsbuilderError(message, detail)
+
+    def _attach_console(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(self.paths.console))
+        sock.settimeout(None)
+        self._console_sock = sock
+        self.console.start(lambda: sock.recv(65536))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self) -> str:
+        return self.qmp.execute("query-status")["status"]
+
+    def host_port(self, guest_port: int) -> int:
+        """The host port QEMU's user-mode network forwards to `guest_port` (read back over QMP)."""
+        text = self.qmp.execute("human-monitor-command", {"command-line": "info usernet"})
+        forwards = parse_usernet(text)
+        if guest_port not in forwards:
+            raise OsbuilderError(f"boot: no host forward to guest port {guest_port} in `info usernet`", text)
+        return forwards[guest_port][1]
+
+    def powerdown(self, timeout: float) -> dict[str, Any] | None:
+        """ACPI power button; the SHUTDOWN event (or None if none came within `timeout`)."""
+        mark = len(self.qmp.events)
+        self.qmp.execute("system_powerdown")
+        event = self.qmp.wait_event({"SHUTDOWN"}, timeout, since=mark)
+        if event:
+            self.shutdown_event = event
+            self._wait_exit(10)
+        return event
+
+    def _wait_exit(self, timeout: float) -> bool:
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, graceful: float = 10) -> None:
+        """Power down (up to `graceful` s), quit, kill; close everything; remove the run dir."""
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            if self.alive() and graceful > 0 and self.shutdown_event is None:
+                try:
+                    if self.status() == "running":
+                        self.powerdown(graceful)
+                except QmpError:
+                    pass
+            if self.alive():
+                try:
+                    self.qmp.execute("quit", timeout=5)
+                except QmpError:
+                    pass
+                self._wait_exit(5)
+        finally:
+            if self.proc is not None:
+                kill(self.proc)
+            self.qmp.close()
+            if self._console_sock is not None:
+                self._console_sock.close()
+            self.console.join(5)
+            self.stderr.join(5)
+            shutil.rmtree(self.paths.rundir, ignore_errors=True)
+
+
+def _short_tmp() -> str:
+    """A temp dir whose paths fit a UNIX socket address even with a long $TMPDIR."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) < 60 else "/tmp"
+
+
+def run_interactive(spec: VmSpec) -> int:
+    """Boot on the terminal (serial on stdio; Ctrl-A X quits). The image is opened snapshot=on."""
+    cmd = build_command(spec, None, interactive=True)
+    print(f"osbuilder: booting {spec.image} — quit with Ctrl-A X", flush=True)
+    proc = spawn(cmd, stdin=None, stdout=None, stderr=None)
+    try:
+        return proc.wait()
+    finally:
+        kill(proc)

@@ -1,0 +1,90 @@
+"""Boot records: proof that an artifact passed a boot check, for the install commands to require.
+
+After a passing boot check, `write_records` stores `WORKDIR/boot-records/<sha256>.json` for the
+image file and for the kernel file it booted with: {artifact, sha256, passed, kernel, timings,
+when, ...}. `passing_record(workdir, path)` hashes a file and returns its passing record, or None;
+the install commands refuse an artifact without one. Hashes are remembered per (path, size,
+mtime) within a process, so checking the same image twice reads it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RECORDS_DIR = "boot-records"
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def record_path(workdir: Path, digest: str) -> Path:
+    return workdir / RECORDS_DIR / f"{digest}.json"
+
+
+def make_record(artifact: Path, digest: str, role: str, passed: bool, kernel: dict[str, Any],
+                timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "artifact": str(artifact.resolve()),
+        "role": role,  # "image" or "kernel"
+        "sha256": digest,
+        "passed": passed,
+        "kernel": kernel,
+        "timings": timings,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+
+
+def write_record(workdir: Path, record: dict[str, Any]) -> Path:
+    """Atomically write one record (a failing record never replaces a passing one)."""
+    dest = record_path(workdir, record["sha256"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not record["passed"] and _read(dest, record["sha256"]) is not None:
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, dest)
+    return dest
+
+
+def write_records(workdir: Path, image: Path, kernel_file: Path, *, passed: bool, kernel: dict[str, Any],
+                  timings: dict[str, float], extra: dict[str, Any] | None = None) -> list[Path]:
+    """Records for the image and for the kernel file it booted with."""
+    out = []
+    for role, path in (("image", image), ("kernel", kernel_file)):
+        rec = make_record(path, sha256_file(path), role, passed, kernel, timings, extra)
+        out.append(write_record(workdir, rec))
+    return out
+
+
+def _read(path: Path, digest: str) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("sha256") != digest or rec.get("passed") is not True:
+        return None
+    return rec
+
+
+def passing_record(workdir: Path, artifact_path: Path) -> dict[str, Any] | None:
+    """The passing boot record of this file's exact content, or None."""
+    if not artifact_path.is_file():
+        return None
+    digest = sha256_file(artifact_path)
+    return _read(record_path(workdir, digest), digest)
