@@ -90,15 +90,33 @@ def test_read_config_and_honoured(tmp_path):
 def test_default_fragments_cover_configs_dir():
     files = {p.stem for p in config.CONFIGS_DIR.glob("*.config")}
     assert files == set(DEFAULT_FRAGMENTS) | set(OPTIONAL_FRAGMENTS)
-    assert "debug" not in DEFAULT_FRAGMENTS
+    # Opt-in only, named explicitly: every other file in configs/ is in the default set.
+    assert set(OPTIONAL_FRAGMENTS) == {"debug", "xfs"}
+    assert not set(OPTIONAL_FRAGMENTS) & set(DEFAULT_FRAGMENTS)
+    assert DEFAULT_FRAGMENTS[-1] == "lean"  # it must come after the fragments it trims
+
+
+def test_every_fragment_starts_with_a_header_comment():
+    for path in config.CONFIGS_DIR.glob("*.config"):
+        assert path.read_text().startswith("# "), path.name
+
+
+def test_xfs_is_opt_in_by_name(tmp_path):
+    assert "XFS_FS" not in merge(resolve_fragments(load_settings(tmp_path))).requests
+    files = resolve_fragments(load_settings(tmp_path, KERNEL_FRAGMENTS="xfs"))
+    assert files[-1] == config.CONFIGS_DIR / "xfs.config"
+    assert merge(files).requests["XFS_FS"].value == "y"
 
 
 def test_default_fragments_build_in_what_the_guest_needs(tmp_path):
     merged = merge(resolve_fragments(load_settings(tmp_path)))
     for name in ("VIRTIO_CONSOLE", "VIRTIO_BLK", "BLK_DEV", "VIRTIO_PCI", "VIRTIO_NET", "VIRTIO_VSOCKETS",
-                 "EXT4_FS", "SERIAL_8250_CONSOLE", "DEVTMPFS", "CGROUPS", "PVH", "64BIT"):
+                 "EXT4_FS", "SERIAL_8250_CONSOLE", "DEVTMPFS", "CGROUPS", "PVH", "64BIT",
+                 "INPUT_EVDEV", "ACPI_BUTTON", "SYSCTL", "POSIX_TIMERS", "ACPI_NFIT", "VIRTIO_FS", "9P_FS"):
         assert merged.requests[name].value == "y", name
     assert merged.requests["MODULES"].value == "n"
+    for name in ("VT", "IO_URING"):  # serial console only; see lean.config
+        assert merged.requests[name].value == "n", name
     assert "IKCONFIG" not in merged.requests
 
 

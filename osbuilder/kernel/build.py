@@ -2,9 +2,10 @@
 
 `build_kernel(settings, out_dir)` is shared by `osbuilder kernel` (out_dir = WORKDIR) and the
 pytest fixture (out_dir = a cache entry being filled). The object tree lives in
-WORKDIR/kernel-build and ccache in WORKDIR/ccache, so a rebuild after one option change only
-recompiles what depends on it. Fixed KBUILD_BUILD_* values make two builds of the same inputs
-byte-identical. Outputs are copied to temporary names and renamed only after `make` succeeded.
+WORKDIR/kernel-build and ccache in WORKDIR/ccache (depend mode, see build_env), so a rebuild
+after one option change only recompiles what depends on it. Fixed KBUILD_BUILD_* values make
+two builds of the same inputs byte-identical. Outputs are copied to temporary names and renamed
+only after `make` succeeded.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
         "SOURCE_DATE_EPOCH": str(epoch),
         "CCACHE_DIR": str(settings.workdir / "ccache"),
         "CCACHE_MAXSIZE": "5G",
+        # Depend mode: ccache hashes the source, the flags and the headers listed in the .d file
+        # kbuild asks gcc for (-Wp,-MMD), and never runs the preprocessor. In the default mode
+        # every miss preprocesses each file a second time: on an empty cache that cost ~20% more
+        # CPU than plain gcc (mm/ + net/ipv4/: 104 s vs 84 s); in depend mode a cold build costs
+        # what plain gcc does, and hits work the same way (direct hits via the manifest).
+        "CCACHE_DEPEND": "1",
         "LC_ALL": "C",
         "TZ": "UTC",
     }

@@ -1,7 +1,8 @@
 """Kernel config fragments: parse, merge, resolve with Kconfig, and verify the result.
 
-The default fragment set is `DEFAULT_FRAGMENTS` (every file in configs/ except debug.config),
-applied in that order; KERNEL_FRAGMENTS adds files (or built-in names such as `debug`) after them.
+The default fragment set is `DEFAULT_FRAGMENTS`, applied in that order; the other files in configs/
+are the opt-in `OPTIONAL_FRAGMENTS` (debug, xfs). KERNEL_FRAGMENTS adds files (or built-in names
+such as `debug` or `xfs`) after the defaults.
 Later fragments win. The merged fragments go on top of `allnoconfig` (or of KERNEL_CONFIG) via the
 kernel's own `scripts/kconfig/merge_config.sh`, and then every requested option is checked against
 the final `.config`: Kconfig silently drops options whose dependencies are unmet, so each dropped
@@ -25,9 +26,10 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 
 DEFAULT_FRAGMENTS: tuple[str, ...] = (
     "base", "serial", "virtio", "block", "filesystems", "systemd", "cgroups", "namespaces",
-    "seccomp", "network", "vsock", "shared-fs", "dax", "hotplug", "kvm-guest",
+    "seccomp", "network", "vsock", "shared-fs", "dax", "hotplug", "kvm-guest", "power-button",
+    "lean",  # last: it switches off what EXPERT exposes and requests back what the guest needs
 )
-OPTIONAL_FRAGMENTS: tuple[str, ...] = ("debug",)
+OPTIONAL_FRAGMENTS: tuple[str, ...] = ("debug", "xfs")
 
 _SET = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set$")
