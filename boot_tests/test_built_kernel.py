@@ -13,8 +13,9 @@ import pytest
 
 from osbuilder.vm import records
 from osbuilder.vm.bootcheck import Guest, boot_to_ready
+from osbuilder.vm.commands import log_dir_for
 from osbuilder.vm.debian_kernel import BootKernel
-from osbuilder.vm.fixtures import _log_dir, _note_logs, boot_options
+from osbuilder.vm.fixtures import boot_options, note_logs
 
 
 @pytest.mark.parametrize("kernel_file", ["vmlinuz.container", "vmlinux.container"])
@@ -23,8 +24,8 @@ def test_built_kernel_boots_the_image(kernel_file, kernel, image, osbuilder_sett
     metadata = json.loads((kernel.path / "kernel-metadata.json").read_text())
     built = BootKernel((kernel.path / kernel_file).absolute(), None, "built", metadata["kernel_version"])
     name = f"built-{kernel_file}"
-    log_dir = _log_dir(osbuilder_settings, name)
-    _note_logs(request.node, log_dir)
+    log_dir = log_dir_for(osbuilder_settings, name)
+    note_logs(request.node, log_dir)
     opts = boot_options(osbuilder_settings, image.path, built, boot_accel, ssh_session_key, log_dir, name)
     with Guest(opts) as guest:
         boot_to_ready(guest)

@@ -3,13 +3,12 @@ clean power-off, boot records, and the image left untouched. All on one xdist wo
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
 from osbuilder.agent import AGENT_VERSION, PROTOCOL_VERSION
+from osbuilder.cache import sha256_file
 from osbuilder.vm import records, ssh
 from osbuilder.vm.bootcheck import Guest
 
@@ -18,17 +17,11 @@ pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("good-path")]
 IMAGE_HASHES: dict[str, str] = {}
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def image_hash_before(image) -> str:
-    IMAGE_HASHES["before"] = sha256(image.path)
+    IMAGE_HASHES["before"] = sha256_file(image.path)
     return IMAGE_HASHES["before"]
 
 
@@ -113,4 +106,4 @@ def test_passing_boot_records_written(guest: Guest, osbuilder_settings, image) -
 
 
 def test_image_unchanged(image) -> None:
-    assert sha256(image.path) == IMAGE_HASHES["before"]
+    assert sha256_file(image.path) == IMAGE_HASHES["before"]

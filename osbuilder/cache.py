@@ -27,6 +27,15 @@ log = logging.getLogger("osbuilder")
 MANIFEST = "manifest.json"
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of one file, read in 1 MiB blocks (images are hundreds of MiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_hash(*paths: Path) -> str:
     """sha256 over files (and, recursively, directories) in a stable order."""
     h = hashlib.sha256()

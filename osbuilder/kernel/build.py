@@ -10,7 +10,6 @@ only after `make` succeeded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder.cache import Manifest, file_hash, publish, temp_beside
+from osbuilder.cache import Manifest, file_hash, publish, sha256_file, temp_beside
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.kernel.config import Merged, configure, make_vars, resolve_fragments
 from osbuilder.kernel.source import SourceTree, ensure_source
@@ -200,8 +199,6 @@ def ccache_stats(env: dict[str, str]) -> dict[str, int]:
     return {"hits": hits, "misses": counters.get("cache_miss", 0)}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def reproducer(settings: Settings) -> str:
@@ -224,9 +221,9 @@ def _metadata(settings: Settings, tree: SourceTree, merged: Merged, config_path:
         "kernel_version": tree.version,
         "source": tree.marker.get("spec", {}),
         "source_content": tree.marker.get("content", ""),
-        "fragments": [{"path": str(p), "sha256": _sha256(p)} for p in merged.fragments],
+        "fragments": [{"path": str(p), "sha256": sha256_file(p)} for p in merged.fragments],
         "base_config": str(settings.kernel_config) if settings.kernel_config else "allnoconfig",
-        "config_sha256": _sha256(config_path),
+        "config_sha256": sha256_file(config_path),
         "compiler": cc_version,
         "cc": cc,
         "ccache": ccache_stats(env),
@@ -250,7 +247,7 @@ def _publish_outputs(bdir: Path, out_dir: Path, metadata: dict[str, Any]) -> Non
             raise OsbuilderError(f"kernel: make succeeded but {src} is missing")
         tmp = temp_beside(dest)
         shutil.copyfile(src, tmp)
-        outputs[name] = _sha256(tmp)
+        outputs[name] = sha256_file(tmp)
         staged.append((tmp, dest))
     metadata["outputs"] = outputs
     tmp = temp_beside(out_dir / METADATA)

@@ -8,7 +8,6 @@ builds; when the marker matches the current KERNEL_SOURCE, getting the source ag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,7 +17,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder.cache import publish, temp_beside
+from osbuilder.cache import publish, sha256_file, temp_beside
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.run import run
 from osbuilder.settings import Settings
@@ -182,7 +181,7 @@ def describe(settings: Settings, spec: SourceSpec, ident: dict[str, Any], tree: 
     version = out.stdout.decode().strip().splitlines()[-1]
     if spec.kind == "tarball":
         epoch = int(Path(spec.location).stat().st_mtime)
-        digest = _sha256(Path(spec.location))
+        digest = sha256_file(Path(spec.location))
     else:
         epoch = int(_git(tree, logfile, "log", "-1", "--format=%ct"))
         digest = _git_head(tree, logfile)
@@ -202,9 +201,3 @@ def _git_head(tree: Path, logfile: Path) -> str:
         raise UsageError(f"KERNEL_SOURCE: {tree}: cannot read the git commit", e.detail) from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

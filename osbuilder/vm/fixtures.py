@@ -15,7 +15,6 @@ WORKDIR/boot-logs/<test>/ (printed in failures). BOOT_KERNEL=built takes the ker
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,12 +26,7 @@ from osbuilder.vm import bootcheck, commands, ssh
 from osbuilder.vm.debian_kernel import BootKernel
 
 
-def _log_dir(settings: Settings, name: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:100]
-    return (settings.workdir / "boot-logs" / safe).absolute()
-
-
-def _note_logs(node: pytest.Item | pytest.Collector, log_dir: Path) -> None:
+def note_logs(node: pytest.Item | pytest.Collector, log_dir: Path) -> None:
     """Remember a guest's log dir on the test node; boot_tests/conftest.py prints it on failure."""
     dirs = getattr(node, "_osbuilder_boot_logs", [])
     dirs.append(log_dir)
@@ -78,14 +72,14 @@ def boot_guest(osbuilder_settings: Settings, boot_kernel: BootKernel, boot_accel
     def start(image: Path, append: str = "", name: str | None = None, timeout: int | None = None
               ) -> bootcheck.Guest:
         label = name or f"{request.node.name}-{len(guests)}"
-        log_dir = _log_dir(osbuilder_settings, label)
+        log_dir = commands.log_dir_for(osbuilder_settings, label)
         opts = boot_options(osbuilder_settings, image, boot_kernel, boot_accel, ssh_session_key, log_dir, label,
                             append)
         if timeout:
             opts.timeout = timeout
         guest = bootcheck.Guest(opts)
         guests.append(guest)
-        _note_logs(request.node, log_dir)
+        note_logs(request.node, log_dir)
         guest.start()
         return guest
 
@@ -105,7 +99,7 @@ def booted_guest(osbuilder_settings: Settings, image, boot_kernel: BootKernel, b
     the boot's error (phase, matched console lines, console tail, log dir).
     """
     name = f"{request.module.__name__.rsplit('.', 1)[-1]}-booted"
-    log_dir = _log_dir(osbuilder_settings, name)
+    log_dir = commands.log_dir_for(osbuilder_settings, name)
     opts = boot_options(osbuilder_settings, image.path, boot_kernel, boot_accel, ssh_session_key, log_dir, name)
     holder: list[bootcheck.Guest] = []
 
@@ -131,5 +125,5 @@ def booted_guest(osbuilder_settings: Settings, image, boot_kernel: BootKernel, b
 @pytest.fixture
 def guest(booted_guest: bootcheck.Guest, request: pytest.FixtureRequest) -> bootcheck.Guest:
     """`booted_guest`, with its log dir noted for this test's failure report."""
-    _note_logs(request.node, booted_guest.log_dir)
+    note_logs(request.node, booted_guest.log_dir)
     return booted_guest

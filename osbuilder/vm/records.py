@@ -9,12 +9,13 @@ mtime) within a process, so checking the same image twice reads it once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from osbuilder import cache
 
 RECORDS_DIR = "boot-records"
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -24,11 +25,7 @@ def sha256_file(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = cache.sha256_file(path)
     return _HASHES[key]
 
 
