@@ -200,6 +200,49 @@ def stub_guest(tmp_path: Path, *, alive: bool = True, stderr_line: str = "", con
     return bootcheck.Guest(opts, vm=vm)  # type: ignore[arg-type]
 
 
+def test_phase_ok_skips_count_only_for_agent_init() -> None:
+    skip_ssh, skip_running = bootcheck.AGENT_INIT_SKIPS["ssh"], bootcheck.AGENT_INIT_SKIPS["running"]
+    assert skip_ssh == "skipped: agent is init (no sshd)"
+    assert bootcheck.phase_ok("ssh", "passed", False) and bootcheck.phase_ok("ssh", "passed", True)
+    assert bootcheck.phase_ok("ssh", skip_ssh, True) and bootcheck.phase_ok("running", skip_running, True)
+    assert not bootcheck.phase_ok("ssh", skip_ssh, False)  # a systemd image must log in
+    assert not bootcheck.phase_ok("running", skip_ssh, True)  # the skip must be the phase's own
+    for phase in ("kernel", "root", "init", "agent", "exec", "powerdown"):  # never skippable
+        assert not bootcheck.phase_ok(phase, "skipped: agent is init (no sshd)", True)
+    assert not bootcheck.phase_ok("ssh", None, True) and not bootcheck.phase_ok("ssh", "failed: x", True)
+
+
+def test_agent_init_skips_running_and_ssh_and_can_pass(tmp_path: Path) -> None:
+    guest = stub_guest(tmp_path)
+    guest.opts.agent_init = True
+    assert guest.wait_running() == "agent-init" and guest.wait_ssh() is None
+    assert guest.phases == dict(bootcheck.AGENT_INIT_SKIPS)
+    assert not guest.passed
+    guest.phases.update({p: "passed" for p in ("kernel", "root", "init", "agent", "exec", "powerdown")})
+    assert guest.passed
+    guest.opts.agent_init = False  # the same record from a systemd image is not a pass
+    assert not guest.passed
+    with pytest.raises(bootcheck.BootFailure, match="no session key"):
+        guest.wait_ssh()
+
+
+def test_missing_agent_init_fails_in_init_phase(tmp_path: Path) -> None:
+    line = "Target filesystem doesn't have requested /sbin/init."
+    guest = stub_guest(tmp_path, console_line=line)
+    assert guest._agent_phase() == "agent"
+    guest.opts.agent_init = True
+    assert guest._agent_phase() == "init"
+    with pytest.raises(bootcheck.BootFailure) as info:
+        guest.wait_init()
+    assert info.value.phase == "init" and "no init to run" in info.value.message and line in info.value.detail
+
+
+def test_agent_init_diagnostics_do_not_try_ssh(tmp_path: Path) -> None:
+    guest = stub_guest(tmp_path)
+    guest.opts.agent_init = True
+    assert "no sshd" in guest._agent_diagnostics()
+
+
 def test_kvm_internal_error_raises_infrastructure_error(tmp_path: Path) -> None:
     guest = stub_guest(tmp_path, stderr_line="KVM internal error. Suberror: 1")
     with pytest.raises(InfrastructureError) as info:

@@ -8,6 +8,11 @@ with the session key delivered as a systemd credential), powerdown (ACPI power b
 guest's own SHUTDOWN within a bound). While waiting, the console is watched: a panic, emergency
 mode, an initramfs shell, a missing init or a KVM internal error ends the boot within seconds.
 
+With the agent as init (`agent_init`, AGENT_INIT=yes) there is no systemd and no sshd: `init` is
+proven by the agent reporting pid1 true, `running` and `ssh` are recorded as
+"skipped: agent is init (...)" (and count as passed only for such a guest), and `powerdown`
+sends the agent's `poweroff` request instead of pressing the ACPI button.
+
 Each boot leaves console.log, qemu.log, qmp.jsonl, command.txt and boot.json (timings, phases,
 verdict) in its log directory. A complete passing check writes the boot records (`records`).
 """
@@ -38,6 +43,20 @@ log = logging.getLogger("osbuilder")
 PHASES = ("kernel", "root", "init", "agent", "running", "exec", "ssh", "powerdown")
 AGENT_GRACE = 0.15  # of BOOT_TIMEOUT: how long the agent may lag behind multi-user.target
 EXPECTED_STATES = ("running",)
+# Phases that do not apply when the agent is PID 1, with the status recorded for them.
+AGENT_INIT_SKIPS = {
+    "running": "skipped: agent is init (no systemd)",
+    "ssh": "skipped: agent is init (no sshd)",
+}
+AGENT_STARTED = re.compile(r"osbuilder-agent: version \S+ starting as PID 1")
+
+
+def phase_ok(phase: str, status: str | None, agent_init: bool) -> bool:
+    """Whether a phase's recorded status counts towards a pass: "passed", or (only when the agent
+    is init) the not-applicable skip recorded for `running` and `ssh`."""
+    if status == "passed":
+        return True
+    return agent_init and status is not None and status == AGENT_INIT_SKIPS.get(phase)
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,7 @@ class Guest:
     started_at: float = 0.0
     failure: str = ""
     powerdown_seconds: float | None = None
+    agent_started_at: float | None = None  # agent_init: its "starting as PID 1" console line
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -167,19 +187,37 @@ class Guest:
     def start(self) -> None:
         self.started_at = time.time()
         self.vm = Vm(self.opts.spec(), self.opts.log_dir)
+        if self.opts.agent_init:
+            self.vm.console.on_change(self._note_agent_started)
         self.vm.__enter__()
         self.timings["qemu_start"] = 0.0
         log.info("boot: %s: QEMU pid %s (%s), logs in %s", self.opts.name, self.vm.pid, self.opts.accel.name,
                  self.opts.log_dir)
 
+    def _note_agent_started(self) -> None:
+        """Console listener (reader thread): when the agent, as PID 1, logs that it starts."""
+        if self.agent_started_at is not None or self.vm is None:
+            return
+        last = self.vm.console.tail(1)
+        if last and AGENT_STARTED.search(last[0]):
+            self.agent_started_at = self.now()  # merged into timings by collect_console_timings
+
     def close(self, graceful: float | None = None) -> None:
         """Stop the guest (power button first, unless it failed or `graceful` is 0) and write boot.json."""
         if self.ssh_client is not None:
             self.ssh_client.close()
+        grace = graceful if graceful is not None else (0 if self.failure else 10)
+        if (self.opts.agent_init and grace > 0 and self.agent is not None and self.vm is not None
+                and self.vm.alive() and self.vm.shutdown_event is None):
+            try:  # nothing in the guest handles the ACPI button: ask the agent (PID 1) instead
+                self._agent_poweroff(grace)
+            except (AgentError, QmpError):
+                pass
+            grace = 0  # no point pressing the power button afterwards
         if self.agent is not None:
             self.agent.close()
         if self.vm is not None:
-            self.vm.stop(graceful=graceful if graceful is not None else (0 if self.failure else 10))
+            self.vm.stop(graceful=grace)
         self.collect_console_timings()
         self.write_boot_json()
 
@@ -271,10 +309,11 @@ class Guest:
         self.phases["root"] = "passed"
 
     def wait_init(self) -> None:
-        """The root filesystem's init (systemd) starts; skipped when the agent is init."""
+        """The root filesystem's init (systemd) starts. When the agent is init, the phase passes in
+        `wait_agent`, once the agent answers and reports that it is PID 1."""
         assert self.vm is not None
         if self.opts.agent_init:
-            self.phases["init"] = "passed"
+            self.guard("init")
             return
         b = Budgets.from_timeout(self.opts.timeout)
         self.wait_until("init", lambda: "systemd_started" in self.vm.console.milestones, b.root,
@@ -288,7 +327,7 @@ class Guest:
         deadline = self.vm.t0 + b.agent
         client = self._connect_agent(deadline)
         while True:
-            self.guard("agent")
+            self.guard(self._agent_phase())
             self._check_agent_lag(b)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -306,8 +345,30 @@ class Guest:
         self.collect_console_timings()
         if version != AGENT_VERSION:
             raise self.fail("agent", f"agent version {version!r}, expected {AGENT_VERSION!r}")
+        if self.opts.agent_init:
+            self._check_agent_is_init(client)
         self.phases["agent"] = "passed"
         return version
+
+    def _agent_phase(self) -> str:
+        """The phase a fatal console line fails while waiting for the agent: "init" when the agent
+        is init and the kernel (or the initramfs) found no init to run, else "agent"."""
+        fatal = self.vm.console.fatal if self.vm is not None else None
+        if self.opts.agent_init and fatal is not None and fatal.reason == "no init to run":
+            return "init"
+        return "agent"
+
+    def _check_agent_is_init(self, client: AgentClient) -> None:
+        """AGENT_INIT=yes: the agent that answers must be the guest's PID 1."""
+        try:
+            info = client.version(10)
+        except AgentError as e:
+            self.settle("init")
+            raise self.fail("init", f"the agent answered ping but not `version`: {e}")
+        if info.get("pid1") is not True:
+            raise self.fail("init", "the agent answers but is not PID 1 (version says pid1 "
+                            f"{info.get('pid1')!r}): /sbin/init did not run the agent")
+        self.phases["init"] = "passed"
 
     def _connect_agent(self, deadline: float) -> AgentClient:
         assert self.vm is not None
@@ -328,6 +389,8 @@ class Guest:
 
     def _agent_diagnostics(self) -> str:
         """The agent unit's status over SSH, when the session key gets us in."""
+        if self.opts.agent_init:
+            return "(the agent is init: no systemd unit and no sshd to ask; see the console's osbuilder-agent lines)"
         if self.opts.ssh_key is None or self.vm is None or not self.vm.alive():
             return ""
         try:
@@ -357,7 +420,7 @@ class Guest:
     def wait_running(self) -> str:
         """systemctl is-system-running --wait: running passes, degraded fails listing failed units."""
         if self.opts.agent_init:
-            self.phases["running"] = "passed"
+            self.phases["running"] = AGENT_INIT_SKIPS["running"]
             return "agent-init"
         b = Budgets.from_timeout(self.opts.timeout)
         deadline = time.monotonic() + b.running
@@ -421,7 +484,11 @@ class Guest:
         return r.stdout.strip().split(",")
 
     def wait_ssh(self) -> Any:
-        """Log in over SSH with the session key; the host key must be the one the guest made."""
+        """Log in over SSH with the session key; the host key must be the one the guest made.
+        Not applicable (recorded as skipped, returns None) when the agent is init: no sshd."""
+        if self.opts.agent_init:
+            self.phases["ssh"] = AGENT_INIT_SKIPS["ssh"]
+            return None
         if self.opts.ssh_key is None:
             raise self.fail("ssh", "no session key was delivered to this guest")
         assert self.vm is not None
@@ -446,7 +513,8 @@ class Guest:
         return self.ssh_client
 
     def powerdown(self) -> dict[str, Any]:
-        """ACPI power button; the guest must shut itself down within the bound."""
+        """ACPI power button (the agent's `poweroff` request when the agent is init); the guest must
+        shut itself down within the bound."""
         assert self.vm is not None
         b = Budgets.from_timeout(self.opts.timeout)
         if self.ssh_client is not None:
@@ -454,12 +522,21 @@ class Guest:
             self.ssh_client = None
         requested = self.now()
         self.timings["powerdown_requested"] = requested
+        how = "the agent's poweroff request" if self.opts.agent_init else "system_powerdown"
         try:
-            event = self.vm.powerdown(b.powerdown)
+            if self.opts.agent_init:
+                if self.agent is None:
+                    raise self.fail("powerdown", "the agent is not connected (it powers off a guest it is init of)")
+                event = self._agent_poweroff(b.powerdown)
+            else:
+                event = self.vm.powerdown(b.powerdown)
         except QmpError as e:
             raise self.fail("powerdown", str(e))
+        except AgentError as e:
+            raise self.fail("powerdown", f"the agent refused to power off: {e}")
         if event is None:
-            raise self.fail("powerdown", f"no SHUTDOWN within {b.powerdown:.0f}s of system_powerdown")
+            self.guard("powerdown")
+            raise self.fail("powerdown", f"no SHUTDOWN within {b.powerdown:.0f}s of {how}")
         data = event.get("data", {})
         if not data.get("guest") or data.get("reason") != "guest-shutdown":
             raise self.fail("powerdown", f"unexpected shutdown: {data}")
@@ -468,11 +545,25 @@ class Guest:
         self.phases["powerdown"] = "passed"
         return event
 
+    def _agent_poweroff(self, timeout: float) -> dict[str, Any] | None:
+        """Send `poweroff` to the agent (PID 1) and wait for QEMU's SHUTDOWN event (None on timeout).
+
+        The reply may be lost if the guest is faster than the socket: a timeout or a closed
+        connection is not an error here, the SHUTDOWN event decides. ok:false raises AgentError."""
+        assert self.vm is not None and self.agent is not None
+        deadline = time.monotonic() + timeout
+        mark = len(self.vm.qmp.events)
+        try:
+            self.agent.poweroff(timeout=min(10.0, timeout))
+        except (AgentTimeout, AgentConnectionClosed) as e:
+            log.info("boot: %s: no reply to poweroff (%s); waiting for SHUTDOWN", self.opts.name, e)
+        return self.vm.wait_shutdown(max(0.0, deadline - time.monotonic()), since=mark)
+
     # -- results --------------------------------------------------------------------------
 
     @property
     def passed(self) -> bool:
-        return all(self.phases.get(p) == "passed" for p in PHASES)
+        return all(phase_ok(p, self.phases.get(p), self.opts.agent_init) for p in PHASES)
 
     def collect_console_timings(self) -> None:
         if self.vm is None:
@@ -485,6 +576,8 @@ class Guest:
             at = self.vm.console.milestones.get(milestone)
             if at is not None:
                 self.timings.setdefault(key, round(at, 3))
+        if self.agent_started_at is not None:
+            self.timings.setdefault("agent_started", self.agent_started_at)
 
     def kernel_info(self) -> dict[str, Any]:
         k = self.opts.kernel
@@ -528,14 +621,15 @@ class Guest:
 
 
 def boot_to_ready(guest: Guest) -> None:
-    """Every phase but powerdown: kernel, agent, running, exec, ssh (when a key was given)."""
+    """Every phase but powerdown: kernel, agent, running, exec, ssh (when a key was given, or
+    recorded as skipped when the agent is init)."""
     guest.wait_kernel()
     guest.wait_root()
     guest.wait_init()
     guest.wait_agent()
     guest.wait_running()
     guest.check_exec()
-    if guest.opts.ssh_key is not None:
+    if guest.opts.ssh_key is not None or guest.opts.agent_init:
         guest.wait_ssh()
     guest.collect_console_timings()
 

@@ -404,7 +404,14 @@ class Vm:
         """ACPI power button; the SHUTDOWN event (or None if none came within `timeout`)."""
         mark = len(self.qmp.events)
         self.qmp.execute("system_powerdown")
-        event = self.qmp.wait_event({"SHUTDOWN"}, timeout, since=mark)
+        return self.wait_shutdown(timeout, since=mark)
+
+    def wait_shutdown(self, timeout: float, since: int = 0) -> dict[str, Any] | None:
+        """The SHUTDOWN event at index >= `since` (None if none came within `timeout`); then let QEMU exit.
+
+        For a power-off the guest starts by itself (e.g. its init calling reboot(RB_POWER_OFF)):
+        take `since = len(vm.qmp.events)` before asking for it."""
+        event = self.qmp.wait_event({"SHUTDOWN"}, timeout, since=since)
         if event:
             self.shutdown_event = event
             self._wait_exit(10)

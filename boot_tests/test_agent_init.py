@@ -1,0 +1,152 @@
+"""An AGENT_INIT=yes image (no systemd, udev or sshd; /sbin/init is osbuilder-agent) passes the whole
+boot check: one boot, many checks, in order, powered off through the agent at the end.
+
+The image is built through the cache like tests/test_build.py builds its trixie image. The kernel
+gets an extra word on its command line, which it hands to init as an argument: the agent, as
+PID 1, must ignore it (and log that it does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from osbuilder.agent import AGENT_NAME, AGENT_VERSION, GUEST_BINARY_PATH, PROTOCOL_VERSION
+from osbuilder.vm import bootcheck
+from osbuilder.vm.commands import log_dir_for
+from osbuilder.vm.fixtures import boot_options, note_logs
+
+pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("agent-init")]
+
+INIT_ARG = "osbuilder_init_arg"  # no "=" and no ".": the kernel passes it to init as argv[1]
+
+
+@pytest.fixture(scope="module")
+def agent_init_settings(osbuilder_settings):
+    return osbuilder_settings.with_values(AGENT_INIT="yes")
+
+
+@pytest.fixture(scope="module")
+def agent_init_image(agent_init_settings, osbuilder_cache) -> Path:
+    from osbuilder.image import build_image, image_manifest
+    from osbuilder.rootfs import build_rootfs, manifest
+
+    s = agent_init_settings
+    m = manifest(s)
+    rootfs = osbuilder_cache.get_or_build(m, lambda tmp: build_rootfs(s, tmp / "rootfs")) / "rootfs"
+    entry = osbuilder_cache.get_or_build(image_manifest(s, m.key),
+                                         lambda tmp: build_image(s, rootfs, tmp / "container.img"))
+    return entry / "container.img"
+
+
+@pytest.fixture(scope="module")
+def agent_init_guest(agent_init_settings, agent_init_image, boot_kernel, boot_accel,
+                     request: pytest.FixtureRequest) -> Iterator[bootcheck.Guest]:
+    """The image booted through every phase but powerdown (one boot for the module)."""
+    name = "agent-init-booted"
+    opts = boot_options(agent_init_settings, agent_init_image, boot_kernel, boot_accel, None,
+                        log_dir_for(agent_init_settings, name), name, append=INIT_ARG)
+    assert opts.agent_init
+    holder: list[bootcheck.Guest] = []
+
+    def boot(o: bootcheck.BootOptions) -> bootcheck.Guest:
+        guest = bootcheck.Guest(o)
+        holder.append(guest)
+        guest.start()
+        try:
+            bootcheck.boot_to_ready(guest)
+        except BaseException:
+            guest.close(graceful=0)
+            raise
+        return guest
+
+    guest = bootcheck.with_kvm_fallback(opts, agent_init_settings, boot)
+    try:
+        yield guest
+    finally:
+        for g in holder:
+            g.close()
+
+
+@pytest.fixture
+def guest(agent_init_guest: bootcheck.Guest, request: pytest.FixtureRequest) -> bootcheck.Guest:
+    note_logs(request.node, agent_init_guest.log_dir)
+    return agent_init_guest
+
+
+def test_phases_before_powerdown(guest: bootcheck.Guest) -> None:
+    phases = guest.phases
+    for p in ("kernel", "root", "init", "agent", "exec"):
+        assert phases[p] == "passed", phases
+    assert phases["running"] == "skipped: agent is init (no systemd)"
+    assert phases["ssh"] == "skipped: agent is init (no sshd)"
+    assert guest.ssh_client is None
+    for key in ("first_console_byte", "kernel_handoff", "root_mounted", "agent_started", "agent_ready"):
+        assert key in guest.timings, (key, guest.timings)
+
+
+def test_agent_answers_ping_and_is_pid1(guest: bootcheck.Guest) -> None:
+    assert guest.agent is not None
+    assert guest.agent.ping() == AGENT_VERSION
+    info = guest.agent.version()
+    assert info["version"] == AGENT_VERSION and info["protocol"] == PROTOCOL_VERSION
+    assert info["pid1"] is True
+
+
+def test_pid1_is_the_agent(guest: bootcheck.Guest) -> None:
+    assert guest.exec(["readlink", "/proc/1/exe"]).stdout.strip() == GUEST_BINARY_PATH
+    # The kernel names a task after the path it was exec'd by: /sbin/init gives "init"; only an
+    # exec by the agent's own name (init=/usr/bin/osbuilder-agent) gives "osbuilder-agent".
+    assert guest.exec(["cat", "/proc/1/comm"]).stdout.strip() in ("init", AGENT_NAME[:15])
+    argv = guest.exec(["cat", "/proc/1/cmdline"]).stdout.split("\0")
+    assert argv[0] in ("/sbin/init", "/usr/sbin/init", GUEST_BINARY_PATH)
+    assert INIT_ARG in argv  # the kernel's leftover argument reached init ...
+    assert any(f"ignoring argument '{INIT_ARG}'" in line for line in guest.vm.console.tail(2000))  # ... ignored
+
+
+def test_no_systemd_or_sshd(guest: bootcheck.Guest) -> None:
+    r = guest.exec(["ls", "/usr/lib/systemd/systemd", "/usr/sbin/sshd"])
+    assert r.status != 0 and r.stderr.count("No such file or directory") == 2, r
+    procs = guest.exec(["sh", "-c", "for p in /proc/[0-9]*; do cat $p/comm; done"]).stdout.split()
+    assert "systemd" not in procs and "sshd" not in procs and "udevd" not in procs
+
+
+def test_api_filesystems_and_agent_port(guest: bootcheck.Guest) -> None:
+    mounts = guest.exec(["findmnt", "-rn", "-o", "TARGET,FSTYPE"]).stdout.split("\n")
+    for target, fstype in (("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs"), ("/run", "tmpfs")):
+        assert f"{target} {fstype}" in mounts, mounts
+    # the port the agent serves on: udev's symlink (initramfs) or the sysfs-found /dev/vportNpM
+    assert any("osbuilder-agent: serving on /dev/" in line for line in guest.vm.console.tail(2000))
+
+
+def test_exec_returns_status_and_output(guest: bootcheck.Guest) -> None:
+    r = guest.exec(["sh", "-c", "echo hello; echo oops >&2; exit 7"])
+    assert (r.status, r.stdout, r.stderr, r.timed_out) == (7, "hello\n", "oops\n", False)
+    assert guest.exec(["uname", "-r"]).stdout.strip()
+
+
+def test_root_filesystem_is_read_only(guest: bootcheck.Guest) -> None:
+    assert "ro" in guest.root_mount_options()
+    r = guest.exec(["touch", "/osbuilder-write-test"])
+    assert r.status != 0 and "Read-only file system" in r.stderr
+
+
+def test_powers_off_through_the_agent(guest: bootcheck.Guest) -> None:
+    event = guest.powerdown()
+    assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert guest.powerdown_seconds is not None and guest.powerdown_seconds < 60
+    assert "power_down" in guest.vm.console.milestones
+    assert any("osbuilder-agent: powering off" in line for line in guest.vm.console.tail(2000))
+    assert guest.vm.proc.poll() is not None  # QEMU exited by itself (-no-reboot)
+    assert guest.passed, guest.phases
+
+
+def test_boot_record(guest: bootcheck.Guest) -> None:
+    record = json.loads(guest.write_boot_json().read_text())
+    assert record["passed"] is True and record["failure"] == ""
+    assert record["phases"]["powerdown"] == "passed"
+    assert record["phases"]["ssh"].startswith("skipped: agent is init")
+    assert any('"SHUTDOWN"' in line for line in (guest.log_dir / "qmp.jsonl").read_text().splitlines())
