@@ -50,25 +50,8 @@ def agent_init_guest(agent_init_settings, agent_init_image, boot_kernel, boot_ac
     opts = boot_options(agent_init_settings, agent_init_image, boot_kernel, boot_accel, None,
                         log_dir_for(agent_init_settings, name), name, append=INIT_ARG)
     assert opts.agent_init
-    holder: list[bootcheck.Guest] = []
-
-    def boot(o: bootcheck.BootOptions) -> bootcheck.Guest:
-        guest = bootcheck.Guest(o)
-        holder.append(guest)
-        guest.start()
-        try:
-            bootcheck.boot_to_ready(guest)
-        except BaseException:
-            guest.close(graceful=0)
-            raise
-        return guest
-
-    guest = bootcheck.with_kvm_fallback(opts, agent_init_settings, boot)
-    try:
+    with bootcheck.booted(opts, agent_init_settings) as guest:
         yield guest
-    finally:
-        for g in holder:
-            g.close()
 
 
 @pytest.fixture

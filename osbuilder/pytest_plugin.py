@@ -55,11 +55,7 @@ def osbuilder_settings(pytestconfig: pytest.Config) -> Settings:
     """Settings from the environment and profile, with the --osbuilder-* options on top."""
     config = pytestconfig.getoption("osbuilder_config")
     cli = {"WORKDIR": pytestconfig.getoption("osbuilder_workdir")}
-    settings = settings_mod.load(cli, config=Path(config) if config else None)
-    workdir = settings.workdir
-    if not workdir.is_absolute():  # pin it: tests may chdir
-        settings = settings.with_values(WORKDIR=str(Path.cwd() / workdir))
-    return settings
+    return settings_mod.load(cli, config=Path(config) if config else None)
 
 
 @pytest.fixture(scope="session")

@@ -199,7 +199,7 @@ class Settings:
             raw[setting.name] = str(text)
             values[setting.name] = setting.parse(setting.name, str(text))
             sources[setting.name] = "override"
-        return Settings(values, raw, sources, self.profile)
+        return Settings(_pin_workdir(values), raw, sources, self.profile)
 
 
 def read_profile(path: Path) -> dict[str, str]:
@@ -264,7 +264,13 @@ def load(
         raw[s.name] = text
         values[s.name] = s.parse(s.name, text)
         sources[s.name] = source
-    return Settings(values, raw, sources, profile)
+    return Settings(_pin_workdir(values, cwd), raw, sources, profile)
+
+
+def _pin_workdir(values: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]:
+    """Steps run tools in other directories: make WORKDIR absolute, relative to where it was given."""
+    values["WORKDIR"] = (cwd or Path.cwd()) / values["WORKDIR"]
+    return values
 
 
 def describe(settings: Settings) -> str:

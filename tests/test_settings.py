@@ -25,8 +25,8 @@ def test_profile_in_current_directory_is_found(tmp_path: Path):
 
 
 def test_defaults_match_the_makefile_era():
-    s = S.load({}, env={}, cwd=Path("/"))
-    assert s.workdir == Path("workdir")
+    s = S.load({}, env={}, cwd=Path("/srv"))
+    assert s.workdir == Path("/srv/workdir")
     assert (s.distro, s.os_version, s.fs_type, s.img_size) == ("debian", "bookworm", "ext4", None)
     assert s.agent_init is False and s.agent_source_bin is None
 
@@ -84,3 +84,9 @@ def test_describe_shows_value_source_and_default():
     s = S.load({}, env={"IMG_SIZE": "640"}, cwd=Path("/"))
     row = next(line for line in S.describe(s).splitlines() if line.startswith("IMG_SIZE"))
     assert row.split()[:4] == ["IMG_SIZE", "640", "env", "auto"]
+
+
+def test_relative_workdir_is_pinned_where_it_was_given(tmp_path: Path):
+    s = S.load({"WORKDIR": "wd"}, env={}, cwd=tmp_path)
+    assert s.workdir == tmp_path / "wd" and s.raw["WORKDIR"] == "wd"
+    assert s.with_values(WORKDIR="/abs").workdir == Path("/abs")

@@ -23,7 +23,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -655,3 +656,26 @@ def with_kvm_fallback(opts: BootOptions, settings: Settings, fn: Callable[[BootO
         opts.accel = accel_mod.Accel("tcg", f"KVM failed during a boot: {e.message}", True)
         opts.log_dir = opts.log_dir.with_name(opts.log_dir.name + "-tcg")
         return fn(opts)
+
+
+@contextmanager
+def booted(opts: BootOptions, settings: Settings) -> Iterator[Guest]:
+    """A guest booted through every phase but powerdown (KVM falling back to TCG), stopped on exit."""
+    guests: list[Guest] = []
+
+    def boot(o: BootOptions) -> Guest:
+        guest = Guest(o)
+        guests.append(guest)
+        guest.start()
+        try:
+            boot_to_ready(guest)
+        except BaseException:
+            guest.close(graceful=0)
+            raise
+        return guest
+
+    try:
+        yield with_kvm_fallback(opts, settings, boot)
+    finally:
+        for guest in guests:
+            guest.close()

@@ -101,25 +101,8 @@ def booted_guest(osbuilder_settings: Settings, image, boot_kernel: BootKernel, b
     name = f"{request.module.__name__.rsplit('.', 1)[-1]}-booted"
     log_dir = commands.log_dir_for(osbuilder_settings, name)
     opts = boot_options(osbuilder_settings, image.path, boot_kernel, boot_accel, ssh_session_key, log_dir, name)
-    holder: list[bootcheck.Guest] = []
-
-    def boot(o: bootcheck.BootOptions) -> bootcheck.Guest:
-        guest = bootcheck.Guest(o)
-        holder.append(guest)
-        guest.start()
-        try:
-            bootcheck.boot_to_ready(guest)
-        except BaseException:
-            guest.close(graceful=0)
-            raise
-        return guest
-
-    guest = bootcheck.with_kvm_fallback(opts, osbuilder_settings, boot)
-    try:
+    with bootcheck.booted(opts, osbuilder_settings) as guest:
         yield guest
-    finally:
-        for g in holder:
-            g.close()
 
 
 @pytest.fixture
