@@ -74,7 +74,7 @@ def warm_session(work: Path, wd: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-debootstrap", action="store_true")
     args = parser.parse_args()
     pkgs = packages(S.load({}, env={}, cwd=Path("/")))  # the same set osbuilder installs
