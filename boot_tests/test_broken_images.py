@@ -37,7 +37,9 @@ def test_missing_init_is_caught_by_cli(image, osbuilder_settings, tmp_path: Path
                           text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "phase 'init'" in proc.stderr and "no init to run" in proc.stderr
-    assert "doesn't have requested /sbin/init" in proc.stderr or "No working init found" in proc.stderr
+    # Debian's initramfs says so; a kernel without initrd falls back to /etc/init, /bin/init, /bin/sh
+    assert any(line in proc.stderr for line in ("doesn't have requested /sbin/init", "No working init found",
+                                                "Run /etc/init as init process"))
     assert "console tail:" in proc.stderr and "logs: " in proc.stderr
     assert time.monotonic() - started < osbuilder_settings.boot_timeout
     record = json.loads((osbuilder_settings.workdir / "boot-logs/osbuilder-boot-check/boot.json").read_text())
@@ -81,8 +83,9 @@ def test_wrong_root_is_caught(image, boot_guest) -> None:
     started = time.monotonic()
     with pytest.raises(BootFailure) as info:
         boot_to_ready(guest)
-    assert info.value.phase == "root" and "initramfs shell" in info.value.reason
-    assert "/dev/vdz1" in str(info.value)
+    # Debian's kernel drops to its initramfs shell; osbuilder's own kernel (no initrd) panics
+    assert info.value.phase == "root" and "root filesystem not found" in info.value.reason
+    assert "vdz1" in str(info.value)
     assert time.monotonic() - started < 60
     guest.close()
     assert_no_qemu(guest.vm.pid)

@@ -104,7 +104,7 @@ def test_parse_usernet() -> None:
 
 @pytest.mark.parametrize("line, reason", [
     ("[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs", "kernel panic"),
-    ("Kernel panic - not syncing: No working init found.  Try passing init= option", "kernel panic"),
+    ("Kernel panic - not syncing: No working init found.  Try passing init= option", "no init to run"),
     ("Target filesystem doesn't have requested /sbin/init.", "no init to run"),
     ("[    3.0] Requested init /sbin/init failed (error -2).", "no init to run"),
     ("Gave up waiting for root file system device.  Common problems:", "initramfs shell"),
@@ -396,3 +396,15 @@ def test_format_timings() -> None:
                                     "timings": {"qemu_start": 0.0, "agent_ready": 9.5},
                                     "guest_startup": {"total": 17.6}})
     assert "PASSED" in text and "agent_ready" in text and "9.50" in text and "logs: /l" in text
+
+
+def test_a_panic_line_is_named_by_its_cause():
+    from osbuilder.vm.console import match_fatal
+
+    assert match_fatal("Kernel panic - not syncing: No working init found.  Try passing init=").reason \
+        == "no init to run"
+    assert "root filesystem not found" in match_fatal(
+        "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)").reason
+    assert match_fatal("Kernel panic - not syncing: Attempted to kill init!").reason == "kernel panic"
+    assert match_fatal("[    0.938013] Run /etc/init as init process").reason == "no init to run"
+    assert match_fatal("[    0.934979] Run /sbin/init as init process") is None

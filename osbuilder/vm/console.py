@@ -35,13 +35,18 @@ def _fatal(pattern: str, reason: str, infrastructure: bool = False) -> FatalPatt
     return FatalPattern(re.compile(pattern), reason, infrastructure)
 
 
+# Most specific first: a kernel without an initrd says "Kernel panic - not syncing: No working init
+# found" or "...: VFS: Unable to mount root fs", and that line should name the cause, not just "panic".
 FATAL: tuple[FatalPattern, ...] = (
     _fatal(r"KVM internal error", "KVM internal error (the host's nested KVM failed)", True),
-    _fatal(r"Kernel panic - not syncing", "kernel panic"),
+    # without an initrd, a missing /sbin/init makes the kernel try its fallbacks, ending in a shell
     _fatal(r"No working init found|Requested init \S+ failed|No init found|"
-           r"Target filesystem doesn't have requested", "no init to run"),
+           r"Target filesystem doesn't have requested|Run /(?:etc/init|bin/init|bin/sh) as init process",
+           "no init to run"),
     _fatal(r"Gave up waiting for root|ALERT!|^\(initramfs\)|\(initramfs\) ?$",
            "dropped to an initramfs shell (root filesystem not found)"),
+    _fatal(r"VFS: Unable to mount root fs", "kernel panic: root filesystem not found"),
+    _fatal(r"Kernel panic - not syncing", "kernel panic"),
     _fatal(r"Entering emergency mode|You are in emergency mode|You are in rescue mode|"
            r"Cannot open access to console, the root account is locked", "systemd entered emergency mode"),
     _fatal(r"Freezing execution", "systemd crashed (freezing execution)"),
