@@ -140,6 +140,15 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
     return KernelBuild(out_dir, metadata)
 
 
+def clean_build_dir(settings: Settings) -> None:
+    """Remove the object tree (the next build starts from an empty one), under the build lock so a
+    build running in another process is never pulled out from under."""
+    bdir = build_dir(settings)
+    bdir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(bdir) + ".lock"):
+        shutil.rmtree(bdir, ignore_errors=True)
+
+
 def _reset_if_other_source(bdir: Path, tree: SourceTree) -> None:
     """Objects from a different source tree must not be mixed in: start the object tree anew."""
     stamp = bdir / _BUILD_MARKER
