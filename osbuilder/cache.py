@@ -14,13 +14,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+
+from osbuilder import userns
 
 log = logging.getLogger("osbuilder")
 
@@ -94,7 +95,7 @@ class Cache:
                 _remove(entry)
                 os.rename(tmp, entry)
             finally:
-                _remove(tmp)
+                discard(tmp)
         return entry
 
     def explain_miss(self, manifest: Manifest) -> list[str]:
@@ -122,9 +123,18 @@ def _short(value: str | None) -> str:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        userns.remove_tree(path)  # a rootfs built by an ordinary user has owners only its namespace maps
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary path after a step, whether it worked or not: a failure here is logged, not
+    raised, so it never hides the step's own error (the next run removes leftovers, see temp_beside)."""
+    try:
+        _remove(path)
+    except Exception as e:  # noqa: BLE001 - cleanup must not mask the real outcome
+        log.warning("could not remove %s: %s", path, getattr(e, "message", e))
 
 
 def temp_beside(dest: Path) -> Path:

@@ -23,12 +23,14 @@ STEPS: dict[str, tuple[Tool, ...]] = {
         Tool("gpgv", "gpgv", "checks the archive's signatures"),
         Tool("cc", "gcc", "compiles osbuilder's agent"),
         Tool("unshare", "util-linux", "runs mmdebstrap in its own namespaces"),
+        Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user"),
     ),
     "image": (
         Tool("sfdisk", "fdisk", "writes the GPT partition table into the image file"),
         Tool("mke2fs", "e2fsprogs", "creates the filesystem from the rootfs directory"),
         Tool("e2fsck", "e2fsprogs", "checks the new filesystem"),
         Tool("debugfs", "e2fsprogs", "reads files inside the image without mounting it"),
+        Tool("find", "findutils", "clamps the tree's timestamps for reproducible images"),
     ),
     "kernel-src": (
         Tool("tar", "tar", "unpacks the kernel source"),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from osbuilder.cache import Manifest, _remove, file_hash, publish, temp_beside
+from osbuilder import userns
+from osbuilder.cache import Manifest, discard, file_hash, publish, temp_beside
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.rootfs import METADATA_PATH, AgentChoice
 from osbuilder.run import run, tool_version
@@ -135,6 +136,8 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
     if not (rootfs / "usr").is_dir() and not (rootfs / "sbin").exists():
         raise UsageError(f"image: no rootfs at {rootfs}; run `osbuilder rootfs` first")
     check_tree(rootfs, settings)
+    if userns.rootless():
+        userns.check_reachable(rootfs, "WORKDIR")
     layout = plan_layout(rootfs, settings)
     logfile = logfile or settings.workdir / "logs" / "image.log"
     tmp = temp_beside(dest)
@@ -142,7 +145,7 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
         write_image(settings, rootfs, tmp, layout, logfile)
         publish(tmp, dest)
     finally:
-        _remove(tmp)
+        discard(tmp)
     return layout
 
 
@@ -162,27 +165,34 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
               "-L", "rootfs", "-d", str(rootfs), "-F"]
     env = None
     if ids:
-        clamp_times(rootfs, settings.source_date_epoch)
+        clamp_times(rootfs, settings.source_date_epoch, logfile)
         extended += f",hash_seed={ids[3]}"
         mke2fs += ["-U", ids[2]]
         env = {"E2FSPROGS_FAKE_TIME": str(settings.source_date_epoch)}
     mke2fs += ["-E", extended]
+    # mke2fs reads the tree where its owners are the real ones (userns.py); when that is a user
+    # namespace, the user's image file is writable there only while it is writable for others.
+    out.chmod(0o666 if userns.rootless() else 0o644)
     try:
-        run([*mke2fs, str(out), str(layout.fs_blocks)], step="image", logfile=logfile, env=env)
+        run(userns.in_tree_namespace([*mke2fs, str(out), str(layout.fs_blocks)]), step="image",
+            logfile=logfile, env=env)
     except OsbuilderError as e:
         if "No space left" in e.detail or "Could not allocate block" in e.detail:
             raise UsageError("IMG_SIZE: the rootfs does not fit in the image", e.detail) from None
         raise
+    finally:
+        out.chmod(0o644)
     run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
 
 
-def clamp_times(rootfs: Path, epoch: int) -> None:
-    """Reproducible timestamps: no file newer than SOURCE_DATE_EPOCH; access times set to it."""
-    for dirpath, dirnames, filenames in os.walk(rootfs):
-        for name in [*dirnames, *filenames, ""]:
-            path = os.path.join(dirpath, name) if name else dirpath
-            st = os.lstat(path)
-            os.utime(path, ns=(epoch * 10**9, min(st.st_mtime_ns, epoch * 10**9)), follow_symlinks=False)
+def clamp_times(rootfs: Path, epoch: int, logfile: Path) -> None:
+    """Reproducible timestamps: access times set to SOURCE_DATE_EPOCH, no modification time after it
+    (in the tree's namespace: an ordinary user does not own the tree's files)."""
+    stamp = f"--date=@{epoch}"
+    for select in ([], ["-newermt", f"@{epoch}"]):
+        which = "-m" if select else "-a"
+        run(userns.in_tree_namespace(["find", str(rootfs), *select, "-exec", "touch", "--no-dereference",
+                                      which, stamp, "{}", "+"]), step="image", logfile=logfile)
 
 
 def stable_ids(settings: Settings) -> tuple[str, str, str, str] | None:
@@ -217,6 +227,7 @@ class PathInfo:
     kind: str  # regular, directory, symlink, ...
     mode: int
     uid: int
+    gid: int
     link: str | None
 
 
@@ -227,9 +238,10 @@ def stat_path(image: Path, path: str) -> PathInfo | None:
     if not m:
         return None
     uid = re.search(r"User:\s+(\d+)", text)
+    gid = re.search(r"Group:\s+(\d+)", text)
     link = re.search(r'Fast link dest: "(.*)"', text)
     return PathInfo(m.group(1), int(m.group(2), 8), int(uid.group(1)) if uid else -1,
-                    link.group(1) if link else None)
+                    int(gid.group(1)) if gid else -1, link.group(1) if link else None)
 
 
 def _debugfs(image: Path, request: str) -> bytes:

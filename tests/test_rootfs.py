@@ -1,6 +1,7 @@
 """The rootfs step without the network: package set, agent choice, staging, and error translation."""
 
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 
 from osbuilder import settings as S
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.rootfs import AgentChoice, manifest, packages, stage_overlay
+from osbuilder.rootfs import AgentChoice, manifest, pack_overlay, packages, stage_overlay
 from osbuilder.rootfs.debian import classify_failure
 from osbuilder.rootfs.distro import get
 
@@ -72,6 +73,27 @@ def test_staged_overlay_with_agent_as_init(tmp_path: Path):
     stage_overlay(s, AgentChoice.from_settings(s), packages(s), overlay, tmp_path / "log")
     assert os.readlink(overlay / "usr/sbin/init") == "../bin/osbuilder-agent"
     assert (overlay / "usr/bin/osbuilder-agent").stat().st_size > 10_000  # the real, compiled agent
+
+
+def test_packed_overlay_belongs_to_root_whatever_the_umask(tmp_path: Path):
+    s = settings(tmp_path, SOURCE_DATE_EPOCH="1700000000")
+    overlay = tmp_path / "overlay"
+    old_umask = os.umask(0o077)  # staged files come out 0600 and directories 0700 ...
+    try:
+        stage_overlay(s, AgentChoice.from_settings(s), packages(s), overlay, tmp_path / "log")
+    finally:
+        os.umask(old_umask)
+    pack_overlay(overlay, tmp_path / "overlay.tar", 1700000000)
+    with tarfile.open(tmp_path / "overlay.tar") as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names) and "usr/bin/osbuilder-agent" in names and "." not in names
+    assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "root", "root", 1700000000)}
+    modes = {m.name: m.mode for m in members}
+    assert modes["etc"] == modes["var/lib/osbuilder"] == 0o755  # ... the tarball does not care
+    assert modes["usr/bin/osbuilder-agent"] == 0o755 and modes["var/lib/osbuilder/osbuilder.yaml"] == 0o644
+    link = next(m for m in members if m.name.endswith("multi-user.target.wants/osbuilder-agent.service"))
+    assert link.issym() and link.linkname == "/usr/lib/systemd/system/osbuilder-agent.service"
 
 
 def test_manifest_changes_with_every_input(tmp_path: Path):

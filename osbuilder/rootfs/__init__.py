@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from osbuilder import __version__, agent
-from osbuilder.cache import Manifest, _remove, file_hash, publish, temp_beside
+from osbuilder import __version__, agent, userns
+from osbuilder.cache import Manifest, discard, file_hash, publish, temp_beside
 from osbuilder.errors import UsageError
 from osbuilder.rootfs import distro as distros
 from osbuilder.run import tool_version
@@ -85,16 +86,22 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
     pkgs = packages(settings)
     dest = dest.absolute()
     logfile = logfile or settings.workdir / "logs" / "rootfs.log"
+    if userns.rootless():
+        userns.check_subordinate_ids()
+        userns.check_reachable(dest.parent, "WORKDIR")
     tmp = temp_beside(dest)
     overlay = temp_beside(dest.with_name(dest.name + "-overlay"))
+    overlay_tar = temp_beside(dest.with_name(dest.name + "-overlay.tar"))
     try:
         stage_overlay(settings, choice, pkgs, overlay, logfile)
-        d.build(settings.os_version, settings.repo_url or d.default_mirror, pkgs, overlay, tmp,
+        pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
+        d.build(settings.os_version, settings.repo_url or d.default_mirror, pkgs, overlay_tar, tmp,
                 logfile=logfile, verbose=settings.debug, source_date_epoch=settings.source_date_epoch)
         publish(tmp, dest)
     finally:
-        _remove(tmp)
-        _remove(overlay)
+        discard(tmp)
+        discard(overlay)
+        discard(overlay_tar)
     return dest
 
 
@@ -128,11 +135,26 @@ def stage_overlay(settings: Settings, choice: AgentChoice, pkgs: list[str], over
     meta = overlay / METADATA_PATH
     meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(yaml.safe_dump(metadata(settings, choice, pkgs), sort_keys=False))
-    for path in [overlay, *overlay.rglob("*")]:  # deterministic ownership and times
-        os.lchown(path, 0, 0)
-        stamp = settings.source_date_epoch
-        if stamp is not None:
-            os.utime(path, (stamp, stamp), follow_symlinks=False)
+
+
+def pack_overlay(overlay: Path, tar_path: Path, epoch: int | None) -> None:
+    """The overlay as a tarball owned by root (uid and gid 0 in its headers, so no chown is needed
+    and an ordinary user can make it), in sorted order, with SOURCE_DATE_EPOCH times when set.
+    Modes do not depend on the umask: directories 0755, files 0644 or 0755."""
+    def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        if info.isdir():
+            info.mode = 0o755
+        elif info.isfile():
+            info.mode = 0o755 if info.mode & 0o111 else 0o644
+        if epoch is not None:
+            info.mtime = epoch
+        return info
+
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(overlay.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(overlay)), recursive=False, filter=as_root)
 
 
 def generic_unit(choice: AgentChoice) -> str:

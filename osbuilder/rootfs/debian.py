@@ -36,7 +36,7 @@ class Debian(Distro):
         cmd += ["--dpkgopt=path-include=/usr/share/doc/*/copyright",
                 # no host keys in the image: each boot makes its own
                 '--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*',
-                f"--customize-hook=sync-in {overlay} /",
+                f"--customize-hook=tar-in {overlay} /",
                 release, str(dest), mirror]
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
         try:

@@ -23,7 +23,8 @@ class Distro(ABC):
     @abstractmethod
     def build(self, release: str, mirror: str, packages: list[str], overlay: Path, dest: Path,
               *, logfile: Path, verbose: bool, source_date_epoch: int | None) -> None:
-        """Create the rootfs at `dest` (which must not exist) and copy `overlay` over it."""
+        """Create the rootfs at `dest` (which must not exist) and unpack `overlay` (a tarball whose
+        entries belong to root) over it, keeping the owners in the tarball."""
 
     def check_release(self, release: str) -> None:
         if release not in self.releases:

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from osbuilder.cache import Cache, Manifest, _remove, file_hash
+from osbuilder.cache import Cache, Manifest, discard, file_hash
 from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
@@ -81,7 +81,7 @@ def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None
             raise InfrastructureError("debian-kernel: the Debian mirror is unreachable", e.detail) from None
         raise
     finally:
-        _remove(chroot)
+        discard(chroot)
 
 
 def extract(boot: Path, out: Path) -> None:

@@ -1,0 +1,123 @@
+"""A rootless build, for real: an ordinary user runs `osbuilder rootfs` and `osbuilder image`, and the
+image's files have the owners a root-built image gives them (root, the shadow group), not the
+user's subordinate ids that the tree has on the host.
+
+The user is named by OSBUILDER_ROOTLESS_USER and needs /etc/subuid and /etc/subgid entries
+(`.ci/run` creates `osbuilder-ci`). The test itself runs as root, to act as that user and to look
+at the results from outside. The user runs Debian's /usr/bin/python3 with a copy of osbuilder and
+its two pure-Python dependencies: the test's own interpreter may live where the user cannot go.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import filelock
+import pytest
+import yaml
+
+import osbuilder
+from osbuilder.image import stat_path
+
+USER = os.environ.get("OSBUILDER_ROOTLESS_USER", "")
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+pytestmark = [
+    pytest.mark.build,
+    pytest.mark.skipif(not USER, reason="set OSBUILDER_ROOTLESS_USER to a user with /etc/subuid and "
+                                        "/etc/subgid entries to test rootless builds (.ci/run does)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="acts as OSBUILDER_ROOTLESS_USER: needs root"),
+    pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3 for the user to run"),
+]
+
+# Paths whose owner and mode an image must get right; most were made by root in the namespace.
+CHECKED = ["/etc/shadow", "/root", "/usr/bin/osbuilder-agent", "/var/lib/osbuilder/osbuilder.yaml",
+           "/etc/ssh/sshd_config.d/osbuilder.conf", "/usr/lib/systemd/system/osbuilder-agent.service",
+           "/var/log/journal", "/usr/bin/passwd"]
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    """A directory the user owns, with a copy of osbuilder the user can import."""
+    pw = pwd.getpwnam(USER)
+    base = Path(tempfile.mkdtemp(prefix="osbuilder-rootless-", dir="/var/tmp"))
+    base.chmod(0o755)  # mkdtemp's 0700 would keep the namespace out (see test_unreachable_workdir...)
+    py = base / "python"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for module in (osbuilder, yaml, filelock):
+        src = Path(module.__file__).parent
+        shutil.copytree(src, py / src.name, symlinks=True, ignore=ignore)
+    for path in [base, *base.rglob("*")]:
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+    yield base
+    shutil.rmtree(base)  # as root: the namespace's files too
+
+
+def as_user(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = ["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", f"HOME={home}", f"PYTHONPATH={home / 'python'}",
+           "LC_ALL=C.UTF-8"]
+    return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *env, str(SYSTEM_PYTHON), "-m", "osbuilder",
+                           *args, "--workdir", str(home / "workdir")],
+                          cwd=home, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def rootless_build(home: Path) -> Path:
+    for step in ("rootfs", "image"):
+        r = as_user(home, step)
+        assert r.returncode == 0, f"osbuilder {step} as {USER}:\n{r.stderr[-4000:]}"
+    return home / "workdir"
+
+
+def first_subordinate_id(path: str) -> int:
+    uid = str(pwd.getpwnam(USER).pw_uid)
+    for line in Path(path).read_text().splitlines():
+        name, start, _count = line.split(":")
+        if name in (USER, uid):
+            return int(start)
+    raise AssertionError(f"{path} has no entry for {USER}")
+
+
+def test_the_tree_belongs_to_subordinate_ids_on_the_host(rootless_build: Path):
+    shadow = (rootless_build / "rootfs/etc/shadow").stat()
+    # the namespace's root and shadow group (42), as the host sees them
+    assert (shadow.st_uid, shadow.st_gid) == (first_subordinate_id("/etc/subuid"),
+                                              first_subordinate_id("/etc/subgid") + 42)
+
+
+def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, image):
+    rootless_image = rootless_build / "container.img"
+    assert rootless_image.stat().st_uid == pwd.getpwnam(USER).pw_uid
+    assert oct(rootless_image.stat().st_mode & 0o777) == oct(0o644)
+    for path in CHECKED:
+        got, want = stat_path(rootless_image, path), stat_path(image.path, path)
+        assert want is not None and want.uid == 0, (path, want)
+        assert (got.uid, got.gid, got.mode) == (want.uid, want.gid, want.mode), path
+    shadow = stat_path(rootless_image, "/etc/shadow")
+    assert (shadow.uid, shadow.gid, shadow.mode & 0o777) == (0, 42, 0o640)
+
+
+def test_a_rebuild_replaces_the_tree_and_leaves_nothing_behind(rootless_build: Path, home: Path):
+    before = (rootless_build / "rootfs").stat().st_ino
+    r = as_user(home, "rootfs")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (rootless_build / "rootfs").stat().st_ino != before
+    leftovers = [p.name for p in rootless_build.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_unreachable_workdir_is_named(home: Path):
+    private = home / "private"
+    private.mkdir(mode=0o700)
+    os.chown(private, pwd.getpwnam(USER).pw_uid, -1)
+    r = subprocess.run(["runuser", "-u", USER, "--", "env", "-i", f"PYTHONPATH={home / 'python'}",
+                        "PATH=/usr/bin:/bin:/usr/sbin:/sbin", str(SYSTEM_PYTHON), "-m", "osbuilder", "rootfs",
+                        "--workdir", str(private / "workdir")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"WORKDIR: {private} is not searchable by other users (mode 700)" in r.stderr
