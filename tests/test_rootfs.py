@@ -9,7 +9,7 @@ import yaml
 
 from osbuilder import settings as S
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.rootfs import AgentChoice, manifest, pack_overlay, packages, stage_overlay
+from osbuilder.rootfs import OVERLAY_UNITS, AgentChoice, manifest, pack_overlay, packages, stage_overlay
 from osbuilder.rootfs.debian import classify_failure
 from osbuilder.rootfs.distro import get
 
@@ -61,6 +61,9 @@ def test_staged_overlay_for_a_user_agent(tmp_path: Path):
     assert "ExecStart=/usr/bin/kata-agent" in unit
     link = overlay / "etc/systemd/system/multi-user.target.wants/kata-agent.service"
     assert os.readlink(link) == "/usr/lib/systemd/system/kata-agent.service"
+    for unit in OVERLAY_UNITS:  # osbuilder's own units are enabled too, and exist
+        assert os.readlink(link.with_name(unit)) == f"/usr/lib/systemd/system/{unit}"
+        assert (overlay / "usr/lib/systemd/system" / unit).is_file()
     meta = yaml.safe_load((overlay / "var/lib/osbuilder/osbuilder.yaml").read_text())
     assert meta["created"] == "2023-11-14T22:13:20Z"
     assert meta["packages"]["extra"] == ["vim"] and meta["agent"]["name"] == "kata-agent"
@@ -72,6 +75,7 @@ def test_staged_overlay_with_agent_as_init(tmp_path: Path):
     overlay = tmp_path / "overlay"
     stage_overlay(s, AgentChoice.from_settings(s), packages(s), overlay, tmp_path / "log")
     assert os.readlink(overlay / "usr/sbin/init") == "../bin/osbuilder-agent"
+    assert not (overlay / "etc/systemd/system/multi-user.target.wants").exists()  # no systemd to start units
     assert (overlay / "usr/bin/osbuilder-agent").stat().st_size > 10_000  # the real, compiled agent
 
 

@@ -39,7 +39,8 @@ pytestmark = [
 # Paths whose owner and mode an image must get right; most were made by root in the namespace.
 CHECKED = ["/etc/shadow", "/root", "/usr/bin/osbuilder-agent", "/var/lib/osbuilder/osbuilder.yaml",
            "/etc/ssh/sshd_config.d/osbuilder.conf", "/usr/lib/systemd/system/osbuilder-agent.service",
-           "/var/log/journal", "/usr/bin/passwd"]
+           "/var/log/journal", "/usr/bin/passwd",
+           "/etc/systemd/system/multi-user.target.wants/osbuilder-slirp-network.service"]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from osbuilder.run import tool_version
 from osbuilder.settings import Settings
 
 OVERLAY_DIR = Path(__file__).parent / "overlay"
+# units in OVERLAY_DIR that a systemd guest starts at boot (see the unit files for what they do)
+OVERLAY_UNITS = ("osbuilder-slirp-network.service", "osbuilder-power-button.service")
 METADATA_PATH = "var/lib/osbuilder/osbuilder.yaml"
 ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x"}
 
@@ -129,9 +131,11 @@ def stage_overlay(settings: Settings, choice: AgentChoice, pkgs: list[str], over
         sbin.mkdir(parents=True, exist_ok=True)
         (sbin / "init").symlink_to(f"../bin/{choice.name}")
     else:
+        # Enabled here, not shipped as symlinks: a wheel drops symlinks whose target is not on the host.
         wants = overlay / "etc/systemd/system/multi-user.target.wants"
         wants.mkdir(parents=True, exist_ok=True)
-        (wants / choice.service).symlink_to(f"/usr/lib/systemd/system/{choice.service}")
+        for unit in (choice.service, *OVERLAY_UNITS):
+            (wants / unit).symlink_to(f"/usr/lib/systemd/system/{unit}")
     meta = overlay / METADATA_PATH
     meta.parent.mkdir(parents=True, exist_ok=True)
     meta.write_text(yaml.safe_dump(metadata(settings, choice, pkgs), sort_keys=False))
