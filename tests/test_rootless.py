@@ -60,11 +60,12 @@ def home() -> Iterator[Path]:
     shutil.rmtree(base)  # as root: the namespace's files too
 
 
-def as_user(home: Path, *args: str) -> subprocess.CompletedProcess:
+def as_user(home: Path, step: str, workdir: Path | None = None) -> subprocess.CompletedProcess:
+    """`osbuilder <step>` run by USER (WORKDIR defaults to home/workdir)."""
     env = ["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", f"HOME={home}", f"PYTHONPATH={home / 'python'}",
            "LC_ALL=C.UTF-8"]
     return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *env, str(SYSTEM_PYTHON), "-m", "osbuilder",
-                           *args, "--workdir", str(home / "workdir")],
+                           step, "--workdir", str(workdir or home / "workdir")],
                           cwd=home, capture_output=True, text=True, timeout=900)
 
 
@@ -117,8 +118,6 @@ def test_unreachable_workdir_is_named(home: Path):
     private = home / "private"
     private.mkdir(mode=0o700)
     os.chown(private, pwd.getpwnam(USER).pw_uid, -1)
-    r = subprocess.run(["runuser", "-u", USER, "--", "env", "-i", f"PYTHONPATH={home / 'python'}",
-                        "PATH=/usr/bin:/bin:/usr/sbin:/sbin", str(SYSTEM_PYTHON), "-m", "osbuilder", "rootfs",
-                        "--workdir", str(private / "workdir")], capture_output=True, text=True, timeout=60)
+    r = as_user(home, "rootfs", private / "workdir")
     assert r.returncode == 2, r.stderr
     assert f"WORKDIR: {private} is not searchable by other users (mode 700)" in r.stderr
