@@ -43,8 +43,7 @@ def agent_init_image(agent_init_settings, osbuilder_cache) -> Path:
 
 
 @pytest.fixture(scope="module")
-def agent_init_guest(agent_init_settings, agent_init_image, boot_kernel, boot_accel,
-                     request: pytest.FixtureRequest) -> Iterator[bootcheck.Guest]:
+def agent_init_guest(agent_init_settings, agent_init_image, boot_kernel, boot_accel) -> Iterator[bootcheck.Guest]:
     """The image booted through every phase but powerdown (one boot for the module)."""
     name = "agent-init-booted"
     opts = boot_options(agent_init_settings, agent_init_image, boot_kernel, boot_accel, None,
