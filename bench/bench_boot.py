@@ -18,6 +18,7 @@ Accelerator: ACCEL (default auto: KVM only where its probe passes, else TCG).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 import statistics
 import subprocess
@@ -26,12 +27,14 @@ import time
 from pathlib import Path
 
 from osbuilder import settings as S
+from osbuilder.agent import PORT_NAME
 from osbuilder.agent.client import AgentClient
+from osbuilder.layout import Workdir
 from osbuilder.vm import accel as accel_mod
-from osbuilder.vm import ssh
-from osbuilder.vm.bootcheck import Guest
-from osbuilder.vm.commands import check_options
-from osbuilder.vm.debian_kernel import BootKernel, debian_kernel
+from osbuilder.vm import check, phases, ssh
+from osbuilder.vm.debian_kernel import debian_kernel
+from osbuilder.vm.options import BootKernel
+from osbuilder.vm.profiles import SYSTEMD
 from osbuilder.vm.qemu import kernel_cmdline
 
 
@@ -47,10 +50,10 @@ def plain_boot(image: Path, kernel: BootKernel, accel: str, key: ssh.SessionKey,
     cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", accel, "-m", "1024", "-smp", "1",
            "-display", "none", "-no-reboot", "-serial", f"file:{tmp / 'console.log'}",
            "-kernel", str(kernel.kernel), *(["-initrd", str(kernel.initrd)] if kernel.initrd else []),
-           "-append", kernel_cmdline("osbuilder.net=slirp"),
+           "-append", kernel_cmdline(SYSTEMD.attach.root_params, "osbuilder.net=slirp"),
            "-drive", f"file={image},if=none,id=d0,format=raw,snapshot=on", "-device", "virtio-blk-pci,drive=d0",
            "-device", "virtio-serial-pci", "-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
-           "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+           "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22", "-device", "virtio-net-pci,netdev=n0",
            "-smbios", f"type=11,value=io.systemd.credential:{ssh.CREDENTIAL}={key.public}"]
     if accel == "kvm":
@@ -68,18 +71,17 @@ def plain_boot(image: Path, kernel: BootKernel, accel: str, key: ssh.SessionKey,
         proc.wait()
 
 
-def osbuilder_boot(settings: S.Settings, image: Path, kernel: BootKernel, key: ssh.SessionKey,
-                   tmp: Path) -> tuple[float, float]:
+def osbuilder_boot(settings: S.Settings, image: Path, kernel: BootKernel, accel: accel_mod.Accel,
+                   key: ssh.SessionKey, tmp: Path) -> tuple[float, float]:
     """The same boot through osbuilder.vm; returns (agent_ready, ssh_ready) from the launch call."""
-    opts = check_options(settings, image, kernel, tmp / "logs", key, "bench")
+    opts = check.guest_options(settings, image=image, kernel=kernel, accel=accel, name="bench", ssh_key=key)
+    opts = dataclasses.replace(opts, log_dir=tmp / "logs")
     started = time.monotonic()
-    with Guest(opts) as guest:
-        guest.wait_kernel()
-        guest.wait_root()
-        guest.wait_init()
-        guest.wait_agent()
+    with check.start_guest(opts) as guest:
+        for phase in ("kernel", "root", "init", "agent"):
+            phases.run(guest, phase)
         agent_ready = time.monotonic() - started
-        guest.wait_ssh()  # straight after the agent, like the plain run (the check proper waits for systemd first)
+        phases.ssh(guest)  # straight after the agent, like the plain run (the check proper waits for systemd first)
         ssh_ready = time.monotonic() - started
         guest.close(graceful=0)
     return agent_ready, ssh_ready
@@ -91,9 +93,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="workdir")
     args = parser.parse_args()
     settings = S.load({"WORKDIR": str(Path(args.workdir).absolute())})
-    image = settings.workdir / "container.img"
+    image = Workdir.of(settings).image
     debian = debian_kernel(settings)
-    built_path = settings.workdir / "vmlinuz.container"
+    built_path = Workdir.of(settings).kernel.vmlinuz
     built = BootKernel(built_path.absolute(), None, "built") if built_path.is_file() else None
     accel = accel_mod.choose(settings, debian)
     print(f"image {image} ({image.stat().st_size >> 20} MiB); accelerator {accel.name} ({accel.reason})")
@@ -108,7 +110,8 @@ def main() -> None:
                 if name == "plain":
                     times = plain_boot(image, debian, accel.name, key, tmp)
                 else:
-                    times = osbuilder_boot(settings, image, debian if name == "osbuilder" else built, key, tmp)
+                    times = osbuilder_boot(settings, image, debian if name == "osbuilder" else built, accel, key,
+                                           tmp)
                 results[name].append(times)
                 print(f"round {r + 1} {name:>9}: agent ready {times[0]:6.2f} s, ssh ready {times[1]:6.2f} s",
                       flush=True)

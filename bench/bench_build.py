@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from osbuilder import settings as S
-from osbuilder.rootfs import packages
+from osbuilder.rootfs.build import packages
 
 MIRROR = "http://deb.debian.org/debian"
 RELEASE = "bookworm"

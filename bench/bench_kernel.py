@@ -4,7 +4,7 @@ Measures, in one run, in a fresh scratch directory (nothing shared with ./workdi
   (0) baseline: a minimal kernel of the same source, `make allnoconfig && make -j<cores> bzImage`
       with plain gcc (no ccache), in its own object tree;
   (a) cold build of the default kernel (osbuilder's default fragments) into a fresh WORKDIR with
-      an empty ccache (WORKDIR/ccache) -- floor 5 min;
+      an empty ccache (the scratch CACHE_DIR's) -- floor 5 min;
   (b) rebuild after changing one option (an extra KERNEL_FRAGMENTS file with CONFIG_MAGIC_SYSRQ=y)
       in the same WORKDIR, i.e. with the object tree and ccache of (a) -- floor 2 min;
   (c) unchanged inputs: the default kernel again through `Cache.get_or_build(kernel_manifest(...))`
@@ -14,7 +14,7 @@ Measures, in one run, in a fresh scratch directory (nothing shared with ./workdi
 For each build it prints wall time, CPU time (user+sys of all child processes), the load average,
 and the ratio to its floor (< 1.00 = within the floor). The machine may be shared: CPU time / cores
 is what the wall time would be on idle cores. It also prints cold build / minimal kernel.
-The kernel source is unpacked once (timed separately, not part of the floors).
+The kernel source is unpacked once into the scratch CACHE_DIR (timed separately, not part of the floors).
 
 Usage (as root, ~10-15 min on 2 cores):
     python3 bench/bench_kernel.py [--scratch DIR] [--keep]
@@ -37,6 +37,7 @@ from osbuilder import settings as S
 from osbuilder.cache import Cache
 from osbuilder.kernel.build import build_env, build_kernel, kernel_manifest
 from osbuilder.kernel.source import ensure_source
+from osbuilder.layout import UserCache, Workdir
 
 FLOORS = {"cold": 300.0, "rebuild": 120.0, "hit": 2.0}
 CORES = os.cpu_count() or 1
@@ -87,12 +88,14 @@ def fmt(seconds: float) -> str:
 
 
 def settings_for(workdir: Path, fragments: str = "") -> S.Settings:
-    return S.load({"WORKDIR": str(workdir), "KERNEL_FRAGMENTS": fragments}, env={}, cwd=workdir)
+    """Settings with WORKDIR and a CACHE_DIR beside it (ccache and the unpacked source start empty)."""
+    values = {"WORKDIR": str(workdir), "CACHE_DIR": str(workdir.parent / "user-cache"), "KERNEL_FRAGMENTS": fragments}
+    return S.load(values, env={}, cwd=workdir)
 
 
 def via_cache(settings: S.Settings) -> Path:
-    """What the pytest `kernel` fixture does (osbuilder/kernel/fixtures.py)."""
-    cache = Cache(settings.workdir / "cache")
+    """What the pytest `kernel` fixture does (osbuilder/pytest_plugin.py)."""
+    cache = Cache(Workdir.of(settings).cache)
     manifest = kernel_manifest(settings)
     return cache.get_or_build(manifest, lambda tmp: build_kernel(settings, tmp))
 
@@ -117,8 +120,9 @@ def main() -> int:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-kernel-", dir="/tmp"))
     scratch.mkdir(parents=True, exist_ok=True)
     workdir = scratch / "work"
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    for old in (workdir, scratch / "user-cache"):
+        if old.exists():
+            shutil.rmtree(old)
     results: list[str] = []
     try:
         default = settings_for(workdir)
@@ -130,10 +134,10 @@ def main() -> int:
         with Timing("minimal kernel (allnoconfig)") as minimal:
             minimal_kernel(tree.path, minimal_dir, build_env(default, tree))
 
-        assert not (workdir / "ccache").exists() and not (workdir / "kernel-build").exists()
+        assert not UserCache.of(default).ccache.exists() and not Workdir.of(default).kernel_build.exists()
         with Timing("(a) cold default kernel") as cold:
             entry = via_cache(default)
-        objects = count_objects(workdir / "kernel-build")
+        objects = count_objects(Workdir.of(default).kernel_build)
 
         extra = scratch / "one-option.config"
         extra.write_text("# one changed option, for the rebuild measurement\nCONFIG_MAGIC_SYSRQ=y\n")

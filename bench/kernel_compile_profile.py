@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from osbuilder.layout import Workdir
+
 WRAPPER = """#!/bin/sh
 # times one compiler call: "<seconds> <output file>" appended to $OSB_PROFILE_LOG
 start=$(date +%s.%N)
@@ -36,7 +38,8 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/kprofile"))
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    src, config = args.workdir / "linux", args.workdir / "kernel-build" / ".config"
+    workdir = Workdir(args.workdir)
+    src, config = workdir.linux.resolve(), workdir.kernel_build / ".config"  # linux: a link to the source
     if not config.is_file():
         raise SystemExit(f"no {config}: run `osbuilder kernel` first")
     shutil.rmtree(args.scratch, ignore_errors=True)

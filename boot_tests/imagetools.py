@@ -1,13 +1,15 @@
 """Make deliberately broken (or patched) copies of an image, without mounting: debugfs on the partition.
 
 Every helper works on a sparse COPY of the image in a test's temporary directory; the session's
-image is never touched.
+image is never touched. And `kernel_release`: which kernel a guest should report it runs.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -59,3 +61,15 @@ def cleanup(paths: list[Path]) -> None:
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def kernel_release(path: Path) -> str:
+    """The release a kernel file was built as: from a bzImage's setup header (boot protocol
+    `kernel_version`), or from the "Linux version" banner of an uncompressed vmlinux."""
+    data = path.read_bytes()
+    if data[0x202:0x206] == b"HdrS":
+        start = struct.unpack_from("<H", data, 0x20E)[0] + 0x200
+        return data[start:start + 256].split(b"\0")[0].split()[0].decode()
+    banner = re.search(rb"Linux version (\S+)", data)
+    assert banner, f"{path}: neither a bzImage header nor a Linux version banner"
+    return banner[1].decode()

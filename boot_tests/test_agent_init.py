@@ -1,8 +1,8 @@
 """An AGENT_INIT=yes image (no systemd, udev or sshd; /sbin/init is osbuilder-agent) passes the whole
 boot check: one boot, many checks, in order, powered off through the agent at the end.
 
-The image is built through the cache like tests/test_build.py builds its trixie image. The kernel
-gets an extra word on its command line, which it hands to init as an argument: the agent, as
+The image comes from the `osbuilder_artifacts` factory (built once per set of inputs, cached). The
+kernel gets an extra word on its command line, which it hands to init as an argument: the agent, as
 PID 1, must ignore it (and log that it does).
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from boot_tests.imagetools import kernel_release
 from osbuilder.agent import AGENT_NAME, AGENT_VERSION, GUEST_BINARY_PATH, PROTOCOL_VERSION
-from osbuilder.vm import bootcheck
-from osbuilder.vm.commands import log_dir_for
-from osbuilder.vm.fixtures import boot_options, note_logs
+from osbuilder.pytest_plugin import note_logs
+from osbuilder.vm import check, phases
+from osbuilder.vm.guest import Guest
+from osbuilder.vm.profiles import AGENT_INIT, Outcome
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("agent-init")]
 
@@ -30,47 +31,34 @@ def agent_init_settings(osbuilder_settings):
 
 
 @pytest.fixture(scope="module")
-def agent_init_image(agent_init_settings, osbuilder_cache) -> Path:
-    from osbuilder.image import build_image, image_manifest
-    from osbuilder.rootfs import build_rootfs, manifest
-
-    s = agent_init_settings
-    m = manifest(s)
-    rootfs = osbuilder_cache.get_or_build(m, lambda tmp: build_rootfs(s, tmp / "rootfs")) / "rootfs"
-    entry = osbuilder_cache.get_or_build(image_manifest(s, m.key),
-                                         lambda tmp: build_image(s, rootfs, tmp / "container.img"))
-    return entry / "container.img"
-
-
-@pytest.fixture(scope="module")
-def agent_init_guest(agent_init_settings, agent_init_image, boot_kernel, boot_accel) -> Iterator[bootcheck.Guest]:
+def agent_init_guest(agent_init_settings, osbuilder_artifacts, boot_kernel, boot_accel) -> Iterator[Guest]:
     """The image booted through every phase but powerdown (one boot for the module)."""
-    name = "agent-init-booted"
-    opts = boot_options(agent_init_settings, agent_init_image, boot_kernel, boot_accel, None,
-                        log_dir_for(agent_init_settings, name), name, append=INIT_ARG)
-    assert opts.agent_init
-    with bootcheck.booted(opts, agent_init_settings) as guest:
+    image = osbuilder_artifacts.image(agent_init_settings)
+    opts = check.guest_options(agent_init_settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
+                               name="agent-init-booted", append=INIT_ARG)
+    assert opts.profile is AGENT_INIT
+    with check.booted(opts, agent_init_settings) as guest:
         yield guest
 
 
 @pytest.fixture
-def guest(agent_init_guest: bootcheck.Guest, request: pytest.FixtureRequest) -> bootcheck.Guest:
+def guest(agent_init_guest: Guest, request: pytest.FixtureRequest) -> Guest:
     note_logs(request.node, agent_init_guest.log_dir)
     return agent_init_guest
 
 
-def test_phases_before_powerdown(guest: bootcheck.Guest) -> None:
-    phases = guest.phases
+def test_phases_before_powerdown(guest: Guest) -> None:
+    outcomes = guest.phases
     for p in ("kernel", "root", "init", "agent", "exec"):
-        assert phases[p] == "passed", phases
-    assert phases["running"] == "skipped: agent is init (no systemd)"
-    assert phases["ssh"] == "skipped: agent is init (no sshd)"
+        assert outcomes[p] == Outcome.passed(), outcomes
+    assert outcomes["running"] == Outcome.skipped("agent is init (no systemd)")
+    assert outcomes["ssh"] == Outcome.skipped("agent is init (no sshd)")
     assert guest.ssh_client is None
     for key in ("first_console_byte", "kernel_handoff", "root_mounted", "agent_started", "agent_ready"):
         assert key in guest.timings, (key, guest.timings)
 
 
-def test_agent_answers_ping_and_is_pid1(guest: bootcheck.Guest) -> None:
+def test_agent_answers_ping_and_is_pid1(guest: Guest) -> None:
     assert guest.agent is not None
     assert guest.agent.ping() == AGENT_VERSION
     info = guest.agent.version()
@@ -78,7 +66,7 @@ def test_agent_answers_ping_and_is_pid1(guest: bootcheck.Guest) -> None:
     assert info["pid1"] is True
 
 
-def test_pid1_is_the_agent(guest: bootcheck.Guest) -> None:
+def test_pid1_is_the_agent(guest: Guest) -> None:
     assert guest.exec(["readlink", "/proc/1/exe"]).stdout.strip() == GUEST_BINARY_PATH
     # The kernel names a task after the path it was exec'd by: /sbin/init gives "init"; only an
     # exec by the agent's own name (init=/usr/bin/osbuilder-agent) gives "osbuilder-agent".
@@ -89,14 +77,14 @@ def test_pid1_is_the_agent(guest: bootcheck.Guest) -> None:
     assert any(f"ignoring argument '{INIT_ARG}'" in line for line in guest.vm.console.tail(2000))  # ... ignored
 
 
-def test_no_systemd_or_sshd(guest: bootcheck.Guest) -> None:
+def test_no_systemd_or_sshd(guest: Guest) -> None:
     r = guest.exec(["ls", "/usr/lib/systemd/systemd", "/usr/sbin/sshd"])
     assert r.status != 0 and r.stderr.count("No such file or directory") == 2, r
     procs = guest.exec(["sh", "-c", "for p in /proc/[0-9]*; do cat $p/comm; done"]).stdout.split()
     assert "systemd" not in procs and "sshd" not in procs and "udevd" not in procs
 
 
-def test_api_filesystems_and_agent_port(guest: bootcheck.Guest) -> None:
+def test_api_filesystems_and_agent_port(guest: Guest) -> None:
     mounts = guest.exec(["findmnt", "-rn", "-o", "TARGET,FSTYPE"]).stdout.split("\n")
     for target, fstype in (("/proc", "proc"), ("/sys", "sysfs"), ("/dev", "devtmpfs"), ("/run", "tmpfs")):
         assert f"{target} {fstype}" in mounts, mounts
@@ -104,21 +92,21 @@ def test_api_filesystems_and_agent_port(guest: bootcheck.Guest) -> None:
     assert any("osbuilder-agent: serving on /dev/" in line for line in guest.vm.console.tail(2000))
 
 
-def test_exec_returns_status_and_output(guest: bootcheck.Guest) -> None:
+def test_exec_returns_status_and_output(guest: Guest) -> None:
     r = guest.exec(["sh", "-c", "echo hello; echo oops >&2; exit 7"])
     assert (r.status, r.stdout, r.stderr, r.timed_out) == (7, "hello\n", "oops\n", False)
-    assert guest.exec(["uname", "-r"]).stdout.strip()
+    assert guest.exec(["uname", "-r"]).stdout.strip() == kernel_release(guest.opts.kernel.kernel)
 
 
-def test_root_filesystem_is_read_only(guest: bootcheck.Guest) -> None:
-    assert "ro" in guest.root_mount_options()
+def test_root_filesystem_is_read_only(guest: Guest) -> None:
+    assert "ro" in phases.root_mount_options(guest)
     r = guest.exec(["touch", "/osbuilder-write-test"])
     assert r.status != 0 and "Read-only file system" in r.stderr
 
 
-def test_powers_off_through_the_agent_and_records_the_pass(guest: bootcheck.Guest) -> None:
+def test_powers_off_through_the_agent_and_records_the_pass(guest: Guest) -> None:
     # One test, not two: the record depends on the powerdown (xdist decides test order).
-    event = guest.powerdown()
+    event = phases.run(guest, "powerdown")
     assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
     assert guest.powerdown_seconds is not None and guest.powerdown_seconds < 60
     assert "power_down" in guest.vm.console.milestones
@@ -128,6 +116,7 @@ def test_powers_off_through_the_agent_and_records_the_pass(guest: bootcheck.Gues
 
     record = json.loads(guest.write_boot_json().read_text())
     assert record["passed"] is True and record["failure"] == ""
-    assert record["phases"]["powerdown"] == "passed"
-    assert record["phases"]["ssh"].startswith("skipped: agent is init")
+    assert record["phases"] == {"kernel": "passed", "root": "passed", "init": "passed", "agent": "passed",
+                                "running": "skipped: agent is init (no systemd)", "exec": "passed",
+                                "ssh": "skipped: agent is init (no sshd)", "powerdown": "passed"}
     assert any('"SHUTDOWN"' in line for line in (guest.log_dir / "qmp.jsonl").read_text().splitlines())

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from boot_tests import imagetools
-from osbuilder.vm.bootcheck import BootFailure, boot_to_ready
+from osbuilder.layout import Workdir
+from osbuilder.vm.check import boot_to_ready
+from osbuilder.vm.guest import BOOT_JSON, BootFailure
 
 pytestmark = pytest.mark.boot
 
@@ -32,6 +34,8 @@ def test_missing_init_is_caught_by_cli(image, osbuilder_settings, tmp_path: Path
     assert not imagetools.exists(broken, "/usr/sbin/init")
     env = {**os.environ, "WORKDIR": str(osbuilder_settings.workdir), "BOOT_IMAGE": str(broken),
            "BOOT_KERNEL": osbuilder_settings.boot_kernel, "ACCEL": osbuilder_settings.accel}
+    if osbuilder_settings.cache_dir:  # the same Debian kernel and KVM verdict as the session's
+        env["CACHE_DIR"] = str(osbuilder_settings.cache_dir)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "osbuilder", "boot", "--check"], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -42,8 +46,8 @@ def test_missing_init_is_caught_by_cli(image, osbuilder_settings, tmp_path: Path
                                                 "Run /etc/init as init process"))
     assert "console tail:" in proc.stderr and "logs: " in proc.stderr
     assert time.monotonic() - started < osbuilder_settings.boot_timeout
-    record = json.loads((osbuilder_settings.workdir / "boot-logs/osbuilder-boot-check/boot.json").read_text())
-    assert record["passed"] is False
+    record = json.loads((Workdir.of(osbuilder_settings).boot_log("osbuilder-boot-check") / BOOT_JSON).read_text())
+    assert record["passed"] is False and record["phases"]["init"] == "failed: no init to run"
     assert_no_qemu(record["qemu_pid"])
 
 

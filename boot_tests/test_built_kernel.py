@@ -11,27 +11,27 @@ import json
 
 import pytest
 
-from osbuilder.vm import records
-from osbuilder.vm.bootcheck import Guest, boot_to_ready
-from osbuilder.vm.commands import log_dir_for
-from osbuilder.vm.debian_kernel import BootKernel
-from osbuilder.vm.fixtures import boot_options, note_logs
+from osbuilder.layout import KernelFiles
+from osbuilder.pytest_plugin import note_logs
+from osbuilder.vm import check, phases, records
+from osbuilder.vm.options import BootKernel
 
 
-@pytest.mark.parametrize("kernel_file", ["vmlinuz.container", "vmlinux.container"])
+@pytest.mark.parametrize("kernel_file", ["vmlinuz", "vmlinux"])
 def test_built_kernel_boots_the_image(kernel_file, kernel, image, osbuilder_settings, boot_accel,
                                       ssh_session_key, request):
-    metadata = json.loads((kernel.path / "kernel-metadata.json").read_text())
-    built = BootKernel((kernel.path / kernel_file).absolute(), None, "built", metadata["kernel_version"])
-    name = f"built-{kernel_file}"
-    log_dir = log_dir_for(osbuilder_settings, name)
-    note_logs(request.node, log_dir)
-    opts = boot_options(osbuilder_settings, image.path, built, boot_accel, ssh_session_key, log_dir, name)
-    with Guest(opts) as guest:
-        boot_to_ready(guest)
+    files = KernelFiles(kernel.path)
+    metadata = json.loads(files.metadata.read_text())
+    path = getattr(files, kernel_file)
+    built = BootKernel(path.absolute(), None, "built", metadata["kernel_version"])
+    opts = check.guest_options(osbuilder_settings, image=image.path, kernel=built, accel=boot_accel,
+                               name=f"built-{path.name}", ssh_key=ssh_session_key)
+    note_logs(request.node, opts.log_dir)
+    with check.start_guest(opts) as guest:
+        check.boot_to_ready(guest)
         release = guest.exec(["uname", "-r"]).stdout.strip()
         modules = guest.exec(["cat", "/proc/modules"])
-        guest.powerdown()
+        phases.run(guest, "powerdown")
     assert guest.passed, guest.phases
     assert release == metadata["kernel_version"]  # the kernel we built, not another one
     assert modules.status != 0  # no module support: everything the guest needs is built in

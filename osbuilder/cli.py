@@ -1,6 +1,7 @@
 """The `osbuilder` command: the old Makefile targets as subcommands, every setting as a flag.
 
-Each subcommand is a thin shell: it resolves the settings and calls the step's function.
+Every subcommand lives here and is a thin shell: parse, resolve the settings, call the step's
+function, print what it made.
 Exit codes: 0 success, 1 a step failed, 2 a usage error (bad setting, missing input),
 125 an infrastructure failure (broken accelerator, unreachable mirror).
 """
@@ -10,38 +11,94 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from osbuilder import __version__, deps
 from osbuilder import settings as settings_mod
 from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.layout import IMAGE, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
 
 log = logging.getLogger("osbuilder")
 
 
-def cmd_rootfs(s: Settings, args) -> None:
-    from osbuilder.rootfs import build_rootfs
+def cmd_rootfs(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder.rootfs.build import build_rootfs
 
     deps.require("rootfs")
-    writable_workdir(s)
-    dest = build_rootfs(s, s.workdir / "rootfs")
+    wd = writable_workdir(s)
+    dest = build_rootfs(s, wd.rootfs)
     print(f"rootfs: {dest}")
 
 
-def cmd_image(s: Settings, args) -> None:
+def cmd_image(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder.image import build_image
 
     deps.require("image")
-    writable_workdir(s)
-    dest = s.workdir / "container.img"
-    layout = build_image(s, s.workdir / "rootfs", dest)
-    print(f"image: {dest} ({layout.total_bytes // 2**20} MiB, {s.fs_type} at offset {layout.fs_offset})")
+    wd = writable_workdir(s)
+    image = build_image(s, wd.rootfs, wd.image)
+    print(f"image: {wd.image} ({image.total_bytes // 2**20} MiB, {s.fs_type} at offset {image.fs_offset})")
 
 
-def cmd_check_deps(s: Settings, args) -> int:
+def cmd_kernel_src(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder.kernel.source import ensure_source
+
+    wd = writable_workdir(s)
+    tree = ensure_source(s)
+    origin = tree.marker.get("spec", {}).get("location", s.kernel_source)
+    state = "unpacked" if tree.fresh else "already there, nothing to do"
+    print(f"kernel source: {wd.linux}: Linux {tree.version} from {origin} ({state})")
+
+
+def cmd_kernel(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder.kernel.build import build_kernel
+
+    wd = writable_workdir(s)
+    result = build_kernel(s, wd.root)
+    meta = result.metadata
+    print(f"kernel: Linux {result.version} built in {meta['duration_seconds']:.0f}s "
+          f"(ccache: {meta['ccache'] or 'off'})")
+    for path in result.files.all():
+        print(f"  {path}")
+
+
+def cmd_kconfig(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder.kernel import fragments
+
+    if args.action == "show":
+        print(fragments.show(s))
+
+
+def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
+    from osbuilder.vm import check
+
+    _terminate_as_interrupt()
+    image = check.boot_image(s)
+    kernel = check.boot_kernel(s, path=args.boot_kernel_path)
+    if args.check:
+        record = check.run_boot_check(s, image, kernel)
+        print(check.format_timings(record))
+        return 0
+    return check.boot_interactive(s, image, kernel)
+
+
+def cmd_install_image(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder import install
+
+    install.install_image(s, dry_run=args.dry_run, force=args.force)
+
+
+def cmd_install_kernel(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder import install
+
+    install.install_kernel(s, dry_run=args.dry_run, force=args.force)
+
+
+def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
     steps = args.steps or None
     if args.install:
         installed = deps.install(steps)
@@ -56,56 +113,21 @@ def cmd_check_deps(s: Settings, args) -> int:
     return 0
 
 
-def cmd_help(s: Settings, args) -> None:
+def cmd_help(s: Settings, args: argparse.Namespace) -> None:
     print(f"osbuilder {__version__} — settings (precedence: CLI flag > environment > YAML profile > default)\n")
     print(settings_mod.describe(s))
     print(f"\nYAML profile: {s.profile or f'none ({settings_mod.PROFILE_NAME} in the current directory, or --config)'}")
+    user_cache = UserCache.of(s).root
+    print(f"Per-user cache (CACHE_DIR): {user_cache} — the KVM verdict, Debian's boot kernel, ccache and "
+          f"unpacked kernel sources, shared by every WORKDIR; clear it with `rm -rf {user_cache}`")
     print("Subcommands: " + ", ".join(COMMANDS) + "  (osbuilder SUBCOMMAND --help)")
 
 
-def cmd_kernel_src(s: Settings, args) -> None:
-    from osbuilder.kernel import commands
-
-    writable_workdir(s)
-    commands.kernel_src(s, args)
-
-
-def cmd_kernel(s: Settings, args) -> None:
-    from osbuilder.kernel import commands
-
-    writable_workdir(s)
-    commands.kernel(s, args)
-
-
-def cmd_kconfig(s: Settings, args) -> None:
-    from osbuilder.kernel import commands
-
-    commands.kconfig(s, args)
-
-
-def cmd_boot(s: Settings, args) -> int | None:
-    from osbuilder.vm import commands
-
-    return commands.boot(s, args)
-
-
-def cmd_install_image(s: Settings, args) -> None:
-    from osbuilder import install
-
-    install.install_image(s, dry_run=args.dry_run, force=args.force)
-
-
-def cmd_install_kernel(s: Settings, args) -> None:
-    from osbuilder import install
-
-    install.install_kernel(s, dry_run=args.dry_run, force=args.force)
-
-
 COMMANDS = {
-    "rootfs": (cmd_rootfs, "build WORKDIR/rootfs with the distribution's packages and the agent"),
-    "image": (cmd_image, "make WORKDIR/container.img from WORKDIR/rootfs"),
+    "rootfs": (cmd_rootfs, f"build WORKDIR/{ROOTFS} with the distribution's packages and the agent"),
+    "image": (cmd_image, f"make WORKDIR/{IMAGE} from WORKDIR/{ROOTFS}"),
     "kernel-src": (cmd_kernel_src, "get kernel source into WORKDIR/linux"),
-    "kernel": (cmd_kernel, "build WORKDIR/vmlinuz.container and vmlinux.container"),
+    "kernel": (cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}"),
     "kconfig": (cmd_kconfig, "kernel config tools: `kconfig show` prints the fragments and where options come from"),
     "boot": (cmd_boot, "boot the image under QEMU (interactive console, or --check)"),
     "install-image": (cmd_install_image, "install the boot-checked image into the runtime's directory"),
@@ -115,15 +137,25 @@ COMMANDS = {
 }
 
 
-def writable_workdir(s: Settings) -> None:
-    wd: Path = s.workdir
+def writable_workdir(s: Settings) -> Workdir:
+    wd = Workdir.of(s)
     try:
-        wd.mkdir(parents=True, exist_ok=True)
-        probe = wd / f".write-test-{os.getpid()}"
+        wd.root.mkdir(parents=True, exist_ok=True)
+        probe = wd.root / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"WORKDIR: {wd} is not writable ({e.strerror})") from None
+        raise UsageError(f"WORKDIR: {wd.root} is not writable ({e.strerror})") from None
+    return wd
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every guest is powered off and its temp dir removed."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,9 @@
-"""`osbuilder image`: a GPT disk image with one ext4 partition filled from the rootfs directory.
+"""The image step: a GPT disk image with one ext4 partition filled from the rootfs directory.
 
 No root-only tricks: the partition table is written by sfdisk into a plain file and the filesystem
 by `mke2fs -d` at the partition's byte offset (`-E offset=`). The tree is checked first (init,
 systemd, agent), the size is computed from the tree (or IMG_SIZE) and rounded up to 128 MiB, the
-result must pass `e2fsck -fn`, and only then does it replace WORKDIR/container.img.
+result must pass `e2fsck -fn`, and only then does it replace the destination (WORKDIR's image).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from pathlib import Path
 import yaml
 
 from osbuilder import userns
-from osbuilder.cache import Manifest, discard, file_hash, publish, temp_beside
+from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
-from osbuilder.rootfs import METADATA_PATH, AgentChoice
+from osbuilder.fs import discard, file_hash, publish, temp_beside
+from osbuilder.layout import Workdir
+from osbuilder.rootfs.build import METADATA_PATH, AgentChoice
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
 
@@ -139,7 +141,7 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
     if userns.rootless():
         userns.check_reachable(rootfs, "WORKDIR")
     layout = plan_layout(rootfs, settings)
-    logfile = logfile or settings.workdir / "logs" / "image.log"
+    logfile = logfile or Workdir.of(settings).log("image")
     tmp = temp_beside(dest)
     try:
         write_image(settings, rootfs, tmp, layout, logfile)
@@ -182,6 +184,8 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
         raise
     finally:
         out.chmod(0o644)
+    if ids:
+        clamp_inode_times(out, layout, settings.source_date_epoch, logfile)
     run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
 
 
@@ -193,6 +197,39 @@ def clamp_times(rootfs: Path, epoch: int, logfile: Path) -> None:
         which = "-m" if select else "-a"
         run(userns.in_tree_namespace(["find", str(rootfs), *select, "-exec", "touch", "--no-dereference",
                                       which, stamp, "{}", "+"]), step="image", logfile=logfile)
+
+
+DEBUGFS_ENTRY = re.compile(r"^/(\d+)/(\d+)/\d+/\d+/(.*)/\d*/$")
+
+
+def clamp_inode_times(image: Path, layout: ImageLayout, epoch: int, logfile: Path) -> None:
+    """Set every inode's ctime and atime in the new filesystem to SOURCE_DATE_EPOCH.
+
+    e2fsprogs 1.47.0's `mke2fs -d` copies each file's ctime (and a directory's atime) from the tree,
+    and the kernel sets ctime to the moment of the last change (the clamp's own `touch`), so without
+    this two builds of one tree differ. Inodes are found by walking the new filesystem with debugfs
+    (`ls -p`, one call per directory level, inodes named by number: no path quoting), then set in
+    one `debugfs -w` batch.
+    """
+    spec = layout.fs_spec(image)
+    inodes: set[int] = {2}
+    level = [2]
+    while level:
+        listing = run(["debugfs", "-f", "-", spec], step="image", capture=True, logfile=logfile,
+                      input="".join(f"ls -p <{ino}>\n" for ino in level).encode()).stdout.decode(errors="replace")
+        level = []
+        for line in listing.splitlines():
+            m = DEBUGFS_ENTRY.match(line.strip())
+            if not m or m.group(3) in (".", ".."):
+                continue
+            ino = int(m.group(1))
+            if ino not in inodes:
+                inodes.add(ino)
+                if int(m.group(2), 8) & 0o170000 == 0o040000:
+                    level.append(ino)
+    batch = "".join(f"sif <{ino}> {field} @{epoch}\n" for ino in sorted(inodes) for field in ("ctime", "atime"))
+    run(["debugfs", "-w", "-f", "-", spec], step="image", capture=True, logfile=logfile, input=batch.encode(),
+        env={"E2FSPROGS_FAKE_TIME": str(epoch)})  # the superblock's write time
 
 
 def stable_ids(settings: Settings) -> tuple[str, str, str, str] | None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import re
 import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from osbuilder import layout
 from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.fs import copy_atomically, link_atomically, write_atomically
+from osbuilder.layout import Workdir
 from osbuilder.settings import Settings
 from osbuilder.vm.records import passing_record, sha256_file
 
@@ -74,19 +76,18 @@ def gate(settings: Settings, artifact: Path, force: bool, step: str) -> None:
 
 
 def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
-    image = settings.workdir / "container.img"
+    image = Workdir.of(settings).image
     gate(settings, image, force, "install-image")
-    target = plan(settings, image, "osbuilder-{}.img", "container.img")
+    target = plan(settings, image, "osbuilder-{}.img", layout.IMAGE)
     return apply(settings, [target], "image", target.link, dry_run)
 
 
 def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
-    vmlinuz = settings.workdir / "vmlinuz.container"
-    gate(settings, vmlinuz, force, "install-kernel")
-    targets = [plan(settings, vmlinuz, "vmlinuz-osbuilder-{}.container", "vmlinuz.container")]
-    vmlinux = settings.workdir / "vmlinux.container"
-    if vmlinux.is_file():
-        targets.append(plan(settings, vmlinux, "vmlinux-osbuilder-{}.container", "vmlinux.container"))
+    files = Workdir.of(settings).kernel
+    gate(settings, files.vmlinuz, force, "install-kernel")
+    targets = [plan(settings, files.vmlinuz, "vmlinuz-osbuilder-{}.container", layout.VMLINUZ)]
+    if files.vmlinux.is_file():
+        targets.append(plan(settings, files.vmlinux, "vmlinux-osbuilder-{}.container", layout.VMLINUX))
     return apply(settings, targets, "kernel", targets[0].link, dry_run)
 
 
@@ -110,13 +111,11 @@ def apply(settings: Settings, targets: list[Target], key: str, link: Path, dry_r
     if dry_run:
         return targets
     for t in targets:
-        copy_atomically(t.source, t.installed)
+        copy_atomically(t.source, t.installed, mode=0o644)
         link_atomically(t.installed.name, t.link)
     if config is not None and new != old:
         shutil.copy2(config, config.with_name(config.name + ".bak"))
-        tmp = config.with_name(f".{config.name}.tmp-{os.getpid()}")
-        tmp.write_text(new)
-        os.replace(tmp, config)
+        write_atomically(config, new)
     return targets
 
 
@@ -142,19 +141,3 @@ def point_config(text: str, key: str, value: str, where: Path) -> str:
     except tomllib.TOMLDecodeError as e:
         raise OsbuilderError(f"RUNTIME_CONFIG: editing {where} would leave invalid TOML ({e}); not changed")
     return result
-
-
-def copy_atomically(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    tmp.chmod(0o644)
-    os.replace(tmp, dest)
-
-
-def link_atomically(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(target)
-    os.replace(tmp, link)

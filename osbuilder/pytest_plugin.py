@@ -1,11 +1,17 @@
-"""The pytest plugin: session-scoped build fixtures, markers and options.
+"""The pytest plugin (entry point `pytest11`): every osbuilder fixture, marker and option.
 
-Fixtures call the same functions as the CLI. Their results live in the content-addressed cache
-under WORKDIR/cache, so a second session with the same inputs reuses them, and under
-`pytest -n N` each artifact is built once (the cache holds a file lock while it builds).
+Fixtures are thin shells over the build steps and the boot check. Built artifacts live in the
+content-addressed cache under WORKDIR/cache, so a second session with the same inputs reuses them,
+and under `pytest -n N` each artifact is built once (the cache holds a file lock while it builds).
 
-    def test_my_image(image):          # image.path is a container.img that passed its checks
+    def test_my_image(image):             # image.path is a container.img that passed its checks
         ...
+
+    def test_other_image(osbuilder_artifacts, osbuilder_settings):   # a differently configured one
+        img = osbuilder_artifacts.image(osbuilder_settings.with_values(AGENT_INIT="yes"))
+
+    def test_guest(booted_guest):          # module-scoped: one boot, many assertions
+        assert booted_guest.exec(["true"]).status == 0
 
 Options: --osbuilder-workdir, --osbuilder-config, --rebuild. Markers: build, boot.
 """
@@ -14,14 +20,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from osbuilder import image as image_step
+from osbuilder import layout
 from osbuilder import settings as settings_mod
 from osbuilder.cache import Cache, Manifest
+from osbuilder.kernel import build as kernel_step
+from osbuilder.rootfs import build as rootfs_step
 from osbuilder.settings import Settings
+from osbuilder.vm import accel as accel_mod
+from osbuilder.vm import check, ssh
+from osbuilder.vm.guest import Guest
+from osbuilder.vm.options import BootKernel
 
 log = logging.getLogger("osbuilder")
 
@@ -38,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "boot: boots artifacts under QEMU")
 
 
+# --- build artifacts ------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A built artifact: its path, and the manifest (inputs and key) it was built from."""
@@ -50,6 +68,40 @@ class Artifact:
         return self.manifest.key
 
 
+class Artifacts:
+    """Builds each artifact once per set of inputs, through the cache: the one factory behind the
+    `rootfs`, `image` and `kernel` fixtures, for tests that need a differently configured one."""
+
+    def __init__(self, cache: Cache, rebuild: bool = False) -> None:
+        self.cache = cache
+        self.rebuild = rebuild
+
+    def _get(self, what: str, manifest: Manifest, build: Callable[[Path], object]) -> Path:
+        started = time.monotonic()
+        entry = self.cache.get_or_build(manifest, build, self.rebuild)
+        log.info("osbuilder fixture %s ready in %.1fs", what, time.monotonic() - started)
+        return entry
+
+    def rootfs(self, settings: Settings) -> Artifact:
+        """The rootfs directory for these settings."""
+        m = rootfs_step.manifest(settings)
+        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(settings, tmp / layout.ROOTFS))
+        return Artifact(entry / layout.ROOTFS, m)
+
+    def image(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
+        """container.img made from `rootfs` (default: `rootfs(settings)`)."""
+        tree = rootfs or self.rootfs(settings)
+        m = image_step.image_manifest(settings, tree.key)
+        entry = self._get("image", m, lambda tmp: image_step.build_image(settings, tree.path, tmp / layout.IMAGE))
+        return Artifact(entry / layout.IMAGE, m)
+
+    def kernel(self, settings: Settings) -> Artifact:
+        """A directory with the kernel outputs (layout.KernelFiles) for these settings."""
+        m = kernel_step.kernel_manifest(settings)
+        entry = self._get("kernel", m, lambda tmp: kernel_step.build_kernel(settings, tmp))
+        return Artifact(entry, m)
+
+
 @pytest.fixture(scope="session")
 def osbuilder_settings(pytestconfig: pytest.Config) -> Settings:
     """Settings from the environment and profile, with the --osbuilder-* options on top."""
@@ -60,46 +112,106 @@ def osbuilder_settings(pytestconfig: pytest.Config) -> Settings:
 
 @pytest.fixture(scope="session")
 def osbuilder_cache(osbuilder_settings: Settings) -> Cache:
-    return Cache(osbuilder_settings.workdir / "cache")
+    return Cache(layout.Workdir.of(osbuilder_settings).cache)
 
 
 @pytest.fixture(scope="session")
-def rootfs(osbuilder_settings: Settings, osbuilder_cache: Cache, pytestconfig: pytest.Config) -> Artifact:
+def osbuilder_artifacts(osbuilder_cache: Cache, pytestconfig: pytest.Config) -> Artifacts:
+    """The factory: `.rootfs(settings)`, `.image(settings)`, `.kernel(settings)`, each built once."""
+    return Artifacts(osbuilder_cache, pytestconfig.getoption("rebuild"))
+
+
+@pytest.fixture(scope="session")
+def rootfs(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
     """The rootfs directory for the session's settings (built once, cached)."""
-    from osbuilder.rootfs import build_rootfs, manifest
-
-    m = manifest(osbuilder_settings)
-    entry = _timed("rootfs", lambda: osbuilder_cache.get_or_build(
-        m, lambda tmp: build_rootfs(osbuilder_settings, tmp / "rootfs"), pytestconfig.getoption("rebuild")))
-    return Artifact(entry / "rootfs", m)
+    return osbuilder_artifacts.rootfs(osbuilder_settings)
 
 
 @pytest.fixture(scope="session")
-def image(osbuilder_settings: Settings, osbuilder_cache: Cache, rootfs: Artifact,
-          pytestconfig: pytest.Config) -> Artifact:
+def image(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts, rootfs: Artifact) -> Artifact:
     """container.img made from the `rootfs` fixture (built once, cached)."""
-    from osbuilder.image import build_image, image_manifest
-
-    m = image_manifest(osbuilder_settings, rootfs.key)
-    entry = _timed("image", lambda: osbuilder_cache.get_or_build(
-        m, lambda tmp: build_image(osbuilder_settings, rootfs.path, tmp / "container.img"),
-        pytestconfig.getoption("rebuild")))
-    return Artifact(entry / "container.img", m)
+    return osbuilder_artifacts.image(osbuilder_settings, rootfs)
 
 
-from osbuilder.kernel.fixtures import kernel  # noqa: E402,F401
-from osbuilder.vm.fixtures import (  # noqa: E402,F401
-    boot_accel,
-    boot_guest,
-    boot_kernel,
-    booted_guest,
-    guest,
-    ssh_session_key,
-)
+@pytest.fixture(scope="session")
+def kernel(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
+    """A directory with vmlinuz.container, vmlinux.container, config.container, System.map.container
+    and kernel-metadata.json for the session's settings (built once, cached)."""
+    return osbuilder_artifacts.kernel(osbuilder_settings)
 
 
-def _timed(what: str, fn):
-    started = time.monotonic()
-    result = fn()
-    log.info("osbuilder fixture %s ready in %.1fs", what, time.monotonic() - started)
-    return result
+# --- boot ----------------------------------------------------------------------------------
+
+
+def note_logs(node: pytest.Item | pytest.Collector, log_dir: Path) -> None:
+    """Remember a guest's log dir on the test node; boot_tests/conftest.py prints it on failure."""
+    dirs = getattr(node, "_osbuilder_boot_logs", [])
+    dirs.append(log_dir)
+    node._osbuilder_boot_logs = dirs  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="session")
+def boot_kernel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> BootKernel:
+    """The kernel boot checks use (BOOT_KERNEL; `built` takes the `kernel` fixture's)."""
+    if osbuilder_settings.boot_kernel.strip() == "built":
+        built = layout.KernelFiles(request.getfixturevalue("kernel").path).vmlinuz
+        return check.boot_kernel(osbuilder_settings, built=built)
+    return check.boot_kernel(osbuilder_settings)
+
+
+@pytest.fixture(scope="session")
+def boot_accel(osbuilder_settings: Settings, boot_kernel: BootKernel) -> accel_mod.Accel:
+    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG."""
+    return accel_mod.choose(osbuilder_settings, boot_kernel)
+
+
+@pytest.fixture(scope="session")
+def ssh_session_key(tmp_path_factory: pytest.TempPathFactory) -> ssh.SessionKey:
+    """An ed25519 key made for this test session; guests get its public half as a credential."""
+    return ssh.make_session_key(tmp_path_factory.mktemp("ssh-key"))
+
+
+@pytest.fixture
+def boot_guest(osbuilder_settings: Settings, boot_kernel: BootKernel, boot_accel: accel_mod.Accel,
+               ssh_session_key: ssh.SessionKey, request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
+    """Factory: `boot_guest(image, append="", name=None, timeout=None)` starts a guest of the session's
+    settings on a throw-away overlay; every guest it started is stopped after the test."""
+    guests: list[Guest] = []
+
+    def start(image: Path, append: str = "", name: str | None = None, timeout: float | None = None) -> Guest:
+        label = name or f"{request.node.name}-{len(guests)}"
+        opts = check.guest_options(osbuilder_settings, image=image, kernel=boot_kernel, accel=boot_accel,
+                                   name=label, ssh_key=ssh_session_key, append=append, timeout=timeout)
+        note_logs(request.node, opts.log_dir)
+        guest = check.start_guest(opts)
+        guests.append(guest)
+        return guest
+
+    try:
+        yield start
+    finally:
+        for guest in guests:
+            guest.close()
+
+
+@pytest.fixture(scope="module")
+def booted_guest(osbuilder_settings: Settings, image: Artifact, boot_kernel: BootKernel,
+                 boot_accel: accel_mod.Accel, ssh_session_key: ssh.SessionKey,
+                 request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """The session image booted through every phase but powerdown (kernel, agent, running, exec, ssh).
+
+    One boot per module; its tests each check one thing. If the boot fails, they all fail with
+    the boot's error (phase, matched console lines, console tail, log dir).
+    """
+    name = f"{request.module.__name__.rsplit('.', 1)[-1]}-booted"
+    opts = check.guest_options(osbuilder_settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
+                               name=name, ssh_key=ssh_session_key)
+    with check.booted(opts, osbuilder_settings) as guest:
+        yield guest
+
+
+@pytest.fixture
+def guest(booted_guest: Guest, request: pytest.FixtureRequest) -> Guest:
+    """`booted_guest`, with its log dir noted for this test's failure report."""
+    note_logs(request.node, booted_guest.log_dir)
+    return booted_guest

@@ -98,7 +98,7 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
 
 
 def _distro(name: str, raw: str) -> str:
-    from osbuilder.rootfs.distro import get  # the plugin registry knows the valid names
+    from osbuilder.rootfs.distros import get  # the plugin registry knows the valid names
 
     return get(raw.strip().lower()).name
 
@@ -138,6 +138,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("DEBUG", "no", "show every line the build tools print (yes/no)", _yes_no),
     Setting("SOURCE_DATE_EPOCH", "", "timestamp for reproducible builds (default: now)", _epoch),
     Setting("USE_DOCKER", "no", "accepted for compatibility; osbuilder is rootless and needs no container", _yes_no),
+    Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR (default: $XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder)", _optional_path),
     # rootfs
     Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: debian)", _distro, "rootfs"),
     Setting("OS_VERSION", "bookworm", "release of the distribution (debian: bookworm, trixie, sid)", _text, "rootfs"),
@@ -156,7 +157,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("VM_CPUS", "1", "guest vCPUs for boot checks", _positive_int, "boot"),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
     Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _positive_int, "boot"),
-    Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: WORKDIR/container.img)", _optional_path, "boot"),
+    Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: the image in WORKDIR)", _optional_path, "boot"),
     Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
     # kernel
     Setting("KERNEL_SOURCE", "debian", "kernel source: debian (linux-source package), a tarball, a git tree, or a git URL", _text, "kernel"),
@@ -173,33 +174,64 @@ BY_NAME: dict[str, Setting] = {s.name: s for s in TABLE}
 BY_YAML: dict[str, Setting] = {s.yaml_key: s for s in TABLE}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """Parsed values plus where each came from ('cli', 'env', 'yaml:<file>', 'default')."""
+    """Every setting, parsed and typed, plus where each value came from.
 
-    values: dict[str, Any]
-    raw: dict[str, str]
-    sources: dict[str, str]
+    The fields mirror TABLE one for one (a test checks it); `raw` keeps the strings as given and
+    `sources` says 'cli', 'env', 'yaml:<file>', 'override' or 'default' for each.
+    """
+
+    workdir: Path
+    debug: bool
+    source_date_epoch: int | None
+    use_docker: bool
+    cache_dir: Path | None
+    distro: str
+    os_version: str
+    repo_url: str
+    extra_pkgs: tuple[str, ...]
+    agent_source_bin: Path | None
+    agent_service: str
+    agent_init: bool
+    img_size: int | None
+    block_size: int
+    fs_type: str
+    accel: str
+    vm_memory: int
+    vm_cpus: int
+    boot_kernel: str
+    boot_timeout: int
+    boot_image: Path | None
+    boot_append: str
+    kernel_source: str
+    kernel_fragments: tuple[str, ...]
+    kernel_config: Path | None
+    runtime: str
+    prefix: str
+    runtime_config: str
+    destdir: str
+    raw: Mapping[str, str] = field(repr=False)
+    sources: Mapping[str, str] = field(repr=False)
     profile: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def __getattr__(self, attr: str) -> Any:
-        try:
-            return self.__dict__["values"][attr.upper()]
-        except KeyError:
-            raise AttributeError(attr) from None
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], raw: Mapping[str, str], sources: Mapping[str, str],
+                    profile: Path | None) -> Settings:
+        return cls(**{s.attr: values[s.name] for s in TABLE}, raw=dict(raw), sources=dict(sources),
+                   profile=profile)
 
     def with_values(self, **overrides: str) -> Settings:
         """A copy with some settings replaced (raw strings, parsed as if given on the CLI)."""
         raw = dict(self.raw)
         sources = dict(self.sources)
-        values = dict(self.values)
+        values = {s.name: getattr(self, s.attr) for s in TABLE}
         for key, text in overrides.items():
             setting = BY_NAME[key.upper()]
             raw[setting.name] = str(text)
             values[setting.name] = setting.parse(setting.name, str(text))
             sources[setting.name] = "override"
-        return Settings(_pin_workdir(values), raw, sources, self.profile)
+        return Settings.from_values(_pin_workdir(values), raw, sources, self.profile)
 
 
 def read_profile(path: Path) -> dict[str, str]:
@@ -264,12 +296,15 @@ def load(
         raw[s.name] = text
         values[s.name] = s.parse(s.name, text)
         sources[s.name] = source
-    return Settings(_pin_workdir(values, cwd), raw, sources, profile)
+    return Settings.from_values(_pin_workdir(values, cwd), raw, sources, profile)
 
 
 def _pin_workdir(values: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]:
-    """Steps run tools in other directories: make WORKDIR absolute, relative to where it was given."""
-    values["WORKDIR"] = (cwd or Path.cwd()) / values["WORKDIR"]
+    """Steps run tools in other directories: make WORKDIR (and CACHE_DIR) absolute, relative to where
+    they were given."""
+    for name in ("WORKDIR", "CACHE_DIR"):
+        if values[name] is not None:
+            values[name] = (cwd or Path.cwd()) / values[name]
     return values
 
 

@@ -4,17 +4,33 @@ The image is read without mounting: sfdisk -J for the partition table, dumpe2fs 
 filesystem, debugfs for files inside it.
 """
 
+import importlib.metadata
 import json
 import subprocess
 
 import pytest
 import yaml
 
-from osbuilder import __version__, agent
-from osbuilder.image import ALIGN, read_file, read_layout, stat_path
-from osbuilder.rootfs import METADATA_PATH, packages
+from osbuilder import agent
+from osbuilder.image import read_file, read_layout, stat_path
+from osbuilder.rootfs.build import METADATA_PATH, packages
 
 pytestmark = pytest.mark.build
+
+MiB = 1 << 20
+# What a systemd guest needs (README: systemd, the agent, SSH) and what agent-as-init keeps.
+BASE_PACKAGES = {"coreutils", "iptables", "kmod", "iproute2"}
+SYSTEMD_PACKAGES = {"systemd", "systemd-sysv", "udev", "openssh-server"}
+
+
+def dpkg_status(text: str) -> dict[str, dict[str, str]]:
+    """/var/lib/dpkg/status: the fields of every installed package, by name."""
+    installed = {}
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line[0].isspace())
+        if fields.get("Status") == "install ok installed":
+            installed[fields["Package"]] = fields
+    return installed
 
 
 def test_partition_table(image):
@@ -22,9 +38,9 @@ def test_partition_table(image):
                                       check=True).stdout)["partitiontable"]
     assert table["label"] == "gpt"
     (part,) = table["partitions"]
-    assert part["start"] * table["sectorsize"] == 1024 * 1024
+    assert part["start"] * table["sectorsize"] == 1 * MiB
     assert part["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-    assert image.path.stat().st_size % ALIGN == 0
+    assert image.path.stat().st_size % (128 * MiB) == 0
 
 
 def test_filesystem_is_clean_ext4_with_4k_blocks(image):
@@ -54,14 +70,29 @@ def test_agent_installed_executable_and_enabled(image):
     assert wants.kind == "symlink" and wants.link == agent.GUEST_UNIT_PATH
 
 
-def test_metadata_matches_settings(image, osbuilder_settings):
+def test_metadata_matches_settings(image, osbuilder_settings, tmp_path):
+    """/var/lib/osbuilder/osbuilder.yaml tells the truth: each entry is checked against the settings
+    and against what is really in the image, not recomputed the way the build computes it."""
     meta = yaml.safe_load(read_file(image.path, "/" + METADATA_PATH))
-    assert meta["osbuilder"]["version"] == __version__
-    assert meta["distro"] == {"name": "debian", "version": osbuilder_settings.os_version,
-                              "mirror": osbuilder_settings.repo_url or "http://deb.debian.org/debian"}
-    assert meta["packages"]["default"] + meta["packages"]["extra"] == packages(osbuilder_settings)
-    assert meta["agent"]["name"] == agent.AGENT_NAME and meta["agent"]["version"] == agent.AGENT_VERSION
-    assert meta["agent"]["init"] is False and meta["architecture"] == "amd64"
+    assert meta["osbuilder"]["version"] == importlib.metadata.version("osbuilder")  # pyproject.toml's
+    mirror = osbuilder_settings.repo_url or "http://deb.debian.org/debian"
+    assert meta["distro"] == {"name": "debian", "version": osbuilder_settings.os_version, "mirror": mirror}
+    sources = read_file(image.path, "/etc/apt/sources.list").decode()
+    assert f"deb {mirror} {osbuilder_settings.os_version} main" in sources, sources  # what mmdebstrap used
+    installed = dpkg_status(read_file(image.path, "/var/lib/dpkg/status").decode())
+    listed = meta["packages"]["default"] + meta["packages"]["extra"]
+    assert set(listed) <= set(installed) and BASE_PACKAGES | SYSTEMD_PACKAGES <= set(listed)
+    assert set(osbuilder_settings.extra_pkgs) <= set(listed)  # every EXTRA_PKGS recorded ...
+    assert set(meta["packages"]["extra"]) <= set(osbuilder_settings.extra_pkgs)  # ... and no other "extra"
+    binary = tmp_path / "agent"  # the agent in the image says which one it is
+    binary.write_bytes(read_file(image.path, f"/usr/bin/{meta['agent']['name']}"))
+    binary.chmod(0o755)
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.split()
+    assert meta["agent"]["name"] == "osbuilder-agent" and version == ["osbuilder-agent", meta["agent"]["version"]]
+    unit = stat_path(image.path, f"/usr/lib/systemd/system/{meta['agent']['service']}")
+    assert unit is not None and unit.kind == "regular"
+    assert meta["agent"]["init"] is False
+    assert meta["architecture"] == installed["coreutils"]["Architecture"]  # dpkg's name for this machine
 
 
 def test_no_secrets_baked_in(image):
@@ -77,24 +108,38 @@ def test_no_secrets_baked_in(image):
 
 
 def test_installed_packages(rootfs, osbuilder_settings):
-    status = (rootfs.path / "var/lib/dpkg/status").read_text()
-    installed = {block.split("\n")[0].removeprefix("Package: ") for block in status.split("\n\n")
-                 if "Status: install ok installed" in block}
+    installed = set(dpkg_status((rootfs.path / "var/lib/dpkg/status").read_text()))
+    assert BASE_PACKAGES | SYSTEMD_PACKAGES | set(osbuilder_settings.extra_pkgs) <= installed
     assert set(packages(osbuilder_settings)) <= installed
 
 
-def test_trixie_rootfs_and_image(osbuilder_settings, osbuilder_cache):
+def test_trixie_rootfs_and_image(osbuilder_settings, osbuilder_artifacts):
     """The next Debian release builds too; the image's metadata says so."""
-    from osbuilder.image import build_image, image_manifest
-    from osbuilder.rootfs import build_rootfs, manifest
-
-    s = osbuilder_settings.with_values(OS_VERSION="trixie")
-    m = manifest(s)
-    rootfs = osbuilder_cache.get_or_build(m, lambda tmp: build_rootfs(s, tmp / "rootfs")) / "rootfs"
-    entry = osbuilder_cache.get_or_build(image_manifest(s, m.key),
-                                         lambda tmp: build_image(s, rootfs, tmp / "container.img"))
-    image = entry / "container.img"
+    image = osbuilder_artifacts.image(osbuilder_settings.with_values(OS_VERSION="trixie")).path
     meta = yaml.safe_load(read_file(image, "/" + METADATA_PATH))
     assert meta["distro"]["version"] == "trixie"
     assert read_file(image, "/etc/debian_version").decode().startswith(("13", "trixie"))
     assert stat_path(image, agent.GUEST_BINARY_PATH).mode & 0o111
+
+
+def test_image_of_the_default_rootfs_is_reproducible(rootfs, osbuilder_settings, tmp_path):
+    """README: with SOURCE_DATE_EPOCH set, two images of the same tree are byte-identical — for the
+    real default rootfs (thousands of files), built in different seconds."""
+    import hashlib
+    import time
+
+    from osbuilder.image import build_image
+
+    tree = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", str(rootfs.path), str(tree)], check=True)  # the clamp re-times the tree
+    s = osbuilder_settings.with_values(SOURCE_DATE_EPOCH="1700000000", WORKDIR=str(tmp_path / "wd"))
+    digests = []
+    for name in ("a.img", "b.img"):
+        build_image(s, tree, tmp_path / name)
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+        time.sleep(1.05 - time.time() % 1)  # the next build runs in a later second
+    assert digests[0] == digests[1]
+    passwd = subprocess.run(["debugfs", "-R", "stat /etc/passwd", read_layout(tmp_path / "a.img").fs_spec(
+        tmp_path / "a.img")], capture_output=True, text=True, check=True).stdout
+    for field in ("ctime", "atime", "mtime"):
+        assert f"{field}: 0x6553f100:" in passwd, passwd  # 1700000000, not the build time

@@ -22,12 +22,12 @@ def first_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def test_help_lists_every_setting_with_value_and_source(tmp_path: Path):
-    (tmp_path / "osbuilder.yaml").write_text("fs_type: ext4\n")
+    (tmp_path / "osbuilder.yaml").write_text("fs_type: ext3\n")  # not the default: the value must come from here
     result = osb("help", env={"IMG_SIZE": "640"}, cwd=tmp_path)
     assert result.returncode == 0
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line[:1].isupper()}
     assert rows["IMG_SIZE"][1:3] == ["640", "env"]
-    assert rows["FS_TYPE"][1:3] == ["ext4", f"yaml:{tmp_path / 'osbuilder.yaml'}"]
+    assert rows["FS_TYPE"][1:3] == ["ext3", f"yaml:{tmp_path / 'osbuilder.yaml'}"]
     for name in ("WORKDIR", "DISTRO", "OS_VERSION", "REPO_URL", "EXTRA_PKGS", "BLOCK_SIZE",
                  "AGENT_SOURCE_BIN", "AGENT_INIT", "DEBUG", "SOURCE_DATE_EPOCH"):
         assert name in rows

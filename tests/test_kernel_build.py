@@ -7,8 +7,10 @@ compares vmlinux.container byte for byte.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,14 +19,12 @@ import pytest
 
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.kernel import build
-from osbuilder.kernel.config import KconfigIndex, merge, read_config, resolve_fragments, verify
+from osbuilder.kernel.fragments import merge, resolve_fragments, verify
+from osbuilder.kernel.kconfig import KconfigIndex, read_config
 from osbuilder.kernel.source import ensure_source
-from osbuilder.run import tool_version
+from osbuilder.layout import KernelFiles
 
 pytestmark = pytest.mark.build
-
-OUTPUT_NAMES = ("vmlinuz.container", "vmlinux.container", "config.container", "System.map.container",
-                "kernel-metadata.json")
 
 
 def sha(path: Path) -> str:
@@ -35,38 +35,54 @@ def snapshot(directory: Path) -> dict[str, str]:
     return {p.name: sha(p) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+def linux_banner(vmlinux: Path) -> str:
+    """The kernel's own `Linux version ...` line, as /proc/version would show it."""
+    found = re.search(rb"Linux version [^\n\0]+", vmlinux.read_bytes())
+    assert found, "no Linux version banner in vmlinux"
+    return found.group(0).decode()
+
+
 def test_kernel_outputs(kernel):
-    for name in OUTPUT_NAMES:
-        assert (kernel.path / name).is_file(), name
-    vmlinuz = (kernel.path / "vmlinuz.container").read_bytes()
+    files = KernelFiles(kernel.path)
+    for path in files.all():
+        assert path.is_file(), path.name
+    vmlinuz = files.vmlinuz.read_bytes()
     assert vmlinuz[0x202:0x206] == b"HdrS"  # x86 boot protocol header of a bzImage
-    vmlinux = (kernel.path / "vmlinux.container").read_bytes()
+    vmlinux = files.vmlinux.read_bytes()
     assert vmlinux[:4] == b"\x7fELF" and vmlinux[4] == 2  # 64-bit ELF
     assert b"(osbuilder@osbuilder)" in vmlinux
 
 
 def test_kernel_metadata(kernel, osbuilder_settings):
-    meta = json.loads((kernel.path / "kernel-metadata.json").read_text())
-    assert meta["kernel_version"].startswith("6.1")
+    files = KernelFiles(kernel.path)
+    meta = json.loads(files.metadata.read_text())
+    banner = linux_banner(files.vmlinux)
+    # what the metadata says matches what the kernel itself says, for any KERNEL_SOURCE
+    assert banner.startswith(f"Linux version {meta['kernel_version']} (osbuilder@osbuilder)")
+    assert meta["kernel_version"] == ensure_source(osbuilder_settings).version
+    assert meta["compiler"] and meta["compiler"] in banner
     # The cache is keyed by content, so the entry may come from another checkout (tox's copy of
     # the package): fragments match by file name and content, not by absolute path.
     assert [(Path(f["path"]).name, f["sha256"]) for f in meta["fragments"]] == \
         [(p.name, sha(p)) for p in resolve_fragments(osbuilder_settings)]
-    assert meta["config_sha256"] == sha(kernel.path / "config.container")
-    assert meta["compiler"] == tool_version("gcc")
+    assert meta["config_sha256"] == sha(files.config)
     assert meta["duration_seconds"] > 0
     assert meta["reproduce"]["osbuilder"].startswith("osbuilder kernel --workdir ")
     assert "KBUILD_BUILD_USER=osbuilder" in meta["reproduce"]["make"]
     assert meta["reproduce"]["make"].endswith(" bzImage")
-    for name in OUTPUT_NAMES[:-1]:
-        assert meta["outputs"][name] == sha(kernel.path / name)
-    assert meta["build_env"]["KBUILD_BUILD_TIMESTAMP"]
+    outputs = [files.vmlinuz, files.vmlinux, files.config, files.system_map]
+    assert meta["outputs"] == {p.name: sha(p) for p in outputs}
+    # the fixed build timestamp is the one the kernel carries, and it is SOURCE_DATE_EPOCH
+    stamp = meta["build_env"]["KBUILD_BUILD_TIMESTAMP"]
+    assert banner.endswith(stamp)
+    epoch = calendar.timegm(time.strptime(stamp, "%a %b %d %H:%M:%S UTC %Y"))
+    assert epoch == int(meta["build_env"]["SOURCE_DATE_EPOCH"])
 
 
 def test_config_has_every_requested_option(kernel, osbuilder_settings):
     tree = ensure_source(osbuilder_settings)
     merged = merge(resolve_fragments(osbuilder_settings))
-    final = read_config(kernel.path / "config.container")
+    final = read_config(KernelFiles(kernel.path).config)
     assert verify(merged, final, KconfigIndex.load(tree.path)) == []
     for name in ("VIRTIO_CONSOLE", "VIRTIO_BLK", "VIRTIO_PCI", "VIRTIO_NET", "VIRTIO_VSOCKETS", "EXT4_FS"):
         assert final[name] == "y", name
@@ -115,7 +131,8 @@ def test_unknown_option_fails_before_make(osbuilder_settings, previous, tmp_path
     s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(frag))
     log = tmp_path / "kernel.log"
     error = failed_build(s, previous, log, UsageError)
-    assert error.message == f"KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLKK in {frag}: no such option in Linux 6.1"
+    release = ".".join(ensure_source(s).version.split(".")[:2])  # from `make kernelversion`
+    assert error.message == f"KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLKK in {frag}: no such option in Linux {release}"
     assert "did you mean CONFIG_VIRTIO_BLK?" in error.detail
     assert not log.exists() or "merge_config" not in log.read_text()
 
@@ -166,9 +183,12 @@ def test_rebuild_is_byte_identical(kernel, osbuilder_settings, tmp_path):
     again = build.build_kernel(osbuilder_settings, tmp_path / "again")
     elapsed = time.monotonic() - started
     print(f"ccache-warm rebuild from an empty object tree: {elapsed:.0f}s, ccache {again.metadata['ccache']}")
-    assert sha(again.vmlinux) == sha(kernel.path / "vmlinux.container")
-    assert sha(again.vmlinuz) == sha(kernel.path / "vmlinuz.container")
-    assert sha(again.config) == sha(kernel.path / "config.container")
+    cached = KernelFiles(kernel.path)
+    assert again.files == KernelFiles(tmp_path / "again") and again.out_dir == tmp_path / "again"
+    assert sha(again.vmlinux) == sha(cached.vmlinux)
+    assert sha(again.vmlinuz) == sha(cached.vmlinuz)
+    assert sha(again.config) == sha(cached.config)
+    assert again.version == json.loads(cached.metadata.read_text())["kernel_version"]
     if shutil.which("ccache"):
         stats = again.metadata["ccache"]
         assert stats["hits"] > 10 * max(stats["misses"], 1), f"ccache mostly missed: {stats}"

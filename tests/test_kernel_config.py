@@ -1,4 +1,5 @@
-"""Unit tests for kernel config fragments, Kconfig reading and verification, and kernel-src (no build)."""
+"""Unit tests for kernel config fragments, Kconfig reading and verification, kernel-src and the kernel
+cache key (no build)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,17 @@ import pytest
 
 from osbuilder import settings as settings_mod
 from osbuilder.errors import UsageError
-from osbuilder.kernel import commands, config, source
-from osbuilder.kernel.config import (
+from osbuilder.kernel import build, fragments, kconfig, source
+from osbuilder.kernel.fragments import (
     DEFAULT_FRAGMENTS,
-    OPTIONAL_FRAGMENTS,
-    KconfigIndex,
     check_names,
-    evaluate,
     merge,
-    parse_expr,
     parse_fragment,
-    read_config,
     resolve_fragments,
-    unmet,
     verify,
 )
+from osbuilder.kernel.kconfig import KconfigIndex, evaluate, parse_expr, read_config, unmet
+from osbuilder.layout import UserCache, Workdir
 
 
 def write(path: Path, text: str) -> Path:
@@ -34,7 +31,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def load_settings(tmp_path: Path, **cli: str):
-    values = {"WORKDIR": str(tmp_path / "work"), **cli}
+    values = {"WORKDIR": str(tmp_path / "work"), "CACHE_DIR": str(tmp_path / "cache"), **cli}
     return settings_mod.load(values, env={}, cwd=tmp_path)
 
 
@@ -82,29 +79,45 @@ def test_read_config_and_honoured(tmp_path):
     cfg = write(tmp_path / ".config", "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_S=\"x\"\n")
     values = read_config(cfg)
     assert values == {"A": "y", "B": "n", "S": '"x"'}
-    assert config.honoured("y", "y") and not config.honoured("y", "m")
-    assert config.honoured("n", None) and config.honoured("n", "n") and not config.honoured("n", "y")
-    assert config.honoured('"x"', values["S"])
+    assert kconfig.honoured("y", "y") and not kconfig.honoured("y", "m")
+    assert kconfig.honoured("n", None) and kconfig.honoured("n", "n") and not kconfig.honoured("n", "y")
+    assert kconfig.honoured('"x"', values["S"])
 
 
-def test_default_fragments_cover_configs_dir():
-    files = {p.stem for p in config.CONFIGS_DIR.glob("*.config")}
-    assert files == set(DEFAULT_FRAGMENTS) | set(OPTIONAL_FRAGMENTS)
-    # Opt-in only, named explicitly: every other file in configs/ is in the default set.
-    assert set(OPTIONAL_FRAGMENTS) == {"debug", "xfs"}
-    assert not set(OPTIONAL_FRAGMENTS) & set(DEFAULT_FRAGMENTS)
-    assert DEFAULT_FRAGMENTS[-1] == "lean"  # it must come after the fragments it trims
+def test_default_fragments_cover_configs_dir(tmp_path):
+    # What a build applies, not the constants: without KERNEL_FRAGMENTS every file in configs/
+    # applies except the opt-in ones, and each opt-in one is reachable by its name.
+    on_disk = set(fragments.CONFIGS_DIR.glob("*.config"))
+    applied = resolve_fragments(load_settings(tmp_path))
+    assert len(applied) == len(set(applied))
+    opt_in = on_disk - set(applied)
+    assert set(applied) <= on_disk and {p.stem for p in opt_in} == {"debug", "xfs"}
+    for path in opt_in:
+        assert resolve_fragments(load_settings(tmp_path, KERNEL_FRAGMENTS=path.stem))[-1] == path
+
+
+def test_lean_has_the_last_word(tmp_path):
+    # lean.config trims what the others switched on and requests back what the guest needs: of the
+    # default set it applies last, so each of its requests is what the merge keeps.
+    lean = fragments.CONFIGS_DIR / "lean.config"
+    applied = resolve_fragments(load_settings(tmp_path))
+    assert applied[-1] == lean
+    merged = merge(applied)
+    wanted = parse_fragment(lean)
+    assert wanted
+    for req in wanted:
+        assert merged.requests[req.name] == req, req.name
 
 
 def test_every_fragment_starts_with_a_header_comment():
-    for path in config.CONFIGS_DIR.glob("*.config"):
+    for path in fragments.CONFIGS_DIR.glob("*.config"):
         assert path.read_text().startswith("# "), path.name
 
 
 def test_xfs_is_opt_in_by_name(tmp_path):
     assert "XFS_FS" not in merge(resolve_fragments(load_settings(tmp_path))).requests
     files = resolve_fragments(load_settings(tmp_path, KERNEL_FRAGMENTS="xfs"))
-    assert files[-1] == config.CONFIGS_DIR / "xfs.config"
+    assert files[-1] == fragments.CONFIGS_DIR / "xfs.config"
     assert merge(files).requests["XFS_FS"].value == "y"
 
 
@@ -125,20 +138,23 @@ def test_kernel_fragments_adds_files_and_builtin_names(tmp_path):
     s = load_settings(tmp_path, KERNEL_FRAGMENTS=f"debug {extra}")
     files = resolve_fragments(s)
     assert files[-2].name == "debug.config" and files[-1] == extra.resolve()
-    assert len(files) == len(DEFAULT_FRAGMENTS) + 2
+    assert files[:-2] == resolve_fragments(load_settings(tmp_path))  # after the defaults, in their order
+    assert [p.stem for p in files[:-2]] == list(DEFAULT_FRAGMENTS)
 
 
 def test_missing_fragment_names_kernel_fragments(tmp_path):
     with pytest.raises(UsageError) as e:
         resolve_fragments(load_settings(tmp_path, KERNEL_FRAGMENTS=str(tmp_path / "nope.config")))
     assert e.value.message == f"KERNEL_FRAGMENTS: {tmp_path / 'nope.config'}: no such file"
+    for path in fragments.CONFIGS_DIR.glob("*.config"):  # the hint names every built-in fragment
+        assert path.stem in e.value.detail
 
 
 def test_kconfig_show_lists_fragments_and_origins(tmp_path):
     extra = write(tmp_path / "mine.config", "# CONFIG_VIRTIO_BLK is not set\n")
     s = load_settings(tmp_path, KERNEL_FRAGMENTS=str(extra))
-    write(s.workdir / "kernel-build" / ".config", "CONFIG_VIRTIO_CONSOLE=y\n")
-    text = commands.show(s)
+    write(Workdir.of(s).kernel_build / ".config", "CONFIG_VIRTIO_CONSOLE=y\n")
+    text = fragments.show(s)
     assert "base.config" in text and str(extra.resolve()) in text
     line = next(x for x in text.splitlines() if "CONFIG_VIRTIO_BLK " in x)
     assert "mine.config:1" in line and "overrides y from block.config" in line and "ok" in line
@@ -276,7 +292,7 @@ def test_verify_reports_the_unmet_dependency(fake_tree, tmp_path):
     text = problem.describe()
     assert "CONFIG_VIRTIO_BLK=y (block.config:2): got not set" in text
     assert "unmet dependency: BLK_DEV=n in `depends on BLK_DEV && VIRTIO` (drivers/Kconfig:12)" in text
-    error = config.report_problems([problem])
+    error = fragments.report_problems([problem])
     assert error.message == ("KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLK from block.config:2 was dropped by Kconfig "
                              "(unmet: BLK_DEV=n)")
 
@@ -321,11 +337,16 @@ def test_typo_is_its_own_error(fake_tree, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_index(osbuilder_settings) -> KconfigIndex:
-    """The real Linux Kconfig tree (unpacked once into WORKDIR/linux, like `osbuilder kernel-src`)."""
+def real_tree(osbuilder_settings) -> source.SourceTree:
+    """The real Linux source (unpacked once into the per-user cache, like `osbuilder kernel-src`)."""
     if osbuilder_settings.kernel_source == "debian" and not list(Path("/usr/src").glob("linux-source-*.tar.*")):
         pytest.skip("no kernel source: Debian's linux-source package is not installed")
-    return KconfigIndex.load(source.ensure_source(osbuilder_settings).path)
+    return source.ensure_source(osbuilder_settings)
+
+
+@pytest.fixture(scope="module")
+def real_index(real_tree) -> KconfigIndex:
+    return KconfigIndex.load(real_tree.path)
 
 
 def test_real_kconfig_knows_every_default_option(real_index, tmp_path):
@@ -342,11 +363,13 @@ def test_real_kconfig_explains_virtio_blk_without_blk_dev(real_index, tmp_path):
     assert "BLK_DEV=n" in problem.unmet
 
 
-def test_real_kconfig_typo(real_index, tmp_path):
+def test_real_kconfig_typo(real_tree, real_index, tmp_path):
     frag = write(tmp_path / "f.config", "CONFIG_VIRTIO_BLKK=y\n")
     with pytest.raises(UsageError) as e:
         check_names(merge([frag]), real_index)
-    assert e.value.message == f"KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLKK in {frag}: no such option in Linux 6.1"
+    release = ".".join(real_tree.version.split(".")[:2])  # from `make kernelversion`, for any KERNEL_SOURCE
+    assert e.value.message == f"KERNEL_FRAGMENTS: CONFIG_VIRTIO_BLKK in {frag}: no such option in Linux {release}"
+    assert "did you mean CONFIG_VIRTIO_BLK?" in e.value.detail
 
 
 # --- kernel-src with small fake sources ------------------------------------------------------
@@ -362,22 +385,97 @@ def fake_source(root: Path) -> Path:
     return root
 
 
-def fake_tarball(tmp_path: Path) -> Path:
-    tree = fake_source(tmp_path / "src" / "linux-6.1.99")
-    out = tmp_path / "linux-6.1.99.tar.xz"
+def fake_tarball(tmp_path: Path, sublevel: int = 99) -> Path:
+    tree = fake_source(tmp_path / f"src-{sublevel}" / f"linux-6.1.{sublevel}")
+    (tree / "Makefile").write_text(FAKE_MAKEFILE.replace("6.1.99", f"6.1.{sublevel}"))
+    out = tmp_path / f"linux-6.1.{sublevel}.tar.xz"
     with tarfile.open(out, "w:xz") as tar:
         tar.add(tree, arcname=tree.name)
     return out
+
+
+def shared_trees(s) -> list[Path]:
+    """The unpacked trees in the per-user cache (not locks, not temporaries)."""
+    root = UserCache.of(s).kernel_sources
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+def no_unpacking(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the source was unpacked again")
+
+    monkeypatch.setattr(source, "_unpack", fail)
 
 
 def test_kernel_src_unpacks_once(tmp_path):
     s = load_settings(tmp_path, KERNEL_SOURCE=str(fake_tarball(tmp_path)))
     first = source.ensure_source(s)
     assert first.fresh and first.version == "6.1.99"
-    assert (first.path / "Kconfig").is_file() and first.path == s.workdir / "linux"
+    assert (first.path / "Kconfig").is_file() and first.path == Workdir.of(s).linux
+    # WORKDIR/linux is a link to the one tree in the per-user cache, which carries the marker
+    assert first.path.is_symlink() and [first.path.resolve()] == shared_trees(s)
+    assert source.read_marker(first.path)["identity"] == first.identity
     again = source.ensure_source(s)
     assert not again.fresh and again.marker == first.marker
     assert not list(s.workdir.glob(".linux.tmp-*"))
+    assert not list(UserCache.of(s).kernel_sources.glob(".*.tmp-*"))
+
+
+def test_second_workdir_shares_the_unpacked_tree(tmp_path, monkeypatch):
+    tarball = fake_tarball(tmp_path)
+    one = load_settings(tmp_path, KERNEL_SOURCE=str(tarball))
+    two = one.with_values(WORKDIR=str(tmp_path / "work2"))
+    assert UserCache.of(one) == UserCache.of(two) and Workdir.of(one) != Workdir.of(two)
+    first = source.ensure_source(one)
+    assert first.fresh
+    no_unpacking(monkeypatch)  # from here on, tar must not run
+    second = source.ensure_source(two)
+    assert not second.fresh and second.path == Workdir.of(two).linux
+    assert second.path.resolve() == first.path.resolve()
+    assert (second.path / "Kconfig").is_file() and second.version == "6.1.99"
+    # the same content under another name (and mtime) is the same tree, with its own timestamp
+    copy = tmp_path / "elsewhere" / "linux.tar.xz"
+    copy.parent.mkdir()
+    copy.write_bytes(tarball.read_bytes())
+    third = source.ensure_source(one.with_values(WORKDIR=str(tmp_path / "work3"), KERNEL_SOURCE=str(copy)))
+    assert not third.fresh and third.path.resolve() == first.path.resolve()
+    assert third.epoch == int(copy.stat().st_mtime) and third.marker["spec"]["location"] == str(copy)
+    assert len(shared_trees(one)) == 1
+
+
+def test_kernel_src_switches_source_and_back(tmp_path, monkeypatch):
+    a, b = fake_tarball(tmp_path, 98), fake_tarball(tmp_path, 99)
+    s = load_settings(tmp_path, KERNEL_SOURCE=str(a))
+    first = source.ensure_source(s).path.resolve()
+    other = source.ensure_source(s.with_values(KERNEL_SOURCE=str(b)))
+    assert other.fresh and other.version == "6.1.99" and Workdir.of(s).linux.resolve() != first
+    assert (Workdir.of(s).linux / "Makefile").read_text().count("6.1.99") == 1
+    no_unpacking(monkeypatch)
+    back = source.ensure_source(s)
+    assert not back.fresh and back.version == "6.1.98"
+    assert source.read_marker(Workdir.of(s).linux)["version"] == "6.1.98"
+    assert len(shared_trees(s)) == 2
+
+
+def test_kernel_src_replaces_a_tree_unpacked_into_workdir(tmp_path):
+    s = load_settings(tmp_path, KERNEL_SOURCE=str(fake_tarball(tmp_path)))
+    old = fake_source(Workdir.of(s).linux)  # how an older osbuilder left WORKDIR/linux
+    tree = source.ensure_source(s)
+    assert old.is_symlink() and tree.path == old and (old / source.MARKER).is_file()
+
+
+def test_kernel_manifest_does_not_unpack(tmp_path):
+    tarball = fake_tarball(tmp_path)
+    s = load_settings(tmp_path, KERNEL_SOURCE=str(tarball))
+    before = build.kernel_manifest(s)
+    assert not Workdir.of(s).linux.exists() and not Workdir.of(s).linux.is_symlink()
+    assert shared_trees(s) == []
+    assert not list(tmp_path.rglob(source.MARKER))  # no tree anywhere
+    # the key does not change once the tree is there, and follows the tarball's content
+    source.ensure_source(s)
+    assert build.kernel_manifest(s).key == before.key
+    fake_tarball(tmp_path / "other").replace(tarball)  # same name, other bytes
+    assert build.kernel_manifest(s).key != before.key
 
 
 def test_kernel_src_truncated_tarball(tmp_path):
@@ -388,7 +486,8 @@ def test_kernel_src_truncated_tarball(tmp_path):
     with pytest.raises(UsageError) as e:
         source.ensure_source(s)
     assert e.value.message == f"KERNEL_SOURCE: {bad} is corrupt or truncated (tar failed)"
-    assert not (s.workdir / "linux").exists()
+    assert not Workdir.of(s).linux.is_symlink() and not Workdir.of(s).linux.exists()
+    assert shared_trees(s) == [] and not list(UserCache.of(s).kernel_sources.glob(".*.tmp-*"))
 
 
 def test_kernel_src_missing_and_not_a_tree(tmp_path):
@@ -419,3 +518,5 @@ def test_kernel_src_from_git_tree(tmp_path):
     tree = source.ensure_source(s)
     assert tree.fresh and tree.identity["kind"] == "git-tree" and tree.epoch == 1700000000
     assert not source.ensure_source(s).fresh
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert tree.identity["commit"] == head == tree.marker["content"]

@@ -9,9 +9,9 @@ import yaml
 
 from osbuilder import settings as S
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.rootfs import OVERLAY_UNITS, AgentChoice, manifest, pack_overlay, packages, stage_overlay
+from osbuilder.rootfs.build import AgentChoice, manifest, pack_overlay, packages, stage_overlay
 from osbuilder.rootfs.debian import classify_failure
-from osbuilder.rootfs.distro import get
+from osbuilder.rootfs.distros import get
 
 
 def settings(tmp_path: Path, **env) -> S.Settings:
@@ -61,9 +61,13 @@ def test_staged_overlay_for_a_user_agent(tmp_path: Path):
     assert "ExecStart=/usr/bin/kata-agent" in unit
     link = overlay / "etc/systemd/system/multi-user.target.wants/kata-agent.service"
     assert os.readlink(link) == "/usr/lib/systemd/system/kata-agent.service"
-    for unit in OVERLAY_UNITS:  # osbuilder's own units are enabled too, and exist
-        assert os.readlink(link.with_name(unit)) == f"/usr/lib/systemd/system/{unit}"
-        assert (overlay / "usr/lib/systemd/system" / unit).is_file()
+    # osbuilder's own units are enabled too: every staged unit that asks for multi-user.target, and
+    # the two the guest needs (the slirp network and the power button)
+    wanted = {u.name for u in (overlay / "usr/lib/systemd/system").glob("*.service")
+              if "WantedBy=multi-user.target" in u.read_text()}
+    assert {"osbuilder-slirp-network.service", "osbuilder-power-button.service", "kata-agent.service"} <= wanted
+    enabled = {p.name: os.readlink(p) for p in link.parent.iterdir()}
+    assert enabled == {unit: f"/usr/lib/systemd/system/{unit}" for unit in wanted}
     meta = yaml.safe_load((overlay / "var/lib/osbuilder/osbuilder.yaml").read_text())
     assert meta["created"] == "2023-11-14T22:13:20Z"
     assert meta["packages"]["extra"] == ["vim"] and meta["agent"]["name"] == "kata-agent"
@@ -101,10 +105,25 @@ def test_packed_overlay_belongs_to_root_whatever_the_umask(tmp_path: Path):
 
 
 def test_manifest_changes_with_every_input(tmp_path: Path):
-    base = manifest(settings(tmp_path)).inputs
+    """The cache key (not only the inputs) follows every input of the rootfs, and only those: the
+    same settings give the same key, so a second session reuses the rootfs."""
+    agent = tmp_path / "kata-agent"
+    agent.write_text("#!/bin/sh\n")
+    agent.chmod(0o755)
+    base = manifest(settings(tmp_path)).key
+    assert manifest(settings(tmp_path)).key == base
+    for env in ({"IMG_SIZE": "512"}, {"BLOCK_SIZE": "2048"}, {"DEBUG": "yes"}, {"BOOT_TIMEOUT": "300"},
+                {"WORKDIR": str(tmp_path / "elsewhere")}):  # image, boot and bookkeeping settings
+        assert manifest(settings(tmp_path, **env)).key == base, env
+    keys = {base}
     for env in ({"EXTRA_PKGS": "vim"}, {"OS_VERSION": "trixie"}, {"AGENT_INIT": "yes"},
-                {"REPO_URL": "http://mirror.example/debian"}):
-        assert manifest(settings(tmp_path, **env)).inputs != base
+                {"REPO_URL": "http://mirror.example/debian"}, {"SOURCE_DATE_EPOCH": "1700000000"},
+                {"AGENT_SOURCE_BIN": str(agent)}, {"AGENT_SOURCE_BIN": str(agent), "AGENT_SERVICE": "my.service"}):
+        key = manifest(settings(tmp_path, **env)).key
+        assert key not in keys, env
+        keys.add(key)
+    agent.write_text("#!/bin/sh\nexit 1\n")  # the same agent path, another binary
+    assert manifest(settings(tmp_path, AGENT_SOURCE_BIN=str(agent))).key not in keys
 
 
 def failure(detail: str) -> OsbuilderError:

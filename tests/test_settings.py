@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from osbuilder import settings as S
 from osbuilder.errors import UsageError
@@ -72,11 +73,53 @@ def test_yaml_must_be_a_mapping(tmp_path: Path):
         S.load({}, env={}, config=profile)
 
 
-def test_every_setting_has_flag_yaml_key_and_help():
+# For every setting, a value its parser accepts that differs from its default (DISTRO has one plugin),
+# so a flag, variable or YAML key that does not reach its setting shows in `osbuilder help`.
+SAMPLES = {
+    "WORKDIR": "/srv/wd", "DEBUG": "yes", "SOURCE_DATE_EPOCH": "7", "USE_DOCKER": "yes",
+    "CACHE_DIR": "/srv/cache", "DISTRO": "debian", "OS_VERSION": "trixie",
+    "REPO_URL": "http://mirror.example/debian", "EXTRA_PKGS": "vim", "AGENT_SOURCE_BIN": "/srv/agent",
+    "AGENT_SERVICE": "my.service", "AGENT_INIT": "yes", "IMG_SIZE": "640", "BLOCK_SIZE": "2048",
+    "FS_TYPE": "ext3", "ACCEL": "tcg", "VM_MEMORY": "2048", "VM_CPUS": "2", "BOOT_KERNEL": "debian",
+    "BOOT_TIMEOUT": "300", "BOOT_IMAGE": "/srv/x.img", "BOOT_APPEND": "quiet",
+    "KERNEL_SOURCE": "/srv/linux.tar.xz", "KERNEL_FRAGMENTS": "/srv/a.config", "KERNEL_CONFIG": "/srv/config",
+    "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
+    "DESTDIR": "/tmp/stage",
+}
+
+
+def help_rows(main_args: list[str], capsys) -> dict[str, str]:
+    """`osbuilder help` run in-process: the table's lines by setting name."""
+    from osbuilder import cli
+
+    assert cli.main(main_args) == 0
+    return {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()[:1]}
+
+
+def test_every_setting_has_flag_yaml_key_and_help(tmp_path: Path, monkeypatch, capsys):
+    """Each setting reaches the program by its documented flag (--img-size), environment variable
+    (IMG_SIZE) and YAML key (img_size), and `osbuilder help` describes it."""
+    assert set(SAMPLES) == {s.name for s in S.TABLE}, "a new setting needs a sample value here"
     flags = [s.flag for s in S.TABLE]
     assert len(set(flags)) == len(flags)
+    for name in SAMPLES:
+        monkeypatch.delenv(name, raising=False)
+    argv = ["help"]
+    for name, value in SAMPLES.items():
+        argv += ["--" + name.lower().replace("_", "-"), value]
+    by_flag = help_rows(argv, capsys)
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({name.lower(): value for name, value in SAMPLES.items()}))
+    by_yaml = help_rows(["help", "--config", str(profile)], capsys)
+    for name, value in SAMPLES.items():
+        monkeypatch.setenv(name, value)
+    by_env = help_rows(["help"], capsys)
     for s in S.TABLE:
-        assert s.help and s.flag == "--" + s.name.lower().replace("_", "-") and s.yaml_key == s.name.lower()
+        value = SAMPLES[s.name]
+        assert by_flag[s.name].split()[1:3] == [value, "cli"], by_flag[s.name]
+        assert by_yaml[s.name].split()[1:3] == [value, f"yaml:{profile}"], by_yaml[s.name]
+        assert by_env[s.name].split()[1:3] == [value, "env"], by_env[s.name]
+        assert s.help and by_flag[s.name].endswith("  " + s.help)
         s.parse(s.name, s.default)  # every default parses
 
 
@@ -90,3 +133,34 @@ def test_relative_workdir_is_pinned_where_it_was_given(tmp_path: Path):
     s = S.load({"WORKDIR": "wd"}, env={}, cwd=tmp_path)
     assert s.workdir == tmp_path / "wd" and s.raw["WORKDIR"] == "wd"
     assert s.with_values(WORKDIR="/abs").workdir == Path("/abs")
+
+
+def test_settings_fields_mirror_the_table_with_their_parsed_types(tmp_path: Path):
+    """Every table row is a typed field of the frozen Settings (and nothing else is a setting)."""
+    import dataclasses
+    import types
+    import typing
+
+    fields = {f.name for f in dataclasses.fields(S.Settings)} - {"raw", "sources", "profile"}
+    assert fields == {s.attr for s in S.TABLE}
+    hints = typing.get_type_hints(S.Settings)
+    s = S.load({}, env={"IMG_SIZE": "512", "EXTRA_PKGS": "vim curl", "SOURCE_DATE_EPOCH": "7",
+                        "CACHE_DIR": "cache"}, cwd=tmp_path)
+    for row in S.TABLE:
+        value = getattr(s, row.attr)
+        hint = hints[row.attr]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        assert isinstance(value, tuple(typing.get_origin(a) or a for a in allowed)), (row.name, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.img_size = 1  # type: ignore[misc]
+    assert s.cache_dir == tmp_path / "cache"
+
+
+def test_with_values_reparses_and_keeps_the_rest(tmp_path: Path):
+    s = S.load({}, env={"OS_VERSION": "trixie"}, cwd=tmp_path)
+    t = s.with_values(IMG_SIZE="256", AGENT_INIT="yes")
+    assert (t.img_size, t.agent_init, t.os_version) == (256, True, "trixie")
+    assert (t.sources["IMG_SIZE"], t.sources["OS_VERSION"]) == ("override", "env")
+    assert s.img_size is None  # the original is untouched
+    with pytest.raises(UsageError, match="IMG_SIZE: expected a whole number"):
+        s.with_values(IMG_SIZE="huge")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,13 @@ def test_subordinate_ids_found_by_name_or_uid(tmp_path: Path):
     byuid = tmp_path / "subgid"
     byuid.write_text(f"{os.getuid()}:165536:65536\n")
     userns.check_subordinate_ids(sub, byuid)
+    # ... and only an entry of this user counts: others', a longer name, another uid, a broken line
+    others = tmp_path / "others"
+    others.write_text(f"someone:100000:65536\n{user}x:165536:65536\n{os.getuid() + 1}:231072:65536\n"
+                      f"{user}:165536\n")
+    for subuid, subgid in ((others, byuid), (sub, others)):
+        with pytest.raises(UsageError, match=re.escape(f"{others} has no entry for {user}")):
+            userns.check_subordinate_ids(subuid, subgid)
 
 
 def test_missing_subordinate_ids_name_the_file_and_the_fix(tmp_path: Path):

@@ -1,31 +1,45 @@
-"""Fast unit tests of osbuilder.vm: command line, console patterns, usernet parsing, records, accel cache,
-error handling. No guest is booted here (boot_tests/ does that)."""
+"""Fast unit tests of osbuilder.vm: command line, console patterns, profiles and phases on a stub VM,
+records, the accelerator verdict, the boot kernel. No guest is booted here (boot_tests/ does that)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from osbuilder import settings as settings_mod
+from osbuilder.cache import Cache
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.vm import accel, bootcheck, commands, console, qemu, records
-from osbuilder.vm.debian_kernel import HOOK, INITRD_MODULES, BootKernel
+from osbuilder.layout import UserCache, Workdir
+from osbuilder.vm import accel, check, console, debian_kernel, phases, profiles, qemu, records, systemd
+from osbuilder.vm.guest import BOOT_JSON, BootFailure, Guest
+from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budgets
+from osbuilder.vm.profiles import AGENT_INIT, PROFILES, SYSTEMD, VIRTIO_BLK, Outcome, Pid1, Profile
 
 USERNET = ("Hub -1 (net0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n"
            "  TCP[HOST_FORWARD]   8       127.0.0.1 35717       10.0.2.15    22     0     0\r\n")
 
 
+def load_settings(tmp_path: Path, **values: str) -> settings_mod.Settings:
+    """Settings with the WORKDIR and the per-user cache in tmp_path (never the real ~/.cache)."""
+    base = {"WORKDIR": str(tmp_path / "work"), "CACHE_DIR": str(tmp_path / "user-cache")}
+    return settings_mod.load({**base, **values}, env={})
+
+
 def spec(**kw) -> qemu.VmSpec:
-    base = dict(kernel=Path("/k/vmlinuz"), initrd=Path("/k/initrd.img"), cmdline=qemu.kernel_cmdline(),
-                image=Path("/img/container.img"), credentials={"ssh.authorized_keys.root": "ssh-ed25519 AAA a,b"})
+    base = dict(kernel=Path("/k/vmlinuz"), initrd=Path("/k/initrd.img"),
+                cmdline=qemu.kernel_cmdline(VIRTIO_BLK.root_params), image=Path("/img/container.img"),
+                credentials={"ssh.authorized_keys.root": "ssh-ed25519 AAA a,b"})
     base.update(kw)
     return qemu.VmSpec(**base)
 
@@ -80,11 +94,20 @@ def test_interactive_command_uses_stdio_and_snapshot() -> None:
     assert "-qmp" not in cmd and "-S" not in cmd
 
 
-def test_kernel_cmdline_is_runtime_style() -> None:
-    line = qemu.kernel_cmdline("root=/dev/vdz1").split()
-    for p in ("root=/dev/vda1", "rootfstype=ext4", "ro", "console=ttyS0", "panic=-1", "osbuilder.net=slirp"):
-        assert p in line
-    assert line[-1] == "root=/dev/vdz1"  # extra parameters come last and win
+@pytest.mark.parametrize("profile", PROFILES.values(), ids=list(PROFILES))
+def test_command_line_mounts_the_root_the_console_watches_for(profile: Profile, tmp_path: Path) -> None:
+    """The root= a profile boots with is the device whose mount message its root phase waits for,
+    read-only; extra parameters come last, so the kernel takes them over the profile's."""
+    opts = BootOptions(image=tmp_path / "i.img", kernel=BootKernel(tmp_path / "k", None, "path"), log_dir=tmp_path,
+                       accel=Accel("tcg", "test", False), append="quiet root=/dev/vdz1", profile=profile)
+    words = opts.cmdline.split()
+    assert words[-2:] == ["quiet", "root=/dev/vdz1"]
+    assert {"ro", "console=ttyS0", "panic=-1", "osbuilder.net=slirp"} <= set(words)
+    device = next(w for w in words if w.startswith("root=")).removeprefix("root=/dev/")
+    mounted = f"[    1.9] EXT4-fs ({device}): mounted filesystem 9c1e ro with ordered data mode. Quota mode: none."
+    assert profile.attach.root_milestone in console.match_milestones(mounted)
+    assert profile.attach.root_milestone not in console.match_milestones(mounted.replace(device, "vdz1"))
+    assert opts.spec().cmdline == opts.cmdline
 
 
 def test_socket_paths_are_short() -> None:
@@ -143,6 +166,9 @@ def test_milestones() -> None:
     assert console.match_milestones("EXT4-fs (vdb): mounted filesystem with ordered data mode.") == []
     assert "systemd_started" in console.match_milestones("Welcome to Debian GNU/Linux 12 (bookworm)!")
     assert "multi_user" in console.match_milestones("[  OK  ] Reached target multi-user.target - Multi-User System.")
+    # the agent as init says so; started by systemd it does not claim PID 1
+    assert console.match_milestones("[    2.0] osbuilder-agent: version 0.1.0 starting as PID 1") == ["agent_started"]
+    assert console.match_milestones("osbuilder-agent[231]: osbuilder-agent: version 0.1.0 starting") == []
 
 
 def test_clean_strips_colours() -> None:
@@ -162,85 +188,259 @@ def test_watcher_drains_to_log_and_finds_evidence(tmp_path: Path) -> None:
     assert w.tail(1) == ["vm login:"]
 
 
-# -- boot check parsing ---------------------------------------------------------------------
+def test_a_panic_line_is_named_by_its_cause():
+    from osbuilder.vm.console import match_fatal
+
+    assert match_fatal("Kernel panic - not syncing: No working init found.  Try passing init=").reason \
+        == "no init to run"
+    assert "root filesystem not found" in match_fatal(
+        "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)").reason
+    assert match_fatal("Kernel panic - not syncing: Attempted to kill init!").reason == "kernel panic"
+    assert match_fatal("[    0.938013] Run /etc/init as init process").reason == "no init to run"
+    assert match_fatal("[    0.934979] Run /sbin/init as init process") is None
+
+
+# -- systemd output and budgets -------------------------------------------------------------
 
 def test_parse_span_and_startup() -> None:
-    assert bootcheck.parse_span("1min 2.500s") == 62.5
-    assert bootcheck.parse_span("865ms") == 0.865
+    assert systemd.parse_span("1min 2.500s") == 62.5
+    assert systemd.parse_span("865ms") == 0.865
     out = ("Startup finished in 5.626s (kernel) + 2.1s (initrd) + 1min 11.253s (userspace) = 1min 18.979s \n"
            "graphical.target reached after 10.962s in userspace.\n")
-    assert bootcheck.parse_startup(out) == {"kernel": 5.626, "initrd": 2.1, "userspace": 71.253, "total": 78.979}
-    assert bootcheck.parse_startup("Bootup is not yet finished") == {}
+    assert systemd.parse_startup(out) == {"kernel": 5.626, "initrd": 2.1, "userspace": 71.253, "total": 78.979}
+    assert systemd.parse_startup("Bootup is not yet finished") == {}
 
 
 def test_parse_failed_units() -> None:
     text = ("osbuilder-test-fails.service loaded failed failed osbuilder test\n"
             "● ssh.service loaded failed failed OpenBSD Secure Shell server\n")
-    assert bootcheck.parse_failed_units(text) == ["osbuilder-test-fails.service", "ssh.service"]
+    assert systemd.parse_failed_units(text) == ["osbuilder-test-fails.service", "ssh.service"]
 
 
-def test_budgets_scale_with_timeout() -> None:
-    b = bootcheck.Budgets.from_timeout(120)
+def test_budgets_scale_with_timeout_down_to_floors() -> None:
+    b = Budgets.from_timeout(120)
     assert b.kernel == 30 and b.root == 60 and b.agent == 120 and b.running == 60 and b.powerdown == 30
+    assert b.agent_grace == 18 and b.ssh == 60
+    short = Budgets.from_timeout(40)  # a short BOOT_TIMEOUT still leaves the agent and the power-off time
+    assert short.kernel == 10 and short.agent == 40 and short.agent_grace == 15 and short.powerdown == 20
 
 
-# -- error handling (stub VM) ---------------------------------------------------------------
+# -- profiles and outcomes ------------------------------------------------------------------
 
-def stub_guest(tmp_path: Path, *, alive: bool = True, stderr_line: str = "", console_line: str = "") -> bootcheck.Guest:
-    con = console.ConsoleWatcher(tmp_path / "c.log", time.monotonic())
-    err = console.ConsoleWatcher(tmp_path / "q.log", time.monotonic(), "qemu")
+def test_outcomes_are_recorded_as_boot_json_spells_them() -> None:
+    assert str(Outcome.passed()) == "passed"
+    assert str(Outcome.failed("kernel panic")) == "failed: kernel panic"
+    assert str(Outcome.skipped("agent is init (no systemd)")) == "skipped: agent is init (no systemd)"
+    assert Outcome.skipped("x") != Outcome.failed("x") and Outcome.passed() == Outcome.passed()
+
+
+def test_a_skip_counts_only_for_its_own_profile_and_phase() -> None:
+    no_sshd = Outcome.skipped("agent is init (no sshd)")
+    assert AGENT_INIT.counts("ssh", no_sshd) and AGENT_INIT.counts("ssh", Outcome.passed())
+    assert not SYSTEMD.counts("ssh", no_sshd)  # a systemd image must log in
+    assert not AGENT_INIT.counts("running", no_sshd)  # the skip must be the phase's own
+    for phase in ("kernel", "root", "init", "agent", "exec", "powerdown"):  # never skipped by agent-init
+        assert AGENT_INIT.skip(phase) is None and not AGENT_INIT.counts(phase, no_sshd)
+    assert not AGENT_INIT.counts("ssh", None) and not AGENT_INIT.counts("ssh", Outcome.failed("x"))
+
+
+def test_the_profile_follows_agent_init(tmp_path: Path) -> None:
+    s = load_settings(tmp_path)
+    assert profiles.for_settings(s) is SYSTEMD and profiles.for_settings(s.with_values(AGENT_INIT="yes")) is AGENT_INIT
+    assert PROFILES == {"systemd": SYSTEMD, "agent-init": AGENT_INIT}
+    with pytest.raises(ValueError, match="no such phase: sshd"):
+        Profile("typo", VIRTIO_BLK, Pid1.SYSTEMD, skipped={"sshd": "no"})
+
+
+def test_guest_options_come_from_the_settings(tmp_path: Path) -> None:
+    s = load_settings(tmp_path, VM_MEMORY="2048", VM_CPUS="2", BOOT_TIMEOUT="90", BOOT_APPEND="quiet",
+                      AGENT_INIT="yes")
+    kernel = BootKernel(tmp_path / "k", None, "path")
+    opts = check.guest_options(s, image=tmp_path / "i.img", kernel=kernel, accel=Accel("tcg", "t", False),
+                               name="my test[1]", append="loglevel=7")
+    assert (opts.memory, opts.cpus, opts.timeout, opts.append) == (2048, 2, 90, "quiet loglevel=7")
+    assert opts.profile is AGENT_INIT and opts.ssh_key is None
+    assert opts.log_dir == Workdir.of(s).boot_log("my test[1]") and opts.log_dir.is_relative_to(s.workdir)
+    assert check.guest_options(s, image=opts.image, kernel=kernel, accel=opts.accel, name="x", timeout=30).timeout == 30
+
+
+# -- phases on a stub VM --------------------------------------------------------------------
+
+class FakeVm:
+    """What a Guest uses of qemu.Vm, without QEMU: a console to feed, QMP events, a power button."""
+
+    def __init__(self, tmp_path: Path, alive: bool = True) -> None:
+        self.t0 = time.monotonic()
+        self.console = console.ConsoleWatcher(tmp_path / "c.log", self.t0)
+        self.stderr = console.ConsoleWatcher(tmp_path / "q.log", self.t0, "qemu")
+        self.console.closed = True  # every line it will show is fed by the test
+        self.qmp = SimpleNamespace(event_names=lambda: ["RESUME"], events=[])
+        self.proc = SimpleNamespace(returncode=0)
+        self.pid, self.command = 4242, ["qemu-system-x86_64", "-fake"]
+        self.is_alive = alive
+        self.shutdown_event: dict[str, Any] | None = None
+        self.calls: list[str] = []
+        self.stopped_with: float | None = None
+
+    def alive(self) -> bool:
+        return self.is_alive
+
+    def powerdown(self, timeout: float) -> dict[str, Any]:
+        self.calls.append("system_powerdown")
+        return self.wait_shutdown(timeout)
+
+    def wait_shutdown(self, timeout: float, since: int = 0) -> dict[str, Any]:
+        self.shutdown_event = {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}}
+        self.is_alive = False
+        return self.shutdown_event
+
+    def stop(self, graceful: float = 10) -> None:
+        self.stopped_with = graceful
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def poweroff(self, timeout: float) -> None:
+        self.calls.append("poweroff")
+
+    def wait_ready(self, *args: Any, **kw: Any) -> str:
+        raise AssertionError("the guard should have stopped the wait first")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+def stub_guest(tmp_path: Path, profile: Profile = SYSTEMD, *, alive: bool = True, stderr_line: str = "",
+               console_line: str = "", timeout: float = 120) -> Guest:
+    vm = FakeVm(tmp_path, alive)
     if console_line:
-        con.feed(console_line)
+        vm.console.feed(console_line)
     if stderr_line:
-        err.feed(stderr_line)
-    vm = SimpleNamespace(console=con, stderr=err, alive=lambda: alive, proc=SimpleNamespace(returncode=0),
-                         qmp=SimpleNamespace(event_names=lambda: ["RESUME", "SHUTDOWN"]), t0=time.monotonic())
-    opts = bootcheck.BootOptions(image=tmp_path / "i.img", kernel=BootKernel(tmp_path / "k", None, "path"),
-                                 log_dir=tmp_path, accel=accel.Accel("kvm", "test", True))
-    return bootcheck.Guest(opts, vm=vm)  # type: ignore[arg-type]
+        vm.stderr.feed(stderr_line)
+    opts = BootOptions(image=tmp_path / "i.img", kernel=BootKernel(tmp_path / "k", None, "path"), log_dir=tmp_path,
+                       accel=Accel("kvm", "test", True), profile=profile, timeout=timeout)
+    return Guest(opts, vm)  # type: ignore[arg-type]
 
 
-def test_phase_ok_skips_count_only_for_agent_init() -> None:
-    skip_ssh, skip_running = bootcheck.AGENT_INIT_SKIPS["ssh"], bootcheck.AGENT_INIT_SKIPS["running"]
-    assert skip_ssh == "skipped: agent is init (no sshd)"
-    assert bootcheck.phase_ok("ssh", "passed", False) and bootcheck.phase_ok("ssh", "passed", True)
-    assert bootcheck.phase_ok("ssh", skip_ssh, True) and bootcheck.phase_ok("running", skip_running, True)
-    assert not bootcheck.phase_ok("ssh", skip_ssh, False)  # a systemd image must log in
-    assert not bootcheck.phase_ok("running", skip_ssh, True)  # the skip must be the phase's own
-    for phase in ("kernel", "root", "init", "agent", "exec", "powerdown"):  # never skippable
-        assert not bootcheck.phase_ok(phase, "skipped: agent is init (no sshd)", True)
-    assert not bootcheck.phase_ok("ssh", None, True) and not bootcheck.phase_ok("ssh", "failed: x", True)
-
-
-def test_agent_init_skips_running_and_ssh_and_can_pass(tmp_path: Path) -> None:
-    guest = stub_guest(tmp_path)
-    guest.opts.agent_init = True
-    assert guest.wait_running() == "agent-init" and guest.wait_ssh() is None
-    assert guest.phases == dict(bootcheck.AGENT_INIT_SKIPS)
+def test_agent_init_records_running_and_ssh_as_skipped(tmp_path: Path) -> None:
+    guest = stub_guest(tmp_path, AGENT_INIT)
+    assert phases.run(guest, "running") is None and phases.run(guest, "ssh") is None  # nothing asked of the VM
+    assert guest.phases == {"running": Outcome.skipped("agent is init (no systemd)"),
+                            "ssh": Outcome.skipped("agent is init (no sshd)")}
+    assert guest.record()["phases"] == {
+        "kernel": "not run", "root": "not run", "init": "not run", "agent": "not run",
+        "running": "skipped: agent is init (no systemd)", "exec": "not run",
+        "ssh": "skipped: agent is init (no sshd)", "powerdown": "not run"}
     assert not guest.passed
-    guest.phases.update({p: "passed" for p in ("kernel", "root", "init", "agent", "exec", "powerdown")})
+    guest.phases.update({p: Outcome.passed() for p in ("kernel", "root", "init", "agent", "exec", "powerdown")})
     assert guest.passed
-    guest.opts.agent_init = False  # the same record from a systemd image is not a pass
-    assert not guest.passed
-    with pytest.raises(bootcheck.BootFailure, match="no session key"):
-        guest.wait_ssh()
+    systemd_guest = Guest(dataclasses.replace(guest.opts, profile=SYSTEMD), guest.vm)
+    systemd_guest.phases.update(guest.phases)
+    assert not systemd_guest.passed  # the same outcomes from a systemd image are not a pass
+    with pytest.raises(BootFailure, match="no session key"):
+        phases.run(systemd_guest, "ssh")
+    assert systemd_guest.record()["phases"]["ssh"] == "failed: no session key was delivered to this guest"
 
 
-def test_missing_agent_init_fails_in_init_phase(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile, has_key, ran, skipped", [
+    (SYSTEMD, True, ["kernel", "root", "init", "agent", "running", "exec", "ssh"], []),
+    (SYSTEMD, False, ["kernel", "root", "init", "agent", "running", "exec"], []),  # no key: ssh "not run"
+    (AGENT_INIT, False, ["kernel", "root", "init", "agent", "exec"], ["running", "ssh"]),
+    (Profile("no-root-check", VIRTIO_BLK, Pid1.SYSTEMD, skipped={"root": "no disk"}), True,
+     ["kernel", "init", "agent", "running", "exec", "ssh"], ["root"]),
+], ids=["systemd", "systemd-no-key", "agent-init", "a-new-profile-is-an-entry"])
+def test_boot_to_ready_runs_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profile: Profile,
+                                        has_key: bool, ran: list[str], skipped: list[str]) -> None:
+    calls: list[str] = []
+
+    def check_for(name: str):
+        def record(guest: Guest) -> None:
+            calls.append(name)
+            guest.phases[name] = Outcome.passed()
+        return record
+
+    monkeypatch.setattr(phases, "CHECKS", {name: check_for(name) for name in profiles.PHASES})
+    guest = stub_guest(tmp_path, profile)
+    if has_key:
+        guest.opts = dataclasses.replace(guest.opts, ssh_key=SimpleNamespace(public="ssh-ed25519 AAAA"))
+    check.boot_to_ready(guest)
+    assert calls == ran
+    assert [p for p, o in guest.phases.items() if o == profile.skip(p)] == skipped
+    phases.run(guest, "powerdown")
+    assert guest.passed is (has_key or profile.skip("ssh") is not None)  # no key, no login, no pass
+
+
+def test_missing_init_fails_in_init_phase(tmp_path: Path) -> None:
     line = "Target filesystem doesn't have requested /sbin/init."
-    guest = stub_guest(tmp_path, console_line=line)
-    assert guest._agent_phase() == "agent"
-    guest.opts.agent_init = True
-    assert guest._agent_phase() == "init"
-    with pytest.raises(bootcheck.BootFailure) as info:
-        guest.wait_init()
-    assert info.value.phase == "init" and "no init to run" in info.value.message and line in info.value.detail
+    for profile in (SYSTEMD, AGENT_INIT):
+        guest = stub_guest(tmp_path, profile, console_line=line)
+        with pytest.raises(BootFailure) as info:
+            phases.init(guest)
+        assert info.value.phase == "init" and "no init to run" in info.value.message and line in info.value.detail
+        assert guest.phases["init"] == Outcome.failed("no init to run")
 
 
-def test_agent_init_diagnostics_do_not_try_ssh(tmp_path: Path) -> None:
-    guest = stub_guest(tmp_path)
-    guest.opts.agent_init = True
-    assert "no sshd" in guest._agent_diagnostics()
+@pytest.mark.parametrize("profile, phase", [(SYSTEMD, "agent"), (AGENT_INIT, "init")])
+def test_no_init_while_waiting_for_the_agent_fails_the_profiles_phase(tmp_path: Path, profile: Profile,
+                                                                     phase: str) -> None:
+    """When the agent is init, an init that never ran is the init phase's failure, not the agent's."""
+    guest = stub_guest(tmp_path, profile, console_line="Kernel panic - not syncing: No working init found.")
+    guest.agent = FakeAgent()  # type: ignore[assignment]
+    with pytest.raises(BootFailure) as info:
+        phases.agent(guest)
+    assert info.value.phase == phase and info.value.reason == "no init to run"
+
+
+def test_a_silent_agent_is_reported_with_the_profiles_diagnostics(tmp_path: Path) -> None:
+    details = {}
+    for profile in (AGENT_INIT, SYSTEMD):
+        guest = stub_guest(tmp_path, profile, timeout=1)
+        guest.vm.t0 -= 5  # the agent's budget is spent
+        guest.agent = FakeAgent()  # type: ignore[assignment]
+        with pytest.raises(BootFailure) as info:
+            phases.agent(guest)
+        assert info.value.phase == "agent" and "no answer from the agent on agent.channel.0" in info.value.reason
+        details[profile.name] = info.value.detail
+    assert "the agent is init: no systemd unit and no sshd to ask" in details["agent-init"]
+    assert "sshd" not in details["systemd"]  # no session key: nothing to ask over SSH, and no pretending
+
+
+@pytest.mark.parametrize("profile, request_by", [(SYSTEMD, "system_powerdown"), (AGENT_INIT, "agent")])
+def test_powerdown_goes_through_the_profiles_pid1(tmp_path: Path, profile: Profile, request_by: str) -> None:
+    guest = stub_guest(tmp_path, profile)
+    agent = FakeAgent()
+    guest.agent = agent  # type: ignore[assignment]
+    event = phases.powerdown(guest)
+    assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert (agent.calls, guest.vm.calls) == ((["poweroff"], []) if request_by == "agent" else
+                                             ([], ["system_powerdown"]))
+    assert guest.phases["powerdown"] == Outcome.passed() and guest.powerdown_seconds is not None
+
+
+def test_agent_init_powerdown_without_the_agent_fails(tmp_path: Path) -> None:
+    guest = stub_guest(tmp_path, AGENT_INIT)
+    with pytest.raises(BootFailure, match="the agent is not connected"):
+        phases.powerdown(guest)
+    assert guest.vm.calls == []  # no ACPI button for a guest whose init ignores it
+
+
+@pytest.mark.parametrize("profile", [SYSTEMD, AGENT_INIT])
+def test_close_powers_off_the_profiles_way_and_writes_boot_json(tmp_path: Path, profile: Profile) -> None:
+    guest = stub_guest(tmp_path, profile)
+    agent = FakeAgent()
+    guest.agent = agent  # type: ignore[assignment]
+    guest.close()
+    if profile.agent_is_init:  # the agent powers the guest off; then QEMU is only told to quit
+        assert agent.calls == ["poweroff", "close"] and guest.vm.stopped_with == 0
+    else:  # Vm.stop presses the power button itself
+        assert agent.calls == ["close"] and guest.vm.stopped_with == 10
+    record = json.loads((tmp_path / BOOT_JSON).read_text())
+    assert record["qemu_pid"] == 4242 and record["passed"] is False and record["phases"]["kernel"] == "not run"
+    assert list(record) == ["name", "image", "kernel", "accel", "memory_mib", "cpus", "started_at", "timings",
+                            "guest_startup", "powerdown_seconds", "phases", "passed", "failure", "qemu_pid",
+                            "command", "log_dir"]
 
 
 def test_kvm_internal_error_raises_infrastructure_error(tmp_path: Path) -> None:
@@ -252,33 +452,38 @@ def test_kvm_internal_error_raises_infrastructure_error(tmp_path: Path) -> None:
 
 def test_fatal_console_line_names_phase_and_evidence(tmp_path: Path) -> None:
     guest = stub_guest(tmp_path, console_line="You are in emergency mode. After logging in...")
-    with pytest.raises(bootcheck.BootFailure) as info:
+    with pytest.raises(BootFailure) as info:
         guest.guard("running")
     e = info.value
     assert e.exit_code == 1 and e.phase == "running" and "emergency mode" in e.message
     assert "You are in emergency mode" in e.detail and "console tail" in e.detail and str(tmp_path) in e.message
+    assert guest.failure == "running: systemd entered emergency mode"
 
 
 def test_dead_qemu_is_reported(tmp_path: Path) -> None:
     guest = stub_guest(tmp_path, alive=False)
-    with pytest.raises(bootcheck.BootFailure, match="QEMU exited unexpectedly"):
+    with pytest.raises(BootFailure, match="QEMU exited unexpectedly"):
         guest.guard("kernel")
 
 
-def test_kvm_failure_falls_back_to_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = settings_mod.load({"WORKDIR": str(tmp_path)}, env={})
+def test_kvm_failure_falls_back_to_tcg(tmp_path: Path) -> None:
+    s = load_settings(tmp_path)
     opts = stub_guest(tmp_path).opts
     calls = []
 
-    def fn(o: bootcheck.BootOptions) -> str:
-        calls.append(o.accel.name)
+    def fn(o: BootOptions) -> str:
+        calls.append((o.accel.name, o.log_dir.name))
         if o.accel.name == "kvm":
             raise InfrastructureError("KVM internal error")
         return "ok"
 
-    assert bootcheck.with_kvm_fallback(opts, s, fn) == "ok"
-    assert calls == ["kvm", "tcg"]
-    assert json.loads((tmp_path / "cache" / accel.PROBE_FILE).read_text())["kvm"] is False
+    assert check.with_kvm_fallback(opts, s, fn) == "ok"
+    assert calls == [("kvm", tmp_path.name), ("tcg", tmp_path.name + "-tcg")]
+    assert json.loads(UserCache.of(s).accel_verdict.read_text())["kvm"] is False  # KVM distrusted from now on
+    calls.clear()
+    with pytest.raises(InfrastructureError):  # KVM asked for by name: no fallback
+        check.with_kvm_fallback(dataclasses.replace(opts, accel=Accel("kvm", "ACCEL=kvm", False)), s, fn)
+    assert calls == [("kvm", tmp_path.name)]
 
 
 def test_qemu_that_fails_to_start_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,9 +528,10 @@ def test_records_round_trip(tmp_path: Path) -> None:
     assert records.passing_record(tmp_path, image) is None
     paths = records.write_records(tmp_path, image, kernel, passed=True, kernel={"kind": "debian"},
                                   timings={"agent_ready": 1.0})
-    assert [p.parent.name for p in paths] == ["boot-records", "boot-records"]
-    rec = records.passing_record(tmp_path, image)
-    assert rec is not None and rec["sha256"] == records.sha256_file(image) and rec["role"] == "image"
+    digest = "6105d6cc76af400325e94d588ce511be5bfdbb73b437dc51eca43917d7a43e3d"  # sha256 of b"image"
+    assert paths[0] == Workdir(tmp_path).boot_record(digest)
+    rec = records.passing_record(Workdir(tmp_path), image)
+    assert rec is not None and rec["sha256"] == digest and rec["role"] == "image"
     assert records.passing_record(tmp_path, kernel)["role"] == "kernel"
     os.utime(image, ns=(1, 1))
     image.write_bytes(b"changed")
@@ -345,16 +551,52 @@ def test_failing_record_never_replaces_passing(tmp_path: Path) -> None:
 # -- accelerator ----------------------------------------------------------------------------
 
 def test_probe_verdict_cache(tmp_path: Path) -> None:
-    path = tmp_path / accel.PROBE_FILE
+    path = tmp_path / "verdict.json"
     assert accel.cached_verdict(path) is None
     accel.save_verdict(path, False, "no output")
     assert accel.cached_verdict(path)["kvm"] is False
     assert accel.cached_verdict(path, now=time.time() + accel.PROBE_TTL + 1) is None
+    other_qemu = {**accel.host_key(), "qemu": "QEMU emulator version 99.0.0"}
+    assert accel.cached_verdict(path, host=other_qemu) is None
+
+
+def test_host_key_names_kernel_boot_qemu_and_cpu() -> None:
+    key = accel.host_key()
+    assert key["kernel"] == os.uname().release
+    assert key["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert key["qemu"].startswith("QEMU emulator version")
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    assert key["cpu"] == (cpu[1].strip() if cpu else "unknown")
+
+
+def test_kvm_verdict_is_shared_by_every_workdir_of_one_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = BootKernel(tmp_path / "k", None, "path")
+    first = load_settings(tmp_path, WORKDIR=str(tmp_path / "first"), ACCEL="auto")
+    fresh = first.with_values(WORKDIR=str(tmp_path / "fresh"))
+    probes: list[Path] = []
+    verdicts = iter([(True, "reached init in 1.0s"), (False, "KVM internal error")])
+
+    def probe(k: BootKernel, log_dir: Path) -> tuple[bool, str]:
+        probes.append(log_dir)
+        return next(verdicts)
+
+    monkeypatch.setattr(accel, "kvm_usable", lambda: None)
+    monkeypatch.setattr(accel, "probe_kvm", probe)
+    monkeypatch.setattr(accel, "host_key", lambda: {"kernel": "6.1.0-1", "boot_id": "b1", "qemu": "7.2", "cpu": "x"})
+    assert accel.choose(first, kernel).name == "kvm" and len(probes) == 1
+    assert accel.choose(fresh, kernel).name == "kvm" and len(probes) == 1  # a fresh WORKDIR does not probe
+    assert not (tmp_path / "fresh").exists()
+    assert UserCache.of(fresh).accel_verdict.is_file()
+    # after a reboot (another boot id) the verdict no longer holds: probed again, in that WORKDIR's logs
+    monkeypatch.setattr(accel, "host_key", lambda: {"kernel": "6.1.0-1", "boot_id": "b2", "qemu": "7.2", "cpu": "x"})
+    chosen = accel.choose(fresh, kernel)
+    assert chosen.name == "tcg" and "KVM internal error" in chosen.reason and len(probes) == 2
+    assert probes[1].parent == Workdir.of(fresh).boot_logs
 
 
 def test_choose_accel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = BootKernel(tmp_path / "k", None, "path")
-    s = settings_mod.load({"WORKDIR": str(tmp_path), "ACCEL": "tcg"}, env={})
+    s = load_settings(tmp_path, ACCEL="tcg")
     assert accel.choose(s, kernel).name == "tcg"
     monkeypatch.setattr(accel, "kvm_usable", lambda: "no /dev/kvm")
     auto = accel.choose(s.with_values(ACCEL="auto"), kernel)
@@ -362,49 +604,115 @@ def test_choose_accel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InfrastructureError):
         accel.choose(s.with_values(ACCEL="kvm"), kernel)
     monkeypatch.setattr(accel, "kvm_usable", lambda: None)
-    accel.save_verdict(tmp_path / "cache" / accel.PROBE_FILE, True, "probe passed")
+    accel.save_verdict(UserCache.of(s).accel_verdict, True, "probe passed")
     assert accel.choose(s.with_values(ACCEL="auto"), kernel).name == "kvm"
 
 
-# -- commands and the Debian kernel artifact ------------------------------------------------
+# -- what `osbuilder boot` boots ------------------------------------------------------------
 
 def test_boot_kernel_and_image_selection(tmp_path: Path) -> None:
-    s = settings_mod.load({"WORKDIR": str(tmp_path)}, env={})
-    with pytest.raises(UsageError, match="BOOT_IMAGE"):
-        commands.boot_image(s)
+    s = load_settings(tmp_path)
+    with pytest.raises(UsageError, match="BOOT_IMAGE: .* does not exist; run `osbuilder rootfs"):
+        check.boot_image(s)
     with pytest.raises(UsageError, match="BOOT_KERNEL=built"):
-        commands.boot_kernel(s.with_values(BOOT_KERNEL="built"))
-    (tmp_path / "vmlinuz.container").write_bytes(b"k")
-    assert commands.boot_kernel(s).name == "built"  # auto prefers the built kernel
+        check.boot_kernel(s.with_values(BOOT_KERNEL="built"))
+    Workdir.of(s).kernel.vmlinuz.parent.mkdir(parents=True)
+    Workdir.of(s).kernel.vmlinuz.write_bytes(b"k")
+    assert check.boot_kernel(s).name == "built"  # auto prefers the built kernel
     custom = tmp_path / "bzImage"
     custom.write_bytes(b"k")
-    assert commands.boot_kernel(s.with_values(BOOT_KERNEL=str(custom))).kernel == custom
+    assert check.boot_kernel(s.with_values(BOOT_KERNEL=str(custom))).kernel == custom
+    assert check.boot_kernel(s, custom) == BootKernel(custom, None, "path")  # --kernel PATH first
+    assert check.boot_kernel(s.with_values(BOOT_KERNEL="built"), built=custom).kernel == custom
     with pytest.raises(UsageError):
-        commands.boot_kernel(s, tmp_path / "nope")
-
-
-def test_initrd_hook_loads_virtio_modules() -> None:
-    for module in ("virtio_console", "virtio_net", "virtio_pci", "virtio_blk", "vsock", "ext4", "button"):
-        assert module in INITRD_MODULES
-    assert "update-initramfs -u -k all" in HOOK
+        check.boot_kernel(s, tmp_path / "nope")
 
 
 def test_format_timings() -> None:
-    text = commands.format_timings({"passed": True, "image": "/i", "log_dir": "/l",
-                                    "kernel": {"kind": "debian", "version": "6.1", "path": "/k"},
-                                    "accel": {"name": "tcg", "reason": "ACCEL=tcg"},
-                                    "timings": {"qemu_start": 0.0, "agent_ready": 9.5},
-                                    "guest_startup": {"total": 17.6}})
-    assert "PASSED" in text and "agent_ready" in text and "9.50" in text and "logs: /l" in text
+    text = check.format_timings({"passed": True, "image": "/i", "log_dir": "/l",
+                                 "kernel": {"kind": "debian", "version": "6.1", "path": "/k"},
+                                 "accel": {"name": "tcg", "reason": "ACCEL=tcg"},
+                                 "timings": {"qemu_start": 0.0, "agent_ready": 9.5},
+                                 "guest_startup": {"kernel": 1.25, "total": 17.6}})
+    assert text == ("boot check PASSED: /i\n"
+                    "  kernel: debian 6.1\n"
+                    "  accel:  tcg (ACCEL=tcg)\n"
+                    "  phase timings (seconds since QEMU start):\n"
+                    "    qemu_start                 0.00\n"
+                    "    agent_ready                9.50\n"
+                    "  systemd-analyze: kernel 1.25s, total 17.60s\n"
+                    "  logs: /l")
 
 
-def test_a_panic_line_is_named_by_its_cause():
-    from osbuilder.vm.console import match_fatal
+# -- the Debian boot kernel -----------------------------------------------------------------
 
-    assert match_fatal("Kernel panic - not syncing: No working init found.  Try passing init=").reason \
-        == "no init to run"
-    assert "root filesystem not found" in match_fatal(
-        "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)").reason
-    assert match_fatal("Kernel panic - not syncing: Attempted to kill init!").reason == "kernel panic"
-    assert match_fatal("[    0.938013] Run /etc/init as init process").reason == "no init to run"
-    assert match_fatal("[    0.934979] Run /sbin/init as init process") is None
+FAKE_CHROOT = """#!{python}
+import os, sys
+root, argv = sys.argv[1], sys.argv[2:]
+if argv[0] == "find":
+    os.execvp("find", ["find", root + argv[1], *argv[2:]])
+with open(os.path.join(root, "calls"), "a") as f:
+    f.write(" ".join(argv) + "\\n")
+if argv[0] == "dpkg-query":
+    print("6.1.99-1", end="")
+"""
+
+
+def test_initrd_hook_lists_the_kernels_virtio_modules(tmp_path: Path) -> None:
+    """The hook lists every module the guest needs that this kernel has as a module (and no other),
+    regenerates the initrd and notes the package version."""
+    root = tmp_path / "chroot"
+    (root / "etc/initramfs-tools").mkdir(parents=True)
+    (root / "boot").mkdir()
+    drivers = root / "lib/modules/6.1.0-9-cloud-amd64/kernel/drivers"
+    drivers.mkdir(parents=True)
+    built_in = {"virtio_pmem", "nd_pmem"}  # as if compiled into this kernel: no .ko, nothing to load
+    for module in set(debian_kernel.INITRD_MODULES) - built_in:
+        (drivers / f"{module}.ko.xz").write_bytes(b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "chroot").write_text(FAKE_CHROOT.format(python=sys.executable))
+    (bin_dir / "chroot").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["sh", "-c", debian_kernel.HOOK, "sh", str(root)], env=env, check=True, timeout=60)
+    listed = (root / "etc/initramfs-tools/modules").read_text().split()
+    assert {"virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "vsock", "ext4", "button"} <= set(listed)
+    assert listed == [m for m in debian_kernel.INITRD_MODULES if m not in built_in]
+    assert "update-initramfs -u -k all" in (root / "calls").read_text()
+    assert (root / "boot/osbuilder-kernel-version").read_text() == "6.1.99-1"
+
+
+def test_extract_takes_the_one_kernel_and_its_initrd(tmp_path: Path) -> None:
+    boot, out = tmp_path / "boot", tmp_path / "out"
+    boot.mkdir()
+    out.mkdir()
+    release = "6.1.0-9-cloud-amd64"
+    for name, data in ((f"vmlinuz-{release}", b"kernel"), (f"initrd.img-{release}", b"initrd"),
+                       (f"config-{release}", b"CONFIG_X=y\n"), ("osbuilder-kernel-version", b"6.1.27-1\n")):
+        (boot / name).write_bytes(data)
+    debian_kernel.extract(boot, out)
+    assert (out / debian_kernel.KERNEL_NAME).read_bytes() == b"kernel"
+    assert (out / debian_kernel.INITRD_NAME).read_bytes() == b"initrd"
+    assert (out / debian_kernel.VERSION_NAME).read_text() == f"{release} linux-image-cloud-amd64 6.1.27-1\n"
+    (boot / "vmlinuz-6.1.0-10-cloud-amd64").write_bytes(b"another")
+    with pytest.raises(OsbuilderError, match="expected one kernel .* found 2"):
+        debian_kernel.extract(boot, out)
+
+
+def test_debian_kernel_is_built_once_for_every_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(tmp_path)
+    builds: list[Path] = []
+
+    def build(settings: settings_mod.Settings, out: Path, **kw: Any) -> None:
+        builds.append(out)
+        for name in (debian_kernel.KERNEL_NAME, debian_kernel.INITRD_NAME):
+            (out / name).write_bytes(b"x")
+        (out / debian_kernel.VERSION_NAME).write_text("6.1.0-9-cloud-amd64 linux-image-cloud-amd64 6.1.27-1\n")
+
+    monkeypatch.setattr(debian_kernel, "build", build)
+    first = debian_kernel.debian_kernel(s)
+    again = debian_kernel.debian_kernel(s.with_values(WORKDIR=str(tmp_path / "another-workdir")))
+    assert len(builds) == 1 and again == first
+    assert first.kernel.is_relative_to(UserCache.of(s).artifacts) and not s.workdir.exists()
+    assert first.version.startswith("6.1.0-9-cloud-amd64") and first.initrd is not None
+    assert Cache(UserCache.of(s).artifacts).lookup(debian_kernel.manifest(s)) == first.kernel.parent

@@ -33,22 +33,22 @@
 #define PROTOCOL_VERSION 1
 #define PORT_NAME "agent.channel.0"
 
-#define MAX_LINE (64 * 1024)          /* max request line, without the newline */
-#define MAX_OUTPUT (1024 * 1024)      /* max captured bytes per exec output stream */
+#define MAX_LINE (64 * 1024)     /* max request line, without the newline */
+#define MAX_OUTPUT (1024 * 1024) /* max captured bytes per exec output stream */
 #define MAX_ARGV 4096
-#define MAX_DEPTH 16                  /* JSON nesting limit */
+#define MAX_DEPTH 16 /* JSON nesting limit */
 #define DEFAULT_TIMEOUT 30.0
 #define MAX_TIMEOUT 3600.0
-#define RETRY_MS 150                  /* back-off while the port is absent / host not connected */
-#define DRAIN_GRACE_MS 500            /* read output this long after the child exits */
-#define KILL_GRACE_MS 5000            /* give up waiting for a SIGKILLed child after this */
+#define RETRY_MS 150       /* back-off while the port is absent / host not connected */
+#define DRAIN_GRACE_MS 500 /* read output this long after the child exits */
+#define KILL_GRACE_MS 5000 /* give up waiting for a SIGKILLed child after this */
 
 static const char *const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 static int is_pid1;
-static int sigchld_pipe[2] = {-1, -1};       /* self-pipe written by the SIGCHLD handler */
-static volatile sig_atomic_t child_pgid;     /* process group of the running exec child */
-static pid_t tracked_pid;                    /* the exec child whose status we want */
+static int sigchld_pipe[2] = {-1, -1};   /* self-pipe written by the SIGCHLD handler */
+static volatile sig_atomic_t child_pgid; /* process group of the running exec child */
+static pid_t tracked_pid;                /* the exec child whose status we want */
 static int tracked_status, tracked_done;
 
 /* ------------------------------------------------------------------ utilities */
@@ -298,10 +298,10 @@ struct jval {
     enum jtype type;
     int boolean;
     double num;
-    char *str;            /* J_STR: decoded bytes (NUL-terminated, may contain NUL); J_NUM: raw token */
+    char *str; /* J_STR: decoded bytes (NUL-terminated, may contain NUL); J_NUM: raw token */
     size_t len;
-    struct jval *items;   /* J_ARR elements / J_OBJ member values */
-    struct jval *keys;    /* J_OBJ member names (J_STR) */
+    struct jval *items; /* J_ARR elements / J_OBJ member values */
+    struct jval *keys;  /* J_OBJ member names (J_STR) */
     size_t n;
 };
 
@@ -756,92 +756,115 @@ static void child_exec(char **argv, int in_fd, int out_fd, int err_fd)
     _exit(e == ENOENT || e == ENOTDIR ? 127 : 126);
 }
 
-static void cmd_exec(struct buf *reply, const struct jval *req, const struct jval *id)
+/* A validated exec request; argv points into the request's strings and ends with NULL. */
+struct exec_req {
+    char **argv;
+    double timeout;      /* seconds */
+    const char *in_data; /* NULL: no stdin (the child sees EOF at once) */
+    size_t in_len;
+};
+
+/* The parent's side of a running exec: the child's pipes and what went through them so far. */
+struct exec_io {
+    struct capture out, err;
+    int in_fd;
+    const char *in_data;
+    size_t in_len, in_off;
+};
+
+/* Deadlines of the exec I/O loop. */
+struct exec_clock {
+    int64_t deadline;  /* kill the child at this time */
+    int64_t finish_by; /* once the child is gone (or killed): stop waiting at this time */
+    int timed_out, exit_seen;
+};
+
+struct exec_result {
+    int reaped; /* status holds the child's wait status */
+    int status;
+    int timed_out;
+};
+
+/* Check "argv": 1 to MAX_ARGV strings without NUL, the first one non-empty. NULL if valid, else the error. */
+static const char *exec_check_argv(const struct jval *jargv)
+{
+    if (!jargv || jargv->type != J_ARR)
+        return "\"argv\" must be a non-empty array of strings";
+    if (jargv->n == 0 || jargv->n > MAX_ARGV)
+        return "\"argv\" must be a non-empty array of strings (at most 4096)";
+    for (size_t i = 0; i < jargv->n; i++) {
+        const struct jval *a = &jargv->items[i];
+        if (a->type != J_STR)
+            return "\"argv\" must be a non-empty array of strings";
+        if (memchr(a->str, '\0', a->len))
+            return "\"argv\" strings must not contain NUL";
+    }
+    if (jargv->items[0].len == 0)
+        return "\"argv\"[0] must not be empty";
+    return NULL;
+}
+
+/* Validate an exec request into *x. NULL on success (free x->argv later), else the error for the reply. */
+static const char *exec_parse(const struct jval *req, struct exec_req *x)
 {
     const struct jval *jargv = jget(req, "argv");
     const struct jval *jtimeout = jget(req, "timeout");
     const struct jval *jstdin = jget(req, "stdin");
-
-    if (!jargv || jargv->type != J_ARR)
-        {
-        reply_error(reply, id, "\"argv\" must be a non-empty array of strings");
-        return;
-    }
-    if (jargv->n == 0 || jargv->n > MAX_ARGV)
-        {
-        reply_error(reply, id, "\"argv\" must be a non-empty array of strings (at most 4096)");
-        return;
-    }
-    for (size_t i = 0; i < jargv->n; i++) {
-        const struct jval *a = &jargv->items[i];
-        if (a->type != J_STR)
-            {
-        reply_error(reply, id, "\"argv\" must be a non-empty array of strings");
-        return;
-    }
-        if (memchr(a->str, '\0', a->len))
-            {
-        reply_error(reply, id, "\"argv\" strings must not contain NUL");
-        return;
-    }
-    }
-    if (jargv->items[0].len == 0)
-        {
-        reply_error(reply, id, "\"argv\"[0] must not be empty");
-        return;
-    }
-    double timeout = DEFAULT_TIMEOUT;
+    const char *bad = exec_check_argv(jargv);
+    if (bad)
+        return bad;
+    *x = (struct exec_req){.timeout = DEFAULT_TIMEOUT};
     if (jtimeout && jtimeout->type != J_NULL) {
         if (jtimeout->type != J_NUM || !(jtimeout->num > 0) || jtimeout->num > MAX_TIMEOUT)
-            {
-        reply_error(reply, id, "\"timeout\" must be a number of seconds in (0, 3600]");
-        return;
+            return "\"timeout\" must be a number of seconds in (0, 3600]";
+        x->timeout = jtimeout->num;
     }
-        timeout = jtimeout->num;
-    }
-    const char *in_data = NULL;
-    size_t in_len = 0;
     if (jstdin && jstdin->type != J_NULL) {
         if (jstdin->type != J_STR)
-            {
-        reply_error(reply, id, "\"stdin\" must be a string or null");
-        return;
+            return "\"stdin\" must be a string or null";
+        x->in_data = jstdin->str;
+        x->in_len = jstdin->len;
     }
-        in_data = jstdin->str;
-        in_len = jstdin->len;
-    }
-
-    char **argv = calloc(jargv->n + 1, sizeof *argv);
-    if (!argv)
-        {
-        reply_error(reply, id, "out of memory");
-        return;
-    }
+    x->argv = calloc(jargv->n + 1, sizeof *x->argv);
+    if (!x->argv)
+        return "out of memory";
     for (size_t i = 0; i < jargv->n; i++)
-        argv[i] = jargv->items[i].str;
+        x->argv[i] = jargv->items[i].str;
+    return NULL;
+}
 
-    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
-    if (pipe2(in, O_CLOEXEC) < 0 || pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "exec: pipe: %s", strerror(errno));
-        for (int i = 0; i < 2; i++) {
-            close_fd(&in[i]);
-            close_fd(&out[i]);
-            close_fd(&err[i]);
-        }
-        free(argv);
-        {
-        reply_error(reply, id, msg);
-        return;
-    }
-    }
+/* Reply with "<what>: <strerror(err)>". */
+static void reply_errno(struct buf *reply, const struct jval *id, const char *what, int err)
+{
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
+    reply_error(reply, id, msg);
+}
 
+/* Create the child's stdin, stdout and stderr pipes (close-on-exec; all fds must start as -1).
+ * Returns 0, or an errno value with no pipe left open. */
+static int exec_open_pipes(int in[2], int out[2], int err[2])
+{
+    if (pipe2(in, O_CLOEXEC) == 0 && pipe2(out, O_CLOEXEC) == 0 && pipe2(err, O_CLOEXEC) == 0)
+        return 0;
+    int e = errno;
+    for (int i = 0; i < 2; i++) {
+        close_fd(&in[i]);
+        close_fd(&out[i]);
+        close_fd(&err[i]);
+    }
+    return e;
+}
+
+/* Fork the child into its own process group with the pipes as its stdio, and track it as the exec
+ * child. Closes the child's pipe ends (on failure all of them). Returns the pid, or -1 with errno set. */
+static pid_t exec_spawn(char **argv, int in[2], int out[2], int err[2])
+{
     tracked_done = 0;
     pid_t pid = fork();
     if (pid == 0)
         child_exec(argv, in[0], out[1], err[1]); /* does not return */
     int fork_errno = errno;
-    free(argv);
     close_fd(&in[0]);
     close_fd(&out[1]);
     close_fd(&err[1]);
@@ -849,113 +872,177 @@ static void cmd_exec(struct buf *reply, const struct jval *req, const struct jva
         close_fd(&in[1]);
         close_fd(&out[0]);
         close_fd(&err[0]);
-        char msg[128];
-        snprintf(msg, sizeof msg, "exec: fork: %s", strerror(fork_errno));
-        {
-        reply_error(reply, id, msg);
-        return;
-    }
+        errno = fork_errno;
+        return -1;
     }
     tracked_pid = pid;
     if (setpgid(pid, pid) < 0 && errno != EACCES && errno != ESRCH)
         logmsg("setpgid(%d): %s", (int)pid, strerror(errno)); /* the child does it too */
     child_pgid = pid;
+    return pid;
+}
 
-    struct capture cout = {.fd = out[0]}, cerr = {.fd = err[0]};
-    int in_fd = in[1];
-    size_t in_off = 0;
-    if (in_len == 0)
-        close_fd(&in_fd);
-    set_nonblock(cout.fd);
-    set_nonblock(cerr.fd);
-    if (in_fd >= 0)
-        set_nonblock(in_fd);
+/* Take over the parent's pipe ends, all non-blocking. An empty stdin is closed at once. */
+static void exec_io_init(struct exec_io *io, const struct exec_req *x, int in_fd, int out_fd, int err_fd)
+{
+    *io = (struct exec_io){
+        .out = {.fd = out_fd},
+        .err = {.fd = err_fd},
+        .in_fd = in_fd,
+        .in_data = x->in_data,
+        .in_len = x->in_len,
+    };
+    if (io->in_len == 0)
+        close_fd(&io->in_fd);
+    set_nonblock(io->out.fd);
+    set_nonblock(io->err.fd);
+    if (io->in_fd >= 0)
+        set_nonblock(io->in_fd);
+}
 
-    int64_t start = now_ms();
-    int64_t deadline = start + (int64_t)(timeout * 1000.0 + 0.5);
-    int64_t finish_by = 0; /* once the child is gone (or killed): stop waiting at this time */
-    int timed_out = 0, killed = 0, exit_seen = 0;
+/* Write the next piece of stdin; close it once all is written or the child closed its end (EPIPE). */
+static void exec_feed_stdin(struct exec_io *io)
+{
+    ssize_t w = write(io->in_fd, io->in_data + io->in_off, io->in_len - io->in_off);
+    if (w > 0)
+        io->in_off += (size_t)w;
+    if ((w < 0 && errno != EINTR && errno != EAGAIN) || io->in_off == io->in_len)
+        close_fd(&io->in_fd);
+}
 
+/* Wait up to wait_ms for SIGCHLD or a ready pipe, then capture output and feed stdin. */
+static void exec_pump(struct exec_io *io, int wait_ms)
+{
+    struct pollfd p[4] = {
+        {.fd = sigchld_pipe[0], .events = POLLIN},
+        {.fd = io->out.fd, .events = POLLIN}, /* entries with fd -1 are skipped by poll */
+        {.fd = io->err.fd, .events = POLLIN},
+        {.fd = io->in_fd, .events = POLLOUT},
+    };
+    if (poll(p, 4, wait_ms > 0 ? wait_ms : 0) < 0) {
+        if (errno != EINTR) {
+            logmsg("poll: %s", strerror(errno));
+            idle_wait(10);
+        }
+        return;
+    }
+    if (p[0].revents)
+        drain_sigchld_pipe();
+    if (io->out.fd >= 0 && p[1].revents)
+        capture_read(&io->out);
+    if (io->err.fd >= 0 && p[2].revents)
+        capture_read(&io->err);
+    if (io->in_fd >= 0 && p[3].revents)
+        exec_feed_stdin(io);
+}
+
+static void exec_kill_group(pid_t pid)
+{
+    kill(-pid, SIGKILL); /* the whole process group ... */
+    kill(pid, SIGKILL);  /* ... and the child itself, in case setpgid lost a race */
+}
+
+/* Advance the loop's deadlines at time now: once the child has exited, drain its pipes only briefly;
+ * on timeout, kill its process group. Returns 1 when the loop is over. */
+static int exec_tick(struct exec_clock *c, pid_t pid, const struct exec_io *io, int64_t now)
+{
+    if (tracked_done && !c->exit_seen) {
+        /* the child is gone; collect what its leftover descendants still write, briefly */
+        c->exit_seen = 1;
+        if (!c->finish_by || c->finish_by > now + DRAIN_GRACE_MS)
+            c->finish_by = now + DRAIN_GRACE_MS;
+    }
+    if (!tracked_done && !c->timed_out && now >= c->deadline) {
+        c->timed_out = 1;
+        exec_kill_group(pid);
+        c->finish_by = now + KILL_GRACE_MS;
+    }
+    return c->finish_by && (now >= c->finish_by || (io->out.fd < 0 && io->err.fd < 0 && tracked_done));
+}
+
+/* Move data until the child has exited and its output is drained, or the grace periods ran out.
+ * Returns 1 if the child timed out (and was killed). */
+static int exec_wait(pid_t pid, struct exec_io *io, double timeout)
+{
+    struct exec_clock c = {.deadline = now_ms() + (int64_t)(timeout * 1000.0 + 0.5)};
     for (;;) {
         reap_children();
         int64_t now = now_ms();
-        if (tracked_done && !exit_seen) {
-            /* the child is gone; collect what its leftover descendants still write, briefly */
-            exit_seen = 1;
-            if (!finish_by || finish_by > now + DRAIN_GRACE_MS)
-                finish_by = now + DRAIN_GRACE_MS;
-        }
-        if (!tracked_done && !killed && now >= deadline) {
-            timed_out = killed = 1;
-            kill(-pid, SIGKILL); /* the whole process group ... */
-            kill(pid, SIGKILL);  /* ... and the child itself, in case setpgid lost a race */
-            finish_by = now + KILL_GRACE_MS;
-        }
-        if (finish_by && (now >= finish_by || (cout.fd < 0 && cerr.fd < 0 && tracked_done)))
-            break;
-        int64_t wake = finish_by ? finish_by : deadline;
-        struct pollfd p[4];
-        int np = 0;
-        p[np++] = (struct pollfd){.fd = sigchld_pipe[0], .events = POLLIN};
-        int io = np++, ie = np++, ii = np++; /* entries with fd -1 are skipped by poll */
-        p[io] = (struct pollfd){.fd = cout.fd, .events = POLLIN};
-        p[ie] = (struct pollfd){.fd = cerr.fd, .events = POLLIN};
-        p[ii] = (struct pollfd){.fd = in_fd, .events = POLLOUT};
-        int wait_ms = (int)(wake - now);
-        if (poll(p, (nfds_t)np, wait_ms > 0 ? wait_ms : 0) < 0) {
-            if (errno != EINTR) {
-                logmsg("poll: %s", strerror(errno));
-                idle_wait(10);
-            }
-            continue;
-        }
-        if (p[0].revents)
-            drain_sigchld_pipe();
-        if (cout.fd >= 0 && p[io].revents)
-            capture_read(&cout);
-        if (cerr.fd >= 0 && p[ie].revents)
-            capture_read(&cerr);
-        if (in_fd >= 0 && p[ii].revents) {
-            ssize_t w = write(in_fd, in_data + in_off, in_len - in_off);
-            if (w > 0)
-                in_off += (size_t)w;
-            if ((w < 0 && errno != EINTR && errno != EAGAIN) || in_off == in_len)
-                close_fd(&in_fd); /* done, or the child closed its stdin (EPIPE) */
-        }
+        if (exec_tick(&c, pid, io, now))
+            return c.timed_out;
+        int64_t wake = c.finish_by ? c.finish_by : c.deadline;
+        exec_pump(io, (int)(wake - now));
     }
-    close_fd(&in_fd);
-    close_fd(&cout.fd);
-    close_fd(&cerr.fd);
-    child_pgid = 0;
-    int done = tracked_done, st = tracked_status;
-    tracked_pid = 0; /* if it never died, the main loop reaps it eventually */
-    if (!done)
-        logmsg("exec: child %d did not exit after SIGKILL; giving up on it", (int)pid);
+}
 
-    if (cout.data.oom || cerr.data.oom) {
-        buf_free(&cout.data);
-        buf_free(&cerr.data);
-        {
+/* Close the parent's pipe ends, stop tracking the child and record its wait status if it was reaped. */
+static void exec_collect(pid_t pid, struct exec_io *io, struct exec_result *res)
+{
+    close_fd(&io->in_fd);
+    close_fd(&io->out.fd);
+    close_fd(&io->err.fd);
+    child_pgid = 0;
+    res->reaped = tracked_done;
+    res->status = tracked_status;
+    tracked_pid = 0; /* if it never died, the main loop reaps it eventually */
+    if (!res->reaped)
+        logmsg("exec: child %d did not exit after SIGKILL; giving up on it", (int)pid);
+}
+
+static void exec_reply(struct buf *reply, const struct jval *id, const struct exec_io *io,
+                       const struct exec_result *res)
+{
+    const struct buf *o = &io->out.data, *e = &io->err.data;
+    if (o->oom || e->oom) {
         reply_error(reply, id, "out of memory");
         return;
     }
-    }
     reply->len = 0;
     reply_start(reply, id, 1);
-    if (done && WIFEXITED(st))
-        buf_fmt(reply, ",\"status\":%d,\"signal\":null", WEXITSTATUS(st));
-    else if (done && WIFSIGNALED(st))
-        buf_fmt(reply, ",\"status\":null,\"signal\":%d", WTERMSIG(st));
+    if (res->reaped && WIFEXITED(res->status))
+        buf_fmt(reply, ",\"status\":%d,\"signal\":null", WEXITSTATUS(res->status));
+    else if (res->reaped && WIFSIGNALED(res->status))
+        buf_fmt(reply, ",\"status\":null,\"signal\":%d", WTERMSIG(res->status));
     else
         buf_str(reply, ",\"status\":null,\"signal\":null");
     buf_str(reply, ",\"stdout\":");
-    buf_json_string(reply, cout.data.p ? cout.data.p : "", cout.data.len);
+    buf_json_string(reply, o->p ? o->p : "", o->len);
     buf_str(reply, ",\"stderr\":");
-    buf_json_string(reply, cerr.data.p ? cerr.data.p : "", cerr.data.len);
-    buf_fmt(reply, ",\"timed_out\":%s,\"truncated\":%s}", timed_out ? "true" : "false",
-            cout.truncated || cerr.truncated ? "true" : "false");
-    buf_free(&cout.data);
-    buf_free(&cerr.data);
+    buf_json_string(reply, e->p ? e->p : "", e->len);
+    buf_fmt(reply, ",\"timed_out\":%s,\"truncated\":%s}", res->timed_out ? "true" : "false",
+            io->out.truncated || io->err.truncated ? "true" : "false");
+}
+
+static void cmd_exec(struct buf *reply, const struct jval *req, const struct jval *id)
+{
+    struct exec_req x;
+    const char *bad = exec_parse(req, &x);
+    if (bad) {
+        reply_error(reply, id, bad);
+        return;
+    }
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+    int e = exec_open_pipes(in, out, err);
+    if (e) {
+        free(x.argv);
+        reply_errno(reply, id, "exec: pipe", e);
+        return;
+    }
+    pid_t pid = exec_spawn(x.argv, in, out, err);
+    e = errno;
+    free(x.argv);
+    if (pid < 0) {
+        reply_errno(reply, id, "exec: fork", e);
+        return;
+    }
+    struct exec_io io;
+    struct exec_result res;
+    exec_io_init(&io, &x, in[1], out[0], err[0]);
+    res.timed_out = exec_wait(pid, &io, x.timeout);
+    exec_collect(pid, &io, &res);
+    exec_reply(reply, id, &io, &res);
+    buf_free(&io.out.data);
+    buf_free(&io.err.data);
 }
 
 /* ------------------------------------------------------------------ dispatch */
@@ -1015,7 +1102,8 @@ static int handle_line(const char *line, size_t len, struct buf *reply)
 out:
     if (reply->oom) {
         buf_free(reply);
-        buf_str(reply, "{\"ok\":false,\"error\":\"out of memory\"}"); /* may still fail; then nothing is sent */
+        /* may still fail; then nothing is sent */
+        buf_str(reply, "{\"ok\":false,\"error\":\"out of memory\"}");
     }
     jfree(&req);
     return poweroff;

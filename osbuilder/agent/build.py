@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 from osbuilder.agent import AGENT_NAME, AGENT_SOURCE, SOURCE_DIR
+from osbuilder.fs import discard, publish, temp_beside
 from osbuilder.run import run
 
 CFLAGS = ["-static", "-Os", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-s"]
@@ -22,7 +23,7 @@ def build_agent(out_dir: Path, *, logfile: Path | None = None) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / AGENT_NAME
-    tmp = out_dir / f".{AGENT_NAME}.tmp{os.getpid()}"
+    tmp = temp_beside(target)
     cc = shlex.split(os.environ.get("CC") or "gcc")  # "ccache gcc" works too
     cmd = [
         *cc,
@@ -36,7 +37,7 @@ def build_agent(out_dir: Path, *, logfile: Path | None = None) -> Path:
         # SOURCE_DATE_EPOCH pins __DATE__/__TIME__ should they ever be used.
         run(cmd, step="agent", logfile=logfile, env={"SOURCE_DATE_EPOCH": "0", "LC_ALL": "C"})
         os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
+        publish(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
     return target

@@ -1,11 +1,12 @@
 """Build the guest kernel: configure, verify, compile out of tree, publish the outputs atomically.
 
 `build_kernel(settings, out_dir)` is shared by `osbuilder kernel` (out_dir = WORKDIR) and the
-pytest fixture (out_dir = a cache entry being filled). The object tree lives in
-WORKDIR/kernel-build and ccache in WORKDIR/ccache (depend mode, see build_env), so a rebuild
-after one option change only recompiles what depends on it. Fixed KBUILD_BUILD_* values make
-two builds of the same inputs byte-identical. Outputs are copied to temporary names and renamed
-only after `make` succeeded.
+pytest fixture (out_dir = a cache entry being filled); `kernel_manifest(settings)` is that entry's
+key, computed from the source's identity without unpacking it. The object tree lives in
+WORKDIR/kernel-build and ccache in the per-user cache (depend mode, see build_env), so a rebuild
+after one option change only recompiles what depends on it, and another WORKDIR reuses the
+compiled objects. Fixed KBUILD_BUILD_* values make two builds of the same inputs byte-identical.
+Outputs are copied to temporary names and renamed only after `make` succeeded.
 """
 
 from __future__ import annotations
@@ -22,20 +23,22 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder.cache import Manifest, file_hash, publish, sha256_file, temp_beside
+from osbuilder import layout
+from osbuilder.cache import Manifest
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.kernel.config import Merged, configure, make_vars, resolve_fragments
-from osbuilder.kernel.source import SourceTree, ensure_source
+from osbuilder.fs import discard, file_hash, publish, sha256_file, temp_beside
+from osbuilder.kernel.fragments import Merged, configure, make_vars, resolve_fragments
+from osbuilder.kernel.source import SourceTree, ensure_source, origin
+from osbuilder.layout import KernelFiles, UserCache, Workdir
 from osbuilder.run import format_command, run, tool_version
 from osbuilder.settings import Settings
 
 RECIPE = "1"  # bump when the make invocation or the outputs change shape
-METADATA = "kernel-metadata.json"
-OUTPUTS: dict[str, str] = {
-    "arch/x86/boot/bzImage": "vmlinuz.container",
-    "vmlinux": "vmlinux.container",
-    ".config": "config.container",
-    "System.map": "System.map.container",
+OUTPUTS: dict[str, str] = {  # object tree path -> output name
+    "arch/x86/boot/bzImage": layout.VMLINUZ,
+    "vmlinux": layout.VMLINUX,
+    ".config": layout.KERNEL_CONFIG,
+    "System.map": layout.SYSTEM_MAP,
 }
 _BUILD_MARKER = ".osbuilder-build-source"
 
@@ -48,24 +51,24 @@ class KernelBuild:
     metadata: dict[str, Any]
 
     @property
+    def files(self) -> KernelFiles:
+        return KernelFiles(self.out_dir)
+
+    @property
     def vmlinuz(self) -> Path:
-        return self.out_dir / "vmlinuz.container"
+        return self.files.vmlinuz
 
     @property
     def vmlinux(self) -> Path:
-        return self.out_dir / "vmlinux.container"
+        return self.files.vmlinux
 
     @property
     def config(self) -> Path:
-        return self.out_dir / "config.container"
+        return self.files.config
 
     @property
     def version(self) -> str:
         return self.metadata["kernel_version"]
-
-
-def build_dir(settings: Settings) -> Path:
-    return settings.workdir / "kernel-build"
 
 
 def compiler() -> tuple[str, str]:
@@ -86,7 +89,7 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
         "KBUILD_BUILD_VERSION": "1",
         "KBUILD_BUILD_TIMESTAMP": time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime(epoch)),
         "SOURCE_DATE_EPOCH": str(epoch),
-        "CCACHE_DIR": str(settings.workdir / "ccache"),
+        "CCACHE_DIR": str(UserCache.of(settings).ccache),
         "CCACHE_MAXSIZE": "5G",
         # Depend mode: ccache hashes the source, the flags and the headers listed in the .d file
         # kbuild asks gcc for (-Wp,-MMD), and never runs the preprocessor. In the default mode
@@ -100,20 +103,25 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
 
 
 def kernel_manifest(settings: Settings) -> Manifest:
-    """Cache key inputs: source identity and version, fragments, base config, compiler, epoch."""
-    tree = ensure_source(settings)
+    """Cache key inputs: source identity, fragments, base config, compiler, epoch.
+
+    Computed without unpacking or cloning the source: its identity (a tarball's content hash, a git
+    tree's commit, a git URL and ref) determines the kernel version, so the version is not an input;
+    leaving it out also keeps the key the same before and after the tree is unpacked.
+    """
+    where = origin(settings)
     base = settings.kernel_config
     if base is not None and not base.is_file():
         raise UsageError(f"KERNEL_CONFIG: {base}: no such file")
     fragments = resolve_fragments(settings)
+    epoch = settings.source_date_epoch if settings.source_date_epoch is not None else where.epoch
     return Manifest("kernel", {
-        "source": json.dumps(tree.identity, sort_keys=True),
-        "source_content": str(tree.marker.get("content", "")),
-        "kernel_version": tree.version,
+        "source": json.dumps(where.identity, sort_keys=True),
         "fragments": " ".join(f"{p.name}={file_hash(p)[:16]}" for p in fragments),
         "base_config": file_hash(base) if base else "allnoconfig",
         "compiler": compiler()[1],
-        "source_date_epoch": str(build_epoch(settings, tree)),
+        # None: the commit time of the git source, which its identity determines
+        "source_date_epoch": str(epoch) if epoch is not None else "commit time",
         "recipe": RECIPE,
     })
 
@@ -121,9 +129,9 @@ def kernel_manifest(settings: Settings) -> Manifest:
 def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = None) -> KernelBuild:
     """Configure, verify and compile; copy the outputs and kernel-metadata.json into `out_dir`."""
     started = time.monotonic()
-    logfile = logfile or settings.workdir / "logs" / "kernel.log"
+    logfile = logfile or Workdir.of(settings).log("kernel")
     tree = ensure_source(settings, logfile=logfile)
-    bdir = build_dir(settings)
+    bdir = Workdir.of(settings).kernel_build
     bdir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(bdir) + ".lock"):
         _reset_if_other_source(bdir, tree)
@@ -143,7 +151,7 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
 def clean_build_dir(settings: Settings) -> None:
     """Remove the object tree (the next build starts from an empty one), under the build lock so a
     build running in another process is never pulled out from under."""
-    bdir = build_dir(settings)
+    bdir = Workdir.of(settings).kernel_build
     bdir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(bdir) + ".lock"):
         shutil.rmtree(bdir, ignore_errors=True)
@@ -210,8 +218,6 @@ def ccache_stats(env: dict[str, str]) -> dict[str, int]:
     return {"hits": hits, "misses": counters.get("cache_miss", 0)}
 
 
-
-
 def reproducer(settings: Settings) -> str:
     """The osbuilder command line that rebuilds this kernel."""
     cmd = ["osbuilder", "kernel", "--workdir", str(settings.workdir),
@@ -249,20 +255,25 @@ def _metadata(settings: Settings, tree: SourceTree, merged: Merged, config_path:
 
 def _publish_outputs(bdir: Path, out_dir: Path, metadata: dict[str, Any]) -> None:
     """Copy every output to a temporary name beside its destination, then rename them all."""
+    files = KernelFiles(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     outputs: dict[str, str] = {}
-    for rel, name in OUTPUTS.items():
-        src, dest = bdir / rel, out_dir / name
-        if not src.is_file():
-            raise OsbuilderError(f"kernel: make succeeded but {src} is missing")
-        tmp = temp_beside(dest)
-        shutil.copyfile(src, tmp)
-        outputs[name] = sha256_file(tmp)
-        staged.append((tmp, dest))
-    metadata["outputs"] = outputs
-    tmp = temp_beside(out_dir / METADATA)
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    staged.append((tmp, out_dir / METADATA))
-    for tmp, dest in staged:
-        publish(tmp, dest)
+    try:
+        for rel, name in OUTPUTS.items():
+            src, dest = bdir / rel, out_dir / name
+            if not src.is_file():
+                raise OsbuilderError(f"kernel: make succeeded but {src} is missing")
+            tmp = temp_beside(dest)
+            staged.append((tmp, dest))
+            shutil.copyfile(src, tmp)
+            outputs[name] = sha256_file(tmp)
+        metadata["outputs"] = outputs
+        tmp = temp_beside(files.metadata)
+        staged.append((tmp, files.metadata))
+        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        for tmp, dest in staged:
+            publish(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            discard(tmp)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.rootfs.distro import Distro, register
+from osbuilder.rootfs.distro import Distro
 from osbuilder.run import run
 
 # Documentation, manual pages and translations are not needed in a container guest.
@@ -65,5 +65,3 @@ def classify_failure(error: OsbuilderError, release: str, mirror: str, packages:
         return InfrastructureError("WORKDIR: no space left on device while building the rootfs", error.detail)
     return error
 
-
-register(Debian())

@@ -1,4 +1,4 @@
-"""The interface every distribution plugin implements, and the registry of plugins."""
+"""The interface every distribution plugin implements (the registry is distros.py)."""
 
 from __future__ import annotations
 
@@ -29,20 +29,3 @@ class Distro(ABC):
     def check_release(self, release: str) -> None:
         if release not in self.releases:
             raise UsageError(f"OS_VERSION: unknown {self.name} release {release!r}; known: {', '.join(self.releases)}")
-
-
-_REGISTRY: dict[str, Distro] = {}
-
-
-def register(distro: Distro) -> Distro:
-    _REGISTRY[distro.name] = distro
-    return distro
-
-
-def get(name: str) -> Distro:
-    from osbuilder.rootfs import debian  # noqa: F401  (registers itself)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(f"DISTRO: unknown distribution {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None

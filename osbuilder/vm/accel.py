@@ -2,9 +2,10 @@
 
 Nested KVM on these hosts is unreliable (plain `-cpu host` aborts; guests sometimes die with
 "KVM internal error"), so ACCEL=auto boots the check kernel under KVM for a few seconds and
-requires it to reach its init. The verdict is cached in WORKDIR/cache/accel-probe.json for
-PROBE_TTL seconds and the host's current boot (under a file lock, so parallel workers probe
-once). A KVM failure during a real boot marks the verdict bad (`distrust_kvm`).
+requires it to reach its init. The verdict does not depend on the WORKDIR: it lives in the per-user
+cache (`UserCache.accel_verdict`), keyed by the host (kernel release and boot id, QEMU version, CPU
+model), for PROBE_TTL seconds, under a file lock so parallel workers probe once. A fresh WORKDIR on
+the same host reuses it. A KVM failure during a real boot marks the verdict bad (`distrust_kvm`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
+from osbuilder import fs
 from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.layout import UserCache, Workdir
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
-from osbuilder.vm.debian_kernel import BootKernel
+from osbuilder.vm.options import Accel, BootKernel
 from osbuilder.vm.qemu import QEMU, Vm, VmSpec
 
 log = logging.getLogger("osbuilder")
@@ -31,14 +34,6 @@ log = logging.getLogger("osbuilder")
 PROBE_TTL = 3600.0
 PROBE_TIMEOUT = 15.0  # seconds for the probe kernel to reach its init under KVM (~1 s when KVM works)
 PROBE_SETTLE = 2.0  # and then keep running without an internal error
-PROBE_FILE = "accel-probe.json"
-
-
-@dataclass(frozen=True)
-class Accel:
-    name: str  # "kvm" or "tcg"
-    reason: str
-    auto: bool  # chosen by ACCEL=auto (so a KVM failure may fall back to TCG)
 
 
 def kvm_usable() -> str | None:
@@ -50,35 +45,57 @@ def kvm_usable() -> str | None:
     return None
 
 
-def _host_id() -> str:
+def _read(path: str) -> str:
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return Path(path).read_text()
     except OSError:
-        boot = "unknown"
-    return f"{boot} {tool_version(QEMU)}"
+        return ""
 
 
-def _probe_path(settings: Settings) -> Path:
-    return settings.workdir / "cache" / PROBE_FILE
+def _cpu_model() -> str:
+    for line in _read("/proc/cpuinfo").splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return "unknown"
 
 
-def cached_verdict(path: Path, now: float | None = None) -> dict | None:
-    """The cached probe verdict if it is fresh and from this host boot and QEMU."""
+def host_key() -> dict[str, str]:
+    """What a KVM verdict holds for: this host kernel and boot, this QEMU, this CPU."""
+    return {
+        "kernel": os.uname().release,
+        "boot_id": _read("/proc/sys/kernel/random/boot_id").strip() or "unknown",
+        "qemu": tool_version(QEMU),
+        "cpu": _cpu_model(),
+    }
+
+
+def verdict_path(settings: Settings) -> Path:
+    return UserCache.of(settings).accel_verdict
+
+
+def cached_verdict(path: Path, now: float | None = None, host: dict[str, str] | None = None) -> dict | None:
+    """The cached probe verdict if it is fresh and from this host (`host_key()`)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     now = time.time() if now is None else now
-    if data.get("host") != _host_id() or now - float(data.get("when", 0)) > PROBE_TTL:
+    host = host_key() if host is None else host
+    if data.get("host") != host or now - float(data.get("when", 0)) > PROBE_TTL:
         return None
     return data
 
 
-def save_verdict(path: Path, ok: bool, detail: str) -> None:
+def save_verdict(path: Path, ok: bool, detail: str, host: dict[str, str] | None = None) -> None:
+    verdict: dict[str, Any] = {"kvm": ok, "detail": detail, "when": time.time(),
+                               "host": host_key() if host is None else host}
+    fs.write_atomically(path, json.dumps(verdict))
+
+
+def _lock(path: Path) -> FileLock:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"kvm": ok, "detail": detail, "when": time.time(), "host": _host_id()}))
-    os.replace(tmp, path)
+    return FileLock(str(path) + ".lock")
 
 
 def probe_kvm(kernel: BootKernel, log_dir: Path) -> tuple[bool, str]:
@@ -135,11 +152,13 @@ def choose(settings: Settings, kernel: BootKernel) -> Accel:
     why = kvm_usable()
     if why:
         return _tcg_notice(why)
-    path = _probe_path(settings)
-    with FileLock(str(path) + ".lock"):
+    path = verdict_path(settings)
+    with _lock(path):
         verdict = cached_verdict(path)
         if verdict is None:
-            log_dir = Path(tempfile.mkdtemp(prefix="accel-probe-", dir=_ensure(settings.workdir / "boot-logs")))
+            boot_logs = Workdir.of(settings).boot_logs
+            boot_logs.mkdir(parents=True, exist_ok=True)
+            log_dir = Path(tempfile.mkdtemp(prefix="accel-probe-", dir=boot_logs))
             ok, detail = probe_kvm(kernel, log_dir)
             save_verdict(path, ok, detail)
             if ok:
@@ -157,11 +176,6 @@ def _tcg_notice(why: str) -> Accel:
 
 def distrust_kvm(settings: Settings, detail: str) -> None:
     """After a KVM failure in a real boot: cache 'KVM does not work' so later boots use TCG."""
-    path = _probe_path(settings)
-    with FileLock(str(path) + ".lock"):
+    path = verdict_path(settings)
+    with _lock(path):
         save_verdict(path, False, f"KVM failed during a boot: {detail}")
-
-
-def _ensure(path: Path) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)

@@ -6,8 +6,9 @@ thread, appends every byte to a log file, splits lines and matches each against:
 * FATAL patterns (kernel panic, emergency mode, an initramfs shell, no init, systemd freezing,
   KVM internal error): the first match is kept, with its line, so a boot fails within seconds
   with the evidence instead of waiting for a timeout;
-* MILESTONES (first byte, "Linux version", init started, systemd, multi-user): the host time
-  of the first occurrence, for the boot's phase timings and the waits in `bootcheck`.
+* MILESTONES (first byte, "Linux version", init started, systemd, the agent starting as PID 1,
+  multi-user): the host time of the first occurrence, for the boot's phase timings and the waits
+  in `phases`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ MILESTONES: dict[str, re.Pattern[str]] = {
     "init_started": re.compile(r"Run /\S*init as init process|Freeing unused kernel"),
     "root_mounted": re.compile(r"EXT4-fs \(vda1?\): mounted filesystem"),  # ro/rw: checked via the agent
     "systemd_started": re.compile(r"systemd\[1\]|Welcome to |systemd \d+ running in system mode"),
+    "agent_started": re.compile(r"osbuilder-agent: version \S+ starting as PID 1"),  # the agent is init
     "multi_user": re.compile(r"Reached target .*Multi-User System|Reached target multi-user"),
     "login_prompt": re.compile(r"login: ?$"),
     "power_down": re.compile(r"reboot: Power down|System halted"),

@@ -4,21 +4,24 @@ Debian's linux-image-cloud-amd64 builds virtio_pci, virtio_blk, virtio_console, 
 and ext4 as modules, and our images carry no /lib/modules. So the initrd must load them: it is
 regenerated (in a throw-away mmdebstrap chroot) with those modules listed in
 /etc/initramfs-tools/modules. Modules loaded in the initramfs stay loaded after switch_root, so the
-guest gets its disk, agent port and network. The result (vmlinuz + initrd.img) lives in the
-artifact cache and is NEVER installed into the image.
+guest gets its disk, agent port and network. The result (vmlinuz + initrd.img) does not depend on
+the WORKDIR: it lives in the per-user cache (`UserCache.artifacts`, keyed by the release, mirror and
+package list), is built once for every WORKDIR, and is NEVER installed into the image.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from osbuilder.cache import Cache, Manifest, discard, file_hash
+from osbuilder.cache import Cache, Manifest
 from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.fs import discard, file_hash
+from osbuilder.layout import UserCache
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
+from osbuilder.vm.options import BootKernel
 
 PACKAGE = "linux-image-cloud-amd64"
 PACKAGES = (PACKAGE, "initramfs-tools", "zstd")
@@ -42,16 +45,6 @@ chroot "$1" dpkg-query -W -f '${{Version}}' {package} > "$1/boot/osbuilder-kerne
 """.format(modules=" ".join(INITRD_MODULES), package=PACKAGE)
 
 
-@dataclass(frozen=True)
-class BootKernel:
-    """A kernel (and optional initrd) to boot an image with."""
-
-    kernel: Path
-    initrd: Path | None
-    name: str  # "debian", "built" or "path"
-    version: str = ""
-
-
 def manifest(settings: Settings) -> Manifest:
     """Every input of the Debian kernel artifact."""
     return Manifest("debian-kernel", {
@@ -66,7 +59,7 @@ def manifest(settings: Settings) -> Manifest:
 
 def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None:
     """Fill `out` with vmlinuz, initrd.img and version.txt taken from a temporary chroot."""
-    logfile = logfile or settings.workdir / "logs" / "debian-kernel.log"
+    logfile = logfile or UserCache.of(settings).log("debian-kernel")
     chroot = out / "chroot"
     cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
            "--include=" + ",".join(PACKAGES),
@@ -104,8 +97,8 @@ def extract(boot: Path, out: Path) -> None:
 
 
 def debian_kernel(settings: Settings, cache: Cache | None = None, rebuild: bool = False) -> BootKernel:
-    """The cached Debian kernel + initrd, built on first use."""
-    cache = cache or Cache(settings.workdir / "cache")
+    """The Debian kernel + initrd from the per-user cache, built on first use."""
+    cache = cache or Cache(UserCache.of(settings).artifacts)
     entry = cache.get_or_build(manifest(settings), lambda tmp: build(settings, tmp), rebuild).absolute()
     version = (entry / VERSION_NAME).read_text().strip()
     return BootKernel(entry / KERNEL_NAME, entry / INITRD_NAME, "debian", version)

@@ -1,8 +1,10 @@
 """One way to run a guest: the QEMU command line, the launch, QMP, and a cleanup that always happens.
 
+Mechanism only: what to check in the guest is phases.py's business.
+
 `build_command()` turns a `VmSpec` into QEMU's argv the way the runtimes attach things: the image
 as a virtio-blk disk on a throw-away qcow2 overlay, the agent's virtio-serial port
-`agent.channel.0` on a UNIX socket, user-mode networking with SSH forwarded to a free host port,
+(`osbuilder.agent.PORT_NAME`) on a UNIX socket, user-mode networking with SSH forwarded to a free host port,
 the serial console on a UNIX socket, QMP on another. `Vm` starts QEMU paused (-S), connects QMP and
 the console drain, then lets the CPUs run, so the console log holds every byte from the first.
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osbuilder.agent import PORT_NAME
 from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.run import format_command, run
 from osbuilder.vm.console import ConsoleWatcher
@@ -39,10 +42,9 @@ log = logging.getLogger("osbuilder")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its disconnect tracebacks are noise here
 
 QEMU = "qemu-system-x86_64"
-AGENT_PORT = "agent.channel.0"
 KVM_CPU = "host,-arch-capabilities,-kvmclock"  # plain `-cpu host` aborts on MSR 0x10a when nested
-DEFAULT_ROOT_CMDLINE = ("root=/dev/vda1 rootfstype=ext4 ro rootflags=data=ordered,errors=remount-ro "
-                        "console=ttyS0 panic=-1 systemd.show_status=1")
+# After the root parameters (a boot profile's): the serial console, no hang on panic, unit status shown.
+CONSOLE_PARAMS = "console=ttyS0 panic=-1 systemd.show_status=1"
 # Boot-check only: the rootfs overlay gives the NIC QEMU user-net's address when it sees this.
 BOOT_CHECK_PARAMS = "osbuilder.net=slirp"
 PR_SET_PDEATHSIG = 1
@@ -93,8 +95,10 @@ def qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def kernel_cmdline(extra: str = "", root_cmdline: str = DEFAULT_ROOT_CMDLINE) -> str:
-    return f"{root_cmdline} {BOOT_CHECK_PARAMS} {extra}".strip()
+def kernel_cmdline(root_params: str, extra: str = "") -> str:
+    """The kernel command line: how to find the root (from the boot profile), the console, then `extra`
+    (last, so its parameters win)."""
+    return f"{root_params} {CONSOLE_PARAMS} {BOOT_CHECK_PARAMS} {extra}".strip()
 
 
 def accel_args(accel: str, cpus: int) -> list[str]:
@@ -128,7 +132,7 @@ def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = Fa
     if spec.agent and paths is not None:
         cmd += ["-device", "virtio-serial-pci,id=vser0",
                 "-chardev", f"socket,id=agent,path={qemu_escape(str(paths.agent))},server=on,wait=off",
-                "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
+                "-device", f"virtserialport,chardev=agent,name={PORT_NAME}"]
     if spec.network:
         cmd += ["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22", "-device", "virtio-net-pci,netdev=net0"]
     for name, value in spec.credentials.items():
@@ -342,6 +346,10 @@ class Vm:
         return self.proc.pid if self.proc else None
 
     def __enter__(self) -> Vm:
+        return self.launch()
+
+    def launch(self) -> Vm:
+        """`start()`, and if that fails, stop and clean up everything before raising."""
         try:
             self.start()
         except BaseException:

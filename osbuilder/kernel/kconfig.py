@@ -1,146 +1,65 @@
-"""Kernel config fragments: parse, merge, resolve with Kconfig, and verify the result.
+"""The general Kconfig model: .config files, Kconfig expressions and the Kconfig tree of a kernel.
 
-The default fragment set is `DEFAULT_FRAGMENTS`, applied in that order; the other files in configs/
-are the opt-in `OPTIONAL_FRAGMENTS` (debug, xfs). KERNEL_FRAGMENTS adds files (or built-in names
-such as `debug` or `xfs`) after the defaults.
-Later fragments win. The merged fragments go on top of `allnoconfig` (or of KERNEL_CONFIG) via the
-kernel's own `scripts/kconfig/merge_config.sh`, and then every requested option is checked against
-the final `.config`: Kconfig silently drops options whose dependencies are unmet, so each dropped
-option is reported with the dependency that is not satisfied, read from the Kconfig files.
+Nothing here knows about osbuilder's fragments or settings; it answers questions about any Linux
+source tree and any .config:
+
+- `read_config`, `config_line`, `valid_value`, `honoured`: the `.config` format (`CONFIG_X=value`,
+  `# CONFIG_X is not set`) and whether a value asked for is the value obtained;
+- `parse_expr`, `evaluate`, `unmet`, `show_expr`: Kconfig's `depends on` / `if` expressions, a small
+  recursive-descent parser and a tristate evaluator that names the atoms keeping an expression down;
+- `KconfigIndex`, `Definition`: every symbol the Kconfig files (for one architecture) define, on
+  what each depends, whether it has a prompt, and who selects whom;
+- `kernel_release`: '6.1' from a tree's top Makefile.
 """
 
 from __future__ import annotations
 
 import difflib
 import glob
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from osbuilder.errors import UsageError
-from osbuilder.run import run
-from osbuilder.settings import Settings
-
-CONFIGS_DIR = Path(__file__).parent / "configs"
-
-DEFAULT_FRAGMENTS: tuple[str, ...] = (
-    "base", "serial", "virtio", "block", "filesystems", "systemd", "cgroups", "namespaces",
-    "seccomp", "network", "vsock", "shared-fs", "dax", "hotplug", "kvm-guest", "power-button",
-    "lean",  # last: it switches off what EXPERT exposes and requests back what the guest needs
-)
-OPTIONAL_FRAGMENTS: tuple[str, ...] = ("debug", "xfs")
-
 _SET = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set$")
+_NUMBER = re.compile(r"-?[0-9]+|0[xX][0-9a-fA-F]+")
 
 
 # ---------------------------------------------------------------------------------------------
-# fragments
+# .config files
 
 
-@dataclass(frozen=True)
-class Request:
-    """One option a fragment asks for. `value` is spelled as in .config ('y', 'm', 'n', '"s"', '42')."""
-
-    name: str
-    value: str
-    source: Path
-    line: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.source.name}:{self.line}"
-
-    def spelled(self) -> str:
-        return f"# CONFIG_{self.name} is not set" if self.value == "n" else f"CONFIG_{self.name}={self.value}"
+def config_line(line: str) -> tuple[str, str] | None:
+    """(NAME, value) of one .config line, value 'n' for '# CONFIG_X is not set'; None for any other line."""
+    line = line.strip()
+    unset = _UNSET.match(line)
+    if unset:
+        return unset.group(1), "n"
+    match = _SET.match(line)
+    return (match.group(1), match.group(2)) if match else None
 
 
-def parse_fragment(path: Path) -> list[Request]:
-    """The options a fragment file sets, in file order. Bad lines are a KERNEL_FRAGMENTS error."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UsageError(f"KERNEL_FRAGMENTS: {path}: cannot read ({e.strerror})") from None
-    out: list[Request] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        unset = _UNSET.match(line)
-        if unset:
-            out.append(Request(unset.group(1), "n", path, number))
-            continue
-        if not line or line.startswith("#"):
-            continue
-        match = _SET.match(line)
-        if not match or not _valid_value(match.group(2)):
-            raise UsageError(f"KERNEL_FRAGMENTS: {path}:{number}: not a config line: {line!r}",
-                             "expected CONFIG_NAME=value or '# CONFIG_NAME is not set'")
-        out.append(Request(match.group(1), match.group(2), path, number))
-    return out
-
-
-def _valid_value(value: str) -> bool:
+def valid_value(value: str) -> bool:
+    """Whether `value` is spelled as .config spells a value: y, m, n, a quoted string or a number."""
     if value in ("y", "m", "n"):
         return True
     if value.startswith('"'):
         return len(value) >= 2 and value.endswith('"')
-    return re.fullmatch(r"-?[0-9]+|0[xX][0-9a-fA-F]+", value) is not None
-
-
-def builtin_fragment(name: str) -> Path:
-    return CONFIGS_DIR / (name if name.endswith(".config") else f"{name}.config")
-
-
-def resolve_fragments(settings: Settings) -> list[Path]:
-    """The fragment files in the order they apply: osbuilder's defaults, then KERNEL_FRAGMENTS."""
-    files = [builtin_fragment(name) for name in DEFAULT_FRAGMENTS]
-    for item in settings.kernel_fragments:
-        path = Path(item).expanduser()
-        if not path.is_file() and "/" not in item and builtin_fragment(item).is_file():
-            path = builtin_fragment(item)
-        if not path.is_file():
-            known = ", ".join(OPTIONAL_FRAGMENTS + DEFAULT_FRAGMENTS)
-            raise UsageError(f"KERNEL_FRAGMENTS: {item}: no such file", f"built-in fragment names: {known}")
-        files.append(path.resolve())
-    return files
-
-
-@dataclass
-class Merged:
-    """The options of all fragments, later ones winning, with the history of each option."""
-
-    fragments: list[Path]
-    requests: dict[str, Request] = field(default_factory=dict)
-    overridden: dict[str, list[Request]] = field(default_factory=dict)
-
-
-def merge(fragments: list[Path]) -> Merged:
-    merged = Merged(list(fragments))
-    for path in fragments:
-        for req in parse_fragment(path):
-            old = merged.requests.get(req.name)
-            if old is not None and old.value != req.value:
-                merged.overridden.setdefault(req.name, []).append(old)
-            merged.requests[req.name] = req
-    return merged
+    return _NUMBER.fullmatch(value) is not None
 
 
 def read_config(path: Path) -> dict[str, str]:
     """A .config as {NAME: value}, with 'n' for '# CONFIG_X is not set' lines."""
     values: dict[str, str] = {}
     for raw in path.read_text().splitlines():
-        line = raw.strip()
-        unset = _UNSET.match(line)
-        if unset:
-            values[unset.group(1)] = "n"
-            continue
-        match = _SET.match(line)
-        if match:
-            values[match.group(1)] = match.group(2)
+        parsed = config_line(raw)
+        if parsed:
+            values[parsed[0]] = parsed[1]
     return values
 
 
 def honoured(requested: str, got: str | None) -> bool:
+    """Whether a .config value `got` (None: absent) is what was `requested` ('n' is also met by absence)."""
     if requested == "n":
         return got in (None, "n")
     return got == requested
@@ -258,7 +177,7 @@ def parse_expr(text: str) -> Expr:
 
 
 def _raw(config: dict[str, str], name: str) -> str:
-    if name in ("y", "m", "n") or (name not in config and re.fullmatch(r"-?[0-9]+|0[xX][0-9a-fA-F]+", name)):
+    if name in ("y", "m", "n") or (name not in config and _NUMBER.fullmatch(name)):
         return name  # a constant
     value = config.get(name, "n")
     return value[1:-1] if value.startswith('"') else value
@@ -545,153 +464,3 @@ def _skip_help(lines: list[str], i: int) -> int:
             return i
         i += 1
     return i
-
-
-# ---------------------------------------------------------------------------------------------
-# verification
-
-
-def check_names(merged: Merged, index: KconfigIndex) -> None:
-    """Fail on options that exist in no Kconfig file (typos), before anything runs."""
-    bad = [r for r in merged.requests.values() if not index.exists(r.name)]
-    for history in merged.overridden.values():
-        bad += [r for r in history if not index.exists(r.name)]
-    if not bad:
-        return
-    lines = []
-    for r in bad:
-        hint = index.suggest(r.name)
-        lines.append(f"CONFIG_{r.name} in {r.source}:{r.line}: no such option"
-                     + (f" (did you mean CONFIG_{hint}?)" if hint else ""))
-    first = bad[0]
-    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-    raise UsageError(f"KERNEL_FRAGMENTS: CONFIG_{first.name} in {first.source}: no such option in "
-                     f"Linux {index.version or '?'}{more}", "\n".join(lines))
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A requested option the final config does not honour, and why."""
-
-    request: Request
-    got: str | None
-    reasons: tuple[str, ...]
-    unmet: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        got = "not set" if self.got in (None, "n") else self.got
-        return f"{self.request.spelled()} ({self.request.where}): got {got}; " + "; ".join(self.reasons)
-
-
-def verify(merged: Merged, config: dict[str, str], index: KconfigIndex) -> list[Problem]:
-    """Every requested option that does not have its requested value in `config`."""
-    problems = []
-    for req in merged.requests.values():
-        got = config.get(req.name)
-        if not honoured(req.value, got):
-            problems.append(explain(req, got, config, index, merged))
-    return problems
-
-
-def explain(req: Request, got: str | None, config: dict[str, str], index: KconfigIndex,
-            merged: Merged) -> Problem:
-    definitions = index.symbols.get(req.name, [])
-    if not definitions:
-        return Problem(req, got, (f"no such option in Linux {index.version}",))
-    if req.value == "m" and config.get("MODULES") != "y":
-        return Problem(req, got, ("=m needs CONFIG_MODULES=y and modules are off; use =y",), ("MODULES",))
-    if req.value != "n":
-        need = 1 if req.value == "m" else 2
-        problem = _unmet_dependency(req, got, config, definitions, need, merged)
-        if problem:
-            return problem
-        if not any(d.prompt for d in definitions):
-            return Problem(req, got, ("it has no prompt: only another option's `select` can set it",))
-    else:
-        on = [f"CONFIG_{s}" for s, cond in index.selected_by.get(req.name, [])
-              if config.get(s) in ("y", "m") and (not cond or evaluate(parse_expr(cond), config))]
-        if on:
-            return Problem(req, got, (f"selected by {', '.join(on)}",))
-    return Problem(req, got, (f"Kconfig resolved it to {got or 'n'} (range, choice or default)",))
-
-
-def _unmet_dependency(req: Request, got: str | None, config: dict[str, str], definitions: list[Definition],
-                      need: int, merged: Merged) -> Problem | None:
-    best: Definition | None = None
-    for d in definitions:
-        if evaluate(d.dependency(), config) >= need:
-            best = None
-            break
-        best = best or d
-    if best is None:
-        visible = [d for d in definitions if d.prompt]
-        for d in visible:
-            for cond in d.prompt_if:
-                atoms = unmet(parse_expr(cond), config, need)
-                if atoms:
-                    return Problem(req, got, (f"its prompt is only visible if {cond} ({', '.join(atoms)}; "
-                                              f"{d.file}:{d.line})",), tuple(atoms))
-        return None
-    atoms = unmet(best.dependency(), config, need)
-    notes = []
-    for atom in atoms:
-        name = re.sub(r"^!|[=!<> (].*$", "", atom)
-        req_other = merged.requests.get(name)
-        if req_other:
-            notes.append(f"CONFIG_{name} is requested in {req_other.where} but was dropped too"
-                         if not honoured(req_other.value, config.get(name)) else "")
-    deps = " && ".join(f"({t})" if "||" in t else t for t in best.all_deps())
-    reason = f"unmet dependency: {', '.join(atoms)} in `depends on {deps}` ({best.file}:{best.line})"
-    return Problem(req, got, tuple([reason] + [n for n in notes if n]), tuple(atoms))
-
-
-def report_problems(problems: list[Problem]) -> UsageError:
-    first = problems[0]
-    why = f" (unmet: {', '.join(first.unmet)})" if first.unmet else ""
-    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-    return UsageError(
-        f"KERNEL_FRAGMENTS: CONFIG_{first.request.name} from {first.request.where} was dropped by Kconfig{why}{more}",
-        "\n".join(p.describe() for p in problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# generating the .config
-
-
-def make_vars(cc: str) -> list[str]:
-    return [f"CC={cc}"] if cc else []
-
-
-def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, cc: str,
-             logfile: Path, env: dict[str, str]) -> Path:
-    """Write build_dir/.config: fragments merged by merge_config.sh on allnoconfig or KERNEL_CONFIG."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    base = settings.kernel_config
-    if base is not None and not base.is_file():
-        raise UsageError(f"KERNEL_CONFIG: {base}: no such file")
-    merge_script = src / "scripts" / "kconfig" / "merge_config.sh"
-    inputs = ([base.resolve()] if base else []) + [Path(f) for f in merged.fragments]
-    run([merge_script, "-m", "-O", build_dir, *inputs], step="kconfig", logfile=logfile, cwd=src, env=env,
-        verbose=settings.debug)
-    make = ["make", "-C", src, f"O={build_dir}", *make_vars(cc)]
-    if base is None:
-        allconfig = build_dir / "osbuilder-fragments.config"
-        os.replace(build_dir / ".config", allconfig)
-        run([*make, f"KCONFIG_ALLCONFIG={allconfig}", "allnoconfig"], step="kconfig", logfile=logfile, env=env,
-            verbose=settings.debug)
-    else:
-        run([*make, "olddefconfig"], step="kconfig", logfile=logfile, env=env, verbose=settings.debug)
-    return build_dir / ".config"
-
-
-def configure(settings: Settings, src: Path, build_dir: Path, *, cc: str, logfile: Path,
-              env: dict[str, str]) -> tuple[Merged, Path]:
-    """Resolve, check, generate and verify; raise before anything compiles if an option is lost."""
-    merged = merge(resolve_fragments(settings))
-    index = KconfigIndex.load(src)
-    check_names(merged, index)
-    config_path = generate(settings, src, build_dir, merged, cc=cc, logfile=logfile, env=env)
-    problems = verify(merged, read_config(config_path), index)
-    if problems:
-        raise report_problems(problems)
-    return merged, config_path

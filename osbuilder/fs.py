@@ -1,0 +1,123 @@
+"""File helpers every step shares: hashing, and the one way to publish a file or tree atomically.
+
+A step writes into `temp_beside(dest)` (same directory, so a rename publishes it) and calls
+`publish(tmp, dest)` when the result is complete; `discard(tmp)` in a `finally` removes what a failed
+or interrupted step left. `write_atomically` and `copy_atomically` do all three for small files.
+Leftover temporaries of processes that no longer exist are swept the next time a step writes there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from osbuilder import userns
+
+log = logging.getLogger("osbuilder")
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of one file, read in 1 MiB blocks (images are hundreds of MiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hash(*paths: Path) -> str:
+    """sha256 over files (and, recursively, directories) in a stable order."""
+    h = hashlib.sha256()
+    for path in paths:
+        entries = sorted(p for p in path.rglob("*") if p.is_symlink() or p.is_file()) if path.is_dir() else [path]
+        for f in entries:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+            # a symlink counts by its target text (the target may not exist on the host)
+            h.update(b"->" + os.readlink(f).encode() if f.is_symlink() else f.read_bytes())
+    return h.hexdigest()
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link or tree (a rootfs built by an ordinary user is removed in its namespace)."""
+    if path.is_dir() and not path.is_symlink():
+        userns.remove_tree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary path after a step, whether it worked or not: a failure here is logged, not
+    raised, so it never hides the step's own error (the next run removes leftovers, see temp_beside)."""
+    try:
+        remove(path)
+    except Exception as e:  # noqa: BLE001 - cleanup must not mask the real outcome
+        log.warning("could not remove %s: %s", path, getattr(e, "message", e))
+
+
+def temp_beside(dest: Path) -> Path:
+    """A fresh temporary path next to `dest` (same filesystem, so a rename publishes it).
+
+    Leftovers of interrupted runs (same prefix, a process that no longer exists) are removed.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}.tmp-"
+    for old in dest.parent.glob(prefix + "*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            remove(old)
+    tmp = dest.with_name(f"{prefix}{os.getpid()}")
+    remove(tmp)
+    return tmp
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a completed `tmp` (file or directory) to `dest`, replacing what was there."""
+    if tmp.is_dir() and not tmp.is_symlink() and dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        remove(old)
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        remove(old)
+    else:
+        os.replace(tmp, dest)
+
+
+def write_via_temp(dest: Path, fill: Callable[[Path], object], mode: int | None = None) -> Path:
+    """`fill(tmp)` a temporary path beside `dest`, set its mode, then publish it as `dest`; nothing
+    is left behind when `fill` fails."""
+    tmp = temp_beside(dest)
+    try:
+        fill(tmp)
+        if mode is not None:
+            tmp.chmod(mode)
+        publish(tmp, dest)
+    finally:
+        discard(tmp)
+    return dest
+
+
+def write_atomically(dest: Path, data: str | bytes, mode: int | None = None) -> Path:
+    """Write `data` to `dest` so that readers see the old content or the new, never a part."""
+    if isinstance(data, str):
+        return write_via_temp(dest, lambda tmp: tmp.write_text(data), mode)
+    return write_via_temp(dest, lambda tmp: tmp.write_bytes(data), mode)
+
+
+def copy_atomically(source: Path, dest: Path, mode: int | None = None) -> Path:
+    """Copy `source` to `dest` through a temporary name beside it."""
+    return write_via_temp(dest, lambda tmp: shutil.copyfile(source, tmp), mode)
+
+
+def link_atomically(target: str, link: Path) -> Path:
+    """Point the symlink `link` at `target`, replacing what was there in one rename."""
+    tmp = temp_beside(link)
+    try:
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+    finally:
+        discard(tmp)
+    return link

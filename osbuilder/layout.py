@@ -1,0 +1,168 @@
+"""Where everything lives: the one place artifact, log, lock, cache and record names are spelled.
+
+Two roots:
+
+- `Workdir` (WORKDIR, default ./workdir): what belongs to one build: the rootfs, container.img,
+  the kernel outputs, the kernel source link and object tree, the artifact cache of the pytest
+  fixtures, logs, boot logs and boot records.
+- `UserCache` (CACHE_DIR, default $XDG_CACHE_HOME/osbuilder or ~/.cache/osbuilder): what does not
+  depend on the WORKDIR and is shared by every one of them: the accelerator verdict (keyed by host
+  kernel, QEMU and CPU), Debian's boot kernel and initrd, ccache, and unpacked kernel sources keyed
+  by their origin. Removing it is always safe (`rm -rf`); the next run rebuilds what it needs.
+
+Steps take paths from here; none of them spells `workdir / "..."` itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from osbuilder.settings import Settings
+
+# Artifact names (the old Makefile's, kept so that its users find their files).
+ROOTFS = "rootfs"
+IMAGE = "container.img"
+VMLINUZ = "vmlinuz.container"
+VMLINUX = "vmlinux.container"
+KERNEL_CONFIG = "config.container"
+SYSTEM_MAP = "System.map.container"
+KERNEL_METADATA = "kernel-metadata.json"
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """The outputs of one kernel build, in a directory (WORKDIR, or a fixture's cache entry)."""
+
+    dir: Path
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.dir / VMLINUZ
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.dir / VMLINUX
+
+    @property
+    def config(self) -> Path:
+        return self.dir / KERNEL_CONFIG
+
+    @property
+    def system_map(self) -> Path:
+        return self.dir / SYSTEM_MAP
+
+    @property
+    def metadata(self) -> Path:
+        return self.dir / KERNEL_METADATA
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.vmlinuz, self.vmlinux, self.config, self.system_map, self.metadata)
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """Paths inside WORKDIR."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> Workdir:
+        return cls(settings.workdir)
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / ROOTFS
+
+    @property
+    def image(self) -> Path:
+        return self.root / IMAGE
+
+    @property
+    def kernel(self) -> KernelFiles:
+        return KernelFiles(self.root)
+
+    @property
+    def linux(self) -> Path:
+        """The kernel source tree (`osbuilder kernel-src`)."""
+        return self.root / "linux"
+
+    @property
+    def kernel_build(self) -> Path:
+        """The kernel's out-of-tree object directory, reused between builds."""
+        return self.root / "kernel-build"
+
+    @property
+    def cache(self) -> Path:
+        """The content-addressed artifact cache of the pytest fixtures."""
+        return self.root / "cache"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def log(self, step: str) -> Path:
+        """The log file of one step (`rootfs`, `image`, `kernel`, ...): every command and its output."""
+        return self.logs / f"{step}.log"
+
+    @property
+    def boot_logs(self) -> Path:
+        return self.root / "boot-logs"
+
+    def boot_log(self, name: str) -> Path:
+        """The log directory of one boot (console.log, qmp.jsonl, boot.json, ...)."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:100] or "boot"
+        return (self.boot_logs / safe).absolute()
+
+    @property
+    def boot_records(self) -> Path:
+        return self.root / "boot-records"
+
+    def boot_record(self, sha256: str) -> Path:
+        """Proof that the artifact with this content passed a boot check."""
+        return self.boot_records / f"{sha256}.json"
+
+
+def default_user_cache(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(base).absolute() / "osbuilder"
+
+
+@dataclass(frozen=True)
+class UserCache:
+    """Paths inside the per-user cache (CACHE_DIR)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> UserCache:
+        return cls(settings.cache_dir or default_user_cache())
+
+    @property
+    def artifacts(self) -> Path:
+        """Content-addressed artifacts that do not depend on a WORKDIR (Debian's boot kernel)."""
+        return self.root / "artifacts"
+
+    @property
+    def accel_verdict(self) -> Path:
+        """Whether KVM really runs a guest on this host (accel.py)."""
+        return self.root / "accel-probe.json"
+
+    @property
+    def ccache(self) -> Path:
+        return self.root / "ccache"
+
+    @property
+    def kernel_sources(self) -> Path:
+        """Unpacked kernel sources, one directory per origin."""
+        return self.root / "kernel-src"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def log(self, step: str) -> Path:
+        return self.logs / f"{step}.log"

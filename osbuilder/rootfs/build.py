@@ -1,0 +1,184 @@
+"""The rootfs step: a guest root filesystem directory with systemd (or the agent as init) and the agent.
+
+The distribution plugin installs the packages; this module decides the package set and stages the
+files osbuilder adds on top (the agent and its unit, SSH set up for a read-only root, and
+/var/lib/osbuilder/osbuilder.yaml describing the build).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from osbuilder import __version__, agent, userns
+from osbuilder.agent.build import build_agent
+from osbuilder.cache import Manifest
+from osbuilder.errors import UsageError
+from osbuilder.fs import discard, file_hash, publish, temp_beside
+from osbuilder.layout import Workdir
+from osbuilder.rootfs import distros
+from osbuilder.run import tool_version
+from osbuilder.settings import Settings
+
+OVERLAY_DIR = Path(__file__).parent / "overlay"
+# units in OVERLAY_DIR that a systemd guest starts at boot (see the unit files for what they do)
+OVERLAY_UNITS = ("osbuilder-slirp-network.service", "osbuilder-power-button.service")
+METADATA_PATH = "var/lib/osbuilder/osbuilder.yaml"
+ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x"}
+
+
+@dataclass(frozen=True)
+class AgentChoice:
+    """Which agent goes into the rootfs: osbuilder's own or the user's binary."""
+
+    binary: Path | None  # None: build osbuilder's agent
+    name: str
+    service: str
+    version: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AgentChoice:
+        src = settings.agent_source_bin
+        if src is None:
+            return cls(None, agent.AGENT_NAME, agent.SERVICE_NAME, agent.AGENT_VERSION)
+        if not src.is_file():
+            raise UsageError(f"AGENT_SOURCE_BIN: {src} is not a file")
+        if not os.access(src, os.X_OK):
+            raise UsageError(f"AGENT_SOURCE_BIN: {src} is not executable")
+        service = settings.agent_service or f"{src.name}.service"
+        if not service.endswith(".service") or "/" in service:
+            raise UsageError(f"AGENT_SERVICE: {service!r} must be a unit name ending in .service")
+        return cls(src, src.name, service, "custom:" + file_hash(src)[:16])
+
+
+def packages(settings: Settings) -> list[str]:
+    """The full package list: the distro's defaults, then EXTRA_PKGS, without duplicates."""
+    d = distros.get(settings.distro)
+    return list(dict.fromkeys([*d.default_packages(settings.agent_init), *settings.extra_pkgs]))
+
+
+def manifest(settings: Settings) -> Manifest:
+    """Every input that shapes the rootfs, for the artifact cache."""
+    d = distros.get(settings.distro)
+    choice = AgentChoice.from_settings(settings)
+    return Manifest("rootfs", {
+        "distro": settings.distro,
+        "os_version": settings.os_version,
+        "repo_url": settings.repo_url or d.default_mirror,
+        "packages": " ".join(packages(settings)),
+        "agent": choice.version if choice.binary else "osbuilder:" + agent.source_hash(),
+        "agent_service": choice.service,
+        "agent_init": str(settings.agent_init),
+        "overlay": file_hash(OVERLAY_DIR) + ":" + file_hash(Path(__file__)),
+        "source_date_epoch": str(settings.source_date_epoch),
+        "tool": tool_version(d.tool),
+        "osbuilder": __version__,
+    })
+
+
+def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None) -> Path:
+    """Build the rootfs into `dest`, replacing it only when the build completed."""
+    d = distros.get(settings.distro)
+    d.check_release(settings.os_version)
+    choice = AgentChoice.from_settings(settings)
+    pkgs = packages(settings)
+    dest = dest.absolute()
+    logfile = logfile or Workdir.of(settings).log("rootfs")
+    if userns.rootless():
+        userns.check_subordinate_ids()
+        userns.check_reachable(dest.parent, "WORKDIR")
+    tmp = temp_beside(dest)
+    overlay = temp_beside(dest.with_name(dest.name + "-overlay"))
+    overlay_tar = temp_beside(dest.with_name(dest.name + "-overlay.tar"))
+    try:
+        stage_overlay(settings, choice, pkgs, overlay, logfile)
+        pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
+        d.build(settings.os_version, settings.repo_url or d.default_mirror, pkgs, overlay_tar, tmp,
+                logfile=logfile, verbose=settings.debug, source_date_epoch=settings.source_date_epoch)
+        publish(tmp, dest)
+    finally:
+        discard(tmp)
+        discard(overlay)
+        discard(overlay_tar)
+    return dest
+
+
+def stage_overlay(settings: Settings, choice: AgentChoice, pkgs: list[str], overlay: Path, logfile: Path) -> None:
+    """Lay out, in `overlay`, every file osbuilder adds to the distribution's tree."""
+    shutil.copytree(OVERLAY_DIR, overlay, symlinks=True)
+    overlay.chmod(0o755)
+    bindir = overlay / "usr/bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    if choice.binary is None:
+        built = build_agent(overlay / "usr/bin", logfile=logfile)
+        unit_text = (agent.SOURCE_DIR / agent.SERVICE_NAME).read_text()
+    else:
+        built = bindir / choice.name
+        shutil.copy2(choice.binary, built)
+        unit_text = generic_unit(choice)
+    built.chmod(0o755)
+    unitdir = overlay / "usr/lib/systemd/system"
+    unitdir.mkdir(parents=True, exist_ok=True)
+    (unitdir / choice.service).write_text(unit_text)
+    if settings.agent_init:
+        sbin = overlay / "usr/sbin"
+        sbin.mkdir(parents=True, exist_ok=True)
+        (sbin / "init").symlink_to(f"../bin/{choice.name}")
+    else:
+        # Enabled here, not shipped as symlinks: a wheel drops symlinks whose target is not on the host.
+        wants = overlay / "etc/systemd/system/multi-user.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        for unit in (choice.service, *OVERLAY_UNITS):
+            (wants / unit).symlink_to(f"/usr/lib/systemd/system/{unit}")
+    meta = overlay / METADATA_PATH
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(yaml.safe_dump(metadata(settings, choice, pkgs), sort_keys=False))
+
+
+def pack_overlay(overlay: Path, tar_path: Path, epoch: int | None) -> None:
+    """The overlay as a tarball owned by root (uid and gid 0 in its headers, so no chown is needed
+    and an ordinary user can make it), in sorted order, with SOURCE_DATE_EPOCH times when set.
+    Modes do not depend on the umask: directories 0755, files 0644 or 0755."""
+    def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        if info.isdir():
+            info.mode = 0o755
+        elif info.isfile():
+            info.mode = 0o755 if info.mode & 0o111 else 0o644
+        if epoch is not None:
+            info.mtime = epoch
+        return info
+
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(overlay.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(overlay)), recursive=False, filter=as_root)
+
+
+def generic_unit(choice: AgentChoice) -> str:
+    return (f"[Unit]\nDescription=Container agent ({choice.name})\n\n"
+            f"[Service]\nExecStart=/usr/bin/{choice.name}\nRestart=always\n\n"
+            f"[Install]\nWantedBy=multi-user.target\n")
+
+
+def metadata(settings: Settings, choice: AgentChoice, pkgs: list[str]) -> dict:
+    d = distros.get(settings.distro)
+    created = settings.source_date_epoch if settings.source_date_epoch is not None else int(time.time())
+    defaults = d.default_packages(settings.agent_init)
+    return {
+        "osbuilder": {"version": __version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+        "architecture": ARCHITECTURES.get(platform.machine(), platform.machine()),
+        "distro": {"name": d.name, "version": settings.os_version,
+                   "mirror": settings.repo_url or d.default_mirror},
+        "packages": {"default": defaults, "extra": [p for p in pkgs if p not in defaults]},
+        "agent": {"name": choice.name, "version": choice.version, "service": choice.service,
+                  "init": settings.agent_init},
+    }

@@ -1,0 +1,179 @@
+"""Run a boot profile: the boot check, the guests the fixtures hand out, and `osbuilder boot`.
+
+    opts = guest_options(settings, image=..., kernel=boot_kernel(settings), accel=accel.choose(...),
+                         name="my-boot", ssh_key=key)
+    record = with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
+
+`run_check` boots through every phase of the profile and writes the boot records when all passed;
+`booted` hands out a guest booted up to (not including) powerdown. With ACCEL=auto, a boot that
+fails under KVM for a reason that is not the artifact's is retried under TCG (`with_kvm_fallback`)
+and KVM is distrusted from then on.
+
+Exit codes (through the CLI): 0 the check passed, 1 the image or kernel failed a check (BootFailure),
+125 an infrastructure failure (BootInfrastructureError, e.g. a KVM internal error), 2 a usage error
+(no image yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from osbuilder.errors import InfrastructureError, UsageError
+from osbuilder.layout import Workdir
+from osbuilder.settings import Settings
+from osbuilder.vm import accel, phases, profiles, ssh
+from osbuilder.vm.debian_kernel import debian_kernel
+from osbuilder.vm.guest import Guest
+from osbuilder.vm.options import Accel, BootKernel, BootOptions
+from osbuilder.vm.qemu import VmSpec, kernel_cmdline, run_interactive
+
+log = logging.getLogger("osbuilder")
+
+T = TypeVar("T")
+
+
+# -- what to boot -------------------------------------------------------------------------------
+
+def boot_image(settings: Settings) -> Path:
+    """The image `osbuilder boot` boots: BOOT_IMAGE, else the WORKDIR's."""
+    image = (settings.boot_image or Workdir.of(settings).image).absolute()
+    if not image.is_file():
+        raise UsageError(f"BOOT_IMAGE: {image} does not exist; run `osbuilder rootfs && osbuilder image` first")
+    return image
+
+
+def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None = None) -> BootKernel:
+    """The kernel to boot: `path` (--kernel PATH), else BOOT_KERNEL: auto (the built kernel if
+    present, else Debian's), built, debian, or a path. `built` is where the built kernel's vmlinuz
+    is looked for (default: the WORKDIR's)."""
+    choice = settings.boot_kernel.strip() or "auto"
+    if path is None and choice not in ("auto", "built", "debian"):
+        path = Path(choice).expanduser()
+    if path is not None:
+        if not path.is_file():
+            raise UsageError(f"BOOT_KERNEL: {path} is not a file")
+        return BootKernel(path.absolute(), None, "path")
+    built = built or Workdir.of(settings).kernel.vmlinuz
+    if choice == "built" or (choice == "auto" and built.is_file()):
+        if not built.is_file():
+            raise UsageError(f"BOOT_KERNEL=built: {built} does not exist; run `osbuilder kernel` first")
+        return BootKernel(built.absolute(), None, "built")
+    return debian_kernel(settings)
+
+
+def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel: Accel, name: str,
+                  ssh_key: ssh.SessionKey | None = None, append: str = "",
+                  timeout: float | None = None) -> BootOptions:
+    """Options for one boot under these settings: memory, CPUs, BOOT_TIMEOUT (unless `timeout`),
+    BOOT_APPEND then `append`, the profile (AGENT_INIT), logs in `Workdir.boot_log(name)`."""
+    return BootOptions(
+        image=image, kernel=kernel, log_dir=Workdir.of(settings).boot_log(name), accel=accel,
+        memory=settings.vm_memory, cpus=settings.vm_cpus, timeout=timeout or settings.boot_timeout,
+        append=" ".join(p for p in (settings.boot_append, append) if p), ssh_key=ssh_key, name=name,
+        profile=profiles.for_settings(settings))
+
+
+# -- running a profile --------------------------------------------------------------------------
+
+def start_guest(opts: BootOptions) -> Guest:
+    """A started guest (QEMU running, nothing checked yet). Close it, or use it as a context manager."""
+    return Guest.start(opts)
+
+
+def boot_to_ready(guest: Guest) -> None:
+    """Every phase of the guest's profile but powerdown: kernel, root, init, agent, running, exec,
+    ssh (those the profile skips are recorded as skipped)."""
+    for phase in guest.profile.ready:
+        if phase == "ssh" and guest.opts.ssh_key is None and guest.profile.skip(phase) is None:
+            continue  # no session key, nothing to log in with: "not run", so the check does not pass
+        phases.run(guest, phase)
+    guest.collect_console_timings()
+
+
+def run_check(opts: BootOptions, settings: Settings) -> dict[str, Any]:
+    """The whole check, once; returns the boot record. Writes boot records when it passes."""
+    with start_guest(opts) as guest:
+        boot_to_ready(guest)
+        phases.run(guest, "powerdown")
+    guest.write_passing_records(settings.workdir)
+    return guest.record()
+
+
+def with_kvm_fallback(opts: BootOptions, settings: Settings, fn: Callable[[BootOptions], T]) -> T:
+    """Run `fn(opts)`; if KVM (chosen by ACCEL=auto) fails there, distrust it and retry under TCG
+    (logs in `<log dir>-tcg`)."""
+    try:
+        return fn(opts)
+    except InfrastructureError as e:
+        if opts.accel.name != "kvm" or not opts.accel.auto:
+            raise
+        log.warning("boot: KVM failed (%s); retrying under TCG", e.message)
+        accel.distrust_kvm(settings, e.message)
+        tcg = dataclasses.replace(opts, accel=Accel("tcg", f"KVM failed during a boot: {e.message}", True),
+                                  log_dir=opts.log_dir.with_name(opts.log_dir.name + "-tcg"))
+        return fn(tcg)
+
+
+@contextmanager
+def booted(opts: BootOptions, settings: Settings) -> Iterator[Guest]:
+    """A guest booted through every phase but powerdown (KVM falling back to TCG), stopped on exit."""
+    guests: list[Guest] = []
+
+    def boot(o: BootOptions) -> Guest:
+        guest = start_guest(o)
+        guests.append(guest)
+        try:
+            boot_to_ready(guest)
+        except BaseException:
+            guest.close(graceful=0)
+            raise
+        return guest
+
+    try:
+        yield with_kvm_fallback(opts, settings, boot)
+    finally:
+        for guest in guests:
+            guest.close()
+
+
+# -- `osbuilder boot` ---------------------------------------------------------------------------
+
+def run_boot_check(settings: Settings, image: Path, kernel: BootKernel,
+                   name: str = "osbuilder-boot-check") -> dict[str, Any]:
+    """The full boot check of `image` with `kernel` (`osbuilder boot --check`), with a throw-away
+    session SSH key; writes boot records when it passes. Returns the boot record."""
+    with tempfile.TemporaryDirectory(prefix="osb-key-") as tmp:
+        key = ssh.make_session_key(Path(tmp))
+        opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
+                             name=name, ssh_key=key)
+        return with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
+
+
+def format_timings(record: dict[str, Any]) -> str:
+    """What `osbuilder boot --check` prints: the verdict, kernel, accelerator and phase timings."""
+    lines = [f"boot check {'PASSED' if record['passed'] else 'FAILED'}: {record['image']}",
+             f"  kernel: {record['kernel']['kind']} {record['kernel']['version'] or record['kernel']['path']}",
+             f"  accel:  {record['accel']['name']} ({record['accel']['reason']})",
+             "  phase timings (seconds since QEMU start):"]
+    lines += [f"    {name:<22} {at:8.2f}" for name, at in record["timings"].items()]
+    if record.get("guest_startup"):
+        parts = ", ".join(f"{k} {v:.2f}s" for k, v in record["guest_startup"].items())
+        lines.append(f"  systemd-analyze: {parts}")
+    lines.append(f"  logs: {record['log_dir']}")
+    return "\n".join(lines)
+
+
+def boot_interactive(settings: Settings, image: Path, kernel: BootKernel) -> int:
+    """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits); QEMU's exit code."""
+    chosen = accel.choose(settings, kernel)
+    profile = profiles.for_settings(settings)
+    spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd,
+                  cmdline=kernel_cmdline(profile.attach.root_params, settings.boot_append),
+                  image=image, accel=chosen.name, memory=settings.vm_memory, cpus=settings.vm_cpus, agent=False)
+    return run_interactive(spec)

@@ -1,0 +1,83 @@
+"""What one boot runs with: the kernel, the accelerator, the profile, the resources and the time budgets.
+
+Plain values, no behaviour: `check.guest_options` fills a `BootOptions` from the settings, and
+`BootOptions.spec()` turns it into the `VmSpec` qemu.py launches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from osbuilder.vm import ssh
+from osbuilder.vm.profiles import SYSTEMD, Profile
+from osbuilder.vm.qemu import VmSpec, kernel_cmdline
+
+AGENT_GRACE = 0.15  # of BOOT_TIMEOUT: how long the agent may lag behind multi-user.target
+
+
+@dataclass(frozen=True)
+class BootKernel:
+    """A kernel (and optional initrd) to boot an image with."""
+
+    kernel: Path
+    initrd: Path | None
+    name: str  # "debian", "built" or "path"
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Accel:
+    """The accelerator a boot runs under, and why (accel.choose)."""
+
+    name: str  # "kvm" or "tcg"
+    reason: str
+    auto: bool  # chosen by ACCEL=auto (so a KVM failure may fall back to TCG)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Seconds each phase may take (kernel and agent count from QEMU's start)."""
+
+    kernel: float
+    root: float
+    agent: float
+    agent_grace: float
+    running: float
+    ssh: float
+    powerdown: float
+
+    @classmethod
+    def from_timeout(cls, timeout: float) -> Budgets:
+        return cls(kernel=timeout * 0.25, root=timeout * 0.5, agent=timeout,
+                   agent_grace=max(15.0, timeout * AGENT_GRACE), running=timeout * 0.5, ssh=timeout * 0.5,
+                   powerdown=max(20.0, timeout * 0.25))
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    image: Path
+    kernel: BootKernel
+    log_dir: Path
+    accel: Accel
+    memory: int = 1024
+    cpus: int = 1
+    timeout: float = 120
+    append: str = ""
+    ssh_key: ssh.SessionKey | None = None
+    name: str = "boot"
+    profile: Profile = SYSTEMD
+
+    @property
+    def cmdline(self) -> str:
+        return kernel_cmdline(self.profile.attach.root_params, self.append)
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets.from_timeout(self.timeout)
+
+    def spec(self) -> VmSpec:
+        creds = {ssh.CREDENTIAL: self.ssh_key.public} if self.ssh_key else {}
+        return VmSpec(kernel=self.kernel.kernel, initrd=self.kernel.initrd, cmdline=self.cmdline,
+                      image=self.image, accel=self.accel.name, memory=self.memory, cpus=self.cpus,
+                      credentials=creds)

@@ -1,0 +1,310 @@
+"""The boot check's phases, one function each; each records the phase's Outcome on the guest.
+
+In order, each with its own time budget (options.Budgets, scaled from BOOT_TIMEOUT) and named in
+its errors:
+
+    kernel     the kernel prints "Linux version"
+    root       the kernel mounts the root filesystem (the profile's attachment says which)
+    init       the root filesystem's init starts: systemd's banner, or, when the agent is PID 1,
+               the agent reporting pid1 (proven in `agent`, once it answers)
+    agent      the agent answers ping on its port with the expected version
+    running    `systemctl is-system-running --wait` says running; degraded lists the failed units
+               with their journal
+    exec       the agent runs a command and returns status and output; the root is read-only
+    ssh        paramiko logs in with the session key delivered as a systemd credential
+    powerdown  the guest shuts itself down within a bound after the ACPI power button (or, when the
+               agent is PID 1, its `poweroff` request)
+
+While a phase waits, the guest's guard watches the console: a panic, emergency mode, an initramfs
+shell, a missing init or a KVM internal error ends the boot within seconds. `run(guest, phase)`
+runs a phase the guest's profile's way: a phase the profile skips is recorded as skipped, not run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paramiko
+
+from osbuilder.agent import AGENT_VERSION, PORT_NAME, SERVICE_NAME
+from osbuilder.agent.client import AgentClient, AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
+from osbuilder.errors import OsbuilderError
+from osbuilder.vm import ssh as ssh_mod
+from osbuilder.vm.console import format_tail
+from osbuilder.vm.guest import BootFailure, BootInfrastructureError, Guest
+from osbuilder.vm.options import Budgets
+from osbuilder.vm.profiles import Outcome
+from osbuilder.vm.qemu import QmpError
+from osbuilder.vm.systemd import parse_failed_units, parse_startup
+
+log = logging.getLogger("osbuilder")
+
+EXPECTED_STATES = ("running",)
+GUEST_HOST_KEY = "/run/osbuilder/ssh/ssh_host_ed25519_key.pub"
+
+
+def kernel(guest: Guest) -> None:
+    """The kernel starts and prints its banner."""
+    milestones = guest.vm.console.milestones
+    guest.wait_until("kernel", lambda: "linux_version" in milestones, guest.budgets.kernel,
+                     "the kernel's 'Linux version' banner on the console")
+    guest.phases["kernel"] = Outcome.passed()
+
+
+def root(guest: Guest) -> None:
+    """The kernel mounts the root filesystem (read-only is verified in `exec`)."""
+    attach = guest.profile.attach
+    milestones = guest.vm.console.milestones
+    guest.wait_until("root", lambda: attach.root_milestone in milestones, guest.budgets.root, attach.root_awaited)
+    guest.phases["root"] = Outcome.passed()
+
+
+def init(guest: Guest) -> None:
+    """The root filesystem's init (systemd) starts. When the agent is init, the phase passes in
+    `agent`, once the agent answers and reports that it is PID 1."""
+    if guest.profile.agent_is_init:
+        guest.guard("init")
+        return
+    milestones = guest.vm.console.milestones
+    guest.wait_until("init", lambda: "systemd_started" in milestones, guest.budgets.root,
+                     "systemd to start ('Welcome to' / 'systemd[1]' on the console)")
+    guest.phases["init"] = Outcome.passed()
+
+
+def agent(guest: Guest) -> str:
+    """The agent answers ping on its port; returns its version."""
+    b = guest.budgets
+    deadline = guest.vm.t0 + b.agent
+    client = _connect_agent(guest, deadline)
+    while True:
+        guest.guard(_phase_while_agent_is_silent(guest))
+        _check_agent_lag(guest, b)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise guest.fail("agent", f"no answer from the agent on {PORT_NAME} within {b.agent:.0f}s",
+                             _agent_diagnostics(guest))
+        try:
+            version = client.wait_ready(min(1.0, left), try_timeout=0.5)
+            break
+        except AgentTimeout:
+            continue
+        except AgentConnectionClosed as e:
+            guest.settle("agent")
+            raise guest.fail("agent", f"the agent's socket closed: {e}")
+    guest.timings["agent_ready"] = guest.now()
+    guest.collect_console_timings()
+    if version != AGENT_VERSION:
+        raise guest.fail("agent", f"agent version {version!r}, expected {AGENT_VERSION!r}")
+    if guest.profile.agent_is_init:
+        _prove_agent_is_init(guest, client)
+    guest.phases["agent"] = Outcome.passed()
+    return version
+
+
+def _phase_while_agent_is_silent(guest: Guest) -> str:
+    """The phase a fatal console line fails while waiting for the agent: "init" when the agent
+    is init and the kernel (or the initramfs) found no init to run, else "agent"."""
+    fatal = guest.vm.console.fatal
+    if guest.profile.agent_is_init and fatal is not None and fatal.reason == "no init to run":
+        return "init"
+    return "agent"
+
+
+def _prove_agent_is_init(guest: Guest, client: AgentClient) -> None:
+    """The agent that answers must be the guest's PID 1: that passes `init`."""
+    try:
+        info = client.version(10)
+    except AgentError as e:
+        guest.settle("init")
+        raise guest.fail("init", f"the agent answered ping but not `version`: {e}")
+    if info.get("pid1") is not True:
+        raise guest.fail("init", "the agent answers but is not PID 1 (version says pid1 "
+                         f"{info.get('pid1')!r}): /sbin/init did not run the agent")
+    guest.phases["init"] = Outcome.passed()
+
+
+def _connect_agent(guest: Guest, deadline: float) -> AgentClient:
+    if guest.agent is None:
+        try:
+            guest.agent = AgentClient.connect_unix(guest.vm.paths.agent, max(1.0, deadline - time.monotonic()))
+        except AgentError as e:
+            raise guest.fail("agent", f"cannot connect to the agent socket: {e}")
+    return guest.agent
+
+
+def _check_agent_lag(guest: Guest, b: Budgets) -> None:
+    """Fail early when systemd finished booting long ago and the agent still is silent."""
+    milestones = guest.vm.console.milestones
+    reached = milestones.get("multi_user") or milestones.get("login_prompt")
+    if reached is not None and guest.now() - reached > b.agent_grace:
+        raise guest.fail("agent", f"systemd reached multi-user.target {guest.now() - reached:.0f}s ago but the "
+                         f"agent ({SERVICE_NAME}) does not answer on {PORT_NAME}", _agent_diagnostics(guest))
+
+
+def _agent_diagnostics(guest: Guest) -> str:
+    """The agent unit's status over SSH, when the session key gets us in."""
+    if guest.profile.agent_is_init:
+        return "(the agent is init: no systemd unit and no sshd to ask; see the console's osbuilder-agent lines)"
+    if guest.opts.ssh_key is None or not guest.vm.alive():
+        return ""
+    try:
+        client = ssh_mod.connect(guest.vm.host_port(22), guest.opts.ssh_key, timeout=15)
+    except (ssh_mod.SshError, OsbuilderError) as e:
+        return f"(no SSH for diagnostics: {e})"
+    try:
+        cmd = (f"systemctl status {SERVICE_NAME} --no-pager -n 0; ls -l /usr/bin/osbuilder-agent "
+               f"/dev/virtio-ports/ 2>&1; journalctl -b -u {SERVICE_NAME} --no-pager -n 15")
+        status, out, err = ssh_mod.run_command(client, cmd, timeout=20)
+        return format_tail((out + err).splitlines()[-40:], f"agent diagnostics over SSH ({SERVICE_NAME})")
+    except Exception as e:  # noqa: BLE001 - diagnostics are best effort
+        return f"(SSH diagnostics failed: {e})"
+    finally:
+        client.close()
+
+
+def running(guest: Guest) -> str:
+    """systemctl is-system-running --wait: running passes, degraded fails listing failed units."""
+    b = guest.budgets
+    deadline = time.monotonic() + b.running
+    state = ""
+    while time.monotonic() < deadline:
+        guest.guard("running")
+        slice_ = max(1.0, min(10.0, deadline - time.monotonic()))
+        r = guest.exec(["systemctl", "is-system-running", "--wait"], timeout=slice_, phase="running")
+        state = r.stdout.strip()
+        if not r.timed_out and state not in ("initializing", "starting", ""):
+            break
+    guest.timings["system_running"] = guest.now()
+    _analyze(guest)
+    if state in EXPECTED_STATES:
+        guest.phases["running"] = Outcome.passed()
+        return state
+    if state == "degraded":
+        units, journal = failed_units(guest)
+        raise guest.fail("running", f"systemd is degraded; failed units: {', '.join(units) or '(none listed)'}",
+                         journal)
+    reason = f"systemd state {state!r}" if state else f"systemd did not finish starting within {b.running:.0f}s"
+    raise guest.fail("running", reason)
+
+
+def failed_units(guest: Guest) -> tuple[list[str], str]:
+    """The failed units and their journal lines."""
+    r = guest.exec(["systemctl", "list-units", "--failed", "--no-legend", "--plain", "--no-pager"],
+                   phase="running")
+    units = parse_failed_units(r.stdout)
+    chunks = []
+    for unit in units[:10]:
+        j = guest.exec(["journalctl", "-b", "-u", unit, "--no-pager", "-n", "20", "-o", "short-monotonic"],
+                       phase="running")
+        chunks.append(format_tail(j.stdout.splitlines(), f"journal of {unit}"))
+    return units, "\n".join(chunks)
+
+
+def _analyze(guest: Guest) -> None:
+    """systemd's own startup times (`systemd-analyze time`), best effort."""
+    try:
+        r = guest.agent.exec(["systemd-analyze", "time"], 20) if guest.agent else None
+    except AgentError:
+        return
+    if r is not None and r.status == 0:
+        guest.guest_startup = parse_startup(r.stdout)
+        kernel_at = guest.vm.console.milestones.get("linux_version")
+        if "total" in guest.guest_startup and kernel_at is not None:
+            guest.timings["startup_finished"] = round(kernel_at + guest.guest_startup["total"], 3)
+
+
+def exec(guest: Guest) -> ExecResult:  # named after the phase (it shadows the builtin only here)
+    """The agent runs a command and returns its exit status and both output streams; the root
+    filesystem is mounted read-only."""
+    r = guest.exec(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=30)
+    if (r.status, r.stdout, r.stderr) != (3, "out\n", "err\n"):
+        raise guest.fail("exec", f"exec returned status={r.status} stdout={r.stdout!r} stderr={r.stderr!r}, "
+                         "expected 3, 'out\\n', 'err\\n'")
+    guest.phases["exec"] = Outcome.passed()
+    options = root_mount_options(guest)
+    if "ro" not in options:
+        raise guest.fail("root", f"the root filesystem is mounted {','.join(options)}, not read-only")
+    return r
+
+
+def root_mount_options(guest: Guest) -> list[str]:
+    """The mount options of / in the guest, as findmnt reports them."""
+    r = guest.exec(["findmnt", "-n", "-o", "OPTIONS", "/"], phase="exec")
+    return r.stdout.strip().split(",")
+
+
+def ssh(guest: Guest) -> paramiko.SSHClient:
+    """Log in over SSH with the session key; the host key must be the one the guest made."""
+    if guest.opts.ssh_key is None:
+        raise guest.fail("ssh", "no session key was delivered to this guest")
+    host_key = None
+    if guest.agent is not None:
+        r = guest.exec(["cat", GUEST_HOST_KEY], phase="ssh")
+        host_key = r.stdout.strip() if r.status == 0 else None
+    try:
+        port = guest.vm.host_port(22)
+        guest.ssh_client = ssh_mod.connect(port, guest.opts.ssh_key, guest.budgets.ssh, host_key=host_key,
+                                           keep_going=lambda: guest.guard("ssh"))
+        status, out, _ = ssh_mod.run_command(guest.ssh_client, "id -un; systemctl is-system-running", timeout=30)
+    except (ssh_mod.SshError, OsbuilderError) as e:
+        if isinstance(e, (BootFailure, BootInfrastructureError)):
+            raise
+        raise guest.fail("ssh", str(e))
+    if out.split()[:1] != ["root"]:
+        raise guest.fail("ssh", f"logged in, but `id -un` said {out!r}")
+    guest.timings["ssh_ready"] = guest.now()
+    guest.phases["ssh"] = Outcome.passed()
+    return guest.ssh_client
+
+
+def powerdown(guest: Guest) -> dict[str, Any]:
+    """The ACPI power button (the agent's `poweroff` request when the agent is init); the guest
+    must shut itself down within the bound. Returns QEMU's SHUTDOWN event."""
+    b = guest.budgets
+    if guest.ssh_client is not None:
+        guest.ssh_client.close()
+        guest.ssh_client = None
+    requested = guest.now()
+    guest.timings["powerdown_requested"] = requested
+    by_agent = guest.profile.agent_is_init
+    how = "the agent's poweroff request" if by_agent else "system_powerdown"
+    try:
+        if not by_agent:
+            event = guest.vm.powerdown(b.powerdown)
+        elif guest.agent is None:
+            raise guest.fail("powerdown", "the agent is not connected (it powers off a guest it is init of)")
+        else:
+            event = guest.agent_poweroff(b.powerdown)
+    except QmpError as e:
+        raise guest.fail("powerdown", str(e))
+    except AgentError as e:
+        raise guest.fail("powerdown", f"the agent refused to power off: {e}")
+    if event is None:
+        guest.guard("powerdown")
+        raise guest.fail("powerdown", f"no SHUTDOWN within {b.powerdown:.0f}s of {how}")
+    data = event.get("data", {})
+    if not data.get("guest") or data.get("reason") != "guest-shutdown":
+        raise guest.fail("powerdown", f"unexpected shutdown: {data}")
+    guest.timings["shutdown"] = guest.now()
+    guest.powerdown_seconds = round(guest.timings["shutdown"] - requested, 3)
+    guest.phases["powerdown"] = Outcome.passed()
+    return event
+
+
+CHECKS: dict[str, Callable[[Guest], Any]] = {
+    "kernel": kernel, "root": root, "init": init, "agent": agent, "running": running, "exec": exec,
+    "ssh": ssh, "powerdown": powerdown,
+}
+
+
+def run(guest: Guest, phase: str) -> Any:
+    """Run one phase for the guest's profile: a phase the profile skips is recorded as skipped (and
+    returns None); any other runs its check, which returns what it found."""
+    skip = guest.profile.skip(phase)
+    if skip is not None:
+        guest.phases[phase] = skip
+        return None
+    return CHECKS[phase](guest)
