@@ -6,23 +6,35 @@ An artifact's key is the sha256 of its manifest: a flat mapping of every input t
 depend on a WORKDIR) next to their `manifest.json`. A build runs in a temporary directory
 beside the entry and is renamed into place only when it completed, under a file lock, so parallel
 pytest-xdist workers build each artifact once. When a lookup misses, `explain_miss` names the
-inputs that differ from the most recent entry of the same kind.
+inputs that differ from the closest readable entry of the same kind.
+
+The manifest also records the entry's content: every file's size, mtime and sha256, every link's
+target. The filesystem is synced before the rename that publishes an entry, and a hit is checked
+against the record (a walk of the tree, no reads unless a file's mtime moved), so an entry torn by
+a power loss, a full disk or a stray edit is rebuilt, with one line saying why.
+With `rebuild` and a `session` (pytest's `--rebuild`: the test run's id, shared by its xdist
+workers), an entry is rebuilt once per session: the ones this session made are hits.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
-from osbuilder.fs import discard, remove
+from osbuilder.errors import InfrastructureError
+from osbuilder.fs import discard, publish, sha256_file, temp_beside, write_atomically
 
 log = logging.getLogger("osbuilder")
 
@@ -41,58 +53,264 @@ class Manifest:
 
 
 class Cache:
-    def __init__(self, root: Path) -> None:
+    """`root` holds the entries; `setting` names where it comes from in errors (WORKDIR, CACHE_DIR)."""
+
+    def __init__(self, root: Path, setting: str = "WORKDIR") -> None:
         self.root = root
+        self.setting = setting
 
     def entry(self, manifest: Manifest) -> Path:
         return self.root / manifest.kind / manifest.key
 
     def lookup(self, manifest: Manifest) -> Path | None:
+        """The entry when it is there and intact (no lock taken, nothing changed)."""
         entry = self.entry(manifest)
-        return entry if (entry / MANIFEST).is_file() else None
+        record, problem = _inspect(entry, manifest)
+        return entry if record is not None and problem is None else None
 
-    def get_or_build(self, manifest: Manifest, build: Callable[[Path], None], rebuild: bool = False) -> Path:
-        """Return the entry directory for `manifest`, calling `build(tmpdir)` to fill it on a miss."""
+    def get_or_build(self, manifest: Manifest, build: Callable[[Path], object], rebuild: bool = False,
+                     session: str | None = None) -> Path:
+        """Return the entry directory for `manifest`, calling `build(tmpdir)` to fill it on a miss.
+
+        `rebuild`: build again, except (with `session`) an entry this session built already.
+        A full disk is an InfrastructureError naming `setting`; nothing half-written is left."""
         entry = self.entry(manifest)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(entry) + ".lock"):
-            if rebuild and entry.exists():
-                remove(entry)
-            if (entry / MANIFEST).is_file():
-                log.info("cache hit: %s %s", manifest.kind, manifest.key)
-                os.utime(entry / MANIFEST)  # most recently used
-                return entry
-            for reason in self.explain_miss(manifest):
-                log.info("cache miss: %s: %s", manifest.kind, reason)
-            tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-            remove(tmp)
-            tmp.mkdir()
-            try:
-                build(tmp)
-                (tmp / MANIFEST).write_text(json.dumps(
-                    {"kind": manifest.kind, "key": manifest.key, "inputs": manifest.inputs,
-                     "created": time.time()}, indent=2, sort_keys=True))
-                remove(entry)
-                os.rename(tmp, entry)
-            finally:
-                discard(tmp)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(entry) + ".lock"):
+                if self._usable(entry, manifest, rebuild, session):
+                    return entry
+                self._fill(entry, manifest, build, session)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise InfrastructureError(f"{self.setting}: no space left on device in {self.root} while caching "
+                                      f"{manifest.kind} {manifest.key}", str(e)) from None
         return entry
 
+    def _usable(self, entry: Path, manifest: Manifest, rebuild: bool, session: str | None) -> bool:
+        """Whether `entry` is a hit (under the entry's lock); logs why not."""
+        record, problem = _inspect(entry, manifest)
+        what = f"{manifest.kind} {manifest.key}"
+        if problem is not None:
+            log.warning("cache: %s is torn (%s); rebuilding", what, problem)
+        elif record is None:
+            for reason in self.explain_miss(manifest):
+                log.info("cache miss: %s: %s", manifest.kind, reason)
+        elif rebuild and (session is None or record.get("session") != session):
+            log.info("cache: %s: rebuilding (--rebuild)", what)
+        else:
+            log.info("cache hit: %s", what)
+            if record.pop("refreshed", False):  # mtimes moved, content the same: remember the new ones
+                write_atomically(entry / MANIFEST, _dump(record))
+            os.utime(entry / MANIFEST)  # most recently used
+            return True
+        return False
+
+    def _fill(self, entry: Path, manifest: Manifest, build: Callable[[Path], object], session: str | None) -> None:
+        tmp = temp_beside(entry)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            record = {"kind": manifest.kind, "key": manifest.key, "inputs": manifest.inputs,
+                      "created": time.time(), "session": session or "", "contents": describe_tree(tmp)}
+            (tmp / MANIFEST).write_text(_dump(record))
+            _sync_filesystem(tmp)  # every file and directory of the entry is on disk before it is published
+            publish(tmp, entry)
+            _fsync_dir(entry.parent)
+        finally:
+            discard(tmp)
+
     def explain_miss(self, manifest: Manifest) -> list[str]:
-        """Which inputs differ from the closest cached entry of the same kind."""
+        """Which inputs differ from the closest cached entry of the same kind (temporaries of other
+        builds, which may vanish at any moment, and unreadable manifests are skipped)."""
         kind_dir = self.root / manifest.kind
-        found = list(kind_dir.glob(f"*/{MANIFEST}")) if kind_dir.is_dir() else []
-        if not found:
-            return ["no earlier build"]
+        try:
+            names = sorted(os.listdir(kind_dir))
+        except OSError:
+            names = []
         best: list[str] | None = None
-        for path in found:
-            previous = json.loads(path.read_text())["inputs"]
-            reasons = [f"{name} changed: {_short(previous.get(name))} -> {_short(manifest.inputs.get(name))}"
-                       for name in sorted(set(previous) | set(manifest.inputs))
-                       if previous.get(name) != manifest.inputs.get(name)]
+        for name in names:
+            if name.startswith(".") or name.endswith(".lock"):
+                continue
+            previous = _read_record(kind_dir / name)
+            inputs = previous.get("inputs") if previous else None
+            if not isinstance(inputs, dict):
+                continue
+            reasons = [f"{k} changed: {_short(inputs.get(k))} -> {_short(manifest.inputs.get(k))}"
+                       for k in sorted(set(inputs) | set(manifest.inputs))
+                       if inputs.get(k) != manifest.inputs.get(k)]
             if best is None or len(reasons) < len(best):
                 best = reasons
+        if best is None:
+            return ["no earlier build"]
         return best or ["entry missing"]
+
+
+# -- the content record -----------------------------------------------------------------------
+# One string per path below the entry: "d" a directory, "l:<target>" a symlink,
+# "f:<size>:<mtime_ns>:<sha256>" a regular file ("?" for a file this user cannot read: a rootless
+# rootfs keeps some of those), "o:<file type>" anything else.
+
+
+def describe_tree(root: Path) -> dict[str, str]:
+    """The content record of everything below `root` (but its manifest)."""
+    return {rel: _describe(path, st) for rel, path, st in _walk(root)}
+
+
+def check_tree(root: Path, contents: dict[str, str]) -> tuple[str | None, bool]:
+    """(what is wrong with `root` against its record or None, whether `contents` was updated).
+
+    Sizes, types and link targets are compared for every path; a file is read only when its mtime
+    moved, and then its new mtime is put in `contents` if its content is still the recorded one."""
+    seen: set[str] = set()
+    refreshed = False
+    for rel, path, st in _walk(root):
+        seen.add(rel)
+        want = contents.get(rel)
+        if want is None:
+            return f"{rel}: not in its content record", False
+        problem, updated = _compare(path, st, want)
+        if problem:
+            return f"{rel}: {problem}", False
+        if updated:
+            contents[rel] = updated
+            refreshed = True
+    missing = sorted(set(contents) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"{missing[0]}: missing{more}", False
+    return None, refreshed
+
+
+def _walk(root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(relative path, path, lstat) of everything below `root` but its manifest, never following
+    links; a directory this user cannot list is walked as empty (the same at publish and at every
+    check). Each directory's entries come sorted, directories after the one holding them."""
+    pending = [(str(root), "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as it:
+                found = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            continue
+        for e in found:
+            if not prefix and (e.name == MANIFEST or e.name.startswith(f".{MANIFEST}.")):
+                continue
+            rel = prefix + e.name
+            st = e.stat(follow_symlinks=False)
+            yield rel, e.path, st
+            if stat.S_ISDIR(st.st_mode):
+                pending.append((e.path, rel + "/"))
+
+
+def _describe(path: str, st: os.stat_result) -> str:
+    if stat.S_ISDIR(st.st_mode):
+        return "d"
+    if stat.S_ISLNK(st.st_mode):
+        return "l:" + os.readlink(path)
+    if stat.S_ISREG(st.st_mode):
+        return f"f:{st.st_size}:{st.st_mtime_ns}:{_hash(path)}"
+    return f"o:{stat.S_IFMT(st.st_mode):o}"
+
+
+def _hash(path: str) -> str:
+    try:
+        return sha256_file(Path(path))
+    except PermissionError:
+        return "?"
+
+
+def _compare(path: str, st: os.stat_result, want: str) -> tuple[str | None, str | None]:
+    """(problem, updated record) of one path against its record."""
+    kind, _, rest = want.partition(":")
+    have = _describe_type(st)
+    if have != kind:
+        return f"is a {_NAMES[have]}, recorded as a {_NAMES.get(kind, kind)}", None
+    if kind == "l" and os.readlink(path) != rest:
+        return "link target changed", None
+    if kind == "o" and want != _describe(path, st):
+        return "file type changed", None
+    if kind != "f":
+        return None, None
+    size, mtime, digest = rest.split(":", 2)
+    if st.st_size != int(size):
+        return f"{st.st_size} bytes, recorded {size}", None
+    if st.st_mtime_ns == int(mtime):
+        return None, None
+    if digest != "?" and _hash(path) != digest:
+        return "content changed", None
+    return None, f"f:{size}:{st.st_mtime_ns}:{digest}"
+
+
+_NAMES = {"d": "directory", "l": "symlink", "f": "file", "o": "special file"}
+
+
+def _describe_type(st: os.stat_result) -> str:
+    if stat.S_ISDIR(st.st_mode):
+        return "d"
+    if stat.S_ISLNK(st.st_mode):
+        return "l"
+    return "f" if stat.S_ISREG(st.st_mode) else "o"
+
+
+# -- reading entries ---------------------------------------------------------------------------
+
+
+def _read_record(entry: Path) -> dict[str, Any] | None:
+    """An entry's manifest, or None when it is missing, unreadable or not a manifest."""
+    try:
+        record = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _inspect(entry: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
+    """(the entry's manifest, what is wrong with the entry): (None, None) when there is no entry.
+    A manifest whose content record was refreshed carries "refreshed": True."""
+    if not entry.is_dir():
+        return None, None
+    record = _read_record(entry)
+    if record is None:
+        return None, f"{MANIFEST} is missing or unreadable"
+    if record.get("key") != manifest.key or record.get("inputs") != manifest.inputs:
+        return record, f"{MANIFEST} describes other inputs"
+    contents = record.get("contents")
+    if not isinstance(contents, dict):
+        return record, "no content record (made by an older osbuilder)"
+    try:
+        problem, refreshed = check_tree(entry, contents)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return record, f"cannot check it: {e}"
+    if refreshed:
+        record["refreshed"] = True
+    return record, problem
+
+
+def _dump(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=1, sort_keys=True) + "\n"
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Flush the filesystem holding `path` (syncfs: one call, where an fsync per file of a rootfs
+    takes seconds; os.sync where syncfs is missing)."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs is None or syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _short(value: str | None) -> str:

@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 a step failed, 2 a usage error (bad setting, missing in
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -17,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from osbuilder import __version__, deps
+from osbuilder import __version__, deps, procs
 from osbuilder import settings as settings_mod
-from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import IMAGE, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
 
@@ -76,7 +77,6 @@ def cmd_kconfig(s: Settings, args: argparse.Namespace) -> None:
 def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
     from osbuilder.vm import check
 
-    _terminate_as_interrupt()
     image = check.boot_image(s)
     kernel = check.boot_kernel(s, path=args.boot_kernel_path)
     if args.check:
@@ -120,6 +120,8 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
     user_cache = UserCache.of(s).root
     print(f"Per-user cache (CACHE_DIR): {user_cache} — the KVM verdict, Debian's boot kernel, ccache and "
           f"unpacked kernel sources, shared by every WORKDIR; clear it with `rm -rf {user_cache}`")
+    print("Cached rootfs (pytest fixtures): keyed on the archive's Release date, so it is rebuilt after a point "
+          "release; `pytest --rebuild` forces a rebuild")
     print("Subcommands: " + ", ".join(COMMANDS) + "  (osbuilder SUBCOMMAND --help)")
 
 
@@ -149,13 +151,38 @@ def writable_workdir(s: Settings) -> Workdir:
     return wd
 
 
+def guard_process(s: Settings, args: argparse.Namespace) -> None:
+    """Before a step runs: SIGTERM and SIGHUP unwind like Ctrl-C (every child killed, every guest
+    powered off, temporaries removed), and the step's locks are held (procs.hold_lock: the first
+    exclusively, the others shared), so a second run on the same WORKDIR waits for the first and
+    says so. A step's log file is its lock, so no other file appears in WORKDIR; image also reads
+    the rootfs tree; boot checks share the boot-log directory. Children die with osbuilder even
+    when it is SIGKILLed: procs.py's watchdog starts with the first of them."""
+    _terminate_as_interrupt()
+    wd = Workdir.of(s)
+    locks = {
+        "rootfs": (wd.log("rootfs"),),
+        "image": (wd.log("image"), wd.log("rootfs")),
+        "kernel-src": (wd.log("kernel"),),
+        "kernel": (wd.log("kernel"),),
+        "boot": (wd.boot_logs,) if getattr(args, "check", False) else (),
+    }.get(args.command, ())
+    if locks:
+        writable_workdir(s)
+    if args.command == "boot" and locks:
+        wd.boot_logs.mkdir(exist_ok=True)
+    for i, path in enumerate(locks):
+        procs.hold_lock(path, args.command, shared=i > 0)
+
+
 def _terminate_as_interrupt() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every guest is powered off and its temp dir removed."""
+    """SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) unwind like Ctrl-C."""
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGHUP, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         s = settings_mod.load(cli_values, config=args.config)
         logging.basicConfig(level=logging.DEBUG if s.debug else logging.INFO, format="%(message)s",
                             stream=sys.stderr)
+        announce(s)
         if s.use_docker:
             log.info("USE_DOCKER: ignored; osbuilder builds without containers or root-only tricks")
+        guard_process(s, args)
         handler = COMMANDS[args.command][0]
         started = time.monotonic()
         code = handler(s, args)
@@ -204,13 +233,41 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: done in %.1fs", args.command, time.monotonic() - started)
         return code or 0
     except OsbuilderError as e:
-        print(f"osbuilder: error: {e.message}", file=sys.stderr)
-        if e.detail:
-            print(e.detail.rstrip(), file=sys.stderr)
-        return e.exit_code
+        return report(e)
+    except OSError as e:
+        log.debug("%s failed", args.command, exc_info=True)
+        return report(os_error(args.command, e))
     except KeyboardInterrupt:
         print("osbuilder: interrupted; nothing half-written was published", file=sys.stderr)
         return 130
+
+
+def announce(s: Settings) -> None:
+    """One line for each thing about the settings a user could be surprised by: which profile was read
+    (another checkout's osbuilder.yaml), and environment values that were ignored."""
+    if s.profile is not None:
+        keys = sorted(k for k, source in s.sources.items() if source.startswith("yaml:"))
+        taken = ", ".join(k.lower() for k in keys) if keys else "no setting taken from it"
+        print(f"osbuilder: profile {s.profile.absolute()}: {taken}", file=sys.stderr)
+    for notice in s.notices:
+        print(f"osbuilder: notice: {notice}", file=sys.stderr)
+
+
+def os_error(command: str, e: OSError) -> OsbuilderError:
+    """An OSError that escaped a step, as a one-line error naming the path (a full disk is not the
+    artifact's fault: exit 125)."""
+    paths = " -> ".join(os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None)
+    what = f"{command}: {paths + ': ' if paths else ''}{e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InfrastructureError(what)
+    return OsbuilderError(what)
+
+
+def report(e: OsbuilderError) -> int:
+    print(f"osbuilder: error: {e.message}", file=sys.stderr)
+    if e.detail:
+        print(e.detail.rstrip(), file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from osbuilder import userns
+from osbuilder import procs, userns
 
 log = logging.getLogger("osbuilder")
 
@@ -61,17 +62,29 @@ def discard(path: Path) -> None:
 def temp_beside(dest: Path) -> Path:
     """A fresh temporary path next to `dest` (same filesystem, so a rename publishes it).
 
-    Leftovers of interrupted runs (same prefix, a process that no longer exists) are removed.
+    Leftovers of interrupted runs (same prefix, a process that no longer exists) are removed, unless
+    a live process still names them on its command line (an orphan of a killed run, still writing).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dest.name}.tmp-"
     for old in dest.parent.glob(prefix + "*"):
         pid = old.name[len(prefix):]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and not procs.in_use(old):
             remove(old)
     tmp = dest.with_name(f"{prefix}{os.getpid()}")
     remove(tmp)
     return tmp
+
+
+def pid_tempdir(prefix: str, parent: Path) -> Path:
+    """A fresh private (0700) directory `<prefix><pid>-XXXX` in `parent`, after removing those of
+    processes that are gone (a SIGKILLed osbuilder cannot remove its own) unless a live process still
+    names them (an orphan QEMU serving its sockets)."""
+    for old in parent.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and not procs.in_use(old):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
 
 
 def publish(tmp: Path, dest: Path) -> None:

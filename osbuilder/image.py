@@ -8,6 +8,7 @@ result must pass `e2fsck -fn`, and only then does it replace the destination (WO
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -20,7 +21,7 @@ import yaml
 
 from osbuilder import userns
 from osbuilder.cache import Manifest
-from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.rootfs.build import METADATA_PATH, AgentChoice
@@ -146,13 +147,33 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
     try:
         write_image(settings, rootfs, tmp, layout, logfile)
         publish(tmp, dest)
+    except (OSError, OsbuilderError) as e:
+        if isinstance(e, UsageError) or not out_of_space(e, dest.parent):
+            raise
+        raise InfrastructureError(f"WORKDIR: no space left on device in {dest.parent} while making {dest.name} "
+                                  "(nothing was replaced)", getattr(e, "detail", str(e))) from None
     finally:
         discard(tmp)
     return layout
 
 
+def out_of_space(error: Exception, directory: Path) -> bool:
+    """Whether a failed step ran out of room on the host (not in the image: mke2fs says "Could not
+    allocate block" for that): ENOSPC, a tool saying so, or, as sfdisk says nothing, a full disk."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if "No space left on device" in getattr(error, "detail", ""):
+        return True
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    blocks, inodes = (st.f_bfree, st.f_ffree) if os.geteuid() == 0 else (st.f_bavail, st.f_favail)
+    return blocks * st.f_frsize < MiB or (st.f_files > 0 and inodes == 0)
+
+
 def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout, logfile: Path) -> None:
-    with open(out, "wb") as f:
+    with open(out, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as f:  # private until done
         f.truncate(layout.total_bytes)
     ids = stable_ids(settings)
     table = "label: gpt\n"
@@ -173,20 +194,46 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
         env = {"E2FSPROGS_FAKE_TIME": str(settings.source_date_epoch)}
     mke2fs += ["-E", extended]
     # mke2fs reads the tree where its owners are the real ones (userns.py); when that is a user
-    # namespace, the user's image file is writable there only while it is writable for others.
-    out.chmod(0o666 if userns.rootless() else 0o644)
+    # namespace, the image file is lent to the namespace's root while mke2fs writes it.
+    lend_to_tree_namespace(out, logfile)
     try:
         run(userns.in_tree_namespace([*mke2fs, str(out), str(layout.fs_blocks)]), step="image",
             logfile=logfile, env=env)
     except OsbuilderError as e:
-        if "No space left" in e.detail or "Could not allocate block" in e.detail:
+        if "Could not allocate" in e.detail or "No free space in the directory" in e.detail:
             raise UsageError("IMG_SIZE: the rootfs does not fit in the image", e.detail) from None
         raise
     finally:
-        out.chmod(0o644)
+        take_back_from_tree_namespace(out, logfile)
     if ids:
         clamp_inode_times(out, layout, settings.source_date_epoch, logfile)
     run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
+
+
+def lend_to_tree_namespace(path: Path, logfile: Path) -> None:
+    """Let the tree's namespace write the user's file `path` (mode 0600) without letting anyone else:
+    as an ordinary user, give it to that namespace's root (the user's first subordinate ids, so still
+    the user's); as root there is nothing to do."""
+    if userns.rootless():
+        _chown_to_tree_ids(path, "1:1", logfile)
+
+
+def take_back_from_tree_namespace(path: Path, logfile: Path) -> None:
+    """Give `path` back to the user (undoing lend_to_tree_namespace) and make it readable, mode 0644."""
+    if userns.rootless() and path.stat().st_uid != os.getuid():
+        _chown_to_tree_ids(path, "0:0", logfile)
+    path.chmod(0o644)
+
+
+def _chown_to_tree_ids(path: Path, owner: str, logfile: Path) -> None:
+    """chown `path` to `owner` in a user namespace where 0:0 is the user and 1:1 is the tree namespace's
+    root (as mmdebstrap hands its target directory over): newuidmap lets a user map both."""
+    maps = run(userns.in_tree_namespace(["grep", "-H", "", "/proc/self/uid_map", "/proc/self/gid_map"]),
+               step="image", capture=True, logfile=logfile).stdout.decode()
+    root = dict(re.findall(r"^/proc/self/(\w)id_map:\s*0\s+(\d+)\s", maps, re.M))  # inside 0 -> outside
+    uid, gid = root["u"], root["g"]
+    run(["unshare", "--map-user=0", "--map-group=0", f"--map-users={uid},1,1", f"--map-groups={gid},1,1",
+         "chown", owner, str(path)], step="image", logfile=logfile)
 
 
 def clamp_times(rootfs: Path, epoch: int, logfile: Path) -> None:

@@ -1,28 +1,47 @@
 """`osbuilder install-image` / `install-kernel`: put boot-checked artifacts where a runtime finds them.
 
-An artifact is installable once a boot check passed for that exact file (same sha256); `--force`
-overrides and says so. Files are installed under a content-named file plus a stable symlink
-(`container.img`, `vmlinuz.container`, `vmlinux.container`), each written to a temp name and renamed.
+An artifact is installable once a boot check passed for that exact content (same sha256); `--force`
+overrides and says so. The artifact is hashed once, as it is copied into a temp file in the install
+directory, and the gate asks for the boot record of that hash: the bytes installed are the bytes that
+were checked, even if the source is replaced meanwhile. The copy (sparse, fsync'd) is renamed to a
+content-named file with a stable symlink to it (`container.img`, `vmlinuz.container`,
+`vmlinux.container`). A failed or interrupted install removes its temp files (a killed one's are
+swept by the next run, see fs.temp_beside).
+
 The runtime's configuration.toml is pointed at the symlink (`image =` / `kernel =` in its
-[hypervisor.*] section) with a backup kept beside it, and the result must parse with tomllib.
+[hypervisor.*] section, as an escaped TOML string that must read back as exactly that path). It is
+rewritten with its mode and owner, fsync'd with its directory, after a backup that never replaces an
+earlier one (`.bak`, then `.bak.1`, ...).
+
+Symlinks: nothing is written outside the install root (DESTDIR, else /). configuration.toml may be a
+symlink (Kata's packages link it to configuration-qemu.toml) only when it resolves inside the
+runtime's own directories; the file it points to is then edited and the link kept. An existing stable
+link or content-named file is replaced only when it resolves inside PREFIX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import errno
+import hashlib
+import itertools
+import json
 import logging
+import os
+import posixpath
 import re
-import shutil
+import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from osbuilder import layout
-from osbuilder.errors import OsbuilderError, UsageError
-from osbuilder.fs import copy_atomically, link_atomically, write_atomically
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.fs import discard, link_atomically, publish, sha256_file, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.settings import Settings
-from osbuilder.vm.records import passing_record, sha256_file
 
 log = logging.getLogger("osbuilder")
 
@@ -33,90 +52,350 @@ RUNTIMES = {
                          ("/etc/clear-containers/configuration.toml",
                           "/usr/share/defaults/clear-containers/configuration.toml")),
 }
+BLOCK = 1 << 20
+ZEROS = bytes(BLOCK)
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where one artifact goes: its source, the content-named file and the stable link to it."""
+    """Where one artifact goes: its source, its content's hash, the content-named file and the stable link."""
 
     source: Path
+    sha256: str
     installed: Path
     link: Path
 
 
+@dataclass(frozen=True)
+class Item:
+    """One file to install: its source, the content-named pattern and the stable link's name."""
+
+    source: Path
+    pattern: str
+    link_name: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The runtime's configuration.toml: its path, and the file to rewrite (the path, or its symlink's target)."""
+
+    path: Path
+    file: Path
+
+
+def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
+    items = [Item(Workdir.of(settings).image, "osbuilder-{}.img", layout.IMAGE)]
+    return install(settings, "install-image", items, "image", dry_run=dry_run, force=force)
+
+
+def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
+    files = Workdir.of(settings).kernel
+    items = [Item(files.vmlinuz, "vmlinuz-osbuilder-{}.container", layout.VMLINUZ)]
+    if files.vmlinux.is_file():
+        items.append(Item(files.vmlinux, "vmlinux-osbuilder-{}.container", layout.VMLINUX))
+    return install(settings, "install-kernel", items, "kernel", dry_run=dry_run, force=force)
+
+
+# -- where things go ------------------------------------------------------------------------
+
+
+def install_root(settings: Settings) -> Path:
+    """The installed system's `/`: DESTDIR (absolute, symlinks resolved), else /."""
+    return Path(os.path.realpath(settings.destdir)) if settings.destdir else Path("/")
+
+
 def destdir(settings: Settings, path: str) -> Path:
-    return Path(settings.destdir + path) if settings.destdir else Path(path)
+    """`path` on the installed system, under DESTDIR."""
+    return install_root(settings) / path.lstrip("/")
 
 
 def prefix(settings: Settings) -> str:
     return settings.prefix or RUNTIMES[settings.runtime][0]
 
 
-def runtime_config(settings: Settings) -> Path | None:
+def runtime_dirs(settings: Settings) -> list[Path]:
+    """The runtime's own directories: PREFIX, its default one, those of its configuration files."""
+    default, configs = RUNTIMES[settings.runtime]
+    dirs = [prefix(settings), default, *(posixpath.dirname(c) for c in configs)]
+    if settings.runtime_config:
+        dirs.append(posixpath.dirname(settings.runtime_config))
+    return [destdir(settings, d) for d in dirs]
+
+
+def inside(path: Path, base: Path) -> bool:
+    return path == base or base in path.parents
+
+
+def install_dir(settings: Settings) -> Path:
+    """PREFIX under DESTDIR; refused if the part of it that exists leads (by a symlink) out of DESTDIR."""
+    root, base = install_root(settings), destdir(settings, prefix(settings))
+    existing = base
+    while existing != root and not os.path.lexists(existing):
+        existing = existing.parent
+    real = Path(os.path.realpath(existing))
+    if not inside(real, root):
+        raise UsageError(f"PREFIX: {existing} leads to {real}, outside DESTDIR {root}; "
+                         "refusing to write through that symlink")
+    return base
+
+
+def runtime_config(settings: Settings) -> Config | None:
+    """The runtime's configuration.toml, if there is one (RUNTIME_CONFIG must exist)."""
     candidates = [settings.runtime_config] if settings.runtime_config else RUNTIMES[settings.runtime][1]
     for c in candidates:
-        if destdir(settings, c).is_file():
-            return destdir(settings, c)
+        path = destdir(settings, c)
+        if path.is_file():
+            return Config(path, config_file(settings, path))
     if settings.runtime_config:
         raise UsageError(f"RUNTIME_CONFIG: {destdir(settings, settings.runtime_config)} does not exist")
     return None
 
 
-def gate(settings: Settings, artifact: Path, force: bool, step: str) -> None:
-    """Refuse an artifact without a passing boot record for its exact content."""
-    if not artifact.is_file():
-        raise UsageError(f"{step}: {artifact} does not exist; build it first")
-    if passing_record(settings.workdir, artifact) is not None:
+def config_file(settings: Settings, path: Path) -> Path:
+    """The file to rewrite for `path`: itself, or where its symlinks lead if that is the runtime's own."""
+    real = Path(os.path.realpath(path))
+    if real == path:
+        return path
+    dirs = runtime_dirs(settings)
+    if any(inside(real, d) for d in dirs):
+        return real
+    raise UsageError(f"RUNTIME_CONFIG: {path} is a symlink to {real}, outside the runtime's own directories; "
+                     "refusing to write through it",
+                     f"the runtime's directories: {', '.join(map(str, dict.fromkeys(dirs)))}; "
+                     f"set RUNTIME_CONFIG={real} to edit that file")
+
+
+def check_replaceable(path: Path, base: Path) -> None:
+    """An existing entry osbuilder replaces must be its own: not a symlink that resolves outside PREFIX."""
+    if path.is_symlink():
+        real = Path(os.path.realpath(path))
+        if not inside(real, Path(os.path.realpath(base))):
+            raise UsageError(f"PREFIX: {path} is a symlink to {real}, outside {base}; not replacing it",
+                             "remove it, or choose another PREFIX")
+
+
+# -- the steps --------------------------------------------------------------------------------
+
+
+def install(settings: Settings, step: str, items: list[Item], key: str, *, dry_run: bool,
+            force: bool) -> list[Target]:
+    """Check where everything goes, stage and gate the files, publish them, then point the config at them."""
+    for item in items:
+        if not item.source.is_file():
+            raise UsageError(f"{step}: {item.source} does not exist; build it first")
+    base = install_dir(settings)
+    for item in items:
+        check_replaceable(base / item.link_name, base)
+    config = runtime_config(settings)
+    runtime_path = posixpath.join(prefix(settings), items[0].link_name)
+    old, new = planned_config(config, key, runtime_path)
+
+    def announce(targets: list[Target]) -> None:
+        report(settings.runtime, targets, config, (old, new), key, runtime_path, dry_run=dry_run)
+
+    if dry_run:
+        targets = [target(base, item, sha256_file(item.source)) for item in items]
+        gate(settings, step, items[0].source, targets[0], force)
+        announce(targets)
+        return targets
+    targets = copy_in(settings, step, items, base, force, announce)
+    if config is not None and new != old:
+        write_config(config.file, new)
+    return targets
+
+
+def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force: bool,
+            announce: Callable[[list[Target]], None]) -> list[Target]:
+    """Copy every item into a temp file in `base`, hashing it; gate the first item on that hash; then
+    publish them all. On any failure nothing is left: no temp file, no directory made for nothing."""
+    created = make_dirs(base)
+    staged: list[Path] = []
+    done = False
+    try:
+        targets = []
+        for item in items:
+            staged.append(temp_beside(base / item.link_name))
+            targets.append(target(base, item, copy_hashing(item.source, staged[-1])))
+            if len(targets) == 1:
+                gate(settings, step, item.source, targets[0], force)
+            check_replaceable(targets[-1].installed, base)
+        announce(targets)
+        for t, tmp in zip(targets, staged, strict=True):
+            publish(tmp, t.installed)
+            link_atomically(t.installed.name, t.link)
+            fsync_dir(base)
+        done = True
+        return targets
+    except OSError as e:
+        raise write_error("PREFIX", f"installing into {base}", e)
+    finally:
+        for tmp in staged:
+            discard(tmp)
+        for d in [] if done else reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+
+
+def target(base: Path, item: Item, digest: str) -> Target:
+    return Target(item.source, digest, base / item.pattern.format(digest[:12]), base / item.link_name)
+
+
+def gate(settings: Settings, step: str, source: Path, t: Target, force: bool) -> None:
+    """Refuse content without a passing boot record for its hash."""
+    if has_passing_record(settings.workdir, t.sha256):
         return
     if force:
-        log.warning("%s: --force: installing %s without a passing boot check", step, artifact)
+        log.warning("%s: --force: installing %s without a passing boot check", step, source)
         return
-    raise UsageError(f"{step}: {artifact} has no passing boot check (sha256 {sha256_file(artifact)[:12]}); "
+    raise UsageError(f"{step}: {source} has no passing boot check (sha256 {t.sha256[:12]}); "
                      "run `osbuilder boot --check` first, or use --force")
 
 
-def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
-    image = Workdir.of(settings).image
-    gate(settings, image, force, "install-image")
-    target = plan(settings, image, "osbuilder-{}.img", layout.IMAGE)
-    return apply(settings, [target], "image", target.link, dry_run)
+def has_passing_record(workdir: Path, digest: str) -> bool:
+    """Whether a boot check passed for content with this sha256 (the records vm/records.py writes)."""
+    try:
+        record = json.loads(Workdir(workdir).boot_record(digest).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("sha256") == digest and record.get("passed") is True
 
 
-def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
-    files = Workdir.of(settings).kernel
-    gate(settings, files.vmlinuz, force, "install-kernel")
-    targets = [plan(settings, files.vmlinuz, "vmlinuz-osbuilder-{}.container", layout.VMLINUZ)]
-    if files.vmlinux.is_file():
-        targets.append(plan(settings, files.vmlinux, "vmlinux-osbuilder-{}.container", layout.VMLINUX))
-    return apply(settings, targets, "kernel", targets[0].link, dry_run)
+def planned_config(config: Config | None, key: str, runtime_path: str) -> tuple[str, str]:
+    """The configuration's text now and after pointing `key` at `runtime_path` ('' and '' without one)."""
+    if config is None:
+        return "", ""
+    try:
+        old = config.file.read_bytes().decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"RUNTIME_CONFIG: {config.file} is not UTF-8 text") from None
+    except OSError as e:
+        raise OsbuilderError(f"RUNTIME_CONFIG: cannot read {config.file}: {e.strerror}") from None
+    return old, point_config(old, key, runtime_path, config.file)
 
 
-def plan(settings: Settings, source: Path, pattern: str, link_name: str) -> Target:
-    base = destdir(settings, prefix(settings))
-    return Target(source, base / pattern.format(sha256_file(source)[:12]), base / link_name)
-
-
-def apply(settings: Settings, targets: list[Target], key: str, link: Path, dry_run: bool) -> list[Target]:
-    config = runtime_config(settings)
-    runtime_path = "/" + str(link.relative_to(settings.destdir)).lstrip("/") if settings.destdir else str(link)
+def report(runtime: str, targets: list[Target], config: Config | None, texts: tuple[str, str], key: str,
+           runtime_path: str, *, dry_run: bool) -> None:
+    old, new = texts
     for t in targets:
         print(f"{'would install' if dry_run else 'install'} {t.source} -> {t.installed} (link {t.link.name})")
     if config is None:
-        print(f"no {settings.runtime} configuration.toml found; point the runtime's `{key}` at {runtime_path}")
-    else:
-        old = config.read_text()
-        new = point_config(old, key, runtime_path, config)
-        diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(config), str(config)))
-        print(diff or f"{config}: already points {key} at {runtime_path}")
-    if dry_run:
-        return targets
-    for t in targets:
-        copy_atomically(t.source, t.installed, mode=0o644)
-        link_atomically(t.installed.name, t.link)
-    if config is not None and new != old:
-        shutil.copy2(config, config.with_name(config.name + ".bak"))
-        write_atomically(config, new)
-    return targets
+        print(f"no {runtime} configuration.toml found; point the runtime's `{key}` at {runtime_path}")
+        return
+    shown = str(config.path) if config.file == config.path else f"{config.path} -> {config.file}"
+    diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), shown, shown))
+    print(diff or f"{shown}: already points {key} at {runtime_path}")
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create `path` and its missing parents with mode 0755 whatever the umask (the runtime reads them);
+    return the directories created."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            d.chmod(0o755)
+    except OSError as e:
+        raise write_error("PREFIX", f"creating {missing[0]}", e)
+    return missing[::-1]
+
+
+def copy_hashing(source: Path, tmp: Path) -> str:
+    """Copy `source` to the new file `tmp` (0644, holes kept, fsync'd) and return the sha256 of what was written."""
+    h = hashlib.sha256()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as out:
+        while block := src.read(BLOCK):
+            h.update(block)
+            if block == ZEROS[:len(block)]:
+                out.seek(len(block), os.SEEK_CUR)
+            else:
+                out.write(block)
+        out.truncate()
+        out.flush()
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+    return h.hexdigest()
+
+
+def write_config(file: Path, text: str) -> None:
+    """Rewrite `file` with `text`, keeping its mode and owner; a backup first, both fsync'd."""
+    try:
+        st = file.stat()
+        backup = write_like(file, file.read_bytes(), st, backup=True)
+        print(f"backup: {backup}")
+        write_like(file, text.encode(), st)
+    except OSError as e:
+        raise write_error("RUNTIME_CONFIG", f"rewriting {file}", e)
+
+
+def write_like(dest: Path, data: bytes, st: os.stat_result, *, backup: bool = False) -> Path:
+    """Write `data` with the mode and owner in `st`, fsync it, and publish it as `dest` (atomically); or, with
+    `backup`, as the first free name of dest.bak, dest.bak.1, ... (never replacing one)."""
+    tmp = temp_beside(dest)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            mine = os.fstat(fd)
+            if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+                os.fchown(fd, st.st_uid, st.st_gid)  # before fchmod: a chown clears set-id bits
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.fsync(fd)
+        if backup:
+            dest = first_free_backup(tmp, dest)
+        else:
+            publish(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        discard(tmp)
+    return dest
+
+
+def first_free_backup(tmp: Path, config: Path) -> Path:
+    """Hard-link `tmp` as config.bak, or .bak.1, .bak.2, ...: the first name that does not exist yet."""
+    for n in itertools.count():
+        bak = config.with_name(f"{config.name}.bak" + (f".{n}" if n else ""))
+        try:
+            os.link(tmp, bak)
+            return bak
+        except FileExistsError:
+            continue
+    raise AssertionError("not reached")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error(setting: str, doing: str, e: OSError) -> OsbuilderError:
+    """A one-line error for a failed write; a full disk is not the artifact's fault (exit 125)."""
+    cause = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    cls = InfrastructureError if e.errno in (errno.ENOSPC, errno.EDQUOT) else OsbuilderError
+    return cls(f"{setting}: {doing} failed ({cause})")
+
+
+# -- the configuration ----------------------------------------------------------------------------
+
+
+def toml_string(value: str) -> str:
+    """`value` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    def char(c: str) -> str:
+        if c in '"\\':
+            return "\\" + c
+        return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+
+    return '"' + "".join(map(char, value)) + '"'
 
 
 def point_config(text: str, key: str, value: str, where: Path) -> str:
@@ -126,7 +405,7 @@ def point_config(text: str, key: str, value: str, where: Path) -> str:
     if start is None:
         raise UsageError(f"RUNTIME_CONFIG: {where} has no [hypervisor.*] section")
     end = next((i for i in range(start + 1, len(lines)) if re.match(r"\s*\[", lines[i])), len(lines))
-    setting = f'{key} = "{value}"\n'
+    setting = f"{key} = {toml_string(value)}\n"
     found = False
     for i in range(start + 1, end):
         if re.match(rf"\s*{key}\s*=", lines[i]) and not found:
@@ -137,7 +416,10 @@ def point_config(text: str, key: str, value: str, where: Path) -> str:
         lines.insert(start + 1, setting)
     result = "".join(lines)
     try:
-        tomllib.loads(result)
+        parsed = tomllib.loads(result)
     except tomllib.TOMLDecodeError as e:
         raise OsbuilderError(f"RUNTIME_CONFIG: editing {where} would leave invalid TOML ({e}); not changed")
+    tables = parsed.get("hypervisor", {})
+    if not any(isinstance(t, dict) and t.get(key) == value for t in tables.values()):
+        raise OsbuilderError(f"RUNTIME_CONFIG: editing {where} would not set {key} to {value!r}; not changed")
     return result

@@ -156,6 +156,11 @@ class UserCache:
         return self.root / "ccache"
 
     @property
+    def archive_dates(self) -> Path:
+        """The last `Date:` seen in each mirror's Release file (rootfs/inputs.py), for offline runs."""
+        return self.root / "archive-dates.json"
+
+    @property
     def kernel_sources(self) -> Path:
         """Unpacked kernel sources, one directory per origin."""
         return self.root / "kernel-src"

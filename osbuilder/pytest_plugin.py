@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,15 +71,20 @@ class Artifact:
 
 class Artifacts:
     """Builds each artifact once per set of inputs, through the cache: the one factory behind the
-    `rootfs`, `image` and `kernel` fixtures, for tests that need a differently configured one."""
+    `rootfs`, `image` and `kernel` fixtures, for tests that need a differently configured one.
 
-    def __init__(self, cache: Cache, rebuild: bool = False) -> None:
+    `rebuild` (--rebuild) builds each artifact again once per `session`: the test run's id, which
+    pytest-xdist's workers share, so an entry another worker of this run built (and may be using)
+    is a hit, never rebuilt or deleted."""
+
+    def __init__(self, cache: Cache, rebuild: bool = False, session: str | None = None) -> None:
         self.cache = cache
         self.rebuild = rebuild
+        self.session = session or uuid.uuid4().hex
 
     def _get(self, what: str, manifest: Manifest, build: Callable[[Path], object]) -> Path:
         started = time.monotonic()
-        entry = self.cache.get_or_build(manifest, build, self.rebuild)
+        entry = self.cache.get_or_build(manifest, build, self.rebuild, session=self.session)
         log.info("osbuilder fixture %s ready in %.1fs", what, time.monotonic() - started)
         return entry
 
@@ -118,7 +124,14 @@ def osbuilder_cache(osbuilder_settings: Settings) -> Cache:
 @pytest.fixture(scope="session")
 def osbuilder_artifacts(osbuilder_cache: Cache, pytestconfig: pytest.Config) -> Artifacts:
     """The factory: `.rootfs(settings)`, `.image(settings)`, `.kernel(settings)`, each built once."""
-    return Artifacts(osbuilder_cache, pytestconfig.getoption("rebuild"))
+    return Artifacts(osbuilder_cache, pytestconfig.getoption("rebuild"), run_id(pytestconfig))
+
+
+def run_id(config: pytest.Config) -> str:
+    """The id of this test run: pytest-xdist's `testrunuid` on its workers (the same on every
+    worker of a run), a fresh one in a run without workers."""
+    workerinput = getattr(config, "workerinput", None) or {}
+    return str(workerinput.get("testrunuid") or uuid.uuid4().hex)
 
 
 @pytest.fixture(scope="session")

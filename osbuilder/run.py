@@ -1,14 +1,17 @@
 """The one way osbuilder runs a subprocess.
 
-`run()` logs the exact command line, appends all output to the step's log file, shows progress
+`run()` logs the exact command line (credentials in URLs shown as ***, in the log file too),
+appends all output to the step's log file, shows progress
 on stderr while a long command runs, and turns a failure into an `OsbuilderError` whose message
-names the step and whose detail is the tail of the command's output.
+names the step and whose detail is the tail of the command's output. Every command runs in a
+process group of its own that never outlives osbuilder (procs.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+from osbuilder import procs
 from osbuilder.errors import OsbuilderError
 
 log = logging.getLogger("osbuilder")
@@ -27,6 +31,16 @@ PROGRESS_EVERY = 10.0  # seconds between "still running" lines for long commands
 
 def format_command(cmd: Sequence[str | os.PathLike]) -> str:
     return shlex.join(str(c) for c in cmd)
+
+
+_CREDENTIALS = r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@"  # scheme://user:password@
+_CREDENTIALS_TEXT = re.compile(_CREDENTIALS)
+_CREDENTIALS_BYTES = re.compile(_CREDENTIALS.encode())
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by *** (for what is shown or logged)."""
+    return _CREDENTIALS_TEXT.sub(r"\1***@", text)
 
 
 def run(
@@ -50,7 +64,7 @@ def run(
     Raises OsbuilderError when the command cannot start, times out, or (with `check`) exits non-zero.
     """
     argv = [str(c) for c in cmd]
-    line = format_command(argv)
+    line = redact(format_command(argv))  # what is shown and logged; the program gets the real argv
     log.info("%s: + %s", step, line)
     if logfile:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +82,7 @@ def run(
 def _run(argv, line, step, sink, cwd, env, input, capture, timeout, check, verbose):
     full_env = None if env is None else {**os.environ, **env}
     try:
-        proc = subprocess.Popen(
+        proc = procs.spawn(
             argv,
             cwd=cwd,
             env=full_env,
@@ -80,6 +94,13 @@ def _run(argv, line, step, sink, cwd, env, input, capture, timeout, check, verbo
         raise OsbuilderError(
             f"{step}: program '{argv[0]}' not found; run `osbuilder check-deps --install`"
         ) from None
+    try:
+        return _follow(proc, argv, line, step, sink, input, capture, timeout, check, verbose)
+    finally:
+        procs.finish(proc)  # whatever ended the wait (exit, timeout, interrupt): no process of it is left
+
+
+def _follow(proc, argv, line, step, sink, input, capture, timeout, check, verbose):
     tail: deque[str] = deque(maxlen=40)
     out_chunks: list[bytes] = []
     started = time.monotonic()
@@ -98,6 +119,7 @@ def _run(argv, line, step, sink, cwd, env, input, capture, timeout, check, verbo
         except BrokenPipeError:
             pass
     _wait(proc, step, started, tail, timeout, verbose)
+    procs.finish(proc)  # the stragglers of its group hold the output pipe: the readers end with them
     for t in readers:
         t.join()
     stdout = b"".join(out_chunks) if capture else b"".join(s.encode() + b"\n" for s in tail)
@@ -110,6 +132,7 @@ def _run(argv, line, step, sink, cwd, env, input, capture, timeout, check, verbo
 
 def _pump_log(stream, sink, tail: deque, verbose: bool) -> None:
     for raw in iter(stream.readline, b""):
+        raw = _CREDENTIALS_BYTES.sub(rb"\1***@", raw)
         if sink:
             sink.write(raw)
             sink.flush()
@@ -122,15 +145,10 @@ def _pump_log(stream, sink, tail: deque, verbose: bool) -> None:
 def _wait(proc, step, started, tail, timeout, verbose) -> None:
     next_report = started + PROGRESS_EVERY
     while True:
-        try:
-            proc.wait(timeout=1.0)
+        if procs.wait(proc, 1.0):
             return
-        except subprocess.TimeoutExpired:
-            pass
         now = time.monotonic()
         if timeout is not None and now - started > timeout:
-            proc.kill()
-            proc.wait()
             raise OsbuilderError(
                 f"{step}: `{proc.args[0]}` timed out after {timeout:.0f}s", "\n".join(tail)
             )
@@ -143,10 +161,15 @@ def _wait(proc, step, started, tail, timeout, verbose) -> None:
 def tool_version(program: str, *args: str) -> str:
     """First line a program prints about its version ('' when it is not installed)."""
     try:
-        out = subprocess.run(
-            [program, *(args or ("--version",))], capture_output=True, text=True, timeout=30
-        )
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+        proc = procs.spawn([program, *(args or ("--version",))], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
         return ""
-    text = (out.stdout or out.stderr).strip()
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        return ""
+    finally:
+        procs.finish(proc)
+    text = (stdout or stderr).strip()
     return text.splitlines()[0] if text else ""

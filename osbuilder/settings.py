@@ -7,16 +7,19 @@ setting's current value and where it came from.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import yaml
 
 from osbuilder.errors import UsageError
+from osbuilder.run import redact
 
 PROFILE_NAME = "osbuilder.yaml"
 PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
@@ -49,17 +52,46 @@ def _positive_int(name: str, raw: str) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise UsageError(f"{name}: expected a whole number, got {raw!r}") from None
+        raise UsageError(f"{name}: expected a whole number, got {_short(raw)}") from None
     if value <= 0:
-        raise UsageError(f"{name}: must be greater than zero, got {value}")
+        raise UsageError(f"{name}: must be greater than zero, got {_number(value)}")
     return value
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """A value as quoted in a one-line error: repr, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _number(value: int, limit: int = 40) -> str:
+    digits = str(value)
+    return digits if len(digits) <= limit else f"{digits[:limit]}... ({len(digits)} digits)"
+
+
+# Upper bounds: what the programs a setting reaches accept, or far beyond any sensible value.
+MAX_IMG_SIZE = 1 << 20  # MiB: 1 TiB, far beyond any guest image
+MAX_VM_MEMORY = 1 << 20  # MiB: 1 TiB, the most QEMU's default x86 CPU (40 address bits) can address
+MAX_VM_CPUS = 288  # QEMU's q35 machine
+MAX_BOOT_TIMEOUT = 86400  # a day
+MAX_EPOCH = 15032385535  # 2446-05-10T22:38:55Z, the latest time ext4 can store
+
+
+def _bounded(upper: int, why: str) -> Callable[[str, str], int]:
+    """A positive whole number of at most `upper` (`why` says what the bound is)."""
+    def parse(name: str, raw: str) -> int:
+        value = _positive_int(name, raw)
+        if value > upper:
+            raise UsageError(f"{name}: must be at most {upper} ({why}), got {_number(value)}")
+        return value
+
+    return parse
 
 
 def _img_size(name: str, raw: str) -> int | None:
     """Image size in MiB, or None for automatic."""
     if raw.strip().lower() in ("", "auto"):
         return None
-    return _positive_int(name, raw)
+    return _bounded(MAX_IMG_SIZE, "1 TiB")(name, raw)
 
 
 def _epoch(name: str, raw: str) -> int | None:
@@ -68,10 +100,68 @@ def _epoch(name: str, raw: str) -> int | None:
     try:
         value = int(raw.strip())
     except ValueError:
-        raise UsageError(f"{name}: expected seconds since 1970 (a whole number), got {raw!r}") from None
+        raise UsageError(f"{name}: expected seconds since 1970 (a whole number), got {_short(raw)}") from None
     if value < 0:
-        raise UsageError(f"{name}: must not be negative, got {value}")
+        raise UsageError(f"{name}: must not be negative, got {_number(value)}")
+    if value > MAX_EPOCH:
+        raise UsageError(f"{name}: must be at most {MAX_EPOCH} (2446-05-10, the latest time ext4 stores), "
+                         f"got {_number(value)}")
     return value
+
+
+RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~_-]{0,63}$")
+
+
+def _release(name: str, raw: str) -> str:
+    """A release (suite) name: it becomes a positional argument of mmdebstrap and part of apt's URLs."""
+    value = raw.strip()
+    if not RELEASE_NAME.match(value):
+        raise UsageError(f"{name}: {_short(value)} is not a release name (letters, digits and . + ~ _ -, "
+                         "not starting with a punctuation mark; e.g. bookworm)")
+    return value
+
+
+URL_CHARACTERS = re.compile(r"^[A-Za-z0-9._~:/?#@!$&'()*+,;=%\[\]-]+$")  # RFC 3986: no space, ", <, >, |, \\ or control
+
+
+def _repo_url(name: str, raw: str) -> str:
+    """A package mirror: a plain http, https or file URL. Nothing else reaches apt's sources list, so no
+    `[trusted=yes]` or second entry can be slipped in, and signature checking stays on."""
+    value = raw.strip()
+    if not value:
+        return ""
+    shown = _short(redact(value))
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - checks the port and a bracketed IPv6 host
+    except ValueError as e:
+        raise UsageError(f"{name}: {shown} is not a valid URL ({e})") from None
+    if url.scheme not in ("http", "https", "file") or not URL_CHARACTERS.match(value) \
+            or not _brackets_only_around_ipv6(value, url):
+        raise UsageError(f"{name}: expected a plain http://, https:// or file:// URL of a mirror "
+                         f"(no spaces, no [options]), got {shown}")
+    if url.scheme != "file" and not url.hostname:
+        raise UsageError(f"{name}: {shown} names no host")
+    if url.scheme == "file" and (url.netloc or not url.path.startswith("/")):
+        raise UsageError(f"{name}: expected file:///absolute/path, got {shown}")
+    return value
+
+
+def _brackets_only_around_ipv6(value: str, url: SplitResult) -> bool:
+    """`[` and `]` appear only around an IPv6 host (http://[::1]:3142/debian)."""
+    if "[" not in value and "]" not in value:
+        return True
+    try:
+        ipaddress.IPv6Address(url.hostname or "")
+    except ValueError:
+        return False
+    return value.count("[") == value.count("]") == 1 and url.netloc.rpartition("@")[2].startswith("[")
+
+
+def without_credentials(url: str) -> str:
+    """A URL without its user:password@ (what a manifest, the image's metadata or sources list keep)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
 
 
 def _package_list(name: str, raw: str) -> tuple[str, ...]:
@@ -110,6 +200,37 @@ def _block_size(name: str, raw: str) -> int:
     return value
 
 
+def _install_text(name: str, raw: str) -> str:
+    """A path for the install steps, `~` expanded: UTF-8, no control characters ('' stays '')."""
+    text = raw.strip()
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{name}: must be valid UTF-8, got {raw!r}") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise UsageError(f"{name}: must not contain control characters, got {raw!r}")
+    return os.path.expanduser(text) if text else ""
+
+
+def _target_path(name: str, raw: str) -> str:
+    """PREFIX, RUNTIME_CONFIG: an absolute path on the installed system (placed under DESTDIR), normalised;
+    `..` is refused, since under DESTDIR it would climb out of it."""
+    path = _install_text(name, raw)
+    if not path:
+        return ""
+    if not path.startswith("/"):
+        raise UsageError(f"{name}: must be an absolute path (a path on the installed system), got {raw!r}")
+    if ".." in path.split("/"):
+        raise UsageError(f"{name}: must not contain '..' (it would leave DESTDIR), got {raw!r}")
+    return "/" + os.path.normpath(path).lstrip("/")
+
+
+def _destdir(name: str, raw: str) -> str:
+    """DESTDIR: a staging root, absolute or relative to the current directory, normalised."""
+    path = _install_text(name, raw)
+    return os.path.normpath(path) if path else ""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the table. The env var is `name`; the YAML key and CLI flag derive from it."""
@@ -119,6 +240,9 @@ class Setting:
     help: str
     parse: Callable[[str, str], Any] = _text
     group: str = "general"
+    # The variable's name is common in other programs' environments (DEBUG=app:* in JavaScript
+    # shells): a value there that does not parse is ignored with a notice instead of failing.
+    ambient: bool = False
 
     @property
     def yaml_key(self) -> str:
@@ -135,14 +259,14 @@ class Setting:
 
 TABLE: tuple[Setting, ...] = (
     Setting("WORKDIR", "./workdir", "directory for the rootfs, images, kernels, caches and logs", _path),
-    Setting("DEBUG", "no", "show every line the build tools print (yes/no)", _yes_no),
+    Setting("DEBUG", "no", "show every line the build tools print (yes/no)", _yes_no, ambient=True),
     Setting("SOURCE_DATE_EPOCH", "", "timestamp for reproducible builds (default: now)", _epoch),
     Setting("USE_DOCKER", "no", "accepted for compatibility; osbuilder is rootless and needs no container", _yes_no),
     Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR (default: $XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder)", _optional_path),
     # rootfs
     Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: debian)", _distro, "rootfs"),
-    Setting("OS_VERSION", "bookworm", "release of the distribution (debian: bookworm, trixie, sid)", _text, "rootfs"),
-    Setting("REPO_URL", "", "package mirror (default: the distribution's standard public mirror)", _text, "rootfs"),
+    Setting("OS_VERSION", "bookworm", "release of the distribution (debian: bookworm, trixie, sid)", _release, "rootfs"),
+    Setting("REPO_URL", "", "package mirror, an http(s):// or file:// URL (default: the distribution's standard public mirror)", _repo_url, "rootfs"),
     Setting("EXTRA_PKGS", "", "extra packages for the rootfs, separated by spaces or commas", _package_list, "rootfs"),
     Setting("AGENT_SOURCE_BIN", "", "install this agent binary instead of osbuilder's own agent", _optional_path, "rootfs"),
     Setting("AGENT_SERVICE", "", "systemd unit name for AGENT_SOURCE_BIN (default: <binary name>.service)", _text, "rootfs"),
@@ -153,10 +277,10 @@ TABLE: tuple[Setting, ...] = (
     Setting("FS_TYPE", "ext4", "filesystem of the image", _choice("ext4", "ext3", "ext2"), "image"),
     # boot checks
     Setting("ACCEL", "auto", "QEMU accelerator: auto (KVM only after a probe proves it works), kvm, tcg", _choice("auto", "kvm", "tcg"), "boot"),
-    Setting("VM_MEMORY", "1024", "guest memory in MiB for boot checks", _positive_int, "boot"),
-    Setting("VM_CPUS", "1", "guest vCPUs for boot checks", _positive_int, "boot"),
+    Setting("VM_MEMORY", "1024", "guest memory in MiB for boot checks", _bounded(MAX_VM_MEMORY, "1 TiB"), "boot"),
+    Setting("VM_CPUS", "1", "guest vCPUs for boot checks", _bounded(MAX_VM_CPUS, "QEMU's q35 machine"), "boot"),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
-    Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _positive_int, "boot"),
+    Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
     Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: the image in WORKDIR)", _optional_path, "boot"),
     Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
     # kernel
@@ -165,9 +289,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("KERNEL_CONFIG", "", "a whole .config to use as the base instead of allnoconfig", _optional_path, "kernel"),
     # install
     Setting("RUNTIME", "kata", "runtime to install for: kata or clear-containers", _choice("kata", "clear-containers"), "install"),
-    Setting("PREFIX", "", "install directory (default: the runtime's, e.g. /usr/share/kata-containers)", _text, "install"),
-    Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files (default: the runtime's)", _text, "install"),
-    Setting("DESTDIR", "", "staging root prepended to every installed path (packaging, tests)", _text, "install"),
+    Setting("PREFIX", "", "install directory (default: the runtime's, e.g. /usr/share/kata-containers)", _target_path, "install"),
+    Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files (default: the runtime's)", _target_path, "install"),
+    Setting("DESTDIR", "", "staging root prepended to every installed path (packaging, tests)", _destdir, "install"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in TABLE}
@@ -214,12 +338,13 @@ class Settings:
     raw: Mapping[str, str] = field(repr=False)
     sources: Mapping[str, str] = field(repr=False)
     profile: Path | None = None
+    notices: tuple[str, ...] = ()  # one line each, for the user: environment values that were ignored
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], raw: Mapping[str, str], sources: Mapping[str, str],
-                    profile: Path | None) -> Settings:
+                    profile: Path | None, notices: tuple[str, ...] = ()) -> Settings:
         return cls(**{s.attr: values[s.name] for s in TABLE}, raw=dict(raw), sources=dict(sources),
-                   profile=profile)
+                   profile=profile, notices=notices)
 
     def with_values(self, **overrides: str) -> Settings:
         """A copy with some settings replaced (raw strings, parsed as if given on the CLI)."""
@@ -231,15 +356,17 @@ class Settings:
             raw[setting.name] = str(text)
             values[setting.name] = setting.parse(setting.name, str(text))
             sources[setting.name] = "override"
-        return Settings.from_values(_pin_workdir(values), raw, sources, self.profile)
+        return Settings.from_values(_pin_workdir(values), raw, sources, self.profile, self.notices)
 
 
 def read_profile(path: Path) -> dict[str, str]:
     """Read a YAML profile: a mapping of setting keys (any case) to scalars or lists."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()
     except OSError as e:
-        raise UsageError(f"--config {path}: cannot read ({e.strerror})") from None
+        raise UsageError(f"{path}: cannot read the profile ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -284,10 +411,11 @@ def load(
     values: dict[str, Any] = {}
     raw: dict[str, str] = {}
     sources: dict[str, str] = {}
+    notices: list[str] = []
     for s in TABLE:
         if cli.get(s.name) is not None:
             text, source = str(cli[s.name]), "cli"
-        elif s.name in env:
+        elif s.name in env and not (s.ambient and _ignored(s, env[s.name], notices)):
             text, source = env[s.name], "env"
         elif s.name in from_yaml:
             text, source = from_yaml[s.name], f"yaml:{profile}"
@@ -296,7 +424,18 @@ def load(
         raw[s.name] = text
         values[s.name] = s.parse(s.name, text)
         sources[s.name] = source
-    return Settings.from_values(_pin_workdir(values, cwd), raw, sources, profile)
+    return Settings.from_values(_pin_workdir(values, cwd), raw, sources, profile, tuple(notices))
+
+
+def _ignored(setting: Setting, text: str, notices: list[str]) -> bool:
+    """Whether an ambient variable's value does not parse (then it is ignored, with a notice)."""
+    try:
+        setting.parse(setting.name, text)
+    except UsageError as e:
+        notices.append(f"{setting.name}={_short(text)} in the environment is ignored ({e.message.partition(': ')[2]}); "
+                       f"use {setting.flag} or {setting.yaml_key}: in {PROFILE_NAME}")
+        return True
+    return False
 
 
 def _pin_workdir(values: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]:
@@ -312,7 +451,7 @@ def describe(settings: Settings) -> str:
     """The `osbuilder help` table: name, current value, source, default, description."""
     rows = [("SETTING", "VALUE", "FROM", "DEFAULT", "DESCRIPTION")]
     for s in TABLE:
-        rows.append((s.name, settings.raw[s.name] or "''", settings.sources[s.name], s.default or "''", s.help))
+        rows.append((s.name, redact(settings.raw[s.name]) or "''", settings.sources[s.name], s.default or "''", s.help))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for r in rows:

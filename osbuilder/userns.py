@@ -9,7 +9,8 @@ from inside a namespace with the same mapping, which `mmdebstrap --unshare-helpe
 `in_tree_namespace(argv)` prefixes a command with it when osbuilder is not root.
 
 Inside that namespace the user's own files belong to nobody: a file the namespace must write
-(the image) is made writable for others while it does.
+(the image) is lent to the namespace's root (the user's first subordinate id) while it does, and
+taken back afterwards (image.py); it is never writable by other users.
 """
 
 from __future__ import annotations

@@ -351,6 +351,112 @@ def test_client_ignores_stale_replies_and_garbage(agent):
         a.close()
 
 
+def test_a_second_client_never_gets_the_first_clients_reply(agent):
+    """Clients take turns on the one port (QEMU's chardev socket serves one connection at a time) and the
+    agent answers in order: the first client gives up on a slow exec, the second connects and pings. The
+    exec's reply reaches the second client first; it must not be taken for the ping's."""
+    first = AgentClient(agent.sock)
+    with pytest.raises(AgentTimeout):
+        first.request({"cmd": "exec", "argv": ["sh", "-c", "sleep 1; echo first"], "timeout": 10}, timeout=0.3)
+    second = AgentClient(agent.sock)
+    assert second.ping(timeout=10) == AGENT_VERSION
+    third = AgentClient(agent.sock)
+    assert third.exec(["echo", "third"]).stdout == "third\n"
+
+
+def test_client_ids_differ_between_clients():
+    a, b = socket.socketpair()
+    seen = []
+    try:
+
+        def answer_twice():
+            pending = b""
+            while len(seen) < 2:
+                pending += b.recv(4096)
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    seen.append(json.loads(line)["id"])
+                    b.sendall(json.dumps({"id": seen[-1], "ok": True, "version": "v"}).encode() + b"\n")
+
+        t = threading.Thread(target=answer_twice)
+        t.start()
+        assert AgentClient(a).ping(timeout=5) == AgentClient(a).ping(timeout=5) == "v"
+        t.join()
+    finally:
+        a.close()
+        b.close()
+    assert len(set(seen)) == 2, seen
+
+
+class CountingBuffer(bytearray):
+    """A bytearray that counts the bytes its find() looks at."""
+
+    scanned = 0
+
+    def find(self, sub, start=0, *args):  # type: ignore[override]
+        CountingBuffer.scanned += len(self) - start
+        return super().find(sub, start, *args)
+
+
+class Trickle:
+    """A socket stand-in that hands out `data` in small pieces."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self.data, self.piece, self.at = data, piece, 0
+
+    def settimeout(self, t: float) -> None:
+        pass
+
+    def recv(self, n: int) -> bytes:
+        chunk = self.data[self.at : self.at + min(n, self.piece)]
+        self.at += len(chunk)
+        return chunk
+
+
+def test_client_reads_a_long_reply_in_linear_time():
+    """A 12 MiB reply (an exec with both streams at their cap) arriving 512 bytes at a time: each byte is
+    looked at for the newline once, not once per piece."""
+    from osbuilder.agent.client import AgentClient as Client
+
+    reply = b'{"ok":true,"stdout":"' + b"x" * (12 << 20) + b'"}\n'
+    client = Client(Trickle(reply, 512))  # type: ignore[arg-type]
+    CountingBuffer.scanned = 0
+    client._buf = CountingBuffer()
+    assert client._read_line(time.monotonic() + 60) == reply[:-1]
+    assert CountingBuffer.scanned <= 2 * len(reply)
+
+
+def test_client_drops_an_endless_line_without_buffering_it():
+    """A guest that sends 40 MiB without a newline: the client keeps at most MAX_REPLY of it, drops the
+    line, and still takes the reply that follows."""
+    import tracemalloc
+
+    from osbuilder.agent import client as client_mod
+
+    cap = getattr(client_mod, "MAX_REPLY", 16 << 20)
+    a, b = socket.socketpair()
+    junk = b"x" * (1 << 20)
+
+    def flood():
+        req = json.loads(b.recv(4096))
+        for _ in range(40):
+            b.sendall(junk)
+        b.sendall(b"\n" + json.dumps({"id": req["id"], "ok": True, "version": "after"}).encode() + b"\n")
+
+    t = threading.Thread(target=flood)
+    tracemalloc.start()
+    try:
+        t.start()
+        assert AgentClient(a).ping(timeout=60) == "after"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        t.join()
+        a.close()
+        b.close()
+    assert peak < cap + (8 << 20), f"peak {peak >> 20} MiB"
+
+
 def test_wait_ready_and_connect_unix(agent_bin, tmp_path):
     """connect_unix retries until the socket exists; wait_ready survives a garbage prefix."""
     path = tmp_path / "agent.sock"
@@ -461,3 +567,49 @@ def test_pid1_reaps_orphans_and_powers_off(agent_bin):
         r.proc.wait(timeout=5)
     finally:
         r.stop()
+
+
+# ------------------------------------------------------------------ the console reader (the other stream a guest fills)
+
+
+def chunks_of(data: bytes, size: int):
+    """A read() callable handing out `data` in pieces of `size`, then b''."""
+    pieces = iter(range(0, len(data), size))
+    return lambda: next((data[i : i + size] for i in pieces), b"")
+
+
+def test_console_reader_keeps_memory_bounded_on_an_endless_line(tmp_path):
+    """8 MiB without a newline in 1 KiB pieces: the watcher keeps a bounded part of the line (and so never
+    rescans a growing one), still notices what the line starts with, and says the rest was cut."""
+    import tracemalloc
+
+    from osbuilder.vm.console import ConsoleWatcher
+
+    data = b"Kernel panic - not syncing: " + b"A" * (8 << 20) + b"\nlast line\n"
+    w = ConsoleWatcher(tmp_path / "console.log", time.monotonic())
+    tracemalloc.start()
+    try:
+        w._drain(chunks_of(data, 1024))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"peak {peak >> 10} KiB"
+    assert w.fatal is not None and w.fatal.reason == "kernel panic"
+    assert re.search(r"AAAA \[\d+ bytes cut\]$", w.fatal.line)
+    assert w.tail(1) == ["last line"]
+
+
+def test_console_log_is_capped_keeping_the_start_and_the_tail(tmp_path):
+    from osbuilder.vm.console import ConsoleWatcher
+
+    data = b"".join(b"line %07d\n" % i for i in range(100_000))  # 1.3 MB
+    log = tmp_path / "console.log"
+    w = ConsoleWatcher(log, time.monotonic(), log_cap=64 << 10, log_head=8 << 10)
+    w._drain(chunks_of(data, 4096))
+    kept = log.read_bytes()
+    assert len(kept) <= 64 << 10
+    head, marker, tail = re.split(rb"\n(\[osbuilder: \d+ bytes of output cut here\])\n", kept)
+    assert data.startswith(head) and data.endswith(tail) and len(tail) > 16 << 10
+    cut = int(re.search(rb"\d+", marker).group())
+    assert len(head) + cut + len(tail) == len(data)
+    assert w.tail(1) == ["line 0099999"]

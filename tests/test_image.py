@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from fakes import make_tree
 
 from osbuilder import settings as S
 from osbuilder.errors import UsageError
@@ -23,23 +23,6 @@ pytestmark = pytest.mark.skipif(
 
 
 MiB = 1 << 20  # spelled here, not imported: the sizes below are the README's promises
-
-
-def make_tree(root: Path, *, init_target="../lib/systemd/systemd", agent=True, systemd=True) -> Path:
-    for d in ("usr/sbin", "usr/bin", "usr/lib/systemd", "var/lib/osbuilder", "etc"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "sbin").symlink_to("usr/sbin")
-    if systemd:
-        (root / "usr/lib/systemd/systemd").write_bytes(b"\x7fELF systemd")
-        (root / "usr/lib/systemd/systemd").chmod(0o755)
-    if init_target:
-        (root / "usr/sbin/init").symlink_to(init_target)
-    if agent:
-        (root / "usr/bin/osbuilder-agent").write_bytes(b"\x7fELF agent")
-        (root / "usr/bin/osbuilder-agent").chmod(0o755)
-    (root / "var/lib/osbuilder/osbuilder.yaml").write_text(yaml.safe_dump({"agent": {"name": "osbuilder-agent"}}))
-    (root / "etc/hostname").write_text("guest\n")
-    return root
 
 
 def settings(tmp_path: Path, **env) -> S.Settings:

@@ -5,22 +5,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from fakes import KATA_TOML
 
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.install import install_image, install_kernel, point_config
-
-KATA_TOML = """\
-[hypervisor.qemu]
-path = "/usr/bin/qemu-system-x86_64"
-kernel = "/usr/share/kata-containers/vmlinux.container"
-image = "/usr/share/kata-containers/kata-containers.img"
-# initrd = "/usr/share/kata-containers/kata-containers-initrd.img"
-machine_type = "q35"
-
-[agent.kata]
-debug = false
-"""
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ cache key (no build)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import tarfile
 from pathlib import Path
@@ -520,3 +522,80 @@ def test_kernel_src_from_git_tree(tmp_path):
     assert not source.ensure_source(s).fresh
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     assert tree.identity["commit"] == head == tree.marker["content"]
+
+
+def git_repo(root: Path) -> list[str]:
+    """A git repository holding a fake source tree on branch `main`; the git command to work in it."""
+    fake_source(root)
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(root)], check=True)
+    commit(git, "fake")
+    return git
+
+
+def commit(git: list[str], message: str) -> str:
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", message], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_git_url_is_keyed_by_the_commit_its_branch_points_at(tmp_path):
+    """A moving branch is fetched again: the identity is the commit `git ls-remote` reports now."""
+    repo = tmp_path / "upstream"
+    git = git_repo(repo)
+    s = load_settings(tmp_path, KERNEL_SOURCE=f"file://{repo}#main")
+    first = source.ensure_source(s)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert first.fresh and first.identity["commit"] == head == first.marker["content"]
+    key = build.kernel_manifest(s).key
+    assert not source.ensure_source(s).fresh and build.kernel_manifest(s).key == key
+    (repo / "Makefile").write_text(FAKE_MAKEFILE.replace("6.1.99", "6.1.100"))
+    moved = commit(git, "upstream moved on")
+    assert build.kernel_manifest(s).key != key
+    second = source.ensure_source(s)
+    assert second.fresh and second.identity["commit"] == moved == second.marker["content"]
+    assert second.version == "6.1.100" and len(shared_trees(s)) == 2
+
+
+def test_a_git_url_pinned_to_a_commit_or_tag(tmp_path):
+    repo = tmp_path / "upstream"
+    git = git_repo(repo)
+    old = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([*git, "tag", "-a", "-m", "v1", "v1"], check=True)  # an annotated tag: its commit counts
+    (repo / "Makefile").write_text(FAKE_MAKEFILE.replace("6.1.99", "6.1.100"))
+    commit(git, "later")
+    tagged = source.ensure_source(load_settings(tmp_path, KERNEL_SOURCE=f"file://{repo}#v1"))
+    assert tagged.identity["commit"] == old and tagged.version == "6.1.99"
+    pinned = source.ensure_source(load_settings(tmp_path / "p", KERNEL_SOURCE=f"file://{repo}#{old}"))
+    assert pinned.identity["commit"] == old and pinned.marker["content"] == old and pinned.version == "6.1.99"
+    with pytest.raises(UsageError, match=r"^KERNEL_SOURCE: file://.* has no branch or tag 'nope'$"):
+        build.kernel_manifest(load_settings(tmp_path, KERNEL_SOURCE=f"file://{repo}#nope"))
+    with pytest.raises(UsageError, match="is not a branch, tag or commit name"):
+        build.kernel_manifest(load_settings(tmp_path, KERNEL_SOURCE=f"file://{repo}#--upload-pack=touch /tmp/x"))
+
+
+def test_kernel_key_follows_osbuilders_kernel_code(tmp_path, monkeypatch):
+    """No hand-bumped recipe number: the code that configures and builds is part of the key."""
+    copies = []
+    for path in build.CODE_FILES:
+        copies.append(tmp_path / "code" / path.name)
+        write(copies[-1], path.read_text())
+    monkeypatch.setattr(build, "CODE_FILES", tuple(copies))
+    s = load_settings(tmp_path, KERNEL_SOURCE=str(fake_tarball(tmp_path)))
+    keys = {build.kernel_manifest(s).key}
+    for copy in copies:
+        copy.write_text(copy.read_text() + "# changed\n")
+        keys.add(build.kernel_manifest(s).key)
+    assert len(keys) == 1 + len(copies)
+
+
+def test_kernel_key_follows_binutils_and_the_host_architecture(tmp_path, monkeypatch):
+    s = load_settings(tmp_path, KERNEL_SOURCE=str(fake_tarball(tmp_path)))
+    before = build.kernel_manifest(s).key
+    fake_ld = write(tmp_path / "bin" / "ld", "#!/bin/sh\necho 'GNU ld (GNU Binutils for Debian) 2.99'\n")
+    fake_ld.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_ld.parent}:{os.environ['PATH']}")
+    with_other_ld = build.kernel_manifest(s)
+    assert with_other_ld.key != before and with_other_ld.inputs["binutils"].endswith("2.99")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    assert build.kernel_manifest(s).key not in (before, with_other_ld.key)

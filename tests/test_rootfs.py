@@ -1,6 +1,8 @@
 """The rootfs step without the network: package set, agent choice, staging, and error translation."""
 
 import os
+import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import yaml
 from osbuilder import settings as S
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.rootfs.build import AgentChoice, manifest, pack_overlay, packages, stage_overlay
-from osbuilder.rootfs.debian import classify_failure
+from osbuilder.rootfs.debian import classify_failure, hook_word, mirror_access
 from osbuilder.rootfs.distros import get
 
 
@@ -141,3 +143,49 @@ def test_unreachable_mirror_is_an_infrastructure_failure():
                                  "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)"),
                          "bookworm", "http://127.0.0.1:9/debian", [])
     assert isinstance(e, InfrastructureError) and e.message.startswith("REPO_URL: mirror http://127.0.0.1:9/debian")
+
+
+@pytest.mark.parametrize("path", ["/w/work dir's $HOME \\ `x`/o.tar", '/w/"q"/o.tar', "/w/tab\there/é.tar",
+                                  "/w/new\nline/o.tar"])
+def test_hook_words_survive_mmdebstraps_shellwords(path: str):
+    """mmdebstrap splits a special hook (`tar-in PATH /`) with Perl's Text::ParseWords::shellwords:
+    the overlay's path comes out as one word, whatever WORKDIR contains."""
+    assert shellwords(f"tar-in {hook_word(path)} /") == ["tar-in", path, "/"]
+
+
+def shellwords(hook: str) -> list[str]:
+    """A special hook split as mmdebstrap splits it."""
+    script = 'use Text::ParseWords; local $/; print join("\\0", shellwords(<STDIN>))'
+    out = subprocess.run(["perl", "-e", script], input=hook.encode(), capture_output=True, check=True).stdout
+    return out.decode().split("\0")
+
+
+def test_mirror_credentials_reach_only_a_private_auth_file(tmp_path: Path):
+    """The URL mmdebstrap gets has no credentials; they go to a 0600 file that the setup hooks copy
+    to the tree's apt auth.conf, 0600 too, which the customize hook removes (hooks run as mmdebstrap
+    runs them)."""
+    scratch = tmp_path / "work dir's" / "auth"
+    scratch.parent.mkdir()
+    with pytest.raises(UsageError, match="^REPO_URL: apt cannot use a user name or password containing white"):
+        with mirror_access("https://user:p%20w@m.example/debian", scratch):
+            pass
+    with mirror_access("https://us%40er:pw@m.example:8443/debian", scratch) as (url, hooks):
+        assert url == "https://m.example:8443/debian"
+        assert scratch.read_text() == "machine https://m.example:8443/debian\nlogin us@er\npassword pw\n"
+        assert stat.S_IMODE(scratch.stat().st_mode) == 0o600
+        assert not any("pw" in hook for hook in hooks)
+        tree = tmp_path / "tree"
+        (tree / "etc/apt").mkdir(parents=True)
+        create, upload, customize = (hook.partition("=")[2] for hook in hooks)
+        subprocess.run(["sh", "-c", create, "exec", str(tree)], check=True)
+        assert shellwords(upload) == ["upload", str(scratch), "/etc/apt/auth.conf"]
+        with scratch.open("rb") as source:  # upload: mmdebstrap reads the file, `cat > "$1"` writes it
+            subprocess.run(["sh", "-c", 'cat > "$1"', "exec", str(tree / "etc/apt/auth.conf")], stdin=source,
+                           check=True)
+        assert (tree / "etc/apt/auth.conf").read_text() == scratch.read_text()
+        assert stat.S_IMODE((tree / "etc/apt/auth.conf").stat().st_mode) == 0o600
+        subprocess.run(["sh", "-c", customize, "exec", str(tree)], check=True)
+        assert not (tree / "etc/apt/auth.conf").exists()
+    assert not scratch.exists()
+    with mirror_access("http://m.example/debian", scratch) as plain:
+        assert plain == ("http://m.example/debian", []) and not scratch.exists()

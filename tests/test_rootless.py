@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -60,10 +61,12 @@ def home() -> Iterator[Path]:
     shutil.rmtree(base)  # as root: the namespace's files too
 
 
-def as_user(home: Path, step: str, workdir: Path | None = None) -> subprocess.CompletedProcess:
-    """`osbuilder <step>` run by USER (WORKDIR defaults to home/workdir)."""
-    env = ["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", f"HOME={home}", f"PYTHONPATH={home / 'python'}",
-           "LC_ALL=C.UTF-8"]
+def as_user(home: Path, step: str, workdir: Path | None = None, path_first: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """`osbuilder <step>` run by USER (WORKDIR defaults to home/workdir; `path_first` goes first in PATH)."""
+    path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    env = [f"PATH={path_first}:{path}" if path_first else f"PATH={path}", f"HOME={home}",
+           f"PYTHONPATH={home / 'python'}", "LC_ALL=C.UTF-8"]
     return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *env, str(SYSTEM_PYTHON), "-m", "osbuilder",
                            step, "--workdir", str(workdir or home / "workdir")],
                           cwd=home, capture_output=True, text=True, timeout=900)
@@ -112,6 +115,30 @@ def test_a_rebuild_replaces_the_tree_and_leaves_nothing_behind(rootless_build: P
     assert (rootless_build / "rootfs").stat().st_ino != before
     leftovers = [p.name for p in rootless_build.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_no_other_user_can_write_the_image_while_mke2fs_fills_it(rootless_build: Path, home: Path):
+    """mke2fs runs in the tree's namespace, where the user's own files are nobody's: the image file must
+    be reachable there without being made writable for every other user (who could change the image
+    between mke2fs and the boot check). A stand-in mke2fs first in PATH records what the real one is given."""
+    spy = home / "spy"
+    spy.mkdir(mode=0o755)
+    mke2fs = shutil.which("mke2fs", path="/usr/sbin:/sbin")
+    (spy / "mke2fs").write_text(
+        "#!/bin/sh\n"
+        'for a; do image=$last; last=$a; done\n'  # mke2fs ... IMAGE BLOCKS
+        'stat -c "osbuilder-spy: mode %a owner %u" "$image" >&2\n'
+        f'exec {mke2fs} "$@"\n')
+    (spy / "mke2fs").chmod(0o755)
+    r = as_user(home, "image", path_first=spy)
+    assert r.returncode == 0, r.stderr[-4000:]
+    seen = re.findall(r"osbuilder-spy: mode (\d+) owner (\d+)", (rootless_build / "logs/image.log").read_text())
+    assert seen, "the stand-in mke2fs did not run"
+    for mode, _owner in seen:
+        assert int(mode, 8) & 0o022 == 0, f"the image file was mode {mode} while mke2fs ran"
+    image = (rootless_build / "container.img").stat()
+    assert (image.st_uid, oct(image.st_mode & 0o777)) == (pwd.getpwnam(USER).pw_uid, oct(0o644))
+    assert not [p.name for p in rootless_build.iterdir() if ".tmp-" in p.name]
 
 
 def test_unreachable_workdir_is_named(home: Path):

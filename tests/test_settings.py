@@ -43,6 +43,19 @@ def test_defaults_match_the_makefile_era():
     ("DISTRO", "fedora", "DISTRO: unknown distribution 'fedora'"),
     ("ACCEL", "hvf", "ACCEL: expected one of auto, kvm, tcg"),
     ("SOURCE_DATE_EPOCH", "yesterday", "SOURCE_DATE_EPOCH: expected seconds"),
+    ("SOURCE_DATE_EPOCH", "15032385536", "SOURCE_DATE_EPOCH: must be at most 15032385535"),
+    ("IMG_SIZE", "1048577", "IMG_SIZE: must be at most 1048576 (1 TiB)"),
+    ("VM_MEMORY", "1048577", "VM_MEMORY: must be at most 1048576 (1 TiB)"),
+    ("VM_CPUS", "289", "VM_CPUS: must be at most 288"),
+    ("BOOT_TIMEOUT", "86401", "BOOT_TIMEOUT: must be at most 86400"),
+    ("IMG_SIZE", "9" * 5000, "IMG_SIZE: expected a whole number, got '99999"),  # beyond int()'s digit limit
+    ("OS_VERSION", "-bookworm", "OS_VERSION: '-bookworm' is not a release name"),
+    ("OS_VERSION", "bookworm main", "OS_VERSION: 'bookworm main' is not a release name"),
+    ("OS_VERSION", "", "OS_VERSION: '' is not a release name"),
+    ("REPO_URL", "deb http://deb.debian.org/debian bookworm main", "REPO_URL: expected a plain http://"),
+    ("REPO_URL", "http://u:pw@h/debian [trusted=yes]", "REPO_URL: expected a plain http://, https:// or "
+                                                       "file:// URL of a mirror (no spaces, no [options]), "
+                                                       "got 'http://***@h/debian [trusted=yes]'"),
 ])
 def test_bad_values_name_the_setting(name, value, words):
     with pytest.raises(UsageError) as e:
@@ -141,7 +154,7 @@ def test_settings_fields_mirror_the_table_with_their_parsed_types(tmp_path: Path
     import types
     import typing
 
-    fields = {f.name for f in dataclasses.fields(S.Settings)} - {"raw", "sources", "profile"}
+    fields = {f.name for f in dataclasses.fields(S.Settings)} - {"raw", "sources", "profile", "notices"}
     assert fields == {s.attr for s in S.TABLE}
     hints = typing.get_type_hints(S.Settings)
     s = S.load({}, env={"IMG_SIZE": "512", "EXTRA_PKGS": "vim curl", "SOURCE_DATE_EPOCH": "7",
@@ -164,3 +177,25 @@ def test_with_values_reparses_and_keeps_the_rest(tmp_path: Path):
     assert s.img_size is None  # the original is untouched
     with pytest.raises(UsageError, match="IMG_SIZE: expected a whole number"):
         s.with_values(IMG_SIZE="huge")
+
+
+def test_largest_accepted_values():
+    s = S.load({}, env={"SOURCE_DATE_EPOCH": str(S.MAX_EPOCH), "IMG_SIZE": "1048576", "VM_MEMORY": "1048576",
+                        "VM_CPUS": "288", "BOOT_TIMEOUT": "86400"}, cwd=Path("/"))
+    assert (s.source_date_epoch, s.img_size, s.vm_memory, s.vm_cpus, s.boot_timeout) == \
+        (15032385535, 1048576, 1048576, 288, 86400)
+
+
+def test_an_ambient_variable_that_does_not_parse_falls_back_to_the_profile(tmp_path: Path):
+    (tmp_path / "osbuilder.yaml").write_text("debug: yes\n")
+    s = S.load({}, env={"DEBUG": "express:*"}, cwd=tmp_path)
+    assert (s.debug, s.sources["DEBUG"]) == (True, f"yaml:{tmp_path / 'osbuilder.yaml'}")
+    assert s.notices == ("DEBUG='express:*' in the environment is ignored (expected yes or no, got 'express:*'); "
+                         "use --debug or debug: in osbuilder.yaml",)
+    assert [row.name for row in S.TABLE if row.ambient] == ["DEBUG"]  # any other bad variable is an error
+
+
+def test_without_credentials():
+    assert S.without_credentials("https://u:p%40ss@mirror.example:8443/debian?x#y") == \
+        "https://mirror.example:8443/debian?x#y"
+    assert S.without_credentials("http://[::1]:3142/debian") == "http://[::1]:3142/debian"

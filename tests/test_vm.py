@@ -4,8 +4,10 @@ records, the accelerator verdict, the boot kernel. No guest is booted here (boot
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -22,6 +24,7 @@ from osbuilder.cache import Cache
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import UserCache, Workdir
 from osbuilder.vm import accel, check, console, debian_kernel, phases, profiles, qemu, records, systemd
+from osbuilder.vm import guest as guest_module
 from osbuilder.vm.guest import BOOT_JSON, BootFailure, Guest
 from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budgets
 from osbuilder.vm.profiles import AGENT_INIT, PROFILES, SYSTEMD, VIRTIO_BLK, Outcome, Pid1, Profile
@@ -547,6 +550,82 @@ def test_failing_record_never_replaces_passing(tmp_path: Path) -> None:
     records.write_record(tmp_path, records.make_record(f, digest, "image", False, {}, {}))
     assert records.passing_record(tmp_path, f) is not None
 
+
+
+# -- the record carries the hash taken before the boot -------------------------------------------
+
+def _boot_with_fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, at_launch=lambda: None,
+                         during=lambda: None) -> tuple[BootOptions, settings_mod.Settings]:
+    """Options for a boot of real files on a fake QEMU: every phase passes; `at_launch()` runs as
+    QEMU starts, `during()` in the middle of the boot (the exec phase)."""
+    def check_for(name: str):
+        def check_phase(guest: Guest) -> None:
+            if name == "exec":
+                during()
+            guest.phases[name] = Outcome.passed()
+        return check_phase
+
+    def vm(spec: qemu.VmSpec, log_dir: Path) -> SimpleNamespace:
+        return SimpleNamespace(launch=lambda: at_launch() or FakeVm(tmp_path))
+
+    monkeypatch.setattr(phases, "CHECKS", {name: check_for(name) for name in profiles.PHASES})
+    monkeypatch.setattr(guest_module, "Vm", vm)
+    image, kernel = tmp_path / "container.img", tmp_path / "vmlinuz"
+    image.write_bytes(b"the image that was booted")
+    kernel.write_bytes(b"the kernel")
+    opts = BootOptions(image=image, kernel=BootKernel(kernel, None, "path"), log_dir=tmp_path / "logs",
+                       accel=Accel("tcg", "test", False), ssh_key=SimpleNamespace(public="ssh-ed25519 AAAA"),
+                       name="pinned")
+    return opts, load_settings(tmp_path)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """What a build does to its output: a new file renamed over the old one."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_record_carries_the_hash_taken_before_the_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opts, s = _boot_with_fake_qemu(tmp_path, monkeypatch,
+                                   during=lambda: _replace(tmp_path / "container.img", b"replaced mid-boot"))
+    record = check.run_check(opts, s)
+    assert record["passed"]
+    booted = json.loads(Workdir.of(s).boot_record(_sha(b"the image that was booted")).read_text())
+    assert booted["role"] == "image" and booted["passed"]
+    assert not Workdir.of(s).boot_record(_sha(b"replaced mid-boot")).exists()  # never booted: no record
+    assert records.passing_record(s.workdir, opts.image) is None
+    assert Workdir.of(s).boot_record(_sha(b"the kernel")).exists()
+
+
+@pytest.mark.parametrize("when", ["before-qemu-read-it", "written-in-place-during-the-boot"])
+def test_no_record_when_the_booted_bytes_are_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture, when: str) -> None:
+    image = tmp_path / "container.img"
+    if when == "before-qemu-read-it":  # hashed, then replaced before QEMU opened it
+        opts, s = _boot_with_fake_qemu(tmp_path, monkeypatch, at_launch=lambda: _replace(image, b"other"))
+    else:  # QEMU read a mix of both
+        opts, s = _boot_with_fake_qemu(tmp_path, monkeypatch, during=lambda: image.write_bytes(b"other bytes"))
+    record = check.run_check(opts, s)
+    assert record["passed"]
+    assert not list(Workdir.of(s).boot_records.glob("*.json"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    what = "was replaced" if when == "before-qemu-read-it" else "was written to"
+    assert warnings == [f"boot: pinned: {image} {what} during the boot check; no boot record written"]
+
+
+def test_a_file_replaced_by_one_with_the_same_size_and_mtime_is_hashed_again(tmp_path: Path) -> None:
+    f = tmp_path / "container.img"
+    f.write_bytes(b"first")
+    first = records.sha256_file(f)
+    st = f.stat()
+    _replace(f, b"other")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # cp -p, rsync -t: size and mtime as before
+    assert records.sha256_file(f) == _sha(b"other") != first
 
 # -- accelerator ----------------------------------------------------------------------------
 

@@ -17,6 +17,16 @@ string, number, true/false, null). Every reply to a parseable request echoes ``"
 (numbers keep their exact spelling) as its first member, if the request had one. Unknown
 members are ignored.
 
+Ids: the port is one stream that host clients use in turn (QEMU's chardev socket serves one
+connection at a time), and the agent answers in order: the reply to a request whose client gave
+up or disconnected goes to whoever is connected next. A client therefore uses ids that no other
+client of the agent uses and ignores every reply with another id. This client's ids are strings:
+a random 64-bit prefix per `AgentClient`, then a counter (``"9f1c03a4b2e6d870-1"``).
+
+Size: a reply is at most about 12 MiB (an exec reply with both streams at their 1 MiB cap, every
+byte escaped). This client drops a line longer than 16 MiB (`MAX_REPLY`) without buffering it
+and looks at each byte once for the newline, so a guest cannot make it run out of memory or time.
+
 ``{"id":1,"cmd":"ping"}``
     -> ``{"id":1,"ok":true,"version":"0.1.0"}``
 
@@ -73,6 +83,7 @@ ignored, so `AgentClient.wait_ready` pings with a short per-try timeout until on
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -80,6 +91,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_LINE = 64 * 1024
+MAX_REPLY = 16 * 1024 * 1024  # longest reply line accepted; the agent's longest is about 12 MiB
 EXEC_REPLY_MARGIN = 10.0  # seconds allowed on top of an exec timeout for the reply to arrive
 
 
@@ -115,6 +127,9 @@ class AgentClient:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()
+        self._scanned = 0  # leading bytes of _buf known to hold no newline
+        self._dropping = False  # inside a line longer than MAX_REPLY: discard it up to its newline
+        self._id_prefix = secrets.token_hex(8)  # no other client of the agent uses our ids
         self._next_id = 1
 
     # -- connection ----------------------------------------------------------------------
@@ -155,7 +170,7 @@ class AgentClient:
         Raises AgentError (ok:false, message from the agent), AgentTimeout, AgentConnectionClosed.
         With `resync`, a newline is sent first to end any partial line the agent may hold.
         """
-        req_id = self._next_id
+        req_id = f"{self._id_prefix}-{self._next_id}"
         self._next_id += 1
         line = json.dumps({**obj, "id": req_id}, separators=(",", ":")).encode()
         if len(line) > MAX_LINE:
@@ -168,8 +183,8 @@ class AgentClient:
                 reply = json.loads(raw)
             except ValueError:
                 continue  # garbage on the port
-            if not isinstance(reply, dict) or reply.get("id") != req_id or isinstance(reply.get("id"), bool):
-                continue  # a reply to an earlier (timed-out) request, or to no request of ours
+            if not isinstance(reply, dict) or reply.get("id") != req_id:
+                continue  # a reply to an earlier (timed-out) request, another client's, or to no request
             if reply.get("ok") is not True:
                 raise AgentError(str(reply.get("error", f"malformed reply: {raw[:200]!r}")))
             return reply
@@ -234,12 +249,26 @@ class AgentClient:
             view = view[n:]
 
     def _read_line(self, deadline: float) -> bytes:
+        """The next line. Each byte is looked at once; a line longer than MAX_REPLY is dropped whole."""
         while True:
-            nl = self._buf.find(b"\n")
+            nl = self._buf.find(b"\n", self._scanned)
             if nl >= 0:
                 line = bytes(self._buf[:nl])
                 del self._buf[: nl + 1]
-                return line
+                self._scanned = 0
+                if not self._dropping:
+                    return line
+                self._dropping = False
+                continue
+            self._scanned = len(self._buf)
+            if self._dropping or self._scanned > MAX_REPLY:
+                self._buf.clear()
+                self._scanned = 0
+                self._dropping = True
+            self._buf += self._recv(deadline)
+
+    def _recv(self, deadline: float) -> bytes:
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AgentTimeout("timed out waiting for the agent's reply")
@@ -252,4 +281,4 @@ class AgentClient:
                 raise AgentConnectionClosed(f"agent connection closed: {e}") from None
             if not chunk:
                 raise AgentConnectionClosed("agent connection closed")
-            self._buf += chunk
+            return chunk

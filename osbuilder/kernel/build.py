@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -33,7 +34,8 @@ from osbuilder.layout import KernelFiles, UserCache, Workdir
 from osbuilder.run import format_command, run, tool_version
 from osbuilder.settings import Settings
 
-RECIPE = "1"  # bump when the make invocation or the outputs change shape
+# the code that turns the inputs into a kernel: a change in it makes a new cache key
+CODE_FILES = tuple(Path(__file__).parent / name for name in ("build.py", "fragments.py", "kconfig.py"))
 OUTPUTS: dict[str, str] = {  # object tree path -> output name
     "arch/x86/boot/bzImage": layout.VMLINUZ,
     "vmlinux": layout.VMLINUX,
@@ -103,11 +105,13 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
 
 
 def kernel_manifest(settings: Settings) -> Manifest:
-    """Cache key inputs: source identity, fragments, base config, compiler, epoch.
+    """Cache key inputs: source identity, fragments, base config, osbuilder's kernel code, compiler,
+    binutils, host architecture, epoch.
 
     Computed without unpacking or cloning the source: its identity (a tarball's content hash, a git
-    tree's commit, a git URL and ref) determines the kernel version, so the version is not an input;
-    leaving it out also keeps the key the same before and after the tree is unpacked.
+    tree's commit, the commit a git URL's ref points at) determines the kernel version, so the
+    version is not an input; leaving it out also keeps the key the same before and after the tree is
+    unpacked.
     """
     where = origin(settings)
     base = settings.kernel_config
@@ -120,9 +124,11 @@ def kernel_manifest(settings: Settings) -> Manifest:
         "fragments": " ".join(f"{p.name}={file_hash(p)[:16]}" for p in fragments),
         "base_config": file_hash(base) if base else "allnoconfig",
         "compiler": compiler()[1],
+        "binutils": tool_version("ld", "--version"),
+        "arch": platform.machine(),
+        "code": file_hash(*CODE_FILES),
         # None: the commit time of the git source, which its identity determines
         "source_date_epoch": str(epoch) if epoch is not None else "commit time",
-        "recipe": RECIPE,
     })
 
 

@@ -1,7 +1,8 @@
 """Kernel source: from Debian's linux-source package, a tarball, a git tree or a git URL.
 
 KERNEL_SOURCE resolves to an `Origin`: what it names and its cheap identity (the sha256 of a
-tarball's content, the HEAD commit of a git tree, the URL and ref of a git URL). The identity keys
+tarball's content, the HEAD commit of a git tree, the commit a git URL's ref points at now, asked
+with `git ls-remote`, so a branch that moved is fetched again). The identity keys
 both the kernel's cache entry (`build.kernel_manifest` never unpacks or clones anything) and the
 unpacked tree, which lives in the per-user cache (`UserCache.kernel_sources / <identity hash>`),
 so every WORKDIR with the same source shares one tree: it is unpacked (or cloned) once, into a
@@ -23,7 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, link_atomically, publish, remove, sha256_file, temp_beside
 from osbuilder.layout import UserCache, Workdir
 from osbuilder.run import run
@@ -33,6 +34,9 @@ MARKER = ".osbuilder-source.json"
 DEBIAN_SOURCE_DIR = Path("/usr/src")
 DEBIAN_PACKAGE = "linux-source-6.1"
 _URL = re.compile(r"^(https?|git|ssh|file)://|^[\w.-]+@[\w.-]+:")
+_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_UNREACHABLE = re.compile(r"Could not resolve|unable to access|Connection (refused|timed out|reset)|"
+                          r"timed out|Network is unreachable|Could not read from remote", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ def resolve(settings: Settings) -> SourceSpec:
         return SourceSpec("tarball", str(debian_tarball()))
     if _URL.match(raw):
         url, _, ref = raw.partition("#")
+        if ref.startswith("-") or re.search(r"[\s\x00-\x1f\x7f~^:?*\[\\]", ref):
+            raise UsageError(f"KERNEL_SOURCE: {ref!r} is not a branch, tag or commit name")
         return SourceSpec("git-url", url, ref)
     path = Path(raw).expanduser()
     if path.is_dir():
@@ -130,7 +136,30 @@ def origin(settings: Settings, *, logfile: Path | None = None) -> Origin:
     if spec.kind == "git-tree":
         logfile = logfile or Workdir.of(settings).log("kernel-src")
         return Origin(spec, {"kind": "git-tree", "commit": _git_head(Path(spec.location), logfile)})
-    return Origin(spec, {"kind": "git-url", "url": spec.location, "ref": spec.ref})
+    logfile = logfile or Workdir.of(settings).log("kernel-src")
+    commit = remote_commit(spec, logfile)
+    return Origin(spec, {"kind": "git-url", "url": spec.location, "ref": spec.ref, "commit": commit})
+
+
+def remote_commit(spec: SourceSpec, logfile: Path) -> str:
+    """The commit a git URL's ref (default: HEAD) points at now: `git ls-remote`, no clone."""
+    if _COMMIT.match(spec.ref):
+        return spec.ref
+    ref = spec.ref or "HEAD"
+    try:
+        out = run(["git", "ls-remote", "--", spec.location, ref, ref + "^{}"], step="kernel-src", logfile=logfile,
+                  capture=True, timeout=120, env={"GIT_TERMINAL_PROMPT": "0"})
+    except OsbuilderError as e:
+        cls = InfrastructureError if _UNREACHABLE.search(e.detail) else UsageError
+        raise cls(f"KERNEL_SOURCE: cannot ask {spec.location} for {ref} (git ls-remote failed)", e.detail) from None
+    refs: dict[str, str] = {}
+    for line in out.stdout.decode().splitlines():
+        commit, _, name = line.partition("\t")
+        refs[name] = commit
+    for name in (ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"):
+        if name in refs:
+            return refs[name]
+    raise UsageError(f"KERNEL_SOURCE: {spec.location} has no branch or tag {ref!r}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -174,7 +203,7 @@ def _shared_tree(settings: Settings, where: Origin, logfile: Path) -> tuple[Path
         tmp = temp_beside(dest)
         tmp.mkdir()
         try:
-            tree = fetch(settings, where.spec, tmp, logfile)
+            tree = fetch(settings, where.spec, tmp, logfile, commit=where.identity.get("commit", ""))
             marker = describe(where, tree, logfile)
             (tree / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
             publish(tree, dest)
@@ -183,22 +212,33 @@ def _shared_tree(settings: Settings, where: Origin, logfile: Path) -> tuple[Path
     return dest, marker, True
 
 
-def fetch(settings: Settings, spec: SourceSpec, tmp: Path, logfile: Path) -> Path:
-    """Unpack or clone into `tmp`; return the top of the source tree inside it."""
+def fetch(settings: Settings, spec: SourceSpec, tmp: Path, logfile: Path, commit: str = "") -> Path:
+    """Unpack or clone into `tmp`; return the top of the source tree inside it. A git URL's tree
+    is checked out at `commit` (what its identity says the ref pointed at)."""
     if spec.kind == "tarball":
         return _unpack(settings, Path(spec.location), tmp, logfile)
     tree = tmp / "linux"
     if spec.kind == "git-tree":
-        cmd = ["git", "clone", "--quiet", "--local", "--no-hardlinks", spec.location, tree]
+        cmd = ["git", "clone", "--quiet", "--local", "--no-hardlinks", "--", spec.location, tree]
+    elif _COMMIT.match(spec.ref):  # a commit, not a branch or tag: fetched by its name
+        cmd = ["git", "init", "--quiet", tree]
     else:
         cmd = ["git", "clone", "--quiet", "--depth", "1", *(["--branch", spec.ref] if spec.ref else []),
-               spec.location, tree]
+               "--", spec.location, tree]
     try:
         run(cmd, step="kernel-src", logfile=logfile, verbose=settings.debug)
+        if commit and _git_head(tree, logfile, required=False) != commit:  # the ref moved since ls-remote
+            _checkout_commit(settings, spec, tree, commit, logfile)
     except OsbuilderError as e:
         raise UsageError(f"KERNEL_SOURCE: cannot clone {spec.location}", e.detail) from None
     _check_tree(spec, tree)
     return tree
+
+
+def _checkout_commit(settings: Settings, spec: SourceSpec, tree: Path, commit: str, logfile: Path) -> None:
+    for args in (["fetch", "--quiet", "--depth", "1", "--", spec.location, commit],
+                 ["checkout", "--quiet", "--detach", "FETCH_HEAD"]):
+        run(["git", "-C", tree, *args], step="kernel-src", logfile=logfile, verbose=settings.debug)
 
 
 def _unpack(settings: Settings, tarball: Path, tmp: Path, logfile: Path) -> Path:
@@ -243,8 +283,10 @@ def _git(tree: Path, logfile: Path, *args: str) -> str:
     return out.stdout.decode().strip()
 
 
-def _git_head(tree: Path, logfile: Path) -> str:
+def _git_head(tree: Path, logfile: Path, required: bool = True) -> str:
     try:
-        return _git(tree, logfile, "rev-parse", "HEAD")
+        return _git(tree, logfile, "rev-parse", "--verify", "--quiet", "HEAD")
     except OsbuilderError as e:
+        if not required:  # a repository without commits yet
+            return ""
         raise UsageError(f"KERNEL_SOURCE: {tree}: cannot read the git commit", e.detail) from None

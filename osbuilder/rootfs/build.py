@@ -23,9 +23,9 @@ from osbuilder.cache import Manifest
 from osbuilder.errors import UsageError
 from osbuilder.fs import discard, file_hash, publish, temp_beside
 from osbuilder.layout import Workdir
-from osbuilder.rootfs import distros
+from osbuilder.rootfs import distros, inputs
 from osbuilder.run import tool_version
-from osbuilder.settings import Settings
+from osbuilder.settings import Settings, without_credentials
 
 OVERLAY_DIR = Path(__file__).parent / "overlay"
 # units in OVERLAY_DIR that a systemd guest starts at boot (see the unit files for what they do)
@@ -71,7 +71,7 @@ def manifest(settings: Settings) -> Manifest:
     return Manifest("rootfs", {
         "distro": settings.distro,
         "os_version": settings.os_version,
-        "repo_url": settings.repo_url or d.default_mirror,
+        "repo_url": without_credentials(settings.repo_url or d.default_mirror),  # the manifest is stored
         "packages": " ".join(packages(settings)),
         "agent": choice.version if choice.binary else "osbuilder:" + agent.source_hash(),
         "agent_service": choice.service,
@@ -80,6 +80,11 @@ def manifest(settings: Settings) -> Manifest:
         "source_date_epoch": str(settings.source_date_epoch),
         "tool": tool_version(d.tool),
         "osbuilder": __version__,
+        "distro_code": inputs.plugin_code(d),
+        "arch": platform.machine(),
+        "agent_toolchain": inputs.agent_toolchain() if choice.binary is None else "AGENT_SOURCE_BIN",
+        # a new Release (point release, updates of a moving suite) makes a new rootfs
+        "archive_date": inputs.archive_date(settings, settings.repo_url or d.default_mirror),
     })
 
 
@@ -177,7 +182,7 @@ def metadata(settings: Settings, choice: AgentChoice, pkgs: list[str]) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "architecture": ARCHITECTURES.get(platform.machine(), platform.machine()),
         "distro": {"name": d.name, "version": settings.os_version,
-                   "mirror": settings.repo_url or d.default_mirror},
+                   "mirror": without_credentials(settings.repo_url or d.default_mirror)},
         "packages": {"default": defaults, "extra": [p for p in pkgs if p not in defaults]},
         "agent": {"name": choice.name, "version": choice.version, "service": choice.service,
                   "init": settings.agent_init},

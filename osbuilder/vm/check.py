@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from osbuilder import fs
 from osbuilder.errors import InfrastructureError, UsageError
 from osbuilder.layout import Workdir
 from osbuilder.settings import Settings
@@ -97,7 +99,9 @@ def boot_to_ready(guest: Guest) -> None:
 
 
 def run_check(opts: BootOptions, settings: Settings) -> dict[str, Any]:
-    """The whole check, once; returns the boot record. Writes boot records when it passes."""
+    """The whole check, once; returns the boot record. Writes boot records when it passes, carrying
+    the hashes the guest took of the image and kernel before QEMU started (none when a file was
+    replaced or written to during the boot)."""
     with start_guest(opts) as guest:
         boot_to_ready(guest)
         phases.run(guest, "powerdown")
@@ -148,11 +152,14 @@ def run_boot_check(settings: Settings, image: Path, kernel: BootKernel,
                    name: str = "osbuilder-boot-check") -> dict[str, Any]:
     """The full boot check of `image` with `kernel` (`osbuilder boot --check`), with a throw-away
     session SSH key; writes boot records when it passes. Returns the boot record."""
-    with tempfile.TemporaryDirectory(prefix="osb-key-") as tmp:
-        key = ssh.make_session_key(Path(tmp))
+    key_dir = fs.pid_tempdir("osbkey-", Path(tempfile.gettempdir()))  # swept if we are SIGKILLed
+    try:
+        key = ssh.make_session_key(key_dir)
         opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
                              name=name, ssh_key=key)
         return with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
+    finally:
+        shutil.rmtree(key_dir, ignore_errors=True)
 
 
 def format_timings(record: dict[str, Any]) -> str:

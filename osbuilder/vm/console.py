@@ -9,10 +9,16 @@ thread, appends every byte to a log file, splits lines and matches each against:
 * MILESTONES (first byte, "Linux version", init started, systemd, the agent starting as PID 1,
   multi-user): the host time of the first occurrence, for the boot's phase timings and the waits
   in `phases`.
+
+A guest can print without end: each byte is looked at once, a line is kept up to LINE_CAP bytes
+(the rest is dropped and the line ends with "[N bytes cut]"), and the log file keeps at most
+LOG_CAP bytes: the first LOG_HEAD bytes, a line "[osbuilder: N bytes of output cut here]" and the
+latest output.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -23,6 +29,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 TAIL_LINES = 40
+LINE_CAP = 4096  # bytes kept of one console line (the kernel's are under 1 KiB)
+LOG_CAP = 16 << 20  # bytes kept of a console log
+LOG_HEAD = 1 << 20  # ... of which the first output (the kernel's boot messages) is this much
 
 
 @dataclass(frozen=True)
@@ -98,11 +107,74 @@ def clean(raw: bytes) -> str:
     return ANSI.sub("", raw.decode(errors="replace")).rstrip()
 
 
+class LineSplitter:
+    """Splits a byte stream into lines, looking at each byte once; keeps at most `cap` bytes of a line."""
+
+    def __init__(self, cap: int = LINE_CAP) -> None:
+        self.cap = cap
+        self.partial = b""  # the line so far (at most `cap` bytes)
+        self.cut = 0  # bytes of it dropped
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines `chunk` completes."""
+        *complete, rest = chunk.split(b"\n")
+        lines = []
+        for piece in complete:
+            self._add(piece)
+            lines.append(self.partial + (b" [%d bytes cut]" % self.cut if self.cut else b""))
+            self.partial, self.cut = b"", 0
+        self._add(rest)
+        return lines
+
+    def _add(self, piece: bytes) -> None:
+        room = max(0, self.cap - len(self.partial))
+        if len(piece) > room:
+            self.cut += len(piece) - room
+            piece = piece[:room]
+        self.partial += piece
+
+
+class CappedLog:
+    """An output log of at most `cap` bytes: the first `head` bytes, a line saying how many bytes were
+    cut, and the latest output (kept to about half of what is left, so a cut is rare)."""
+
+    def __init__(self, path: Path, cap: int = LOG_CAP, head: int = LOG_HEAD) -> None:
+        self.cap, self.head = cap, head
+        self.file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666), "r+b", buffering=0)
+        self.size = self.file.seek(0, os.SEEK_END)  # earlier content (QEMU's overlay step) counts
+        self.body = head  # where the latest output starts once something was cut
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.size += len(data)
+        if self.size > self.cap:
+            self._cut()
+
+    def _cut(self) -> None:
+        keep = (self.cap - self.head) // 2
+        start = self.size - keep
+        self.file.seek(start)
+        tail = self.file.read(keep)
+        self.dropped += start - self.body
+        marker = b"\n[osbuilder: %d bytes of output cut here]\n" % self.dropped
+        self.file.seek(self.head)
+        self.file.write(marker + tail)
+        self.file.truncate()
+        self.body = self.head + len(marker)
+        self.size = self.body + len(tail)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ConsoleWatcher:
     """Drains one stream into a log file and keeps what the checks need from it. Thread-safe."""
 
-    def __init__(self, log_path: Path, t0: float, source: str = "console") -> None:
+    def __init__(self, log_path: Path, t0: float, source: str = "console", *, log_cap: int = LOG_CAP,
+                 log_head: int = LOG_HEAD) -> None:
         self.log_path = log_path
+        self.log_cap, self.log_head = log_cap, log_head
         self.t0 = t0
         self.source = source
         self.lines: deque[str] = deque(maxlen=2000)
@@ -130,8 +202,9 @@ class ConsoleWatcher:
             self._thread.join(timeout)
 
     def _drain(self, read: Callable[[], bytes]) -> None:
-        partial = b""
-        with open(self.log_path, "ab", buffering=0) as log:
+        lines = LineSplitter()
+        log = CappedLog(self.log_path, self.log_cap, self.log_head)
+        try:
             while True:
                 try:
                     chunk = read()
@@ -142,14 +215,14 @@ class ConsoleWatcher:
                 log.write(chunk)
                 if "first_byte" not in self.milestones:
                     self._note_milestone("first_byte")
-                partial += chunk
-                *complete, partial = partial.split(b"\n")
-                for raw in complete:
+                for raw in lines.feed(chunk):
                     self.feed(clean(raw))
-                if partial and (partial.endswith(b"login: ") or partial.endswith(b"# ")):
-                    self.feed(clean(partial), keep=False)  # prompts end without a newline
-        if partial:
-            self.feed(clean(partial))
+                if lines.partial.endswith((b"login: ", b"# ")):
+                    self.feed(clean(lines.partial), keep=False)  # prompts end without a newline
+        finally:
+            log.close()
+        if lines.partial:
+            self.feed(clean(lines.partial))
         with self._cond:
             self.closed = True
             self._cond.notify_all()

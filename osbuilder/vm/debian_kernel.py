@@ -19,8 +19,9 @@ from osbuilder.cache import Cache, Manifest
 from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.fs import discard, file_hash
 from osbuilder.layout import UserCache
+from osbuilder.rootfs.debian import Debian, mirror_access
 from osbuilder.run import run, tool_version
-from osbuilder.settings import Settings
+from osbuilder.settings import Settings, without_credentials
 from osbuilder.vm.options import BootKernel
 
 PACKAGE = "linux-image-cloud-amd64"
@@ -45,11 +46,16 @@ chroot "$1" dpkg-query -W -f '${{Version}}' {package} > "$1/boot/osbuilder-kerne
 """.format(modules=" ".join(INITRD_MODULES), package=PACKAGE)
 
 
+def mirror(settings: Settings) -> str:
+    return settings.repo_url or Debian.default_mirror
+
+
 def manifest(settings: Settings) -> Manifest:
-    """Every input of the Debian kernel artifact."""
+    """Every input of the Debian kernel artifact (the mirror without its credentials: they do not change
+    what it serves, and the manifest is stored)."""
     return Manifest("debian-kernel", {
         "release": settings.os_version,
-        "mirror": settings.repo_url or "http://deb.debian.org/debian",
+        "mirror": without_credentials(mirror(settings)),
         "packages": " ".join(PACKAGES),
         "hook": HOOK,
         "code": file_hash(Path(__file__)),
@@ -59,15 +65,17 @@ def manifest(settings: Settings) -> Manifest:
 
 def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None:
     """Fill `out` with vmlinuz, initrd.img and version.txt taken from a temporary chroot."""
+    Debian().check_release(settings.os_version)
     logfile = logfile or UserCache.of(settings).log("debian-kernel")
     chroot = out / "chroot"
     cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
            "--include=" + ",".join(PACKAGES),
            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-           f"--customize-hook={HOOK}",
-           settings.os_version, str(chroot), settings.repo_url or "http://deb.debian.org/debian"]
+           f"--customize-hook={HOOK}"]
     try:
-        run(cmd, step="debian-kernel", logfile=logfile, verbose=settings.debug)
+        with mirror_access(mirror(settings), out / "apt-auth.conf") as (url, hooks):
+            run([*cmd, *hooks, "--", settings.os_version, str(chroot), url], step="debian-kernel",
+                logfile=logfile, verbose=settings.debug)
         extract(chroot / "boot", out)
     except OsbuilderError as e:
         if "Failed to fetch" in e.detail or "Could not resolve" in e.detail:
@@ -98,7 +106,7 @@ def extract(boot: Path, out: Path) -> None:
 
 def debian_kernel(settings: Settings, cache: Cache | None = None, rebuild: bool = False) -> BootKernel:
     """The Debian kernel + initrd from the per-user cache, built on first use."""
-    cache = cache or Cache(UserCache.of(settings).artifacts)
+    cache = cache or Cache(UserCache.of(settings).artifacts, setting="CACHE_DIR")
     entry = cache.get_or_build(manifest(settings), lambda tmp: build(settings, tmp), rebuild).absolute()
     version = (entry / VERSION_NAME).read_text().strip()
     return BootKernel(entry / KERNEL_NAME, entry / INITRD_NAME, "debian", version)

@@ -8,6 +8,9 @@ lines, the console tail, QEMU's stderr) into the error.
 
 Closing a guest stops QEMU (politely first, unless the boot failed) and writes boot.json
 (timings, phases, verdict) next to console.log, qemu.log, qmp.jsonl and command.txt.
+
+The image and kernel are hashed before QEMU starts and held open (`records.pin`): a boot record
+carries those hashes, and none is written when a file was replaced or written to during the boot.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class Guest:
         self.guest_startup: dict[str, float] = {}
         self.failure = ""
         self.powerdown_seconds: float | None = None
+        self.pins: list[records.Pinned] = []  # image and kernel, hashed before QEMU started
+        self.digests: tuple[str, str] | None = None
+        self.unearned: str | None = None  # why this boot proves nothing about the pinned files
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -84,9 +90,20 @@ class Guest:
     def start(cls, opts: BootOptions) -> Guest:
         """Launch QEMU for `opts` (paused, QMP and console attached, then running). If the launch
         fails, nothing is left running and the error says why."""
+        try:
+            pins = records.pin(opts.image, opts.kernel.kernel)  # hashed before QEMU reads them
+        except OSError as e:
+            raise OsbuilderError(f"boot: cannot read {e.filename}: {e.strerror}") from None
         started_at = time.time()
-        vm = Vm(opts.spec(), opts.log_dir).launch()
+        try:
+            vm = Vm(opts.spec(), opts.log_dir).launch()
+        except BaseException:
+            for p in pins:
+                p.close()
+            raise
         guest = cls(opts, vm, started_at)
+        guest.pins, guest.digests = pins, (pins[0].digest, pins[1].digest)
+        guest.unearned = next(filter(None, (p.replaced() for p in pins)), None)  # QEMU has read them now
         guest.timings["qemu_start"] = 0.0
         log.info("boot: %s: QEMU pid %s (%s), logs in %s", opts.name, vm.pid, opts.accel.name, opts.log_dir)
         return guest
@@ -112,8 +129,17 @@ class Guest:
         if self.agent is not None:
             self.agent.close()
         self.vm.stop(graceful=grace)
+        self.release_pins()
         self.collect_console_timings()
         self.write_boot_json()
+
+    def release_pins(self) -> None:
+        """Note whether a pinned file was written to during the boot, then let go of it."""
+        if self.pins and self.unearned is None:
+            self.unearned = next(filter(None, (p.changed() for p in self.pins)), None)
+        for p in self.pins:
+            p.close()
+        self.pins = []
 
     def agent_poweroff(self, timeout: float) -> dict[str, Any] | None:
         """Send `poweroff` to the agent (PID 1) and wait for QEMU's SHUTDOWN event (None on timeout).
@@ -259,9 +285,16 @@ class Guest:
         return fs.write_atomically(self.log_dir / BOOT_JSON, json.dumps(self.record(), indent=2) + "\n")
 
     def write_passing_records(self, workdir: Path | Workdir) -> list[Path]:
-        """Boot records for the image and the kernel, only when every phase passed."""
+        """Boot records for the image and the kernel, with their hashes from before the boot, only
+        when every phase passed and neither file was replaced or written to during the boot."""
         if not self.passed:
             return []
+        if self.digests is None:
+            raise RuntimeError("boot records need a guest started by Guest.start (it hashes the files first)")
+        self.release_pins()
+        if self.unearned:
+            log.warning("boot: %s: %s during the boot check; no boot record written", self.opts.name, self.unearned)
+            return []
         return records.write_records(workdir, self.opts.image, self.opts.kernel.kernel, passed=True,
-                                     kernel=self.kernel_info(), timings=self.timings,
+                                     kernel=self.kernel_info(), timings=self.timings, digests=self.digests,
                                      extra={"accel": self.opts.accel.name, "log_dir": str(self.log_dir)})

@@ -9,21 +9,18 @@ the serial console on a UNIX socket, QMP on another. `Vm` starts QEMU paused (-S
 the console drain, then lets the CPUs run, so the console log holds every byte from the first.
 
 No QEMU outlives us: `Vm` is a context manager whose exit powers the guest down (bounded), then
-`quit`s, then kills; QEMU gets PR_SET_PDEATHSIG=SIGKILL so a crashed or killed test process takes
-it along; an atexit hook kills whatever is left.
+`quit`s, then kills; QEMU runs in its own process group under osbuilder's watchdog (procs.py), so a
+crashed or killed osbuilder takes it along. Its run directory is named for this process; the next
+guest removes those of processes that are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import ctypes
 import json
 import logging
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -33,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osbuilder import fs, procs
 from osbuilder.agent import PORT_NAME
 from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.run import format_command, run
@@ -47,7 +45,7 @@ KVM_CPU = "host,-arch-capabilities,-kvmclock"  # plain `-cpu host` aborts on MSR
 CONSOLE_PARAMS = "console=ttyS0 panic=-1 systemd.show_status=1"
 # Boot-check only: the rootfs overlay gives the NIC QEMU user-net's address when it sees this.
 BOOT_CHECK_PARAMS = "osbuilder.net=slirp"
-PR_SET_PDEATHSIG = 1
+RUNDIR_PREFIX = "osbvm-"
 
 
 @dataclass(frozen=True)
@@ -159,50 +157,25 @@ def make_overlay(image: Path, overlay: Path, logfile: Path | None = None) -> Non
 
 # -- process lifetime ----------------------------------------------------------------------
 
-_LIVE: set[subprocess.Popen] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl
-        os._exit(1)
-
-
-def spawn(cmd: list[str], *, stdout: Any, stderr: Any, stdin: Any = subprocess.DEVNULL) -> subprocess.Popen:
-    """Start QEMU so it dies with this process (PDEATHSIG from the thread that calls this)."""
+def spawn(cmd: list[str], *, stdout: Any, stderr: Any, stdin: Any = subprocess.DEVNULL,
+          own_group: bool = True) -> subprocess.Popen:
+    """Start QEMU so that it dies with this process (`own_group` False: it stays in the terminal's
+    foreground process group, for an interactive console)."""
     log.info("boot: + %s", format_command(cmd))
     try:
-        proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=_set_pdeathsig)
+        return procs.spawn(cmd, stdin=stdin, stdout=stdout, stderr=stderr, own_group=own_group)
     except FileNotFoundError:
         raise OsbuilderError(f"boot: program '{cmd[0]}' not found; run `osbuilder check-deps --install`") from None
-    with _LIVE_LOCK:
-        _LIVE.add(proc)
-    return proc
-
-
-def forget(proc: subprocess.Popen) -> None:
-    with _LIVE_LOCK:
-        _LIVE.discard(proc)
 
 
 def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        pass
-    forget(proc)
+    """SIGKILL QEMU if it still runs, and reap it."""
+    procs.finish(proc)
 
 
-@atexit.register
-def _kill_leftovers() -> None:
-    with _LIVE_LOCK:
-        procs = list(_LIVE)
-    for proc in procs:
-        kill(proc)
+def make_rundir() -> Path:
+    """A fresh run directory named for this process (leftovers of dead processes swept)."""
+    return fs.pid_tempdir(RUNDIR_PREFIX, Path(_short_tmp()))
 
 
 # -- QMP ------------------------------------------------------------------------------------
@@ -330,7 +303,7 @@ class Vm:
         self.spec = spec
         self.log_dir = log_dir
         self.start_timeout = start_timeout
-        self.paths = VmPaths(Path(tempfile.mkdtemp(prefix="osbvm-", dir=_short_tmp())))
+        self.paths = VmPaths(make_rundir())
         self.t0 = time.monotonic()
         self.proc: subprocess.Popen | None = None
         self.console = ConsoleWatcher(log_dir / "console.log", self.t0, "console")
@@ -473,7 +446,7 @@ def run_interactive(spec: VmSpec) -> int:
     """Boot on the terminal (serial on stdio; Ctrl-A X quits). The image is opened snapshot=on."""
     cmd = build_command(spec, None, interactive=True)
     print(f"osbuilder: booting {spec.image} — quit with Ctrl-A X", flush=True)
-    proc = spawn(cmd, stdin=None, stdout=None, stderr=None)
+    proc = spawn(cmd, stdin=None, stdout=None, stderr=None, own_group=False)
     try:
         return proc.wait()
     finally:

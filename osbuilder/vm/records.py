@@ -2,33 +2,107 @@
 
 After a passing boot check, `write_records` stores a record (`Workdir.boot_record(sha256)`) for the
 image file and for the kernel file it booted with: {artifact, sha256, passed, kernel, timings,
-when, ...}. `passing_record(workdir, path)` hashes a file and returns its passing record, or None;
-the install commands refuse an artifact without one. Hashes are remembered per (path, size,
-mtime) within a process, so checking the same image twice reads it once.
+when, ...}. The hash is the one taken before the boot: a guest `pin`s its image and kernel (hashes
+them and holds them open) before QEMU starts, and a file replaced or written to between the hash
+and the end of the boot gets no record at all. `passing_record(workdir, path)` hashes a file and
+returns its passing record, or None; the install commands refuse an artifact without one. Hashes are
+remembered per file version (device, inode, size, mtime, ctime) within a process, so checking the
+same image twice reads it once.
 
 `workdir` is the WORKDIR (a Path) or its `Workdir`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from osbuilder import fs
+from osbuilder.fs import write_atomically
 from osbuilder.layout import Workdir
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES: dict[tuple[int, ...], str] = {}
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another (a rename or a write changes the ctime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _hash_fd(fd: int) -> str:
+    """sha256 of an open file's content, remembered for this process per file version."""
+    key = _version(os.fstat(fd))
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def sha256_file(path: Path) -> str:
-    """fs.sha256_file, remembered for this process while the file's size and mtime stay the same."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = fs.sha256_file(path)
-    return _HASHES[key]
+    """sha256 of a file's content, remembered for this process per file version."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _hash_fd(fd)
+    finally:
+        os.close(fd)
+
+
+class Pinned:
+    """A file hashed before use and held open, so that what happened to it since can be told:
+    `replaced()` (its path names another file now, or it was written to) and `changed()` (the
+    hashed file itself was written to, wherever its name went)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.stat = os.fstat(self.fd)
+            self.digest = _hash_fd(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def replaced(self) -> str | None:
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return f"{self.path} was removed"
+        if (now.st_dev, now.st_ino) != (self.stat.st_dev, self.stat.st_ino):
+            return f"{self.path} was replaced"
+        return self.changed()
+
+    def changed(self) -> str | None:
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: pin already closed")
+        now = os.fstat(self.fd)
+        if (now.st_size, now.st_mtime_ns) != (self.stat.st_size, self.stat.st_mtime_ns):
+            return f"{self.path} was written to"
+        return None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def pin(*paths: Path) -> list[Pinned]:
+    """Hash and hold open each file (all or none: a failure closes those already pinned)."""
+    pinned: list[Pinned] = []
+    try:
+        for path in paths:
+            pinned.append(Pinned(path))
+    except BaseException:
+        for p in pinned:
+            p.close()
+        raise
+    return pinned
 
 
 def _layout(workdir: Path | Workdir) -> Workdir:
@@ -54,16 +128,18 @@ def write_record(workdir: Path | Workdir, record: dict[str, Any]) -> Path:
     dest = _layout(workdir).boot_record(record["sha256"])
     if not record["passed"] and _read(dest, record["sha256"]) is not None:
         return dest
-    return fs.write_atomically(dest, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return write_atomically(dest, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def write_records(workdir: Path | Workdir, image: Path, kernel_file: Path, *, passed: bool,
                   kernel: dict[str, Any], timings: dict[str, float],
-                  extra: dict[str, Any] | None = None) -> list[Path]:
-    """Records for the image and for the kernel file it booted with."""
+                  extra: dict[str, Any] | None = None, digests: tuple[str, str] | None = None) -> list[Path]:
+    """Records for the image and for the kernel file it booted with: `digests` (image, kernel) are
+    their hashes taken before the boot (default: hash them now)."""
+    digests = digests or (sha256_file(image), sha256_file(kernel_file))
     out = []
-    for role, path in (("image", image), ("kernel", kernel_file)):
-        rec = make_record(path, sha256_file(path), role, passed, kernel, timings, extra)
+    for role, path, digest in (("image", image, digests[0]), ("kernel", kernel_file, digests[1])):
+        rec = make_record(path, digest, role, passed, kernel, timings, extra)
         out.append(write_record(workdir, rec))
     return out
 

@@ -1,0 +1,38 @@
+"""Small stand-ins the unit tests share: the smallest tree `osbuilder image` accepts, a runtime's TOML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+KATA_TOML = """\
+[hypervisor.qemu]
+path = "/usr/bin/qemu-system-x86_64"
+kernel = "/usr/share/kata-containers/vmlinux.container"
+image = "/usr/share/kata-containers/kata-containers.img"
+# initrd = "/usr/share/kata-containers/kata-containers-initrd.img"
+machine_type = "q35"
+
+[agent.kata]
+debug = false
+"""
+
+
+def make_tree(root: Path, *, init_target: str | None = "../lib/systemd/systemd", agent: bool = True,
+              systemd: bool = True) -> Path:
+    """A tree that passes (or, with the flags, fails) `image.check_tree`: init, systemd, the agent."""
+    for d in ("usr/sbin", "usr/bin", "usr/lib/systemd", "var/lib/osbuilder", "etc"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "sbin").symlink_to("usr/sbin")
+    if systemd:
+        (root / "usr/lib/systemd/systemd").write_bytes(b"\x7fELF systemd")
+        (root / "usr/lib/systemd/systemd").chmod(0o755)
+    if init_target:
+        (root / "usr/sbin/init").symlink_to(init_target)
+    if agent:
+        (root / "usr/bin/osbuilder-agent").write_bytes(b"\x7fELF agent")
+        (root / "usr/bin/osbuilder-agent").chmod(0o755)
+    (root / "var/lib/osbuilder/osbuilder.yaml").write_text(yaml.safe_dump({"agent": {"name": "osbuilder-agent"}}))
+    (root / "etc/hostname").write_text("guest\n")
+    return root
