@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def main() -> int:
             cold.append(boot_check(Path(tmp) / f"cold-{r}", cache, args.image))
             warm.append(boot_check(Path(tmp) / f"warm-{r}", cache, args.image))
             print(f"round {r + 1}: cold CACHE_DIR {cold[-1]:6.1f} s, warm CACHE_DIR {warm[-1]:6.1f} s", flush=True)
-    c, w = sorted(cold)[len(cold) // 2], sorted(warm)[len(warm) // 2]
+    c, w = statistics.median(cold), statistics.median(warm)
     print(f"median: cold {c:.1f} s, warm {w:.1f} s; a new WORKDIR's first boot check takes {w / c:.2f}x "
           f"the time it took without the per-user cache ({c - w:.1f} s saved)")
     return 0

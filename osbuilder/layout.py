@@ -25,6 +25,7 @@ from osbuilder.settings import Settings
 # Artifact names (the old Makefile's, kept so that its users find their files).
 ROOTFS = "rootfs"
 IMAGE = "container.img"
+INITRD = "container-initrd.img"
 VMLINUZ = "vmlinuz.container"
 VMLINUX = "vmlinux.container"
 KERNEL_CONFIG = "config.container"
@@ -79,6 +80,11 @@ class Workdir:
     @property
     def image(self) -> Path:
         return self.root / IMAGE
+
+    @property
+    def initrd(self) -> Path:
+        """The agent-as-init initrd (`osbuilder initrd`)."""
+        return self.root / INITRD
 
     @property
     def kernel(self) -> KernelFiles:
