@@ -18,7 +18,7 @@ from osbuilder.agent import AGENT_NAME, AGENT_VERSION, GUEST_BINARY_PATH, PROTOC
 from osbuilder.pytest_plugin import note_logs
 from osbuilder.vm import check, phases
 from osbuilder.vm.guest import Guest
-from osbuilder.vm.profiles import AGENT_INIT, Outcome
+from osbuilder.vm.profiles import AGENT_INIT, Outcome, Pid1
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("agent-init")]
 
@@ -36,7 +36,7 @@ def agent_init_guest(agent_init_settings, osbuilder_artifacts, boot_kernel, boot
     image = osbuilder_artifacts.image(agent_init_settings)
     opts = check.guest_options(agent_init_settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
                                name="agent-init-booted", append=INIT_ARG)
-    assert opts.profile is AGENT_INIT
+    assert opts.profile.pid1 is Pid1.AGENT and opts.profile.skipped == AGENT_INIT.skipped
     with check.booted(opts, agent_init_settings) as guest:
         yield guest
 

@@ -27,7 +27,8 @@ def image_hash_before(image) -> str:
 
 def test_kernel_boots_with_runtime_command_line(guest: Guest) -> None:
     cmdline = guest.exec(["cat", "/proc/cmdline"]).stdout.split()
-    for param in ("root=/dev/vda1", "rootfstype=ext4", "ro", "console=ttyS0", "panic=-1"):
+    runtime_root = {"virtio-blk": "root=/dev/vda1", "nvdimm": "root=/dev/pmem0p1"}[guest.opts.profile.attach.name]
+    for param in (runtime_root, "rootfstype=ext4", "ro", "console=ttyS0", "panic=-1"):
         assert param in cmdline
     assert cmdline == guest.opts.cmdline.split()  # the kernel got exactly the command line we gave QEMU
     assert "kernel_handoff" in guest.timings

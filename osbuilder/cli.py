@@ -21,7 +21,7 @@ from pathlib import Path
 from osbuilder import __version__, deps, procs
 from osbuilder import settings as settings_mod
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.layout import IMAGE, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
+from osbuilder.layout import IMAGE, INITRD, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
 
 log = logging.getLogger("osbuilder")
@@ -43,6 +43,16 @@ def cmd_image(s: Settings, args: argparse.Namespace) -> None:
     wd = writable_workdir(s)
     image = build_image(s, wd.rootfs, wd.image)
     print(f"image: {wd.image} ({image.total_bytes // 2**20} MiB, {s.fs_type} at offset {image.fs_offset})")
+
+
+def cmd_initrd(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder import initrd
+
+    initrd.require_agent_init(s)  # before anything is written
+    deps.require("initrd")
+    wd = writable_workdir(s)
+    dest = initrd.build_initrd(s, wd.rootfs, wd.initrd)
+    print(f"initrd: {dest} ({dest.stat().st_size / 2**20:.1f} MiB, zstd-compressed newc cpio, /init is the agent)")
 
 
 def cmd_kernel_src(s: Settings, args: argparse.Namespace) -> None:
@@ -92,6 +102,12 @@ def cmd_install_image(s: Settings, args: argparse.Namespace) -> None:
     install.install_image(s, dry_run=args.dry_run, force=args.force)
 
 
+def cmd_install_initrd(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder import install
+
+    install.install_initrd(s, dry_run=args.dry_run, force=args.force)
+
+
 def cmd_install_kernel(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder import install
 
@@ -128,12 +144,14 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
 COMMANDS = {
     "rootfs": (cmd_rootfs, f"build WORKDIR/{ROOTFS} with the distribution's packages and the agent"),
     "image": (cmd_image, f"make WORKDIR/{IMAGE} from WORKDIR/{ROOTFS}"),
+    "initrd": (cmd_initrd, f"make WORKDIR/{INITRD} (the agent as /init) from an AGENT_INIT=yes WORKDIR/{ROOTFS}"),
     "kernel-src": (cmd_kernel_src, "get kernel source into WORKDIR/linux"),
     "kernel": (cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}"),
     "kconfig": (cmd_kconfig, "kernel config tools: `kconfig show` prints the fragments and where options come from"),
     "boot": (cmd_boot, "boot the image under QEMU (interactive console, or --check)"),
     "install-image": (cmd_install_image, "install the boot-checked image into the runtime's directory"),
     "install-kernel": (cmd_install_kernel, "install the boot-checked kernel into the runtime's directory"),
+    "install-initrd": (cmd_install_initrd, "install the boot-checked initrd into the runtime's directory"),
     "check-deps": (cmd_check_deps, "list the programs each step needs; --install installs them"),
     "help": (cmd_help, "show every setting: value, where it came from, default, description"),
 }
@@ -163,6 +181,7 @@ def guard_process(s: Settings, args: argparse.Namespace) -> None:
     locks = {
         "rootfs": (wd.log("rootfs"),),
         "image": (wd.log("image"), wd.log("rootfs")),
+        "initrd": (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else (),  # else refused, nothing written
         "kernel-src": (wd.log("kernel"),),
         "kernel": (wd.log("kernel"),),
         "boot": (wd.boot_logs,) if getattr(args, "check", False) else (),

@@ -26,11 +26,17 @@ STEPS: dict[str, tuple[Tool, ...]] = {
         Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user"),
     ),
     "image": (
-        Tool("sfdisk", "fdisk", "writes the GPT partition table into the image file"),
+        Tool("sfdisk", "fdisk", "writes and reads the partition table of the image file"),
         Tool("mke2fs", "e2fsprogs", "creates the filesystem from the rootfs directory"),
         Tool("e2fsck", "e2fsprogs", "checks the new filesystem"),
         Tool("debugfs", "e2fsprogs", "reads files inside the image without mounting it"),
         Tool("find", "findutils", "clamps the tree's timestamps for reproducible images"),
+    ),
+    "initrd": (
+        Tool("cpio", "cpio", "writes the rootfs as the initrd's newc archive"),
+        Tool("zstd", "zstd", "compresses the initrd (the kernel's RD_ZSTD)"),
+        Tool("find", "findutils", "lists the tree for the archive and clamps its timestamps"),
+        Tool("bash", "bash", "runs the list-sort-archive pipeline in the tree's namespace"),
     ),
     "kernel-src": (
         Tool("tar", "tar", "unpacks the kernel source"),

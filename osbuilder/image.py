@@ -1,9 +1,22 @@
-"""The image step: a GPT disk image with one ext4 partition filled from the rootfs directory.
+"""The image step: a disk image with one ext4 partition filled from the rootfs directory.
 
-No root-only tricks: the partition table is written by sfdisk into a plain file and the filesystem
-by `mke2fs -d` at the partition's byte offset (`-E offset=`). The tree is checked first (init,
-systemd, agent), the size is computed from the tree (or IMG_SIZE) and rounded up to 128 MiB, the
-result must pass `e2fsck -fn`, and only then does it replace the destination (WORKDIR's image).
+No root-only tricks: the partition table is written into a plain file (by sfdisk, or for DAX by
+`dax_tables`) and the filesystem by `mke2fs -d` at the partition's byte offset (`-E offset=`). The
+tree is checked first (init, systemd, agent), the size is computed from the tree (or IMG_SIZE) and
+rounded up to 128 MiB, the result must pass `e2fsck -fn`, and only then does it replace the
+destination (WORKDIR's image).
+
+Two layouts. DAX=no: GPT, the partition from 1 MiB. DAX=yes (the default: Kata and Clear
+Containers map the image as an NVDIMM and mount it with DAX), Kata's layout:
+
+    0         MBR #1: one partition, from 3 MiB to the end (what a disk, e.g. virtio-blk, sees)
+    4 KiB     the nd_pfn info block ("NVDIMM_PFN_INFO", struct nd_pfn_sb): data from 2 MiB, struct
+              pages in guest RAM; it turns the NVDIMM's namespace into an fsdax /dev/pmem0
+    2 MiB     MBR #2: one partition, from 1 MiB (2 + 1 = 3 MiB of the file) to the end: what
+              /dev/pmem0 shows, so /dev/pmem0p1 is the same filesystem as a disk's first partition
+    3 MiB     ext4, 4 KiB blocks (DAX maps whole pages)
+
+The total stays a multiple of 128 MiB, the memory-hotplug granularity the memory backend is mapped in.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import json
 import os
 import posixpath
 import re
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +49,18 @@ TAIL = 1 * MiB  # room for the backup GPT
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 INODE_SIZE = 256
 
+# DAX (Kata's image_builder.sh and nsdax; the kernel's drivers/nvdimm/pfn.h and pfn_devs.c)
+PAGE_SIZE = 4096  # x86-64: ext4 DAX needs blocks of exactly one page
+DAX_HEADER = 2 * MiB  # MBR #1 + the info block; /dev/pmem0 starts after it (the info block's dataoff)
+DAX_ALIGN = 2 * MiB  # the mapping alignment the info block records (huge pages)
+PFN_INFO_OFFSET = 4096  # where the kernel reads a namespace's info block (SZ_4K)
+PFN_SIG = b"NVDIMM_PFN_INFO\0"
+PFN_MODE_RAM = 1  # struct pages in guest RAM: the image is mapped read-only, nothing may be written to it
+PFN_INFO = struct.Struct("<16s16s16sIHHQQIIIIIH3994xQ")  # struct nd_pfn_sb, 4096 bytes
+MAX_STRUCT_PAGE_SIZE = 64
+MBR_LINUX = 0x83
+RUNTIME_DAX = {"kata": True, "clear-containers": True}  # both mount the root with rootflags=dax
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -44,10 +70,15 @@ class ImageLayout:
     fs_offset: int
     fs_bytes: int
     block_size: int
+    dax_offset: int = 0  # DAX: where the disk /dev/pmem0 shows starts (after the DAX header); 0 without
 
     @property
     def fs_blocks(self) -> int:
         return self.fs_bytes // self.block_size
+
+    @property
+    def dax(self) -> bool:
+        return self.dax_offset > 0
 
     def fs_spec(self, image: Path) -> str:
         """The name e2fsprogs tools accept for the filesystem inside the image file."""
@@ -67,23 +98,44 @@ def rootfs_usage(rootfs: Path, block_size: int) -> tuple[int, int]:
     return total, inodes
 
 
+def wants_dax(settings: Settings) -> bool:
+    """DAX, with auto resolved to what the RUNTIME does."""
+    return RUNTIME_DAX[settings.runtime] if settings.dax is None else settings.dax
+
+
+def check_dax(settings: Settings) -> None:
+    """DAX=yes needs a filesystem the runtime can mount with DAX: ext4 (rootfstype=ext4, and
+    data=ordered needs its journal) with blocks of exactly one page."""
+    if not wants_dax(settings):
+        return
+    why = "DAX=yes" if settings.dax else f"DAX=auto (yes for RUNTIME={settings.runtime})"
+    if settings.fs_type != "ext4":
+        raise UsageError(f"FS_TYPE: {settings.fs_type} cannot be mounted with DAX the way the runtime mounts the "
+                         f"root (rootfstype=ext4 rootflags=dax,data=ordered); {why} needs FS_TYPE=ext4, or set DAX=no")
+    if settings.block_size != PAGE_SIZE:
+        raise UsageError(f"BLOCK_SIZE: {settings.block_size} cannot do DAX (ext4 DAX needs the block size to equal "
+                         f"the {PAGE_SIZE}-byte page size); {why} needs BLOCK_SIZE={PAGE_SIZE}, or set DAX=no")
+
+
 def plan_layout(rootfs: Path, settings: Settings) -> ImageLayout:
+    check_dax(settings)
     bs = settings.block_size
+    header, tail = (DAX_HEADER, 0) if wants_dax(settings) else (0, TAIL)  # an MBR has no backup table
     data, inodes = rootfs_usage(rootfs, bs)
     # ext4 overhead: inode tables (a generous inode count), bitmaps, the journal (~16-64 MiB)
     needed = data + inodes * 2 * INODE_SIZE + 64 * MiB
-    auto = int(needed * 1.25) + PART_START + TAIL
+    auto = int(needed * 1.25) + header + PART_START + tail
     if settings.img_size is None:
         total = auto
     else:
         total = settings.img_size * MiB
-        minimum = needed + PART_START + TAIL
+        minimum = needed + header + PART_START + tail
         if total < minimum:
             raise UsageError(f"IMG_SIZE: {settings.img_size} MiB is too small for the rootfs "
                              f"(needs at least {-(-minimum // MiB)} MiB)")
     total = -(-total // ALIGN) * ALIGN
-    fs_bytes = (total - PART_START - TAIL) // bs * bs
-    return ImageLayout(total, PART_START, fs_bytes, bs)
+    fs_bytes = (total - header - PART_START - tail) // bs * bs
+    return ImageLayout(total, header + PART_START, fs_bytes, bs, header)
 
 
 def resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
@@ -176,13 +228,19 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
     with open(out, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as f:  # private until done
         f.truncate(layout.total_bytes)
     ids = stable_ids(settings)
-    table = "label: gpt\n"
-    if ids:
-        table += f"label-id: {ids[0]}\n"
-    table += (f"start={layout.fs_offset // 512}, size={layout.fs_bytes // 512}, type={LINUX_FS}, name=rootfs"
-              + (f", uuid={ids[1]}" if ids else "") + "\n")
-    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(out)], step="image",
-        logfile=logfile, input=table.encode())
+    if layout.dax:
+        with open(out, "r+b") as f:
+            for offset, data in dax_tables(layout, ids).items():
+                f.seek(offset)
+                f.write(data)
+    else:
+        table = "label: gpt\n"
+        if ids:
+            table += f"label-id: {ids[0]}\n"
+        table += (f"start={layout.fs_offset // 512}, size={layout.fs_bytes // 512}, type={LINUX_FS}, name=rootfs"
+                  + (f", uuid={ids[1]}" if ids else "") + "\n")
+        run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(out)], step="image",
+            logfile=logfile, input=table.encode())
     extended = f"offset={layout.fs_offset}"  # mke2fs honours only its last -E: one list
     mke2fs = ["mke2fs", "-q", "-t", settings.fs_type, "-b", str(layout.block_size), "-m", "0",
               "-L", "rootfs", "-d", str(rootfs), "-F"]
@@ -208,6 +266,102 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
     if ids:
         clamp_inode_times(out, layout, settings.source_date_epoch, logfile)
     run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
+
+
+# -- DAX ------------------------------------------------------------------------------------------
+
+def dax_tables(layout: ImageLayout, ids: tuple[str, str, str, str] | None) -> dict[int, bytes]:
+    """What the DAX layout writes in front of the filesystem, by file offset: MBR #1, the nd_pfn info
+    block, MBR #2 (module docstring). Disk identifiers and the info block's uuid are stable with
+    SOURCE_DATE_EPOCH (`ids`), random otherwise."""
+    disk_id = int.from_bytes(uuid.UUID(ids[0]).bytes[:4] if ids else os.urandom(4), "little")
+    pfn_uuid = uuid.UUID(ids[1]).bytes if ids else uuid.uuid4().bytes
+    sectors = layout.fs_bytes // 512
+    return {
+        0: mbr(layout.fs_offset // 512, sectors, disk_id),
+        PFN_INFO_OFFSET: pfn_info(layout.total_bytes, layout.dax_offset, pfn_uuid),
+        layout.dax_offset: mbr((layout.fs_offset - layout.dax_offset) // 512, sectors, disk_id),
+    }
+
+
+def mbr(start: int, sectors: int, disk_id: int) -> bytes:
+    """A DOS partition table (512 bytes) with one Linux partition of `sectors` sectors from `start`."""
+    entry = struct.pack("<B3sB3sII", 0, chs(start), MBR_LINUX, chs(start + sectors - 1), start, sectors)
+    return bytes(440) + struct.pack("<IH", disk_id, 0) + entry + bytes(48) + b"\x55\xaa"
+
+
+def chs(lba: int) -> bytes:
+    """The cylinder/head/sector triple of a sector (255 heads, 63 sectors; 1023/254/63 past its reach)."""
+    if lba >= 1024 * 255 * 63:
+        return b"\xfe\xff\xff"
+    cylinder, rest = divmod(lba, 255 * 63)
+    head, sector = divmod(rest, 63)
+    return bytes([head, (sector + 1) | ((cylinder >> 2) & 0xC0), cylinder & 0xFF])
+
+
+@dataclass(frozen=True)
+class PfnInfo:
+    """struct nd_pfn_sb, the info block the kernel reads 4 KiB into an NVDIMM namespace."""
+
+    signature: bytes
+    uuid: bytes
+    parent_uuid: bytes
+    flags: int
+    version_major: int
+    version_minor: int
+    dataoff: int  # where the data (/dev/pmem0) starts in the namespace
+    npfns: int
+    mode: int
+    start_pad: int
+    end_trunc: int
+    align: int
+    page_size: int
+    page_struct_size: int
+    checksum: int
+
+    def pack(self) -> bytes:
+        return PFN_INFO.pack(self.signature, self.uuid, self.parent_uuid, self.flags, self.version_major,
+                             self.version_minor, self.dataoff, self.npfns, self.mode, self.start_pad,
+                             self.end_trunc, self.align, self.page_size, self.page_struct_size, self.checksum)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> PfnInfo:
+        return cls(*PFN_INFO.unpack(data[:PFN_INFO.size]))
+
+
+def fletcher64(data: bytes) -> int:
+    """The kernel's nd_fletcher64 over little-endian 32-bit words."""
+    lo = hi = 0
+    for (word,) in struct.iter_unpack("<I", data):
+        lo = (lo + word) & 0xFFFFFFFF
+        hi = (hi + lo) & 0xFFFFFFFFFFFFFFFF
+    return ((hi << 32) | lo) & 0xFFFFFFFFFFFFFFFF
+
+
+def pfn_checksum(block: bytes) -> int:
+    """nd_sb_checksum: fletcher64 of the block with its checksum (the last 8 bytes) zeroed."""
+    return fletcher64(block[:-8] + bytes(8))
+
+
+def pfn_info(namespace_bytes: int, dataoff: int, pfn_uuid: bytes) -> bytes:
+    """The info block the kernel's nd_pfn_init would write for a label-less namespace of this size in
+    RAM mode (Kata's nsdax writes the same mode, offset and alignment): no parent uuid (the NVDIMM has
+    no labels), data from `dataoff`, struct pages in guest RAM, nothing truncated."""
+    info = PfnInfo(PFN_SIG, pfn_uuid, bytes(16), 0, 1, 4, dataoff, (namespace_bytes - dataoff) // PAGE_SIZE,
+                   PFN_MODE_RAM, 0, 0, DAX_ALIGN, PAGE_SIZE, MAX_STRUCT_PAGE_SIZE, 0)
+    block = info.pack()
+    return block[:-8] + struct.pack("<Q", pfn_checksum(block))
+
+
+def read_dax_header(image: Path) -> PfnInfo | None:
+    """The image's nd_pfn info block, if it carries a valid one (signature and checksum)."""
+    with open(image, "rb") as f:
+        f.seek(PFN_INFO_OFFSET)
+        block = f.read(PFN_INFO.size)
+    if len(block) < PFN_INFO.size or not block.startswith(PFN_SIG):
+        return None
+    info = PfnInfo.unpack(block)
+    return info if info.checksum == pfn_checksum(block) else None
 
 
 def lend_to_tree_namespace(path: Path, logfile: Path) -> None:
@@ -296,7 +450,9 @@ def read_layout(image: Path) -> ImageLayout:
     offset = part["start"] * sector
     header = run(["dumpe2fs", "-h", f"{image}?offset={offset}"], step="image", capture=True).stdout.decode()
     fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
-    return ImageLayout(image.stat().st_size, offset, part["size"] * sector, int(fields["Block size"].strip()))
+    dax = read_dax_header(image)
+    return ImageLayout(image.stat().st_size, offset, part["size"] * sector, int(fields["Block size"].strip()),
+                       dax.dataoff if dax else 0)
 
 
 def read_file(image: Path, path: str) -> bytes:
@@ -340,6 +496,7 @@ def image_manifest(settings: Settings, rootfs_key: str) -> Manifest:
         "img_size": str(settings.img_size),
         "block_size": str(settings.block_size),
         "fs_type": settings.fs_type,
+        "dax": str(wants_dax(settings)),
         "agent_init": str(settings.agent_init),
         "source_date_epoch": str(settings.source_date_epoch),
         "code": file_hash(Path(__file__)),

@@ -1,15 +1,17 @@
-"""`osbuilder install-image` / `install-kernel`: put boot-checked artifacts where a runtime finds them.
+"""`osbuilder install-image` / `install-initrd` / `install-kernel`: put boot-checked artifacts where a runtime
+finds them.
 
 An artifact is installable once a boot check passed for that exact content (same sha256); `--force`
 overrides and says so. The artifact is hashed once, as it is copied into a temp file in the install
 directory, and the gate asks for the boot record of that hash: the bytes installed are the bytes that
 were checked, even if the source is replaced meanwhile. The copy (sparse, fsync'd) is renamed to a
-content-named file with a stable symlink to it (`container.img`, `vmlinuz.container`,
-`vmlinux.container`). A failed or interrupted install removes its temp files (a killed one's are
-swept by the next run, see fs.temp_beside).
+content-named file with a stable symlink to it (`container.img`, `container-initrd.img`,
+`vmlinuz.container`, `vmlinux.container`). A failed or interrupted install removes its temp files (a
+killed one's are swept by the next run, see fs.temp_beside).
 
 The runtime's configuration.toml is pointed at the symlink (`image =` / `kernel =` in its
-[hypervisor.*] section, as an escaped TOML string that must read back as exactly that path). It is
+[hypervisor.*] section, as an escaped TOML string that must read back as exactly that path; `initrd =`
+for an initrd, which comments out `image =`, and the reverse). It is
 rewritten with its mode and owner, fsync'd with its directory, after a backup that never replaces an
 earlier one (`.bak`, then `.bak.1`, ...).
 
@@ -26,7 +28,6 @@ import difflib
 import errno
 import hashlib
 import itertools
-import json
 import logging
 import os
 import posixpath
@@ -42,6 +43,8 @@ from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, link_atomically, publish, sha256_file, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.settings import Settings
+from osbuilder.vm import profiles
+from osbuilder.vm.records import passed_attachments, passing_record_of
 
 log = logging.getLogger("osbuilder")
 
@@ -86,6 +89,12 @@ class Config:
 def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
     items = [Item(Workdir.of(settings).image, "osbuilder-{}.img", layout.IMAGE)]
     return install(settings, "install-image", items, "image", dry_run=dry_run, force=force)
+
+
+def install_initrd(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
+    """The initrd (`osbuilder initrd`), pointed at by `initrd =`; `image =` is commented out."""
+    items = [Item(Workdir.of(settings).initrd, "osbuilder-initrd-{}.img", layout.INITRD)]
+    return install(settings, "install-initrd", items, "initrd", dry_run=dry_run, force=force)
 
 
 def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
@@ -241,23 +250,34 @@ def target(base: Path, item: Item, digest: str) -> Target:
 
 
 def gate(settings: Settings, step: str, source: Path, t: Target, force: bool) -> None:
-    """Refuse content without a passing boot record for its hash."""
-    if has_passing_record(settings.workdir, t.sha256):
+    """Refuse content without a passing boot check for its hash in the way the runtime will boot it
+    (the RUNTIME's attachment for an image, `initrd` for an initrd); a kernel must also have passed
+    with this WORKDIR's image or initrd."""
+    why = gate_failure(settings, step, t.sha256)
+    if why is None:
         return
     if force:
-        log.warning("%s: --force: installing %s without a passing boot check", step, source)
+        log.warning("%s: --force: installing %s without %s", step, source, why)
         return
-    raise UsageError(f"{step}: {source} has no passing boot check (sha256 {t.sha256[:12]}); "
+    raise UsageError(f"{step}: {source} has no {why} (sha256 {t.sha256[:12]}); "
                      "run `osbuilder boot --check` first, or use --force")
 
 
-def has_passing_record(workdir: Path, digest: str) -> bool:
-    """Whether a boot check passed for content with this sha256 (the records vm/records.py writes)."""
-    try:
-        record = json.loads(Workdir(workdir).boot_record(digest).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("sha256") == digest and record.get("passed") is True
+def gate_failure(settings: Settings, step: str, digest: str) -> str | None:
+    """What the boot records lack for installing this content, or None."""
+    passes = passed_attachments(passing_record_of(Workdir.of(settings), digest))
+    runtime_attach = profiles.RUNTIME_BOOT_PROFILE[settings.runtime]
+    if step == "install-initrd":
+        return None if "initrd" in passes else "passing boot check in the initrd profile"
+    if step == "install-image":
+        return None if runtime_attach in passes else \
+            f"passing boot check attached as the {settings.runtime} runtime attaches it ({runtime_attach})"
+    partners = {runtime_attach: Workdir.of(settings).image, "initrd": Workdir.of(settings).initrd}
+    for attach, partner in partners.items():
+        if attach in passes and partner.is_file() and sha256_file(partner) in passes[attach].get("with", []):
+            return None
+    return (f"passing boot check with this WORKDIR's image ({runtime_attach}, as the {settings.runtime} "
+            "runtime boots it) or initrd")
 
 
 def planned_config(config: Config | None, key: str, runtime_path: str) -> tuple[str, str]:
@@ -398,8 +418,13 @@ def toml_string(value: str) -> str:
     return '"' + "".join(map(char, value)) + '"'
 
 
+# A runtime boots either an image or an initrd: setting one comments the other out.
+EXCLUSIVE = {"image": "initrd", "initrd": "image"}
+
+
 def point_config(text: str, key: str, value: str, where: Path) -> str:
-    """Set `key = "value"` in the [hypervisor.*] section; comment out `initrd` when setting the image."""
+    """Set `key = "value"` in the [hypervisor.*] section; comment out `initrd` when setting the image, and
+    `image` when setting the initrd."""
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if re.match(r"\s*\[hypervisor\.[^]]+\]", line)), None)
     if start is None:
@@ -410,7 +435,7 @@ def point_config(text: str, key: str, value: str, where: Path) -> str:
     for i in range(start + 1, end):
         if re.match(rf"\s*{key}\s*=", lines[i]) and not found:
             lines[i], found = setting, True
-        elif key == "image" and re.match(r"\s*initrd\s*=", lines[i]):
+        elif key in EXCLUSIVE and re.match(rf"\s*{EXCLUSIVE[key]}\s*=", lines[i]):
             lines[i] = "# " + lines[i]  # a runtime boots either an image or an initrd
     if not found:
         lines.insert(start + 1, setting)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from osbuilder import image as image_step
+from osbuilder import initrd as initrd_step
 from osbuilder import layout
 from osbuilder import settings as settings_mod
 from osbuilder.cache import Cache, Manifest
@@ -71,7 +72,7 @@ class Artifact:
 
 class Artifacts:
     """Builds each artifact once per set of inputs, through the cache: the one factory behind the
-    `rootfs`, `image` and `kernel` fixtures, for tests that need a differently configured one.
+    `rootfs`, `image`, `initrd` and `kernel` fixtures, for tests that need a differently configured one.
 
     `rebuild` (--rebuild) builds each artifact again once per `session`: the test run's id, which
     pytest-xdist's workers share, so an entry another worker of this run built (and may be using)
@@ -100,6 +101,16 @@ class Artifacts:
         m = image_step.image_manifest(settings, tree.key)
         entry = self._get("image", m, lambda tmp: image_step.build_image(settings, tree.path, tmp / layout.IMAGE))
         return Artifact(entry / layout.IMAGE, m)
+
+    def initrd(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
+        """container-initrd.img made from `rootfs` (default: `rootfs(settings)` with AGENT_INIT=yes, the
+        only kind of rootfs an initrd can boot)."""
+        settings = settings.with_values(AGENT_INIT="yes")
+        tree = rootfs or self.rootfs(settings)
+        m = initrd_step.initrd_manifest(settings, tree.key)
+        entry = self._get("initrd", m,
+                          lambda tmp: initrd_step.build_initrd(settings, tree.path, tmp / layout.INITRD))
+        return Artifact(entry / layout.INITRD, m)
 
     def kernel(self, settings: Settings) -> Artifact:
         """A directory with the kernel outputs (layout.KernelFiles) for these settings."""
@@ -144,6 +155,13 @@ def rootfs(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Arti
 def image(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts, rootfs: Artifact) -> Artifact:
     """container.img made from the `rootfs` fixture (built once, cached)."""
     return osbuilder_artifacts.image(osbuilder_settings, rootfs)
+
+
+@pytest.fixture(scope="session")
+def initrd(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
+    """container-initrd.img (the agent as /init) made from an AGENT_INIT=yes rootfs of the session's
+    settings (built once, cached); it boots with the `kernel` fixture's kernel, not Debian's."""
+    return osbuilder_artifacts.initrd(osbuilder_settings)
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,24 @@ def _bounded(upper: int, why: str) -> Callable[[str, str], int]:
     return parse
 
 
+def host_vcpus(env: Mapping[str, str] | None = None) -> int:
+    """VM_CPUS=auto: the host's cores shared among the guests that boot at once. Under pytest-xdist
+    each worker boots its own guests (PYTEST_XDIST_WORKER_COUNT), so `pytest -n 2` on 2 cores gives
+    each guest one vCPU instead of oversubscribing; a lone `osbuilder boot` gets every core."""
+    env = os.environ if env is None else env
+    try:
+        sharing = max(1, int(env.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    except ValueError:
+        sharing = 1
+    return max(1, min(MAX_VM_CPUS, (os.cpu_count() or 1) // sharing))
+
+
+def _vm_cpus(name: str, raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return host_vcpus()
+    return _bounded(MAX_VM_CPUS, "QEMU's q35 machine")(name, raw)
+
+
 def _img_size(name: str, raw: str) -> int | None:
     """Image size in MiB, or None for automatic."""
     if raw.strip().lower() in ("", "auto"):
@@ -200,6 +218,22 @@ def _block_size(name: str, raw: str) -> int:
     return value
 
 
+def _auto_yes_no(name: str, raw: str) -> bool | None:
+    """yes/no, or None for `auto` (the step decides from other settings)."""
+    return None if raw.strip().lower() in ("", "auto") else _yes_no(name, raw)
+
+
+# The boot profiles' attachments (osbuilder/vm/profiles.py BOOT_PROFILES; a test keeps the two in step).
+BOOT_PROFILES = ("auto", "virtio-blk", "nvdimm", "initrd")
+
+
+def _boot_profile(name: str, raw: str) -> str:
+    value = raw.strip().lower() or "auto"
+    if value not in BOOT_PROFILES:
+        raise UsageError(f"{name}: no boot profile {_short(raw.strip())}; expected one of {', '.join(BOOT_PROFILES)}")
+    return value
+
+
 def _install_text(name: str, raw: str) -> str:
     """A path for the install steps, `~` expanded: UTF-8, no control characters ('' stays '')."""
     text = raw.strip()
@@ -275,11 +309,13 @@ TABLE: tuple[Setting, ...] = (
     Setting("IMG_SIZE", "auto", "image size in MiB (auto: rootfs usage + headroom), rounded up to 128 MiB", _img_size, "image"),
     Setting("BLOCK_SIZE", "4096", "filesystem block size in bytes", _block_size, "image"),
     Setting("FS_TYPE", "ext4", "filesystem of the image", _choice("ext4", "ext3", "ext2"), "image"),
+    Setting("DAX", "auto", "lay the image out for DAX when mapped as an NVDIMM (a DAX metadata header in front of the disk): auto (yes: Kata and Clear Containers both mount the root with DAX), yes, no", _auto_yes_no, "image"),
     # boot checks
     Setting("ACCEL", "auto", "QEMU accelerator: auto (KVM only after a probe proves it works), kvm, tcg", _choice("auto", "kvm", "tcg"), "boot"),
     Setting("VM_MEMORY", "1024", "guest memory in MiB for boot checks", _bounded(MAX_VM_MEMORY, "1 TiB"), "boot"),
-    Setting("VM_CPUS", "1", "guest vCPUs for boot checks", _bounded(MAX_VM_CPUS, "QEMU's q35 machine"), "boot"),
+    Setting("VM_CPUS", "auto", "guest vCPUs for boot checks: auto (the host's cores shared among the guests booting at once), or a number", _vm_cpus, "boot"),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
+    Setting("BOOT_PROFILE", "auto", "how boot checks attach the image: auto (the RUNTIME's way: nvdimm for kata and clear-containers), virtio-blk, nvdimm, initrd (WORKDIR's initrd, no disk); AGENT_INIT chooses PID 1", _boot_profile, "boot"),
     Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
     Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: the image in WORKDIR)", _optional_path, "boot"),
     Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
@@ -321,10 +357,12 @@ class Settings:
     img_size: int | None
     block_size: int
     fs_type: str
+    dax: bool | None
     accel: str
     vm_memory: int
     vm_cpus: int
     boot_kernel: str
+    boot_profile: str
     boot_timeout: int
     boot_image: Path | None
     boot_append: str

@@ -33,13 +33,22 @@ def dpkg_status(text: str) -> dict[str, dict[str, str]]:
     return installed
 
 
-def test_partition_table(image):
+def test_partition_table(image, osbuilder_settings):
+    """The default (DAX, for the runtimes' NVDIMM boot): Kata's layout, an MBR whose partition starts at
+    3 MiB behind a 2 MiB DAX metadata header; with DAX=no, GPT from 1 MiB."""
+    from osbuilder.image import read_dax_header, wants_dax
+
     table = json.loads(subprocess.run(["sfdisk", "-J", str(image.path)], capture_output=True,
                                       check=True).stdout)["partitiontable"]
-    assert table["label"] == "gpt"
     (part,) = table["partitions"]
-    assert part["start"] * table["sectorsize"] == 1 * MiB
-    assert part["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+    if wants_dax(osbuilder_settings):
+        assert table["label"] == "dos" and part["type"] == "83"
+        assert part["start"] * table["sectorsize"] == 3 * MiB
+        header = read_dax_header(image.path)
+        assert header is not None and header.dataoff == 2 * MiB
+    else:
+        assert table["label"] == "gpt" and part["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+        assert part["start"] * table["sectorsize"] == 1 * MiB
     assert image.path.stat().st_size % (128 * MiB) == 0
 
 

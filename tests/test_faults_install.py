@@ -278,7 +278,8 @@ def test_a_refused_install_leaves_nothing(tmp_path: Path):
 def write_passing_record(wd: Path, artifact: Path) -> None:
     from osbuilder.vm.records import make_record, sha256_file, write_record
 
-    write_record(wd, make_record(artifact, sha256_file(artifact), "image", True, {"name": "debian"}, {}))
+    write_record(wd, make_record(artifact, sha256_file(artifact), "image", True, {"name": "debian"}, {},
+                                 {"passes": {"nvdimm": {"profile": "nvdimm-dax", "with": []}}}))
 
 
 def test_an_artifact_replaced_after_the_gate_is_not_installed(tmp_path: Path, monkeypatch):

@@ -30,7 +30,7 @@ def settings(tmp_path: Path, **env) -> S.Settings:
 
 
 def test_image_layout_partition_and_filesystem(tmp_path: Path):
-    s = settings(tmp_path, IMG_SIZE="130")
+    s = settings(tmp_path, IMG_SIZE="130", DAX="no")  # the plain GPT layout (tests/test_image_dax.py: DAX)
     rootfs = make_tree(tmp_path / "rootfs")
     dest = tmp_path / "container.img"
     build_image(s, rootfs, dest)

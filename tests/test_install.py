@@ -96,7 +96,8 @@ def test_a_passing_boot_record_for_the_exact_file_allows_install(staged):
 
     settings, wd, dest, config = staged
     image = wd / "container.img"
-    write_record(wd, make_record(image, sha256_file(image), "image", True, {"name": "debian"}, {}))
+    write_record(wd, make_record(image, sha256_file(image), "image", True, {"name": "debian"}, {},
+                                 {"passes": {"nvdimm": {"profile": "nvdimm-dax", "with": []}}}))
     install_image(settings)
     assert (dest / "usr/share/kata-containers/container.img").read_bytes() == image.read_bytes()
     image.write_bytes(os.urandom(4096))  # a different image: the record no longer covers it
@@ -112,3 +113,28 @@ def test_a_failing_boot_record_does_not_count(staged):
     write_record(wd, make_record(image, sha256_file(image), "image", False, {"name": "debian"}, {}))
     with pytest.raises(UsageError, match="no passing boot check"):
         install_image(settings)
+
+
+def test_the_gate_wants_the_runtimes_own_boot(staged):
+    """A pass as a virtio-blk disk does not let an image be installed for a runtime that maps it as an
+    NVDIMM; the records of both kinds of pass accumulate; a kernel needs a pass with this image."""
+    from osbuilder.vm import records
+
+    settings, wd, dest, config = staged
+    image, kernel = wd / "container.img", wd / "vmlinuz.container"
+    kernel.write_bytes(os.urandom(4096))
+    records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
+                          extra={"attachment": "virtio-blk", "profile": "systemd"})
+    with pytest.raises(UsageError, match=r"attached as the kata runtime attaches it \(nvdimm\)"):
+        install_image(settings)
+    with pytest.raises(UsageError, match="with this WORKDIR's image"):
+        install_kernel(settings)
+    records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
+                          extra={"attachment": "nvdimm", "profile": "nvdimm-dax"})
+    passes = records.passed_attachments(records.passing_record(wd, image))
+    assert set(passes) == {"virtio-blk", "nvdimm"} and passes["nvdimm"]["with"] == [records.sha256_file(kernel)]
+    install_image(settings)
+    install_kernel(settings)
+    image.write_bytes(os.urandom(4096))  # another image in the WORKDIR: the kernel never booted it
+    with pytest.raises(UsageError, match="with this WORKDIR's image"):
+        install_kernel(settings)

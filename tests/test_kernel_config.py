@@ -135,6 +135,21 @@ def test_default_fragments_build_in_what_the_guest_needs(tmp_path):
     assert "IKCONFIG" not in merged.requests
 
 
+# What the runtime's NVDIMM boot needs (issue 9): the NFIT region, /dev/pmem0, and the pfn support that
+# reads the image's DAX header and gives the namespace struct pages (fsdax); without NVDIMM_PFN the
+# namespace stays raw: ext4 refuses `dax` on it and /dev/pmem0p1 is not the image's partition.
+NVDIMM_DAX_BOOT = ("ACPI_NFIT", "LIBNVDIMM", "BLK_DEV_PMEM", "NVDIMM_PFN", "ZONE_DEVICE", "FS_DAX",
+                   "MEMORY_HOTPLUG", "MEMORY_HOTREMOVE", "SPARSEMEM_VMEMMAP", "MSDOS_PARTITION", "EXT4_FS")
+
+
+def test_default_fragments_request_what_the_nvdimm_dax_boot_needs(tmp_path):
+    merged = merge(resolve_fragments(load_settings(tmp_path)))
+    missing = [name for name in NVDIMM_DAX_BOOT if name not in merged.requests]
+    assert not missing, f"not requested by any fragment, so the fragment verification cannot keep them: {missing}"
+    assert all(merged.requests[name].value == "y" for name in NVDIMM_DAX_BOOT)
+    assert merged.requests["NVDIMM_PFN"].source.name == "dax.config"
+
+
 def test_kernel_fragments_adds_files_and_builtin_names(tmp_path):
     extra = write(tmp_path / "mine.config", "CONFIG_VIRTIO_BLK=y\n")
     s = load_settings(tmp_path, KERNEL_FRAGMENTS=f"debug {extra}")
@@ -363,6 +378,28 @@ def test_real_kconfig_explains_virtio_blk_without_blk_dev(real_index, tmp_path):
     final = {"BLOCK": "y", "VIRTIO": "y", "HAS_IOMEM": "y"}
     (problem,) = verify(merge([frag]), final, real_index)
     assert "BLK_DEV=n" in problem.unmet
+
+
+def test_real_kconfig_a_config_without_pfn_support_fails_the_verification(real_index, tmp_path):
+    """The kernel that could not boot as an NVDIMM (issue 9: `# CONFIG_NVDIMM_PFN is not set`, which
+    allnoconfig gives when no fragment asks for it) no longer passes the fragment verification."""
+    merged = merge(resolve_fragments(load_settings(tmp_path)))
+    final = {name: req.value for name, req in merged.requests.items() if req.value != "n"}
+    final.update({"ND_CLAIM": "y", "ND_PFN": "y", "MMU": "y", "ARCH_HAS_PTE_DEVMAP": "y"})
+    final.pop("NVDIMM_PFN")
+    final.pop("NVDIMM_DAX")  # depends on NVDIMM_PFN
+    problems = {p.request.name: p for p in verify(merged, final, real_index)}
+    assert {"NVDIMM_PFN", "NVDIMM_DAX"} <= set(problems)
+    assert "unmet dependency: NVDIMM_PFN" in problems["NVDIMM_DAX"].describe()
+
+
+def test_real_kconfig_pmem_needs_a_claim_provider(real_index):
+    """/dev/pmem0 needs ND_CLAIM (devm_nsio_enable), which only NVDIMM_PFN or BTT select: the reason
+    the kernel without them found the NVDIMM but never made /dev/pmem0 (issue 9)."""
+    selectors = {symbol for symbol, _ in real_index.selected_by.get("ND_CLAIM", [])}
+    assert selectors == {"NVDIMM_PFN", "BTT"}
+    merged = merge(resolve_fragments(settings_mod.load({"WORKDIR": "/w"}, env={})))
+    assert any(merged.requests.get(name) and merged.requests[name].value == "y" for name in selectors)
 
 
 def test_real_kconfig_typo(real_tree, real_index, tmp_path):

@@ -97,7 +97,7 @@ SAMPLES = {
     "BOOT_TIMEOUT": "300", "BOOT_IMAGE": "/srv/x.img", "BOOT_APPEND": "quiet",
     "KERNEL_SOURCE": "/srv/linux.tar.xz", "KERNEL_FRAGMENTS": "/srv/a.config", "KERNEL_CONFIG": "/srv/config",
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
-    "DESTDIR": "/tmp/stage",
+    "DESTDIR": "/tmp/stage", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
 }
 
 
@@ -199,3 +199,18 @@ def test_without_credentials():
     assert S.without_credentials("https://u:p%40ss@mirror.example:8443/debian?x#y") == \
         "https://mirror.example:8443/debian?x#y"
     assert S.without_credentials("http://[::1]:3142/debian") == "http://[::1]:3142/debian"
+
+
+def test_vm_cpus_auto_shares_the_host_among_concurrent_guests(tmp_path: Path, monkeypatch):
+    """VM_CPUS=auto: every core for a lone boot, cores / workers under pytest-xdist, never below one."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert S.host_vcpus({}) == 8
+    assert S.host_vcpus({"PYTEST_XDIST_WORKER_COUNT": "2"}) == 4
+    assert S.host_vcpus({"PYTEST_XDIST_WORKER_COUNT": "16"}) == 1
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert S.load({}, env={}, cwd=tmp_path).vm_cpus == 8
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    assert S.load({}, env={}, cwd=tmp_path).vm_cpus == 2
+    assert S.load({"VM_CPUS": "3"}, env={}, cwd=tmp_path).vm_cpus == 3

@@ -101,6 +101,9 @@ def test_interactive_command_uses_stdio_and_snapshot() -> None:
 def test_command_line_mounts_the_root_the_console_watches_for(profile: Profile, tmp_path: Path) -> None:
     """The root= a profile boots with is the device whose mount message its root phase waits for,
     read-only; extra parameters come last, so the kernel takes them over the profile's."""
+    if profile.skip("root"):
+        pytest.skip(f"{profile.name} mounts no root: {profile.skip('root')}")
+    (tmp_path / "i.img").touch()
     opts = BootOptions(image=tmp_path / "i.img", kernel=BootKernel(tmp_path / "k", None, "path"), log_dir=tmp_path,
                        accel=Accel("tcg", "test", False), append="quiet root=/dev/vdz1", profile=profile)
     words = opts.cmdline.split()
@@ -108,8 +111,10 @@ def test_command_line_mounts_the_root_the_console_watches_for(profile: Profile, 
     assert {"ro", "console=ttyS0", "panic=-1", "osbuilder.net=slirp"} <= set(words)
     device = next(w for w in words if w.startswith("root=")).removeprefix("root=/dev/")
     mounted = f"[    1.9] EXT4-fs ({device}): mounted filesystem 9c1e ro with ordered data mode. Quota mode: none."
-    assert profile.attach.root_milestone in console.match_milestones(mounted)
-    assert profile.attach.root_milestone not in console.match_milestones(mounted.replace(device, "vdz1"))
+    for line, seen in ((mounted.replace(device, "vdz1"), False), (mounted, True)):
+        guest = stub_guest(tmp_path, profile)  # the console table's milestones, and the attachment's own
+        guest.vm.console.feed(line)
+        assert (profile.attach.root_milestone in guest.vm.console.milestones) is seen, line
     assert opts.spec().cmdline == opts.cmdline
 
 
@@ -248,9 +253,13 @@ def test_a_skip_counts_only_for_its_own_profile_and_phase() -> None:
 
 
 def test_the_profile_follows_agent_init(tmp_path: Path) -> None:
-    s = load_settings(tmp_path)
+    s = load_settings(tmp_path, BOOT_PROFILE="virtio-blk")
     assert profiles.for_settings(s) is SYSTEMD and profiles.for_settings(s.with_values(AGENT_INIT="yes")) is AGENT_INIT
-    assert PROFILES == {"systemd": SYSTEMD, "agent-init": AGENT_INIT}
+    auto = load_settings(tmp_path)  # the runtime's attachment: Kata and Clear Containers map an NVDIMM
+    assert profiles.for_settings(auto, dax=True) is profiles.NVDIMM_DAX_SYSTEMD
+    assert profiles.for_settings(auto.with_values(RUNTIME="clear-containers", AGENT_INIT="yes"), dax=True) \
+        is profiles.NVDIMM_DAX_AGENT_INIT
+    assert {"systemd": SYSTEMD, "agent-init": AGENT_INIT}.items() <= PROFILES.items()
     with pytest.raises(ValueError, match="no such phase: sshd"):
         Profile("typo", VIRTIO_BLK, Pid1.SYSTEMD, skipped={"sshd": "no"})
 
@@ -262,7 +271,7 @@ def test_guest_options_come_from_the_settings(tmp_path: Path) -> None:
     opts = check.guest_options(s, image=tmp_path / "i.img", kernel=kernel, accel=Accel("tcg", "t", False),
                                name="my test[1]", append="loglevel=7")
     assert (opts.memory, opts.cpus, opts.timeout, opts.append) == (2048, 2, 90, "quiet loglevel=7")
-    assert opts.profile is AGENT_INIT and opts.ssh_key is None
+    assert opts.profile is profiles.NVDIMM_AGENT_INIT and opts.ssh_key is None  # no image yet: no DAX header
     assert opts.log_dir == Workdir.of(s).boot_log("my test[1]") and opts.log_dir.is_relative_to(s.workdir)
     assert check.guest_options(s, image=opts.image, kernel=kernel, accel=opts.accel, name="x", timeout=30).timeout == 30
 
@@ -442,8 +451,9 @@ def test_close_powers_off_the_profiles_way_and_writes_boot_json(tmp_path: Path, 
     record = json.loads((tmp_path / BOOT_JSON).read_text())
     assert record["qemu_pid"] == 4242 and record["passed"] is False and record["phases"]["kernel"] == "not run"
     assert list(record) == ["name", "image", "kernel", "accel", "memory_mib", "cpus", "started_at", "timings",
-                            "guest_startup", "powerdown_seconds", "phases", "passed", "failure", "qemu_pid",
-                            "command", "log_dir"]
+                            "guest_startup", "powerdown_seconds", "phases", "profile", "root", "passed", "failure",
+                            "qemu_pid", "command", "log_dir"]
+    assert record["profile"] == profile.name
 
 
 def test_kvm_internal_error_raises_infrastructure_error(tmp_path: Path) -> None:
@@ -710,12 +720,13 @@ def test_boot_kernel_and_image_selection(tmp_path: Path) -> None:
 def test_format_timings() -> None:
     text = check.format_timings({"passed": True, "image": "/i", "log_dir": "/l",
                                  "kernel": {"kind": "debian", "version": "6.1", "path": "/k"},
-                                 "accel": {"name": "tcg", "reason": "ACCEL=tcg"},
+                                 "accel": {"name": "tcg", "reason": "ACCEL=tcg"}, "profile": "nvdimm-dax",
                                  "timings": {"qemu_start": 0.0, "agent_ready": 9.5},
                                  "guest_startup": {"kernel": 1.25, "total": 17.6}})
     assert text == ("boot check PASSED: /i\n"
                     "  kernel: debian 6.1\n"
                     "  accel:  tcg (ACCEL=tcg)\n"
+                    "  profile: nvdimm-dax\n"
                     "  phase timings (seconds since QEMU start):\n"
                     "    qemu_start                 0.00\n"
                     "    agent_ready                9.50\n"
@@ -795,3 +806,177 @@ def test_debian_kernel_is_built_once_for_every_workdir(tmp_path: Path, monkeypat
     assert first.kernel.is_relative_to(UserCache.of(s).artifacts) and not s.workdir.exists()
     assert first.version.startswith("6.1.0-9-cloud-amd64") and first.initrd is not None
     assert Cache(UserCache.of(s).artifacts).lookup(debian_kernel.manifest(s)) == first.kernel.parent
+
+
+# -- the NVDIMM attachment (issue 9) --------------------------------------------------------
+
+MiB = 1 << 20
+KATA_DAX_ROOT = "root=/dev/pmem0p1 rootflags=dax,data=ordered,errors=remount-ro ro rootfstype=ext4"
+
+
+def test_nvdimm_is_attached_as_kata_attaches_it() -> None:
+    """The image as a read-only file memory backend behind an unarmed NVDIMM on an nvdimm=on machine,
+    with a hotplug slot and room for it above the RAM: no drive, no overlay (nothing can write it)."""
+    nv = spec(attach="nvdimm", image_size=256 * MiB, image=Path("/img/a,b.img"))
+    cmd = qemu.build_command(nv, qemu.VmPaths(Path("/tmp/osb-x")))
+    assert opt_value(cmd, "-machine") == ["q35,nvdimm=on"]
+    assert opt_value(cmd, "-m") == ["1024M,slots=1,maxmem=1280M"]
+    assert "memory-backend-file,id=mem0,mem-path=/img/a,,b.img,size=268435456,readonly=on,share=off" in \
+        opt_value(cmd, "-object")
+    assert "nvdimm,id=nv0,memdev=mem0,unarmed=on" in opt_value(cmd, "-device")
+    assert "-drive" not in cmd and not any("virtio-blk" in d for d in opt_value(cmd, "-device"))
+    assert nv.disk is None and nv.nvdimm == Path("/img/a,b.img")  # Vm.start makes no overlay
+    assert opt_value(cmd, "-initrd") == ["/k/initrd.img"]  # Debian's kernel keeps its initrd
+    interactive = qemu.build_command(dataclasses.replace(nv, agent=False), None, interactive=True)
+    assert "nvdimm,id=nv0,memdev=mem0,unarmed=on" in opt_value(interactive, "-device")
+    disk = qemu.build_command(spec(), qemu.VmPaths(Path("/tmp/osb-x")))
+    assert opt_value(disk, "-machine") == ["q35"] and opt_value(disk, "-m") == ["1024"]
+
+
+def test_boot_profile_setting_chooses_the_attachment(tmp_path: Path) -> None:
+    s = load_settings(tmp_path, BOOT_PROFILE="nvdimm")
+    assert profiles.for_settings(s) is profiles.NVDIMM_SYSTEMD
+    assert profiles.for_settings(s, dax=True) is profiles.NVDIMM_DAX_SYSTEMD
+    assert profiles.for_settings(s.with_values(AGENT_INIT="yes"), dax=True) is profiles.NVDIMM_DAX_AGENT_INIT
+    assert profiles.NVDIMM_DAX_AGENT_INIT.skip("running") and profiles.NVDIMM_DAX_SYSTEMD.skip("running") is None
+    assert profiles.NVDIMM_DAX.root_params == KATA_DAX_ROOT  # the runtime's own root parameters
+    assert profiles.NVDIMM_DAX.dax and not profiles.NVDIMM.dax and "dax" not in profiles.NVDIMM.root_params
+    virtio = load_settings(tmp_path, BOOT_PROFILE="virtio-blk")
+    assert profiles.for_settings(virtio, dax=True) is SYSTEMD  # a disk cannot do DAX
+    auto = load_settings(tmp_path)
+    assert auto.boot_profile == "auto"
+    assert profiles.for_settings(auto).attach.name == profiles.RUNTIME_BOOT_PROFILE["kata"]
+    # every BOOT_PROFILE the setting accepts has attachments, and every attachment a name the setting accepts
+    assert set(settings_mod.BOOT_PROFILES) - {"auto"} == set(profiles.BOOT_PROFILES)
+
+
+@pytest.mark.parametrize("value", ["nvdim", "virtio", "initramfs", "x" * 80])
+def test_an_unknown_boot_profile_is_a_one_line_usage_error(tmp_path: Path, value: str) -> None:
+    assert value not in settings_mod.BOOT_PROFILES
+    with pytest.raises(UsageError) as e:
+        load_settings(tmp_path, BOOT_PROFILE=value)
+    assert e.value.message.startswith("BOOT_PROFILE: no boot profile ") and "\n" not in e.value.message
+    assert "nvdimm" in e.value.message and "virtio-blk" in e.value.message
+
+
+def test_cli_exits_2_on_an_unknown_boot_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from osbuilder import cli
+
+    assert cli.main(["boot", "--check", "--workdir", str(tmp_path), "--boot-profile", "pmem"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(line.startswith("osbuilder: BOOT_PROFILE: no boot profile 'pmem'") or
+               "BOOT_PROFILE: no boot profile 'pmem'" in line for line in err), err
+
+
+def dax_image(path: Path, size: int = 128 * MiB, header: bool = True) -> Path:
+    """A sparse file of `size` bytes, with an nd_pfn info block when `header`."""
+    from osbuilder import image
+
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if header:
+            f.seek(image.PFN_INFO_OFFSET)
+            f.write(image.pfn_info(size, image.DAX_HEADER, bytes(range(16))))
+    return path
+
+
+def test_the_image_decides_whether_the_nvdimm_boot_mounts_with_dax(tmp_path: Path) -> None:
+    s = load_settings(tmp_path, BOOT_PROFILE="nvdimm")
+    kernel, tcg = BootKernel(tmp_path / "k", None, "path"), Accel("tcg", "t", False)
+    with_header = check.guest_options(s, image=dax_image(tmp_path / "dax.img"), kernel=kernel, accel=tcg, name="a")
+    assert with_header.profile is profiles.NVDIMM_DAX_SYSTEMD and KATA_DAX_ROOT in with_header.cmdline
+    assert with_header.spec().image_size == 128 * MiB and with_header.spec().attach == "nvdimm"
+    plain = check.guest_options(s, image=dax_image(tmp_path / "plain.img", header=False), kernel=kernel,
+                                accel=tcg, name="b")
+    assert plain.profile is profiles.NVDIMM_SYSTEMD and "rootflags=data=ordered" in plain.cmdline
+    disk = check.guest_options(load_settings(tmp_path, BOOT_PROFILE="virtio-blk"), image=with_header.image,
+                               kernel=kernel, accel=tcg, name="c")
+    assert disk.profile is SYSTEMD and disk.spec().image_size == 0
+
+
+def test_an_image_the_memory_backend_cannot_map_is_a_usage_error(tmp_path: Path) -> None:
+    s = load_settings(tmp_path, BOOT_PROFILE="nvdimm")
+    kernel, tcg = BootKernel(tmp_path / "k", None, "path"), Accel("tcg", "t", False)
+    odd = dax_image(tmp_path / "odd.img", 100 * MiB)
+    with pytest.raises(UsageError, match=r"^BOOT_IMAGE: .*odd.img is 104857600 bytes, not a multiple of 128 MiB"):
+        check.guest_options(s, image=odd, kernel=kernel, accel=tcg, name="x")
+    check.guest_options(load_settings(tmp_path, BOOT_PROFILE="virtio-blk"), image=odd, kernel=kernel, accel=tcg,
+                        name="y")  # a disk of any size boots
+    big = dax_image(tmp_path / "big.img", 1 << 40)
+    with pytest.raises(UsageError, match=r"^VM_MEMORY: 1024 MiB plus the 1048576 MiB image"):
+        check.guest_options(s, image=big, kernel=kernel, accel=tcg, name="z")
+
+
+class ExecAgent(FakeAgent):
+    """An agent whose `exec` answers from a table: argv's last word -> (status, stdout)."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def exec(self, argv: list[str], timeout: float) -> Any:
+        from osbuilder.agent.client import ExecResult
+
+        self.calls.append(" ".join(argv))
+        status, out = next((v for k, v in self.answers.items() if k in " ".join(argv)), (0, ""))
+        return ExecResult(status, None, out, "err\n" if argv[-1].endswith("exit 3") else "", False)
+
+
+def dax_guest(tmp_path: Path, probe_output: str) -> tuple[Guest, ExecAgent]:
+    guest = stub_guest(tmp_path, profiles.NVDIMM_DAX_SYSTEMD)
+    agent = ExecAgent({"exit 3": (3, "out\n"), "queue/dax": (0, probe_output),
+                       "OPTIONS /": (0, "ro,relatime,dax=always\n")})
+    guest.agent = agent  # type: ignore[assignment]
+    return guest, agent
+
+
+def test_exec_proves_dax_from_inside_the_guest(tmp_path: Path) -> None:
+    guest, agent = dax_guest(tmp_path, "/dev/pmem0p1 ro,relatime,dax=always\npmem0p1 1\n")
+    phases.run(guest, "exec")
+    assert guest.phases["exec"] == Outcome.passed() and "root" not in guest.phases
+    assert guest.root_mount == {"source": "/dev/pmem0p1", "options": ["ro", "relatime", "dax=always"],
+                                "device": "pmem0p1", "queue_dax": "1", "dax": True}
+    assert any("queue/dax" in c and "mountpoint -d /" in c for c in agent.calls)
+    assert guest.record()["root"]["dax"] is True
+
+
+@pytest.mark.parametrize("probe, why", [
+    ("/dev/pmem0p1 ro,relatime\npmem0 0\n", "not mounted with DAX: mount options ro,relatime"),
+    ("/dev/root ro,relatime,dax=always\npmem0p1 0\n",
+     "(/dev/root, pmem0p1) is not mounted with DAX: mount options ro,relatime,dax=always, queue/dax of its disk 0"),
+    ("/dev/pmem0p1 ro,dax=never\npmem0 1\n", "mount options ro,dax=never"),
+    ("", "cannot read the root's mount and disk"),
+])
+def test_a_root_without_dax_fails_the_root_phase(tmp_path: Path, probe: str, why: str) -> None:
+    guest, _ = dax_guest(tmp_path, probe)
+    with pytest.raises(BootFailure, match="phase 'root'") as e:
+        phases.run(guest, "exec")
+    assert why in e.value.reason
+    assert str(guest.phases["root"]).startswith("failed: ")
+
+
+def test_no_dax_check_where_the_attachment_has_no_dax(tmp_path: Path) -> None:
+    guest = stub_guest(tmp_path, profiles.NVDIMM_SYSTEMD)
+    agent = ExecAgent({"exit 3": (3, "out\n"), "OPTIONS /": (0, "ro,relatime\n")})
+    guest.agent = agent  # type: ignore[assignment]
+    phases.run(guest, "exec")
+    assert not any("queue/dax" in c for c in agent.calls) and guest.root_mount == {}
+
+
+def test_the_pmem_root_mount_is_watched_from_the_first_line(tmp_path: Path) -> None:
+    """The attachment's own console pattern is matched even for lines that came before the guest
+    started watching (QEMU runs before the Guest object exists)."""
+    vm = FakeVm(tmp_path)
+    vm.console.feed("[    0.9] EXT4-fs (pmem0p1): mounted filesystem with ordered data mode.")
+    vm.console.feed("[    1.0] Run /sbin/init as init process")
+    opts = BootOptions(image=tmp_path / "i.img", kernel=BootKernel(tmp_path / "k", None, "path"), log_dir=tmp_path,
+                       accel=Accel("tcg", "t", False), profile=profiles.NVDIMM_DAX_SYSTEMD)
+    guest = Guest(opts, vm)  # type: ignore[arg-type]
+    assert "root_mounted" in vm.console.milestones
+    phases.run(guest, "root")
+    assert guest.phases["root"] == Outcome.passed()
+
+
+def test_debian_initrd_loads_the_nvdimm_stack() -> None:
+    for module in ("nfit", "libnvdimm", "nd_pmem"):
+        assert module in debian_kernel.INITRD_MODULES

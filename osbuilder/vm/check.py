@@ -27,8 +27,10 @@ from typing import Any, TypeVar
 
 from osbuilder import fs
 from osbuilder.errors import InfrastructureError, UsageError
+from osbuilder.image import ALIGN as IMAGE_ALIGN
+from osbuilder.image import read_dax_header, wants_dax
 from osbuilder.layout import Workdir
-from osbuilder.settings import Settings
+from osbuilder.settings import MAX_VM_MEMORY, Settings
 from osbuilder.vm import accel, phases, profiles, ssh
 from osbuilder.vm.debian_kernel import debian_kernel
 from osbuilder.vm.guest import Guest
@@ -43,10 +45,14 @@ T = TypeVar("T")
 # -- what to boot -------------------------------------------------------------------------------
 
 def boot_image(settings: Settings) -> Path:
-    """The image `osbuilder boot` boots: BOOT_IMAGE, else the WORKDIR's."""
-    image = (settings.boot_image or Workdir.of(settings).image).absolute()
+    """The artifact `osbuilder boot` boots: BOOT_IMAGE, else the WORKDIR's image (or its initrd, when the
+    boot profile attaches one)."""
+    wd = Workdir.of(settings)
+    initrd = profiles.for_settings(settings).attach.artifact == "initrd"
+    image = (settings.boot_image or (wd.initrd if initrd else wd.image)).absolute()
     if not image.is_file():
-        raise UsageError(f"BOOT_IMAGE: {image} does not exist; run `osbuilder rootfs && osbuilder image` first")
+        build = "osbuilder rootfs && osbuilder initrd" if initrd else "osbuilder rootfs && osbuilder image"
+        raise UsageError(f"BOOT_IMAGE: {image} does not exist; run `{build}` first")
     return image
 
 
@@ -66,19 +72,60 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
         if not built.is_file():
             raise UsageError(f"BOOT_KERNEL=built: {built} does not exist; run `osbuilder kernel` first")
         return BootKernel(built.absolute(), None, "built")
+    refuse_debian_kernel(profiles.for_settings(settings), choice)
     return debian_kernel(settings)
+
+
+def refuse_debian_kernel(profile: profiles.Profile, choice: str = "debian") -> None:
+    """A one-line usage error when the profile's attachment cannot boot with Debian's kernel."""
+    why = profile.attach.own_kernel_only
+    if why:
+        hint = "`osbuilder kernel-src && osbuilder kernel` first" if choice == "auto" else "BOOT_KERNEL=built"
+        raise UsageError(f"BOOT_KERNEL={choice}: the {profile.name} boot profile needs osbuilder's own kernel "
+                         f"({why}); use {hint}")
 
 
 def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel: Accel, name: str,
                   ssh_key: ssh.SessionKey | None = None, append: str = "",
-                  timeout: float | None = None) -> BootOptions:
+                  timeout: float | None = None, profile: profiles.Profile | None = None) -> BootOptions:
     """Options for one boot under these settings: memory, CPUs, BOOT_TIMEOUT (unless `timeout`),
-    BOOT_APPEND then `append`, the profile (AGENT_INIT), logs in `Workdir.boot_log(name)`."""
+    BOOT_APPEND then `append`, the profile (`profile`, else the settings'), logs in
+    `Workdir.boot_log(name)`. `image` is the artifact the profile attaches (container.img, or the initrd)."""
+    profile = profile or image_profile(settings, image)
+    if kernel.name == "debian":
+        refuse_debian_kernel(profile)
+    if profile.attach.name == "nvdimm":
+        check_nvdimm_image(settings, image)
     return BootOptions(
         image=image, kernel=kernel, log_dir=Workdir.of(settings).boot_log(name), accel=accel,
         memory=settings.vm_memory, cpus=settings.vm_cpus, timeout=timeout or settings.boot_timeout,
         append=" ".join(p for p in (settings.boot_append, append) if p), ssh_key=ssh_key, name=name,
-        profile=profiles.for_settings(settings))
+        profile=profile)
+
+
+def image_profile(settings: Settings, image: Path) -> profiles.Profile:
+    """The settings' profile for booting `image`: with BOOT_PROFILE=nvdimm, the DAX attachment when the
+    image carries a DAX header (an image without one cannot be mounted with DAX)."""
+    dax = image.is_file() and read_dax_header(image) is not None
+    profile = profiles.for_settings(settings, dax=dax)
+    if profile.attach.name == "nvdimm" and not dax and wants_dax(settings):
+        log.warning("boot: %s has no DAX header (made with DAX=no?): booting it as an NVDIMM without DAX", image)
+    return profile
+
+
+def check_nvdimm_image(settings: Settings, image: Path) -> None:
+    """An NVDIMM's memory backend maps the whole image in memory-hotplug units of 128 MiB. (A missing
+    image is left to the boot, which names it.)"""
+    if not image.is_file():
+        return
+    size = image.stat().st_size
+    if size == 0 or size % IMAGE_ALIGN:
+        raise UsageError(f"BOOT_IMAGE: {image} is {size} bytes, not a multiple of {IMAGE_ALIGN >> 20} MiB, so "
+                         "the NVDIMM memory backend cannot map it; make it with `osbuilder image` or boot it "
+                         "with BOOT_PROFILE=virtio-blk")
+    if settings.vm_memory + (size >> 20) > MAX_VM_MEMORY:
+        raise UsageError(f"VM_MEMORY: {settings.vm_memory} MiB plus the {size >> 20} MiB image mapped as an NVDIMM "
+                         f"exceed the {MAX_VM_MEMORY} MiB QEMU's guest can address")
 
 
 # -- running a profile --------------------------------------------------------------------------
@@ -167,6 +214,7 @@ def format_timings(record: dict[str, Any]) -> str:
     lines = [f"boot check {'PASSED' if record['passed'] else 'FAILED'}: {record['image']}",
              f"  kernel: {record['kernel']['kind']} {record['kernel']['version'] or record['kernel']['path']}",
              f"  accel:  {record['accel']['name']} ({record['accel']['reason']})",
+             *([f"  profile: {record['profile']}"] if record.get("profile") else []),
              "  phase timings (seconds since QEMU start):"]
     lines += [f"    {name:<22} {at:8.2f}" for name, at in record["timings"].items()]
     if record.get("guest_startup"):
@@ -179,8 +227,13 @@ def format_timings(record: dict[str, Any]) -> str:
 def boot_interactive(settings: Settings, image: Path, kernel: BootKernel) -> int:
     """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits); QEMU's exit code."""
     chosen = accel.choose(settings, kernel)
-    profile = profiles.for_settings(settings)
+    profile = image_profile(settings, image)
+    size = 0
+    if profile.attach.name == "nvdimm":
+        check_nvdimm_image(settings, image)
+        size = image.stat().st_size
     spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd,
                   cmdline=kernel_cmdline(profile.attach.root_params, settings.boot_append),
-                  image=image, accel=chosen.name, memory=settings.vm_memory, cpus=settings.vm_cpus, agent=False)
+                  image=image, accel=chosen.name, memory=settings.vm_memory, cpus=settings.vm_cpus, agent=False,
+                  attach=profile.attach.name, image_size=size)
     return run_interactive(spec)

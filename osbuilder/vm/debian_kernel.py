@@ -1,12 +1,13 @@
-"""Debian's cloud kernel and an initrd that loads the virtio drivers, for boot checks only.
+"""Debian's cloud kernel and an initrd that loads the virtio and NVDIMM drivers, for boot checks only.
 
-Debian's linux-image-cloud-amd64 builds virtio_pci, virtio_blk, virtio_console, virtio_net, vsock
-and ext4 as modules, and our images carry no /lib/modules. So the initrd must load them: it is
-regenerated (in a throw-away mmdebstrap chroot) with those modules listed in
-/etc/initramfs-tools/modules. Modules loaded in the initramfs stay loaded after switch_root, so the
-guest gets its disk, agent port and network. The result (vmlinuz + initrd.img) does not depend on
-the WORKDIR: it lives in the per-user cache (`UserCache.artifacts`, keyed by the release, mirror and
-package list), is built once for every WORKDIR, and is NEVER installed into the image.
+Debian's linux-image-cloud-amd64 builds virtio_pci, virtio_blk, virtio_console, virtio_net, vsock,
+the NVDIMM stack (nfit, libnvdimm, nd_pmem) and ext4 as modules, and our images carry no
+/lib/modules. So the initrd must load them: it is regenerated (in a throw-away mmdebstrap chroot)
+with those modules listed in /etc/initramfs-tools/modules. Modules loaded in the initramfs stay
+loaded after switch_root, so the guest gets its disk or NVDIMM, agent port and network. The result
+(vmlinuz + initrd.img) does not depend on the WORKDIR: it lives in the per-user cache
+(`UserCache.artifacts`, keyed by the release, mirror and package list), is built once for every
+WORKDIR, and is NEVER installed into the image.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from osbuilder.vm.options import BootKernel
 PACKAGE = "linux-image-cloud-amd64"
 PACKAGES = (PACKAGE, "initramfs-tools", "zstd")
 # Loaded by the initrd; each is added only when the kernel has it as a module. `button` and
-# `evdev` deliver the ACPI power button to systemd-logind, so `system_powerdown` works.
+# `evdev` deliver the ACPI power button to systemd-logind, so `system_powerdown` works. The NVDIMM
+# boot needs `nfit` (the ACPI NFIT: QEMU's NVDIMM becomes a region), `libnvdimm` (with the pfn
+# support that reads the DAX header) and `nd_pmem` (/dev/pmem0); `nd_btt` and `dax_pmem` are the
+# namespace's other personalities.
 INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "vsock",
-                  "vmw_vsock_virtio_transport", "virtio_pmem", "nd_pmem", "ext4", "button", "evdev")
+                  "vmw_vsock_virtio_transport", "virtio_pmem", "nfit", "libnvdimm", "nd_pmem", "nd_btt",
+                  "dax_pmem", "ext4", "button", "evdev")
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.img"
 VERSION_NAME = "version.txt"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,25 @@ class Guest:
         self.pins: list[records.Pinned] = []  # image and kernel, hashed before QEMU started
         self.digests: tuple[str, str] | None = None
         self.unearned: str | None = None  # why this boot proves nothing about the pinned files
+        self.root_mount: dict[str, Any] = {}  # what the guest said of its root (phases.exec): source, options, DAX
+        self._watch_root_pattern()
+
+    def _watch_root_pattern(self) -> None:
+        """For an attachment whose root mount console.MILESTONES does not know (its `root_pattern`):
+        record its `root_milestone` at the first console line that matches."""
+        attach = self.profile.attach
+        if not attach.root_pattern:
+            return
+        pattern = re.compile(attach.root_pattern)
+        watcher = self.vm.console
+
+        def look(lines: int = 5) -> None:
+            if attach.root_milestone not in watcher.milestones and any(
+                    pattern.search(line) for line in watcher.tail(lines)):
+                watcher.milestones.setdefault(attach.root_milestone, round(time.monotonic() - watcher.t0, 3))
+
+        watcher.on_change(look)
+        look(len(watcher.lines))  # what arrived before the watch began
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -274,6 +294,8 @@ class Guest:
             "guest_startup": self.guest_startup,
             "powerdown_seconds": self.powerdown_seconds,
             "phases": {p: str(self.phases[p]) if p in self.phases else "not run" for p in PHASES},
+            "profile": self.profile.name,
+            "root": self.root_mount,
             "passed": self.passed,
             "failure": self.failure,
             "qemu_pid": self.vm.pid,
@@ -297,4 +319,6 @@ class Guest:
             return []
         return records.write_records(workdir, self.opts.image, self.opts.kernel.kernel, passed=True,
                                      kernel=self.kernel_info(), timings=self.timings, digests=self.digests,
-                                     extra={"accel": self.opts.accel.name, "log_dir": str(self.log_dir)})
+                                     extra={"accel": self.opts.accel.name, "log_dir": str(self.log_dir),
+                                            "profile": self.opts.profile.name,
+                                            "attachment": self.opts.profile.attach.name})

@@ -80,4 +80,9 @@ class BootOptions:
         creds = {ssh.CREDENTIAL: self.ssh_key.public} if self.ssh_key else {}
         return VmSpec(kernel=self.kernel.kernel, initrd=self.kernel.initrd, cmdline=self.cmdline,
                       image=self.image, accel=self.accel.name, memory=self.memory, cpus=self.cpus,
-                      credentials=creds)
+                      credentials=creds, attach=self.profile.attach.name, image_size=self.image_size)
+
+    @property
+    def image_size(self) -> int:
+        """The image's size in bytes (what an NVDIMM's memory backend maps); 0 for other attachments."""
+        return self.image.stat().st_size if self.profile.attach.name == "nvdimm" else 0

@@ -10,7 +10,8 @@ its errors:
     agent      the agent answers ping on its port with the expected version
     running    `systemctl is-system-running --wait` says running; degraded lists the failed units
                with their journal
-    exec       the agent runs a command and returns status and output; the root is read-only
+    exec       the agent runs a command and returns status and output; the root is read-only and,
+               for a DAX attachment (nvdimm with a DAX header), mounted with DAX (prove_dax)
     ssh        paramiko logs in with the session key delivered as a systemd credential
     powerdown  the guest shuts itself down within a bound after the ACPI power button (or, when the
                agent is PID 1, its `poweroff` request)
@@ -225,8 +226,10 @@ def exec(guest: Guest) -> ExecResult:  # named after the phase (it shadows the b
                          "expected 3, 'out\\n', 'err\\n'")
     guest.phases["exec"] = Outcome.passed()
     options = root_mount_options(guest)
-    if "ro" not in options:
+    if guest.profile.attach.root_read_only and "ro" not in options:
         raise guest.fail("root", f"the root filesystem is mounted {','.join(options)}, not read-only")
+    if guest.profile.attach.dax:
+        prove_dax(guest)
     return r
 
 
@@ -234,6 +237,31 @@ def root_mount_options(guest: Guest) -> list[str]:
     """The mount options of / in the guest, as findmnt reports them."""
     r = guest.exec(["findmnt", "-n", "-o", "OPTIONS", "/"], phase="exec")
     return r.stdout.strip().split(",")
+
+
+# Read in the guest: the root's device and mount options, then the root's block device (found by its
+# number, as the kernel may name it /dev/root) and the DAX flag of its disk's queue.
+DAX_PROBE = ('findmnt -n -o SOURCE,OPTIONS /; b=$(readlink -f "/sys/dev/block/$(mountpoint -d /)"); '
+             'echo "${b##*/} $(cat "$b/queue/dax" 2>/dev/null || cat "$b/../queue/dax" 2>/dev/null || echo -)"')
+
+
+def prove_dax(guest: Guest) -> None:
+    """The root is mounted with DAX, as the guest's kernel reports it (not as the command line asked):
+    the mount options say dax (ext4 refuses the option on a device without DAX, so that alone would
+    do) and the block queue of the root's disk has its DAX flag. Fails `root` otherwise."""
+    r = guest.exec(["sh", "-c", DAX_PROBE], phase="exec")
+    lines = r.stdout.split("\n")
+    mount = lines[0].split()
+    disk = lines[1].split() if len(lines) > 1 else []
+    if len(mount) != 2 or len(disk) != 2:
+        raise guest.fail("root", f"cannot read the root's mount and disk in the guest: {r.stdout!r} {r.stderr!r}")
+    source, options = mount[0], mount[1].split(",")
+    dax_option = next((o for o in options if o == "dax" or o.startswith("dax=")), None)
+    guest.root_mount = {"source": source, "options": options, "device": disk[0], "queue_dax": disk[1],
+                        "dax": dax_option in ("dax", "dax=always") and disk[1] == "1"}
+    if not guest.root_mount["dax"]:
+        raise guest.fail("root", f"the root ({source}, {disk[0]}) is not mounted with DAX: mount options "
+                         f"{','.join(options)}, queue/dax of its disk {disk[1]}")
 
 
 def ssh(guest: Guest) -> paramiko.SSHClient:

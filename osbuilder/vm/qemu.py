@@ -3,7 +3,9 @@
 Mechanism only: what to check in the guest is phases.py's business.
 
 `build_command()` turns a `VmSpec` into QEMU's argv the way the runtimes attach things: the image
-as a virtio-blk disk on a throw-away qcow2 overlay, the agent's virtio-serial port
+as a virtio-blk disk on a throw-away qcow2 overlay (or, `attach="nvdimm"`, as an NVDIMM whose file
+memory backend is read-only, so the guest cannot write it either; or, `attach="initrd"`, as the
+kernel's initrd, with no disk at all), the agent's virtio-serial port
 (`osbuilder.agent.PORT_NAME`) on a UNIX socket, user-mode networking with SSH forwarded to a free host port,
 the serial console on a UNIX socket, QMP on another. `Vm` starts QEMU paused (-S), connects QMP and
 the console drain, then lets the CPUs run, so the console log holds every byte from the first.
@@ -63,6 +65,28 @@ class VmSpec:
     credentials: dict[str, str] = field(default_factory=dict)  # systemd credentials via SMBIOS
     agent: bool = True
     network: bool = True
+    attach: str = "virtio-blk"  # how `image` reaches the guest (the boot profile's attachment)
+    image_size: int = 0  # bytes of `image`: the size of its memory backend when attached as an NVDIMM
+
+    def __post_init__(self) -> None:
+        if self.attach == "initrd" and self.image is not None and self.initrd is not None:
+            raise ValueError("an image attached as the initrd leaves no room for the kernel's own initrd")
+
+    @property
+    def initramfs(self) -> Path | None:
+        """What QEMU loads with -initrd: the image itself when it is attached as the initrd, else the
+        kernel's own initrd (Debian's)."""
+        return self.image if self.attach == "initrd" else self.initrd
+
+    @property
+    def disk(self) -> Path | None:
+        """The image as a drive (through the overlay); none when it is the initrd or an NVDIMM."""
+        return None if self.attach in ("initrd", "nvdimm") else self.image
+
+    @property
+    def nvdimm(self) -> Path | None:
+        """The image as an NVDIMM: mapped read-only, never through an overlay."""
+        return self.image if self.attach == "nvdimm" else None
 
 
 @dataclass(frozen=True)
@@ -110,17 +134,19 @@ def accel_args(accel: str, cpus: int) -> list[str]:
 def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = False) -> list[str]:
     """QEMU's argv. `paths` None (interactive only): no QMP, no sockets, console on stdio."""
     cmd = [QEMU, "-name", "osbuilder", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-           "-machine", spec.machine, *accel_args(spec.accel, spec.cpus),
-           "-m", str(spec.memory), "-smp", str(spec.cpus), "-kernel", str(spec.kernel)]
-    if spec.initrd:
-        cmd += ["-initrd", str(spec.initrd)]
+           "-machine", spec.machine + (",nvdimm=on" if spec.nvdimm else ""), *accel_args(spec.accel, spec.cpus),
+           "-m", memory_arg(spec), "-smp", str(spec.cpus), "-kernel", str(spec.kernel)]
+    if spec.initramfs:
+        cmd += ["-initrd", str(spec.initramfs)]
     cmd += ["-append", spec.cmdline]
-    if spec.image:
-        disk = paths.overlay if paths else spec.image
+    if spec.disk:
+        disk = paths.overlay if paths else spec.disk
         fmt = "qcow2" if paths else "raw"
         cmd += ["-drive", f"if=none,id=image,file={qemu_escape(str(disk))},format={fmt}"
                 + ("" if paths else ",snapshot=on"),
                 "-device", "virtio-blk-pci,drive=image"]
+    if spec.nvdimm:
+        cmd += nvdimm_args(spec.nvdimm, spec.image_size)
     cmd += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
     if interactive or paths is None:
         cmd += ["-serial", "mon:stdio"]
@@ -138,6 +164,24 @@ def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = Fa
     if paths is not None:
         cmd += ["-qmp", f"unix:{qemu_escape(str(paths.qmp))},server=on,wait=off", "-S"]
     return cmd
+
+
+MiB = 1 << 20
+
+
+def memory_arg(spec: VmSpec) -> str:
+    """-m: the guest's RAM in MiB; with an NVDIMM, a hotplug slot and room for it above the RAM."""
+    if not spec.nvdimm:
+        return str(spec.memory)
+    return f"{spec.memory}M,slots=1,maxmem={spec.memory + -(-spec.image_size // MiB)}M"
+
+
+def nvdimm_args(image: Path, size: int) -> list[str]:
+    """The image as Kata attaches it: a file memory backend, read-only (QEMU opens the file O_RDONLY,
+    so the guest can never write it) and private, behind an unarmed NVDIMM (the NFIT tells the guest
+    it is read-only)."""
+    backend = f"memory-backend-file,id=mem0,mem-path={qemu_escape(str(image))},size={size},readonly=on,share=off"
+    return ["-object", backend, "-device", "nvdimm,id=nv0,memdev=mem0,unarmed=on"]
 
 
 USERNET_FORWARD = re.compile(
@@ -338,8 +382,8 @@ class Vm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in ("console.log", "qemu.log", "qmp.jsonl"):
             (self.log_dir / name).unlink(missing_ok=True)
-        if self.spec.image:
-            make_overlay(self.spec.image, self.paths.overlay, self.log_dir / "qemu.log")
+        if self.spec.disk:
+            make_overlay(self.spec.disk, self.paths.overlay, self.log_dir / "qemu.log")
         self.command = build_command(self.spec, self.paths)
         (self.log_dir / "command.txt").write_text(format_command(self.command) + "\n")
         self.t0 = self.console.t0 = self.stderr.t0 = self.qmp.t0 = time.monotonic()

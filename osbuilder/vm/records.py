@@ -124,11 +124,31 @@ def make_record(artifact: Path, digest: str, role: str, passed: bool, kernel: di
 
 
 def write_record(workdir: Path | Workdir, record: dict[str, Any]) -> Path:
-    """Atomically write one record (a failing record never replaces a passing one)."""
+    """Atomically write one record (a failing record never replaces a passing one). A passing record
+    keeps the attachments earlier passing checks of the same content proved (`passes`): a pass as an
+    NVDIMM does not erase a pass as a disk, and the reverse."""
     dest = _layout(workdir).boot_record(record["sha256"])
-    if not record["passed"] and _read(dest, record["sha256"]) is not None:
+    earlier = _read(dest, record["sha256"])
+    if not record["passed"] and earlier is not None:
         return dest
+    if earlier is not None and isinstance(earlier.get("passes"), dict):
+        record = {**record, "passes": merge_passes(earlier["passes"], record.get("passes", {}))}
     return write_atomically(dest, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def merge_passes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """attachment -> {"profile": name, "with": [digests of what it booted with]}, both records' entries."""
+    merged = {k: dict(v) for k, v in old.items() if isinstance(v, dict)}
+    for attach, entry in new.items():
+        with_ = sorted({*merged.get(attach, {}).get("with", []), *entry.get("with", [])})
+        merged[attach] = {**entry, "with": with_}
+    return merged
+
+
+def passed_attachments(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The attachments (virtio-blk, nvdimm, initrd) a passing record proves, each with what it booted with."""
+    passes = record.get("passes") if record else None
+    return passes if isinstance(passes, dict) else {}
 
 
 def write_records(workdir: Path | Workdir, image: Path, kernel_file: Path, *, passed: bool,
@@ -137,9 +157,13 @@ def write_records(workdir: Path | Workdir, image: Path, kernel_file: Path, *, pa
     """Records for the image and for the kernel file it booted with: `digests` (image, kernel) are
     their hashes taken before the boot (default: hash them now)."""
     digests = digests or (sha256_file(image), sha256_file(kernel_file))
+    extra = dict(extra or {})
+    attachment, profile = extra.get("attachment"), extra.get("profile")
     out = []
-    for role, path, digest in (("image", image, digests[0]), ("kernel", kernel_file, digests[1])):
-        rec = make_record(path, digest, role, passed, kernel, timings, extra)
+    for role, path, digest, other in (("image", image, digests[0], digests[1]),
+                                      ("kernel", kernel_file, digests[1], digests[0])):
+        passes = {attachment: {"profile": profile, "with": [other]}} if passed and attachment else {}
+        rec = make_record(path, digest, role, passed, kernel, timings, {**extra, "passes": passes})
         out.append(write_record(workdir, rec))
     return out
 
@@ -152,6 +176,11 @@ def _read(path: Path, digest: str) -> dict[str, Any] | None:
     if rec.get("sha256") != digest or rec.get("passed") is not True:
         return None
     return rec
+
+
+def passing_record_of(workdir: Path | Workdir, digest: str) -> dict[str, Any] | None:
+    """The passing boot record of content with this sha256, or None."""
+    return _read(_layout(workdir).boot_record(digest), digest)
 
 
 def passing_record(workdir: Path | Workdir, artifact_path: Path) -> dict[str, Any] | None:
