@@ -98,3 +98,18 @@ def test_a_namespace_without_dax_fails_fast_with_the_console_evidence(nvdimm_set
     assert guest.now() < opts.budgets.root  # failed fast: the panic, not the timeout
     assert "DAX unsupported by block device" in failure.value.detail or "VFS" in failure.value.detail, \
         failure.value.detail
+
+
+def test_the_same_dax_image_boots_as_a_virtio_blk_disk(osbuilder_settings, image, boot_kernel, boot_accel,
+                                                        ssh_session_key, request: pytest.FixtureRequest) -> None:
+    """The DAX layout keeps an outer partition table, so the image the runtime maps as an NVDIMM also
+    boots as a disk (BOOT_PROFILE=virtio-blk): the root is /dev/vda1, mounted without DAX."""
+    settings = osbuilder_settings.with_values(BOOT_PROFILE="virtio-blk")
+    opts = check.guest_options(settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
+                               name="dax-image-as-virtio-blk", ssh_key=ssh_session_key)
+    note_logs(request.node, opts.log_dir)
+    assert opts.profile.attach.name == "virtio-blk"
+    with check.booted(opts, settings) as guest:
+        assert guest.exec(["findmnt", "-no", "SOURCE", "/"]).stdout.strip() == "/dev/vda1"
+        assert "dax" not in guest.exec(["findmnt", "-no", "OPTIONS", "/"]).stdout
+    assert wants_dax(osbuilder_settings) == (read_dax_header(image.path) is not None)
