@@ -200,13 +200,22 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
         write_image(settings, rootfs, tmp, layout, logfile)
         publish(tmp, dest)
     except (OSError, OsbuilderError) as e:
-        if isinstance(e, UsageError) or not out_of_space(e, dest.parent):
+        full = full_disk_error(e, dest)
+        if full is None:
             raise
-        raise InfrastructureError(f"WORKDIR: no space left on device in {dest.parent} while making {dest.name} "
-                                  "(nothing was replaced)", getattr(e, "detail", str(e))) from None
+        raise full from None
     finally:
         discard(tmp)
     return layout
+
+
+def full_disk_error(error: Exception, dest: Path) -> InfrastructureError | None:
+    """The one-line error for a step that ran out of space writing `dest` (exit 125), or None when
+    `error` is something else."""
+    if isinstance(error, UsageError) or not out_of_space(error, dest.parent):
+        return None
+    return InfrastructureError(f"WORKDIR: no space left on device in {dest.parent} while making {dest.name} "
+                               "(nothing was replaced)", getattr(error, "detail", str(error)))
 
 
 def out_of_space(error: Exception, directory: Path) -> bool:

@@ -26,13 +26,13 @@ from pathlib import Path
 
 from osbuilder import userns
 from osbuilder.cache import Manifest
-from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, temp_beside
 from osbuilder.image import (
     check_tree,
     clamp_times,
+    full_disk_error,
     lend_to_tree_namespace,
-    out_of_space,
     resolve_in,
     take_back_from_tree_namespace,
 )
@@ -85,10 +85,10 @@ def build_initrd(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path 
         tmp.chmod(0o644)  # the runtime reads it; like container.img, it holds no secret
         publish(tmp, dest)
     except (OSError, OsbuilderError) as e:
-        if isinstance(e, UsageError) or not out_of_space(e, dest.parent):
+        full = full_disk_error(e, dest)
+        if full is None:
             raise
-        raise InfrastructureError(f"WORKDIR: no space left on device in {dest.parent} while making {dest.name} "
-                                  "(nothing was replaced)", getattr(e, "detail", str(e))) from None
+        raise full from None
     finally:
         discard(archive)
         discard(tmp)
