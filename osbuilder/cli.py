@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import signal
@@ -77,11 +78,55 @@ def cmd_kernel(s: Settings, args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
-def cmd_kconfig(s: Settings, args: argparse.Namespace) -> None:
-    from osbuilder.kernel import fragments
+def cmd_kconfig(s: Settings, args: argparse.Namespace) -> int:
+    from osbuilder.kernel import bisect, configdiff, fragments
 
     if args.action == "show":
         print(fragments.show(s))
+        return 0
+    good, bad = kconfig_pair(args)
+    if args.action == "diff":
+        changes, index = configdiff.kconfig_diff(s, good, bad)
+        show = configdiff.report_json if args.json else configdiff.report
+        print(show(changes, index, good=good, bad=bad))
+        return 0
+    writable_workdir(s)
+    result = bisect.kconfig_bisect(s, good, bad, args.test, reset=args.reset)
+    print(json.dumps(result, indent=2) if args.json else bisect.format_result(result))
+    return bisect.EXIT_CODES[result["status"]]
+
+
+def kconfig_pair(args: argparse.Namespace) -> tuple[Path, Path]:
+    """GOOD and BAD: `kconfig diff GOOD BAD` or `kconfig bisect --good GOOD --bad BAD` (either form)."""
+    files = list(args.files)
+    good = args.good or (files.pop(0) if files else None)
+    bad = args.bad or (files.pop(0) if files else None)
+    if good is None or bad is None or files:
+        raise UsageError(f"kconfig {args.action}: give two configs: GOOD and BAD "
+                         f"(`osbuilder kconfig {args.action} --good GOOD --bad BAD`)")
+    return Path(good), Path(bad)
+
+
+def cmd_bisect_run(s: Settings, args: argparse.Namespace) -> int:
+    """Exit codes for `git bisect run`: 0 good, 1 bad, 125 skip; 128 (stop the bisection) for a usage
+    error, which must not mark a commit bad."""
+    from osbuilder.kernel import bisect_run
+
+    if args.kernel_config_file is None:
+        return report(UsageError("bisect-run: --config FILE (the guest .config to build every commit with) is "
+                                 "required"), bisect_run.USAGE_EXIT)
+    tree = args.source_tree or Path.cwd()
+    try:
+        writable_workdir(s)
+        verdict = bisect_run.bisect_run(s, args.kernel_config_file, tree)
+    except UsageError as e:
+        return report(e, bisect_run.USAGE_EXIT)
+    except OsbuilderError as e:  # nothing said about the commit
+        return report(e, 125)
+    print(bisect_run.describe(verdict, tree))
+    if verdict.evidence and verdict.verdict != "good":
+        print(verdict.evidence.rstrip()[-3000:])
+    return bisect_run.EXIT_CODES[verdict.verdict]
 
 
 def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
@@ -116,12 +161,22 @@ def cmd_install_kernel(s: Settings, args: argparse.Namespace) -> None:
 
 def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
     steps = args.steps or None
-    if args.install:
-        installed = deps.install(steps)
-        if installed:
-            print("installed: " + " ".join(installed))
-    print(deps.report(steps))
-    gone = deps.missing(steps)
+    if s.use_docker:  # the steps' tools are in the tools image: the host needs only the engine
+        if args.install:
+            installed = deps.install(gone=deps.engine_missing(s.container_engine))
+            if installed:
+                print("installed: " + " ".join(installed))
+        print(f"USE_DOCKER=yes: every step runs in the tools image; this host needs only CONTAINER_ENGINE "
+              f"({s.container_engine})")
+        print(deps.report(table=deps.engine_table(s.container_engine)))
+        gone = deps.engine_missing(s.container_engine)
+    else:
+        if args.install:
+            installed = deps.install(steps)
+            if installed:
+                print("installed: " + " ".join(installed))
+        print(deps.report(steps))
+        gone = deps.missing(steps)
     if gone:
         names = ", ".join(sorted({t.program for _, t in gone}))
         print(f"osbuilder: missing: {names} (run `osbuilder check-deps --install`)", file=sys.stderr)
@@ -136,6 +191,9 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
     user_cache = UserCache.of(s).root
     print(f"Per-user cache (CACHE_DIR): {user_cache} — the KVM verdict, Debian's boot kernel, ccache and "
           f"unpacked kernel sources, shared by every WORKDIR; clear it with `rm -rf {user_cache}`")
+    from osbuilder import container
+
+    print(container.describe(s))
     print("Cached rootfs (pytest fixtures): keyed on the archive's Release date, so it is rebuilt after a point "
           "release; `pytest --rebuild` forces a rebuild")
     print("Subcommands: " + ", ".join(COMMANDS) + "  (osbuilder SUBCOMMAND --help)")
@@ -147,7 +205,10 @@ COMMANDS = {
     "initrd": (cmd_initrd, f"make WORKDIR/{INITRD} (the agent as /init) from an AGENT_INIT=yes WORKDIR/{ROOTFS}"),
     "kernel-src": (cmd_kernel_src, "get kernel source into WORKDIR/linux"),
     "kernel": (cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}"),
-    "kconfig": (cmd_kconfig, "kernel config tools: `kconfig show` prints the fragments and where options come from"),
+    "kconfig": (cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), `diff GOOD BAD`, "
+                             "`bisect --good GOOD --bad BAD` (which option breaks the guest)"),
+    "bisect-run": (cmd_bisect_run, "for `git bisect run`: build the checked-out kernel commit with --config and "
+                                   "boot-check it (exit 0 good, 1 bad, 125 skip)"),
     "boot": (cmd_boot, "boot the image under QEMU (interactive console, or --check)"),
     "install-image": (cmd_install_image, "install the boot-checked image into the runtime's directory"),
     "install-kernel": (cmd_install_kernel, "install the boot-checked kernel into the runtime's directory"),
@@ -184,6 +245,8 @@ def guard_process(s: Settings, args: argparse.Namespace) -> None:
         "initrd": (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else (),  # else refused, nothing written
         "kernel-src": (wd.log("kernel"),),
         "kernel": (wd.log("kernel"),),
+        "kconfig": (wd.log("bisect"), wd.log("kernel")) if getattr(args, "action", "") == "bisect" else (),
+        "bisect-run": (wd.log("bisect-run"),),
         "boot": (wd.boot_logs,) if getattr(args, "check", False) else (),
     }.get(args.command, ())
     if locks:
@@ -204,17 +267,43 @@ def _terminate_as_interrupt() -> None:
         signal.signal(signal.SIGHUP, handler)
 
 
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (also as environment variables and YAML keys)")
+    for s in TABLE:
+        group.add_argument(s.flag, dest=s.name, metavar=s.name, help=f"{s.help} [default: {s.default or 'empty'}]")
+
+
+def add_kconfig_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["show", "diff", "bisect"],
+                   help="show: resolved fragments and option origins; diff GOOD BAD; bisect --good GOOD --bad BAD")
+    p.add_argument("files", nargs="*", metavar="CONFIG", help="GOOD and BAD .config files (diff, bisect)")
+    p.add_argument("--good", metavar="GOOD", help="the .config that boots (bisect)")
+    p.add_argument("--bad", metavar="BAD", help="the .config that does not (bisect)")
+    p.add_argument("--test", default="boot", metavar="boot|build|CMD",
+                   help="bisect: boot (the boot check, default), build (compiles), or a command run with git "
+                        "bisect's exit codes (0 good, 125 skip, else bad) and the kernel in $OSBUILDER_KERNEL")
+    p.add_argument("--reset", action="store_true", help="bisect: forget the saved state and start over")
+    p.add_argument("--json", action="store_true", help="diff, bisect: print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, metavar="FILE", help="YAML profile (default: ./osbuilder.yaml)")
-    group = common.add_argument_group("settings (also as environment variables and YAML keys)")
-    for s in TABLE:
-        group.add_argument(s.flag, dest=s.name, metavar=s.name, help=f"{s.help} [default: {s.default or 'empty'}]")
+    add_settings_flags(common)
+    # bisect-run's --config is the kernel config (as git bisect users expect); its profile is --profile
+    bisect_run_common = argparse.ArgumentParser(add_help=False)
+    bisect_run_common.add_argument("--profile", dest="config", type=Path, metavar="FILE", help="YAML profile")
+    bisect_run_common.add_argument("--config", dest="kernel_config_file", type=Path, metavar="FILE",
+                                   help="the guest .config every commit is built with (normalised by olddefconfig)")
+    bisect_run_common.add_argument("--source-tree", type=Path, metavar="DIR",
+                                   help="the Linux git checkout (default: the current directory)")
+    add_settings_flags(bisect_run_common)
     parser = argparse.ArgumentParser(prog="osbuilder", description="Build and boot-check guest OS artifacts.")
     parser.add_argument("--version", action="version", version=f"osbuilder {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        parent = bisect_run_common if name == "bisect-run" else common
+        p = sub.add_parser(name, parents=[parent], help=help_text, description=help_text)
         if name == "check-deps":
             p.add_argument("steps", nargs="*", metavar="STEP",
                            help=f"only these steps ({', '.join(deps.STEPS)})")
@@ -223,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--check", action="store_true", help="run the boot checks and print the timings")
             p.add_argument("--kernel", dest="boot_kernel_path", type=Path, help="kernel image to boot")
         if name == "kconfig":
-            p.add_argument("action", choices=["show"], help="show: resolved fragments and option origins")
+            add_kconfig_arguments(p)
         if name.startswith("install-"):
             p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
             p.add_argument("--force", action="store_true", help="install without a passing boot record")
@@ -243,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                             stream=sys.stderr)
         announce(s)
         if s.use_docker:
-            log.info("USE_DOCKER: ignored; osbuilder builds without containers or root-only tricks")
+            from osbuilder import container
+
+            if args.command in container.STEPS:  # the step locks, logs and reports inside the tools image
+                return container.run_step(s, args)
         guard_process(s, args)
         handler = COMMANDS[args.command][0]
         started = time.monotonic()
@@ -282,11 +374,11 @@ def os_error(command: str, e: OSError) -> OsbuilderError:
     return OsbuilderError(what)
 
 
-def report(e: OsbuilderError) -> int:
+def report(e: OsbuilderError, exit_code: int | None = None) -> int:
     print(f"osbuilder: error: {e.message}", file=sys.stderr)
     if e.detail:
         print(e.detail.rstrip(), file=sys.stderr)
-    return e.exit_code
+    return e.exit_code if exit_code is None else exit_code
 
 
 if __name__ == "__main__":

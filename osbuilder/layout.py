@@ -101,6 +101,37 @@ class Workdir:
         return self.root / "kernel-build"
 
     @property
+    def bisect(self) -> Path:
+        """`kconfig bisect`: its saved state, the configs it tested, the kernel it built last."""
+        return self.root / "bisect"
+
+    @property
+    def bisect_state(self) -> Path:
+        return self.bisect / "state.json"
+
+    def bisect_config(self, sha256: str) -> Path:
+        """A normalised config a bisection tested (or will), by content hash."""
+        return self.bisect / "configs" / f"{sha256[:16]}.config"
+
+    @property
+    def bisect_kernel(self) -> KernelFiles:
+        return KernelFiles(self.bisect / "kernel")
+
+    @property
+    def kconfig_scratch(self) -> Path:
+        """The object tree `make olddefconfig` normalises configs in (`kconfig diff`, `kconfig bisect`)."""
+        return self.bisect / "kconfig-scratch"
+
+    @property
+    def bisect_run_build(self) -> Path:
+        """`bisect-run`'s object tree: a git checkout's commits, one after another."""
+        return self.root / "bisect-run-build"
+
+    @property
+    def bisect_run_kernel(self) -> KernelFiles:
+        return KernelFiles(self.root / "bisect-run")
+
+    @property
     def cache(self) -> Path:
         """The content-addressed artifact cache of the pytest fixtures."""
         return self.root / "cache"
@@ -170,6 +201,21 @@ class UserCache:
     def kernel_sources(self) -> Path:
         """Unpacked kernel sources, one directory per origin."""
         return self.root / "kernel-src"
+
+    @property
+    def container_verdict(self) -> Path:
+        """Which run options let the container engine run osbuilder's steps (container/engine.py)."""
+        return self.root / "container-probe.json"
+
+    @property
+    def tools_image_lock(self) -> Path:
+        """Held while the USE_DOCKER tools image is built, so parallel runs build it once."""
+        return self.root / "tools-image.lock"
+
+    @property
+    def apt_archives(self) -> Path:
+        """The Debian packages the tools image's build downloaded, kept for its next build."""
+        return self.root / "apt-archives"
 
     @property
     def logs(self) -> Path:

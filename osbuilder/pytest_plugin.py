@@ -13,12 +13,18 @@ and under `pytest -n N` each artifact is built once (the cache holds a file lock
     def test_guest(booted_guest):          # module-scoped: one boot, many assertions
         assert booted_guest.exec(["true"]).status == 0
 
-Options: --osbuilder-workdir, --osbuilder-config, --rebuild. Markers: build, boot.
+Config gates: `pytest boot_tests --kernel-config a.config --kernel-config b.config` runs every test that
+boots `boot_kernel` once per config (ids `[a]`, `[b]`), booting that config's kernel (built as it is, once
+per session, cached); `xdist_group`s are extended by the config id so that configs can go to different
+workers (or hosts: the cache and locks are per WORKDIR).
+
+Options: --osbuilder-workdir, --osbuilder-config, --rebuild, --kernel-config. Markers: build, boot.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,11 +54,66 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--osbuilder-workdir", metavar="DIR", help="WORKDIR for artifacts and the cache")
     group.addoption("--osbuilder-config", metavar="FILE", help="osbuilder.yaml profile")
     group.addoption("--rebuild", action="store_true", help="ignore cached artifacts and build again")
+    group.addoption("--kernel-config", action="append", default=[], metavar="FILE",
+                    help="a complete kernel .config: run the boot tests once per config, booting its kernel "
+                         "(repeat for more configs)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "build: builds real artifacts (rootfs, image, kernel)")
     config.addinivalue_line("markers", "boot: boots artifacts under QEMU")
+    for path in config.getoption("kernel_config"):
+        if not Path(path).expanduser().is_file():
+            raise pytest.UsageError(f"--kernel-config: {path}: no such file")
+
+
+# --- config gates (--kernel-config) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One --kernel-config file and its test id."""
+
+    id: str
+    path: Path
+
+
+def kernel_configs(config: pytest.Config) -> list[KernelConfig]:
+    """The --kernel-config files, each once, with ids from their names (`a.config` -> `a`; a second
+    `a.config` from another directory -> `a-2`), safe in node ids and xdist group names."""
+    configs: list[KernelConfig] = []
+    for given in config.getoption("kernel_config"):
+        path = Path(given).expanduser().absolute()
+        if any(c.path == path for c in configs):
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name.removesuffix(".config") or path.name)
+        ident, n = stem, 1
+        while any(c.id == ident for c in configs):
+            n += 1
+            ident = f"{stem}-{n}"
+        configs.append(KernelConfig(ident, path))
+    return configs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """With --kernel-config: every test that boots `boot_kernel` runs once per config."""
+    configs = kernel_configs(metafunc.config)
+    if configs and "osbuilder_kernel_config" in metafunc.fixturenames:
+        metafunc.parametrize("osbuilder_kernel_config", configs, ids=[c.id for c in configs], indirect=True,
+                             scope="session")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A config's tests in an xdist_group stay together (one module-scoped guest), in a group of
+    their own (`good-path` -> `good-path-a`), so that `--dist loadgroup` can send each config elsewhere."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        kconfig = callspec.params.get("osbuilder_kernel_config") if callspec else None
+        groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                  for m in item.iter_markers("xdist_group")}
+        if kconfig is not None and groups:
+            item.add_marker(pytest.mark.xdist_group("_".join(sorted(groups)) + f"-{kconfig.id}"))
 
 
 # --- build artifacts ------------------------------------------------------------------------
@@ -112,10 +173,11 @@ class Artifacts:
                           lambda tmp: initrd_step.build_initrd(settings, tree.path, tmp / layout.INITRD))
         return Artifact(entry / layout.INITRD, m)
 
-    def kernel(self, settings: Settings) -> Artifact:
-        """A directory with the kernel outputs (layout.KernelFiles) for these settings."""
-        m = kernel_step.kernel_manifest(settings)
-        entry = self._get("kernel", m, lambda tmp: kernel_step.build_kernel(settings, tmp))
+    def kernel(self, settings: Settings, config: Path | None = None) -> Artifact:
+        """A directory with the kernel outputs (layout.KernelFiles) for these settings: from osbuilder's
+        fragments, or with `config` from that complete .config as it is."""
+        m = kernel_step.kernel_manifest(settings, config=config)
+        entry = self._get("kernel", m, lambda tmp: kernel_step.build_kernel(settings, tmp, config=config))
         return Artifact(entry, m)
 
 
@@ -182,18 +244,38 @@ def note_logs(node: pytest.Item | pytest.Collector, log_dir: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def boot_kernel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> BootKernel:
-    """The kernel boot checks use (BOOT_KERNEL; `built` takes the `kernel` fixture's)."""
-    if osbuilder_settings.boot_kernel.strip() == "built":
+def osbuilder_kernel_config(request: pytest.FixtureRequest) -> KernelConfig | None:
+    """The --kernel-config this test runs with (pytest_generate_tests parametrises it); None without one."""
+    return getattr(request, "param", None)
+
+
+def settings_kernel(settings: Settings, request: pytest.FixtureRequest) -> BootKernel:
+    """BOOT_KERNEL's kernel (`built` takes the `kernel` fixture's)."""
+    if settings.boot_kernel.strip() == "built":
         built = layout.KernelFiles(request.getfixturevalue("kernel").path).vmlinuz
-        return check.boot_kernel(osbuilder_settings, built=built)
-    return check.boot_kernel(osbuilder_settings)
+        return check.boot_kernel(settings, built=built)
+    return check.boot_kernel(settings)
 
 
 @pytest.fixture(scope="session")
-def boot_accel(osbuilder_settings: Settings, boot_kernel: BootKernel) -> accel_mod.Accel:
-    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG."""
-    return accel_mod.choose(osbuilder_settings, boot_kernel)
+def boot_kernel(osbuilder_settings: Settings, osbuilder_kernel_config: KernelConfig | None,
+                request: pytest.FixtureRequest) -> BootKernel:
+    """The kernel boot checks use: the --kernel-config's kernel (built once, cached), else BOOT_KERNEL's."""
+    if osbuilder_kernel_config is None:
+        return settings_kernel(osbuilder_settings, request)
+    artifacts: Artifacts = request.getfixturevalue("osbuilder_artifacts")
+    built = artifacts.kernel(osbuilder_settings, config=osbuilder_kernel_config.path)
+    return check.boot_kernel(osbuilder_settings, path=layout.KernelFiles(built.path).vmlinuz)
+
+
+@pytest.fixture(scope="session")
+def boot_accel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> accel_mod.Accel:
+    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG. A property of the host:
+    with --kernel-config the probe boots BOOT_KERNEL's kernel, so that tests which boot a kernel of
+    their own (`kernel`'s) are not repeated per config."""
+    if kernel_configs(request.config):
+        return accel_mod.choose(osbuilder_settings, settings_kernel(osbuilder_settings, request))
+    return accel_mod.choose(osbuilder_settings, request.getfixturevalue("boot_kernel"))
 
 
 @pytest.fixture(scope="session")
@@ -228,13 +310,14 @@ def boot_guest(osbuilder_settings: Settings, boot_kernel: BootKernel, boot_accel
 @pytest.fixture(scope="module")
 def booted_guest(osbuilder_settings: Settings, image: Artifact, boot_kernel: BootKernel,
                  boot_accel: accel_mod.Accel, ssh_session_key: ssh.SessionKey,
-                 request: pytest.FixtureRequest) -> Iterator[Guest]:
+                 osbuilder_kernel_config: KernelConfig | None, request: pytest.FixtureRequest) -> Iterator[Guest]:
     """The session image booted through every phase but powerdown (kernel, agent, running, exec, ssh).
 
-    One boot per module; its tests each check one thing. If the boot fails, they all fail with
-    the boot's error (phase, matched console lines, console tail, log dir).
+    One boot per module (per module and --kernel-config); its tests each check one thing. If the boot
+    fails, they all fail with the boot's error (phase, matched console lines, console tail, log dir).
     """
     name = f"{request.module.__name__.rsplit('.', 1)[-1]}-booted"
+    name += f"-{osbuilder_kernel_config.id}" if osbuilder_kernel_config else ""
     opts = check.guest_options(osbuilder_settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
                                name=name, ssh_key=ssh_session_key)
     with check.booted(opts, osbuilder_settings) as guest:

@@ -2,7 +2,9 @@
 
 `build_kernel(settings, out_dir)` is shared by `osbuilder kernel` (out_dir = WORKDIR) and the
 pytest fixture (out_dir = a cache entry being filled); `kernel_manifest(settings)` is that entry's
-key, computed from the source's identity without unpacking it. The object tree lives in
+key, computed from the source's identity without unpacking it. With `config=` a complete .config is
+built as it is (normalised by `olddefconfig`, no fragments): what `kconfig bisect`, `bisect-run` and
+`pytest --kernel-config` build; `tree=` builds a source tree in place (a user's git checkout). The object tree lives in
 WORKDIR/kernel-build and ccache in the per-user cache (depend mode, see build_env), so a rebuild
 after one option change only recompiles what depends on it, and another WORKDIR reuses the
 compiled objects. Fixed KBUILD_BUILD_* values make two builds of the same inputs byte-identical.
@@ -104,9 +106,10 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
     }
 
 
-def kernel_manifest(settings: Settings) -> Manifest:
+def kernel_manifest(settings: Settings, config: Path | None = None) -> Manifest:
     """Cache key inputs: source identity, fragments, base config, osbuilder's kernel code, compiler,
-    binutils, host architecture, epoch.
+    binutils, host architecture, epoch. With `config` (a complete .config built as it is), its content
+    replaces fragments and base config.
 
     Computed without unpacking or cloning the source: its identity (a tarball's content hash, a git
     tree's commit, the commit a git URL's ref points at) determines the kernel version, so the
@@ -114,15 +117,19 @@ def kernel_manifest(settings: Settings) -> Manifest:
     unpacked.
     """
     where = origin(settings)
-    base = settings.kernel_config
-    if base is not None and not base.is_file():
-        raise UsageError(f"KERNEL_CONFIG: {base}: no such file")
-    fragments = resolve_fragments(settings)
+    if config is not None:
+        fragments_key, base_key = "none (a complete .config)", f"exact {file_hash(config)}"
+    else:
+        base = settings.kernel_config
+        if base is not None and not base.is_file():
+            raise UsageError(f"KERNEL_CONFIG: {base}: no such file")
+        fragments_key = " ".join(f"{p.name}={file_hash(p)[:16]}" for p in resolve_fragments(settings))
+        base_key = file_hash(base) if base else "allnoconfig"
     epoch = settings.source_date_epoch if settings.source_date_epoch is not None else where.epoch
     return Manifest("kernel", {
         "source": json.dumps(where.identity, sort_keys=True),
-        "fragments": " ".join(f"{p.name}={file_hash(p)[:16]}" for p in fragments),
-        "base_config": file_hash(base) if base else "allnoconfig",
+        "fragments": fragments_key,
+        "base_config": base_key,
         "compiler": compiler()[1],
         "binutils": tool_version("ld", "--version"),
         "arch": platform.machine(),
@@ -132,26 +139,65 @@ def kernel_manifest(settings: Settings) -> Manifest:
     })
 
 
-def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = None) -> KernelBuild:
-    """Configure, verify and compile; copy the outputs and kernel-metadata.json into `out_dir`."""
+def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = None, config: Path | None = None,
+                 tree: SourceTree | None = None, build_dir: Path | None = None) -> KernelBuild:
+    """Configure, verify and compile; copy the outputs and kernel-metadata.json into `out_dir`.
+
+    `config`: build this complete .config (normalised by olddefconfig) instead of the fragments.
+    `tree`: this source tree instead of KERNEL_SOURCE's; `build_dir`: this object tree instead of
+    WORKDIR/kernel-build. Raises ConfigureError when the configuration step fails (a commit whose
+    Kconfig is broken), OsbuilderError when the compile fails."""
     started = time.monotonic()
     logfile = logfile or Workdir.of(settings).log("kernel")
-    tree = ensure_source(settings, logfile=logfile)
-    bdir = Workdir.of(settings).kernel_build
+    tree = tree or ensure_source(settings, logfile=logfile)
+    bdir = build_dir or Workdir.of(settings).kernel_build
     bdir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(bdir) + ".lock"):
         _reset_if_other_source(bdir, tree)
         cc, cc_version = compiler()
         env = build_env(settings, tree)
-        merged, config_path = configure(settings, tree.path, bdir, cc=cc, logfile=logfile, env=env)
+        if config is None:
+            merged, config_path = configure(settings, tree.path, bdir, cc=cc, logfile=logfile, env=env)
+        else:
+            merged, config_path = Merged([]), configure_exact(settings, tree.path, bdir, config, cc=cc,
+                                                               logfile=logfile, env=env)
+        configured = time.monotonic()
         # one job more than cores keeps both busy through I/O waits (measured: 296 s vs 303 s cold on 2 cores)
         jobs = (os.cpu_count() or 1) + 1
         make = ["make", "-C", str(tree.path), f"O={bdir}", f"-j{jobs}", *make_vars(cc), "bzImage"]
         _ccache(env, "--zero-stats")
-        _make(settings, make, bdir, logfile, env)
+        _make(settings, make, bdir, logfile, env, tree)
         metadata = _metadata(settings, tree, merged, config_path, cc, cc_version, make, env, started)
+        metadata["base_config"] = str(config) if config is not None else metadata["base_config"]
+        metadata["seconds"] = {"configure": round(configured - started, 1),
+                               "compile": round(time.monotonic() - configured, 1)}
         _publish_outputs(bdir, out_dir, metadata)
     return KernelBuild(out_dir, metadata)
+
+
+class ConfigureError(OsbuilderError):
+    """The source tree could not be configured (its Kconfig or scripts are broken)."""
+
+
+def configure_exact(settings: Settings, src: Path, bdir: Path, config: Path, *, cc: str, logfile: Path,
+                    env: dict[str, str]) -> Path:
+    """bdir/.config = `config` normalised by `make olddefconfig` (what a complete .config becomes in
+    this tree); written beside and renamed, so an interrupted copy never looks like a config."""
+    bdir.mkdir(parents=True, exist_ok=True)
+    dest = bdir / ".config"
+    tmp = temp_beside(dest)
+    try:
+        shutil.copyfile(config, tmp)
+        publish(tmp, dest)
+    finally:
+        discard(tmp)
+    try:
+        run(["make", "-C", src, f"O={bdir}", *make_vars(cc), "olddefconfig"], step="kconfig", logfile=logfile,
+            env=env, verbose=settings.debug)
+    except OsbuilderError as e:
+        raise ConfigureError(f"kernel: {config} does not configure in {src} (make olddefconfig failed)",
+                             e.detail) from None
+    return dest
 
 
 def clean_build_dir(settings: Settings) -> None:
@@ -173,7 +219,8 @@ def _reset_if_other_source(bdir: Path, tree: SourceTree) -> None:
     stamp.write_text(content)
 
 
-def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: dict[str, str]) -> None:
+def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: dict[str, str],
+          tree: SourceTree) -> None:
     offset = logfile.stat().st_size if logfile.exists() else 0
     try:
         run(cmd, step="kernel", logfile=logfile, env=env, verbose=settings.debug)
@@ -184,8 +231,8 @@ def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: di
                                       e.detail) from None
         first = _first_error(output)
         where = f": {first}" if first else f" (see {logfile})"
-        raise OsbuilderError(f"kernel: the kernel source in KERNEL_SOURCE={settings.kernel_source} does not "
-                             f"build{where}", e.detail) from None
+        source = tree.marker.get("spec", {}).get("location") or settings.kernel_source
+        raise OsbuilderError(f"kernel: the kernel source in {source} does not build{where}", e.detail) from None
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -291,6 +291,7 @@ class Definition:
     prompt: bool = False
     prompt_if: list[str] = field(default_factory=list)
     deps: list[str] = field(default_factory=list)
+    defaults: list[str] = field(default_factory=list)  # `default VALUE [if COND]` as written
     enclosing: list[_Block] = field(default_factory=list)
 
     def all_deps(self) -> list[str]:
@@ -389,8 +390,12 @@ class _KconfigReader:
     def attribute(self, d: Definition, word: str, rest: str) -> None:
         if word in _TYPES:
             d.type = word.removeprefix("def_")
-            if not word.startswith("def_") and rest:
+            if word.startswith("def_") and rest:
+                d.defaults.append(_strip_comment(rest))
+            elif rest:
                 self.prompt(d, rest)
+        elif word == "default":
+            d.defaults.append(_strip_comment(rest))
         elif word == "prompt":
             self.prompt(d, rest)
         elif word == "select":
@@ -464,3 +469,23 @@ def _skip_help(lines: list[str], i: int) -> int:
             return i
         i += 1
     return i
+
+
+def help_text(root: Path, definition: Definition) -> str:
+    """The `help` text of one definition, dedented ('' when it has none)."""
+    try:
+        lines = (root / definition.file).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    i = definition.line  # the line after `config NAME`
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if stripped in ("help", "---help---"):
+            end = _skip_help(lines, i + 1)
+            body = [line.expandtabs(8) for line in lines[i + 1:end]]
+            indent = min((len(b) - len(b.lstrip()) for b in body if b.strip()), default=0)
+            return "\n".join(b[indent:].rstrip() for b in body).strip()
+        if lines[i][:1] not in (" ", "\t", "") and not stripped.startswith("#"):
+            return ""  # the next entry began: no help
+        i += 1
+    return ""

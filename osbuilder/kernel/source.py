@@ -290,3 +290,23 @@ def _git_head(tree: Path, logfile: Path, required: bool = True) -> str:
         if not required:  # a repository without commits yet
             return ""
         raise UsageError(f"KERNEL_SOURCE: {tree}: cannot read the git commit", e.detail) from None
+
+
+def worktree(path: Path, logfile: Path) -> SourceTree:
+    """A user's git checkout of Linux, built in place (`bisect-run`): whatever commit is checked out.
+    Its content marker is its location, not its commit, so one object tree serves every commit."""
+    path = path.resolve()
+    spec = SourceSpec("git-tree", str(path))
+    if not (path / ".git").exists():
+        raise UsageError(f"--source-tree: {path} is not a git tree (run bisect-run from a kernel checkout)")
+    _check_tree(spec, path)
+    if (path / ".config").exists() or (path / "include" / "config").is_dir():
+        raise UsageError(f"--source-tree: {path} holds an in-tree build (a .config); run `make mrproper` there "
+                         "first (osbuilder builds out of tree)")
+    out = run(["make", "-s", "-C", path, "kernelversion"], step="kernel-src", logfile=logfile, capture=True)
+    version = out.stdout.decode().strip().splitlines()[-1]
+    commit = _git_head(path, logfile)
+    epoch = int(_git(path, logfile, "log", "-1", "--format=%ct"))
+    marker = {"identity": {"kind": "git-tree", "commit": commit}, "version": version, "epoch": epoch,
+              "content": f"worktree:{path}", "spec": spec.as_dict()}
+    return SourceTree(path, marker, False)
