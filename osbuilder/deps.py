@@ -15,6 +15,11 @@ class Tool:
     program: str
     package: str
     why: str
+    search: str = ""  # directories looked in besides PATH (an engine finds its runtime there, not on PATH)
+
+
+def where(tool: Tool) -> str | None:
+    return shutil.which(tool.program) or (shutil.which(tool.program, path=tool.search) if tool.search else None)
 
 
 STEPS: dict[str, tuple[Tool, ...]] = {
@@ -72,13 +77,13 @@ def missing(steps: list[str] | None = None) -> list[tuple[str, Tool]]:
     return [(step, t) for step in wanted for t in STEPS[step] if shutil.which(t.program) is None]
 
 
-def report(steps: list[str] | None = None) -> str:
+def report(steps: list[str] | None = None, table: dict[str, tuple[Tool, ...]] = STEPS) -> str:
     lines = []
-    for step in steps or list(STEPS):
+    for step in steps or list(table):
         lines.append(f"{step}:")
-        for t in STEPS[step]:
-            where = shutil.which(t.program)
-            state = where if where else "MISSING"
+        for t in table[step]:
+            found = where(t)
+            state = found if found else "MISSING"
             lines.append(f"  {t.program:<20} {t.package:<18} {state:<32} {t.why}")
     return "\n".join(lines)
 
@@ -93,10 +98,11 @@ def require(step: str) -> None:
                          f"or `apt-get install {pkgs}`")
 
 
-def install(steps: list[str] | None = None) -> list[str]:
-    """apt-get install the packages of the missing programs (root only). Returns the packages."""
-    packages = sorted({t.package for _, t in missing(steps)})
-    if not steps:
+def install(steps: list[str] | None = None, gone: list[tuple[str, Tool]] | None = None) -> list[str]:
+    """apt-get install the packages of the missing programs (root only; `gone`: these instead of the
+    steps' missing ones). Returns the packages."""
+    packages = sorted({t.package for _, t in (missing(steps) if gone is None else gone)})
+    if not steps and gone is None:
         packages = sorted(set(packages) | set(EXTRA_PACKAGES))
     if not packages:
         return []
@@ -108,3 +114,30 @@ def install(steps: list[str] | None = None) -> list[str]:
         if subprocess.run(cmd, env=env).returncode != 0:
             raise OsbuilderError(f"check-deps --install: `{' '.join(cmd[:2])}` failed")
     return packages
+
+
+# USE_DOCKER=yes: the host needs only an engine (and Python); the steps' tools are in the tools image.
+ENGINES: dict[str, tuple[Tool, ...]] = {
+    "podman": (
+        Tool("podman", "podman", "runs each step in the tools container (USE_DOCKER)"),
+        Tool("runc", "runc", "the runtime podman falls back to where crun cannot run a container",
+             search="/usr/bin:/usr/sbin:/usr/local/bin:/usr/local/sbin"),
+    ),
+    "docker": (
+        Tool("docker", "docker.io", "runs each step in the tools container (USE_DOCKER)"),
+    ),
+}
+
+
+def engine_table(choice: str) -> dict[str, tuple[Tool, ...]]:
+    """What check-deps lists for CONTAINER_ENGINE=`choice` (auto: podman and docker)."""
+    return dict(ENGINES) if choice == "auto" else {choice: ENGINES[choice]}
+
+
+def engine_missing(choice: str) -> list[tuple[str, Tool]]:
+    """Missing programs of the engine; with auto, nothing when any one engine is complete, else podman's."""
+    table = engine_table(choice)
+    gaps = {name: [(name, t) for t in tools if where(t) is None] for name, tools in table.items()}
+    if any(not gap for gap in gaps.values()):
+        return []
+    return next(iter(gaps.values()))

@@ -205,6 +205,17 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
     return parse
 
 
+IMAGE_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$", re.I)  # registry/name:tag or @digest
+
+
+def _image_reference(name: str, raw: str) -> str:
+    """A container image name: it becomes one argument of the engine, never an option."""
+    value = raw.strip()
+    if not IMAGE_REFERENCE.match(value) or len(value) > 255:
+        raise UsageError(f"{name}: {_short(value)} is not an image name (e.g. debian:bookworm, localhost/base:12)")
+    return value
+
+
 def _distro(name: str, raw: str) -> str:
     from osbuilder.rootfs.distros import get  # the plugin registry knows the valid names
 
@@ -295,7 +306,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("WORKDIR", "./workdir", "directory for the rootfs, images, kernels, caches and logs", _path),
     Setting("DEBUG", "no", "show every line the build tools print (yes/no)", _yes_no, ambient=True),
     Setting("SOURCE_DATE_EPOCH", "", "timestamp for reproducible builds (default: now)", _epoch),
-    Setting("USE_DOCKER", "no", "accepted for compatibility; osbuilder is rootless and needs no container", _yes_no),
+    Setting("USE_DOCKER", "no", "run each step (rootfs, image, initrd, kernel-src, kernel, boot) in a tools container, so the host needs only Python and CONTAINER_ENGINE (yes/no)", _yes_no),
+    Setting("CONTAINER_ENGINE", "auto", "engine for USE_DOCKER: auto (the first of podman, docker that can run a container), podman, docker", _choice("auto", "podman", "docker")),
+    Setting("TOOLS_BASE_IMAGE", "debian:bookworm", "Debian image the USE_DOCKER tools image is built on (a local image, e.g. one made with mmdebstrap and `podman import`, or one to pull)", _image_reference),
     Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR (default: $XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder)", _optional_path),
     # rootfs
     Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: debian)", _distro, "rootfs"),
@@ -346,6 +359,8 @@ class Settings:
     debug: bool
     source_date_epoch: int | None
     use_docker: bool
+    container_engine: str
+    tools_base_image: str
     cache_dir: Path | None
     distro: str
     os_version: str
