@@ -149,6 +149,7 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
     Kconfig is broken), OsbuilderError when the compile fails."""
     started = time.monotonic()
     logfile = logfile or Workdir.of(settings).log("kernel")
+    named = "" if tree is None else str(tree.path)  # how a compile error names the source
     tree = tree or ensure_source(settings, logfile=logfile)
     bdir = build_dir or Workdir.of(settings).kernel_build
     bdir.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
         jobs = (os.cpu_count() or 1) + 1
         make = ["make", "-C", str(tree.path), f"O={bdir}", f"-j{jobs}", *make_vars(cc), "bzImage"]
         _ccache(env, "--zero-stats")
-        _make(settings, make, bdir, logfile, env, tree)
+        _make(settings, make, bdir, logfile, env, named)
         metadata = _metadata(settings, tree, merged, config_path, cc, cc_version, make, env, started)
         metadata["base_config"] = str(config) if config is not None else metadata["base_config"]
         metadata["seconds"] = {"configure": round(configured - started, 1),
@@ -220,7 +221,8 @@ def _reset_if_other_source(bdir: Path, tree: SourceTree) -> None:
 
 
 def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: dict[str, str],
-          tree: SourceTree) -> None:
+          source: str = "") -> None:
+    """Run make; a failure is one line naming the source (`source`, default KERNEL_SOURCE's)."""
     offset = logfile.stat().st_size if logfile.exists() else 0
     try:
         run(cmd, step="kernel", logfile=logfile, env=env, verbose=settings.debug)
@@ -231,7 +233,7 @@ def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: di
                                       e.detail) from None
         first = _first_error(output)
         where = f": {first}" if first else f" (see {logfile})"
-        source = tree.marker.get("spec", {}).get("location") or settings.kernel_source
+        source = source or f"KERNEL_SOURCE={settings.kernel_source}"
         raise OsbuilderError(f"kernel: the kernel source in {source} does not build{where}", e.detail) from None
 
 
