@@ -13,9 +13,7 @@ import errno
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -237,7 +235,7 @@ def guard_process(s: Settings, args: argparse.Namespace) -> None:
     says so. A step's log file is its lock, so no other file appears in WORKDIR; image also reads
     the rootfs tree; boot checks share the boot-log directory. Children die with osbuilder even
     when it is SIGKILLed: procs.py's watchdog starts with the first of them."""
-    _terminate_as_interrupt()
+    procs.terminate_as_interrupt()
     wd = Workdir.of(s)
     locks = {
         "rootfs": (wd.log("rootfs"),),
@@ -255,16 +253,6 @@ def guard_process(s: Settings, args: argparse.Namespace) -> None:
         wd.boot_logs.mkdir(exist_ok=True)
     for i, path in enumerate(locks):
         procs.hold_lock(path, args.command, shared=i > 0)
-
-
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) unwind like Ctrl-C."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGHUP, handler)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:

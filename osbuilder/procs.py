@@ -245,3 +245,13 @@ def _watch(token: str) -> None:
 
 if __name__ == "__main__":
     _watch(sys.argv[1])
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) unwind like Ctrl-C."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGHUP, handler)

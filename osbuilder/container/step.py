@@ -17,10 +17,8 @@ import logging
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 from osbuilder import procs
@@ -132,7 +130,7 @@ def run_step(engine: Engine, settings: Settings, args: argparse.Namespace) -> in
     cmd = container_command(engine, image, settings, args, name, interactive)
     env = {**os.environ, **environment(settings)}
     log.info("%s: + %s", args.command, redact(format_command(cmd)))
-    terminate_as_interrupt()
+    procs.terminate_as_interrupt()  # so the container is stopped too
     proc = procs.spawn(cmd, env=env, own_group=not interactive,
                        stdin=None if interactive else subprocess.DEVNULL)
     try:
@@ -147,16 +145,6 @@ def run_step(engine: Engine, settings: Settings, args: argparse.Namespace) -> in
         raise InfrastructureError(f"CONTAINER_ENGINE: {engine.name} could not run the tools container "
                                   f"(exit {code}; its message is above)")
     return code
-
-
-def terminate_as_interrupt() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C (as for a step on the host), so the container is stopped."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGHUP, handler)
 
 
 def stop(engine: Engine, name: str) -> None:
