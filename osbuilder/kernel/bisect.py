@@ -65,8 +65,11 @@ class State:
     good: str = ""
     bad: str = ""
     steps: list[dict[str, Any]] = field(default_factory=list)
-    verdicts: dict[str, str] = field(default_factory=dict)
     result: dict[str, Any] | None = None
+
+    def step_of(self, sha: str) -> dict[str, Any] | None:
+        """The last step that tested this config (its verdict stands), None if none did."""
+        return next((s for s in reversed(self.steps) if s["config"] == sha), None)
 
     @classmethod
     def load(cls, path: Path) -> State | None:
@@ -162,7 +165,7 @@ class Bisection:
                          plural(len(applied), "option"), "s" if len(applied) == 1 else "",
                          "GOOD" if values == good else "BAD")
                 continue
-            if sha in self.state.verdicts:
+            if self.state.step_of(sha) is not None:
                 continue  # tested before: skipped, or a config GOOD or BAD already moved past
             verdict = self.verdict_of(sha, "split", applied)
             if verdict.verdict == GOOD:
@@ -177,10 +180,9 @@ class Bisection:
     def verdict_of(self, sha: str, role: str, applied: list[Change]) -> Verdict:
         """The verdict for a config: remembered from an earlier step, or tested (a skip that a retry can
         help is retried once) and recorded; the caller saves the state once it has acted on it."""
-        known = self.state.verdicts.get(sha)
-        if known in (GOOD, BAD):
-            previous = next(s for s in reversed(self.state.steps) if s["config"] == sha)
-            return Verdict(known, previous["phase"], previous["reason"])
+        previous = self.state.step_of(sha)
+        if previous is not None and previous["verdict"] in (GOOD, BAD):
+            return Verdict(previous["verdict"], previous["phase"], previous["reason"])
         left = len([c for c in self.changes_between(self.state.good, self.state.bad) if c.settable])
         number = len(self.state.steps) + 1
         self.progress(f"kconfig bisect: step {number} of at most {self.bound()}: {role}, "
@@ -190,7 +192,6 @@ class Bisection:
         if verdict.verdict == SKIP and verdict.retry:
             self.progress(f"kconfig bisect: step {number}: skip ({verdict.reason}); retrying once")
             verdict = self.test(self.configs.path(sha), f"bisect-{sha[:12]}-retry")
-        self.state.verdicts[sha] = verdict.verdict
         self.state.steps.append({"step": number, "role": role, "config": sha, "options": [c.name for c in applied],
                                  **verdict.as_dict()})
         self.progress(f"kconfig bisect: step {number}: {verdict.verdict} (phase {verdict.phase}: {verdict.reason}) "

@@ -139,10 +139,6 @@ class Change:
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "good": self.good, "bad": self.bad, "settable": self.settable}
 
-    @property
-    def spelled(self) -> str:
-        return f"CONFIG_{self.name}: {show(self.good)} -> {show(self.bad)}"
-
 
 def show(value: str | None) -> str:
     return "not set" if value in (None, "n") else value
