@@ -33,6 +33,7 @@ from osbuilder.layout import Workdir
 from osbuilder.vm import accel as accel_mod
 from osbuilder.vm import check, phases, ssh
 from osbuilder.vm.debian_kernel import debian_kernel
+from osbuilder.vm.guest import Guest
 from osbuilder.vm.options import BootKernel
 from osbuilder.vm.profiles import SYSTEMD
 from osbuilder.vm.qemu import kernel_cmdline
@@ -77,7 +78,7 @@ def osbuilder_boot(settings: S.Settings, image: Path, kernel: BootKernel, accel:
     opts = check.guest_options(settings, image=image, kernel=kernel, accel=accel, name="bench", ssh_key=key)
     opts = dataclasses.replace(opts, log_dir=tmp / "logs")
     started = time.monotonic()
-    with check.start_guest(opts) as guest:
+    with Guest.start(opts) as guest:
         for phase in ("kernel", "root", "init", "agent"):
             phases.run(guest, phase)
         agent_ready = time.monotonic() - started

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from osbuilder import settings as S
 from osbuilder.vm import check, profiles
+from osbuilder.vm.guest import Guest
 from osbuilder.vm.options import Accel, BootKernel
 
 
@@ -27,7 +28,7 @@ def boot(settings: S.Settings, image: Path, kernel: Path, name: str, profile=Non
     extra = {"profile": profile} if profile is not None else {}
     opts = check.guest_options(settings, image=image, kernel=BootKernel(kernel, None, "built"),
                                accel=Accel("tcg", "bench", False), name=name, **extra)
-    with check.start_guest(opts) as guest:
+    with Guest.start(opts) as guest:
         check.boot_to_ready(guest)
         return dict(guest.timings)
 

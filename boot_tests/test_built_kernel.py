@@ -14,6 +14,7 @@ import pytest
 from osbuilder.layout import KernelFiles
 from osbuilder.pytest_plugin import note_logs
 from osbuilder.vm import check, phases, records
+from osbuilder.vm.guest import Guest
 from osbuilder.vm.options import BootKernel
 
 
@@ -27,7 +28,7 @@ def test_built_kernel_boots_the_image(kernel_file, kernel, image, osbuilder_sett
     opts = check.guest_options(osbuilder_settings, image=image.path, kernel=built, accel=boot_accel,
                                name=f"built-{path.name}", ssh_key=ssh_session_key)
     note_logs(request.node, opts.log_dir)
-    with check.start_guest(opts) as guest:
+    with Guest.start(opts) as guest:
         check.boot_to_ready(guest)
         release = guest.exec(["uname", "-r"]).stdout.strip()
         modules = guest.exec(["cat", "/proc/modules"])

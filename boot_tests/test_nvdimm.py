@@ -19,8 +19,8 @@ from osbuilder.fs import sha256_file
 from osbuilder.image import PFN_INFO_OFFSET, read_dax_header, wants_dax
 from osbuilder.layout import KernelFiles
 from osbuilder.pytest_plugin import note_logs
-from osbuilder.vm import accel, check, phases, profiles, qemu
-from osbuilder.vm.guest import BootFailure
+from osbuilder.vm import accel, attachments, check, phases, profiles, qemu
+from osbuilder.vm.guest import BootFailure, Guest
 from osbuilder.vm.options import BootKernel
 from osbuilder.vm.profiles import Outcome
 
@@ -52,11 +52,11 @@ def test_the_image_boots_as_the_runtimes_nvdimm(kind, nvdimm_settings, osbuilder
     note_logs(request.node, opts.log_dir)
     dax = wants_dax(osbuilder_settings)
     assert (read_dax_header(image.path) is not None) is dax  # the session image was made with the settings' DAX
-    assert opts.profile.attach is (profiles.NVDIMM_DAX if dax else profiles.NVDIMM)
+    assert opts.profile.attach is (attachments.NVDIMM_DAX if dax else attachments.NVDIMM)
     command = qemu.build_command(opts.spec(), qemu.VmPaths(Path("/run/x")))
     assert "-drive" not in command and any("readonly=on" in o for o in command), command  # no overlay either
     before = sha256_file(image.path)
-    with check.start_guest(opts) as guest:
+    with Guest.start(opts) as guest:
         check.boot_to_ready(guest)
         cmdline = guest.exec(["cat", "/proc/cmdline"]).stdout.split()
         nd = guest.exec(["sh", "-c", "ls /sys/bus/nd/devices; findmnt -n -o SOURCE /"]).stdout.split()
@@ -92,7 +92,7 @@ def test_a_namespace_without_dax_fails_fast_with_the_console_evidence(nvdimm_set
                                accel=accel.choose(nvdimm_settings, boot_kernel), name="nvdimm-no-pfn",
                                profile=profiles.NVDIMM_DAX_SYSTEMD)
     note_logs(request.node, opts.log_dir)
-    with check.start_guest(opts) as guest, pytest.raises(BootFailure) as failure:
+    with Guest.start(opts) as guest, pytest.raises(BootFailure) as failure:
         check.boot_to_ready(guest)
     assert failure.value.phase == "root", failure.value
     assert guest.now() < opts.budgets.root  # failed fast: the panic, not the timeout

@@ -19,7 +19,6 @@ workers), an entry is rebuilt once per session: the ones this session made are h
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder.errors import InfrastructureError
+from osbuilder import errors
 from osbuilder.fs import discard, publish, sha256_file, temp_beside, write_atomically
 
 log = logging.getLogger("osbuilder")
@@ -82,10 +81,10 @@ class Cache:
                     return entry
                 self._fill(entry, manifest, build, session)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if not errors.out_of_space(e):
                 raise
-            raise InfrastructureError(f"{self.setting}: no space left on device in {self.root} while caching "
-                                      f"{manifest.kind} {manifest.key}", str(e)) from None
+            raise errors.full_disk(self.setting, f"in {self.root} while caching {manifest.kind} {manifest.key}",
+                                   e) from None
         return entry
 
     def _usable(self, entry: Path, manifest: Manifest, rebuild: bool, session: str | None) -> bool:

@@ -1,15 +1,16 @@
 """The `osbuilder` command: the old Makefile targets as subcommands, every setting as a flag.
 
-Every subcommand lives here and is a thin shell: parse, resolve the settings, call the step's
-function, print what it made.
+Every subcommand lives here, as a handler and its `Step` record (steps.py: help, own flags, needed
+programs, locks, whether it runs in the USE_DOCKER container). A handler is a thin shell: resolve
+the settings, call the step's function, print what it made. `main` parses (the parser is made from
+the records), takes the step's locks, checks its programs and runs it.
 Exit codes: 0 success, 1 a step failed, 2 a usage error (bad setting, missing input),
-125 an infrastructure failure (broken accelerator, unreachable mirror).
+125 an infrastructure failure (broken accelerator, unreachable mirror, full disk).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -17,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from osbuilder import __version__, deps, procs
+from osbuilder import __version__, deps, errors, procs, steps
 from osbuilder import settings as settings_mod
-from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.deps import Tool
+from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.layout import IMAGE, INITRD, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
+from osbuilder.steps import Step, register
 
 log = logging.getLogger("osbuilder")
 
@@ -29,7 +32,6 @@ log = logging.getLogger("osbuilder")
 def cmd_rootfs(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder.rootfs.build import build_rootfs
 
-    deps.require("rootfs")
     wd = writable_workdir(s)
     dest = build_rootfs(s, wd.rootfs)
     print(f"rootfs: {dest}")
@@ -38,7 +40,6 @@ def cmd_rootfs(s: Settings, args: argparse.Namespace) -> None:
 def cmd_image(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder.image import build_image
 
-    deps.require("image")
     wd = writable_workdir(s)
     image = build_image(s, wd.rootfs, wd.image)
     print(f"image: {wd.image} ({image.total_bytes // 2**20} MiB, {s.fs_type} at offset {image.fs_offset})")
@@ -48,7 +49,6 @@ def cmd_initrd(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder import initrd
 
     initrd.require_agent_init(s)  # before anything is written
-    deps.require("initrd")
     wd = writable_workdir(s)
     dest = initrd.build_initrd(s, wd.rootfs, wd.initrd)
     print(f"initrd: {dest} ({dest.stat().st_size / 2**20:.1f} MiB, zstd-compressed newc cpio, /init is the agent)")
@@ -130,13 +130,12 @@ def cmd_bisect_run(s: Settings, args: argparse.Namespace) -> int:
 def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
     from osbuilder.vm import check
 
-    image = check.boot_image(s)
-    kernel = check.boot_kernel(s, path=args.boot_kernel_path)
+    image, kernel, profile = check.plan(s, kernel_path=args.boot_kernel_path)
     if args.check:
-        record = check.run_boot_check(s, image, kernel)
+        record = check.run_boot_check(s, image, kernel, profile)
         print(check.format_timings(record))
         return 0
-    return check.boot_interactive(s, image, kernel)
+    return check.boot_interactive(s, image, kernel, profile)
 
 
 def cmd_install_image(s: Settings, args: argparse.Namespace) -> None:
@@ -158,25 +157,27 @@ def cmd_install_kernel(s: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
-    steps = args.steps or None
     if s.use_docker:  # the steps' tools are in the tools image: the host needs only the engine
-        if args.install:
-            installed = deps.install(gone=deps.engine_missing(s.container_engine))
-            if installed:
-                print("installed: " + " ".join(installed))
+        table = deps.engine_table(s.container_engine)
+        gone = deps.engine_missing(s.container_engine)
+        packages = sorted({t.package for t in gone})
         print(f"USE_DOCKER=yes: every step runs in the tools image; this host needs only CONTAINER_ENGINE "
               f"({s.container_engine})")
-        print(deps.report(table=deps.engine_table(s.container_engine)))
-        gone = deps.engine_missing(s.container_engine)
     else:
-        if args.install:
-            installed = deps.install(steps)
-            if installed:
-                print("installed: " + " ".join(installed))
-        print(deps.report(steps))
-        gone = deps.missing(steps)
+        chosen = [steps.get(name) for name in args.steps] if args.steps else list(steps.STEPS.values())
+        table = {step.name: step.needs(s) for step in chosen if step.needs(s)}
+        gone = [t for tools in table.values() for t in deps.missing(tools)]
+        packages = sorted({t.package for t in gone})
+        if not args.steps:  # everything: also the packages without a program to look for
+            packages = sorted(set(packages) | set(steps.packages(s)))
+    if args.install:
+        installed = deps.install(packages) if gone or not args.steps else []
+        if installed:
+            print("installed: " + " ".join(installed))
+        gone = [t for t in gone if deps.where(t) is None]
+    print(deps.report(table))
     if gone:
-        names = ", ".join(sorted({t.program for _, t in gone}))
+        names = ", ".join(sorted({t.program for t in gone}))
         print(f"osbuilder: missing: {names} (run `osbuilder check-deps --install`)", file=sys.stderr)
         return 1
     return 0
@@ -194,26 +195,127 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
     print(container.describe(s))
     print("Cached rootfs (pytest fixtures): keyed on the archive's Release date, so it is rebuilt after a point "
           "release; `pytest --rebuild` forces a rebuild")
-    print("Subcommands: " + ", ".join(COMMANDS) + "  (osbuilder SUBCOMMAND --help)")
+    print("Subcommands: " + ", ".join(steps.STEPS) + "  (osbuilder SUBCOMMAND --help)")
 
 
-COMMANDS = {
-    "rootfs": (cmd_rootfs, f"build WORKDIR/{ROOTFS} with the distribution's packages and the agent"),
-    "image": (cmd_image, f"make WORKDIR/{IMAGE} from WORKDIR/{ROOTFS}"),
-    "initrd": (cmd_initrd, f"make WORKDIR/{INITRD} (the agent as /init) from an AGENT_INIT=yes WORKDIR/{ROOTFS}"),
-    "kernel-src": (cmd_kernel_src, "get kernel source into WORKDIR/linux"),
-    "kernel": (cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}"),
-    "kconfig": (cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), `diff GOOD BAD`, "
-                             "`bisect --good GOOD --bad BAD` (which option breaks the guest)"),
-    "bisect-run": (cmd_bisect_run, "for `git bisect run`: build the checked-out kernel commit with --config and "
-                                   "boot-check it (exit 0 good, 1 bad, 125 skip)"),
-    "boot": (cmd_boot, "boot the image under QEMU (interactive console, or --check)"),
-    "install-image": (cmd_install_image, "install the boot-checked image into the runtime's directory"),
-    "install-kernel": (cmd_install_kernel, "install the boot-checked kernel into the runtime's directory"),
-    "install-initrd": (cmd_install_initrd, "install the boot-checked initrd into the runtime's directory"),
-    "check-deps": (cmd_check_deps, "list the programs each step needs; --install installs them"),
-    "help": (cmd_help, "show every setting: value, where it came from, default, description"),
-}
+# -- the records ---------------------------------------------------------------------------------
+
+CC = Tool("cc", "gcc", "compiles osbuilder's agent")
+UNSHARE = Tool("unshare", "util-linux", "runs the rootfs build in its own namespaces")
+NEWUIDMAP = Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user")
+FIND = Tool("find", "findutils", "lists the tree and clamps its timestamps for reproducible artifacts")
+IMAGE_TOOLS = (
+    Tool("sfdisk", "fdisk", "writes and reads the partition table of the image file"),
+    Tool("mke2fs", "e2fsprogs", "creates the filesystem from the rootfs directory"),
+    Tool("e2fsck", "e2fsprogs", "checks the new filesystem"),
+    Tool("debugfs", "e2fsprogs", "reads files inside the image without mounting it"),
+    FIND,
+)
+INITRD_TOOLS = (
+    Tool("cpio", "cpio", "writes the rootfs as the initrd's newc archive"),
+    Tool("zstd", "zstd", "compresses the initrd (the kernel's RD_ZSTD)"),
+    FIND,
+    Tool("bash", "bash", "runs the list-sort-archive pipeline in the tree's namespace"),
+)
+SOURCE_TOOLS = (
+    Tool("tar", "tar", "unpacks the kernel source"),
+    Tool("xz", "xz-utils", "decompresses linux-source tarballs"),
+    Tool("git", "git", "fetches kernel trees from git"),
+)
+KERNEL_TOOLS = (
+    Tool("make", "make", "drives the kernel build"),
+    Tool("gcc", "gcc", "compiles the kernel"),
+    Tool("flex", "flex", "kernel build requirement"),
+    Tool("bison", "bison", "kernel build requirement"),
+    Tool("bc", "bc", "kernel build requirement"),
+    Tool("perl", "perl", "kernel build requirement"),
+    Tool("ld", "binutils", "links the kernel"),
+    Tool("openssl", "openssl", "kernel build requirement (certificates)"),
+    Tool("ccache", "ccache", "speeds up rebuilds (optional but installed)"),
+)
+KERNEL_PACKAGES = ("libelf-dev", "libssl-dev", "libc6-dev")  # headers the build includes
+BOOT_TOOLS = (
+    Tool("qemu-system-x86_64", "qemu-system-x86", "boots the image for the boot checks"),
+    Tool("qemu-img", "qemu-utils", "makes throw-away copy-on-write overlays"),
+    Tool("ssh-keygen", "openssh-client", "makes the per-session SSH key"),
+)
+
+
+def rootfs_tools(s: Settings) -> tuple[Tool, ...]:
+    from osbuilder.rootfs import distros
+
+    return (*distros.get(s.distro).tools, CC, UNSHARE, NEWUIDMAP)
+
+
+def rootfs_packages(s: Settings) -> tuple[str, ...]:
+    from osbuilder.rootfs import distros
+
+    return (*distros.get(s.distro).packages, "libc6-dev")  # the agent is linked statically
+
+
+def boot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true", help="run the boot checks and print the timings")
+    p.add_argument("--kernel", dest="boot_kernel_path", type=Path, help="kernel image to boot")
+
+
+def install_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    p.add_argument("--force", action="store_true", help="install without a passing boot record")
+
+
+def check_deps_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("steps", nargs="*", metavar="STEP", help="only these steps (default: every subcommand)")
+    p.add_argument("--install", action="store_true", help="apt-get install what is missing (root)")
+
+
+def bisect_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="kernel_config_file", type=Path, metavar="FILE",
+                   help="the guest .config every commit is built with (normalised by olddefconfig)")
+    p.add_argument("--source-tree", type=Path, metavar="DIR",
+                   help="the Linux git checkout (default: the current directory)")
+
+
+def logs(*names: str) -> steps.Locks:
+    """Locks on these steps' log files (a step's log file is its lock, so no other file appears in
+    WORKDIR): the first exclusively, the others shared."""
+    return lambda wd, s, args: tuple(wd.log(name) for name in names)
+
+
+for _step in (
+    Step("rootfs", cmd_rootfs, f"build WORKDIR/{ROOTFS} with the distribution's packages and the agent",
+         tools=rootfs_tools, packages=rootfs_packages, locks=logs("rootfs"), in_container=True),
+    # image and initrd also read the rootfs tree
+    Step("image", cmd_image, f"make WORKDIR/{IMAGE} from WORKDIR/{ROOTFS}", tools=IMAGE_TOOLS,
+         locks=logs("image", "rootfs"), in_container=True),
+    Step("initrd", cmd_initrd, f"make WORKDIR/{INITRD} (the agent as /init) from an AGENT_INIT=yes WORKDIR/{ROOTFS}",
+         tools=INITRD_TOOLS, in_container=True,  # without AGENT_INIT it is refused and writes nothing
+         locks=lambda wd, s, args: (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else ()),
+    Step("kernel-src", cmd_kernel_src, "get kernel source into WORKDIR/linux", tools=SOURCE_TOOLS,
+         packages=("linux-source-6.1",), locks=logs("kernel"), in_container=True),
+    Step("kernel", cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}", tools=(*SOURCE_TOOLS, *KERNEL_TOOLS),
+         packages=KERNEL_PACKAGES, locks=logs("kernel"), in_container=True),
+    Step("kconfig", cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), "
+         "`diff GOOD BAD`, `bisect --good GOOD --bad BAD` (which option breaks the guest)",
+         arguments=lambda p: add_kconfig_arguments(p), tools=(*KERNEL_TOOLS, *BOOT_TOOLS),
+         locks=lambda wd, s, args: (wd.log("bisect"), wd.log("kernel")) if args.action == "bisect" else ()),
+    Step("bisect-run", cmd_bisect_run, "for `git bisect run`: build the checked-out kernel commit with --config and "
+         "boot-check it (exit 0 good, 1 bad, 125 skip)", arguments=bisect_run_arguments,
+         tools=(*KERNEL_TOOLS, *BOOT_TOOLS), locks=logs("bisect-run"), profile_flag="--profile"),
+    # boot checks share the boot-log directory; an interactive boot locks nothing
+    Step("boot", cmd_boot, "boot the image under QEMU (interactive console, or --check)", arguments=boot_arguments,
+         tools=BOOT_TOOLS, in_container=True, console=lambda args: not args.check,
+         locks=lambda wd, s, args: (wd.boot_logs,) if args.check else ()),
+    Step("install-image", cmd_install_image, "install the boot-checked image into the runtime's directory",
+         arguments=install_arguments),
+    Step("install-kernel", cmd_install_kernel, "install the boot-checked kernel into the runtime's directory",
+         arguments=install_arguments),
+    Step("install-initrd", cmd_install_initrd, "install the boot-checked initrd into the runtime's directory",
+         arguments=install_arguments),
+    Step("check-deps", cmd_check_deps, "list the programs each step needs; --install installs them",
+         arguments=check_deps_arguments, timed=False),
+    Step("help", cmd_help, "show every setting: value, where it came from, default, description", timed=False),
+):
+    register(_step)
 
 
 def writable_workdir(s: Settings) -> Workdir:
@@ -228,30 +330,19 @@ def writable_workdir(s: Settings) -> Workdir:
     return wd
 
 
-def guard_process(s: Settings, args: argparse.Namespace) -> None:
+def guard_process(s: Settings, args: argparse.Namespace, step: Step) -> None:
     """Before a step runs: SIGTERM and SIGHUP unwind like Ctrl-C (every child killed, every guest
     powered off, temporaries removed), and the step's locks are held (procs.hold_lock: the first
     exclusively, the others shared), so a second run on the same WORKDIR waits for the first and
-    says so. A step's log file is its lock, so no other file appears in WORKDIR; image also reads
-    the rootfs tree; boot checks share the boot-log directory. Children die with osbuilder even
-    when it is SIGKILLed: procs.py's watchdog starts with the first of them."""
+    says so. Children die with osbuilder even when it is SIGKILLed: procs.py's watchdog starts with
+    the first of them."""
     procs.terminate_as_interrupt()
     wd = Workdir.of(s)
-    locks = {
-        "rootfs": (wd.log("rootfs"),),
-        "image": (wd.log("image"), wd.log("rootfs")),
-        "initrd": (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else (),  # else refused, nothing written
-        "kernel-src": (wd.log("kernel"),),
-        "kernel": (wd.log("kernel"),),
-        "kconfig": (wd.log("bisect"), wd.log("kernel")) if getattr(args, "action", "") == "bisect" else (),
-        "bisect-run": (wd.log("bisect-run"),),
-        "boot": (wd.boot_logs,) if getattr(args, "check", False) else (),
-    }.get(args.command, ())
+    locks = step.locks(wd, s, args)
     if locks:
         writable_workdir(s)
-    if args.command == "boot" and locks:
-        wd.boot_logs.mkdir(exist_ok=True)
     for i, path in enumerate(locks):
+        path.parent.mkdir(parents=True, exist_ok=True)
         procs.hold_lock(path, args.command, shared=i > 0)
 
 
@@ -274,37 +365,46 @@ def add_kconfig_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="diff, bisect: print JSON")
 
 
+OWN_ACTIONS = "_osbuilder_own_actions"  # where the parser keeps, per subcommand, the actions of its own flags
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, metavar="FILE", help="YAML profile (default: ./osbuilder.yaml)")
-    add_settings_flags(common)
-    # bisect-run's --config is the kernel config (as git bisect users expect); its profile is --profile
-    bisect_run_common = argparse.ArgumentParser(add_help=False)
-    bisect_run_common.add_argument("--profile", dest="config", type=Path, metavar="FILE", help="YAML profile")
-    bisect_run_common.add_argument("--config", dest="kernel_config_file", type=Path, metavar="FILE",
-                                   help="the guest .config every commit is built with (normalised by olddefconfig)")
-    bisect_run_common.add_argument("--source-tree", type=Path, metavar="DIR",
-                                   help="the Linux git checkout (default: the current directory)")
-    add_settings_flags(bisect_run_common)
     parser = argparse.ArgumentParser(prog="osbuilder", description="Build and boot-check guest OS artifacts.")
     parser.add_argument("--version", action="version", version=f"osbuilder {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        parent = bisect_run_common if name == "bisect-run" else common
-        p = sub.add_parser(name, parents=[parent], help=help_text, description=help_text)
-        if name == "check-deps":
-            p.add_argument("steps", nargs="*", metavar="STEP",
-                           help=f"only these steps ({', '.join(deps.STEPS)})")
-            p.add_argument("--install", action="store_true", help="apt-get install what is missing (root)")
-        if name == "boot":
-            p.add_argument("--check", action="store_true", help="run the boot checks and print the timings")
-            p.add_argument("--kernel", dest="boot_kernel_path", type=Path, help="kernel image to boot")
-        if name == "kconfig":
-            add_kconfig_arguments(p)
-        if name.startswith("install-"):
-            p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
-            p.add_argument("--force", action="store_true", help="install without a passing boot record")
+    own: dict[str, list[argparse.Action]] = {}
+    for step in steps.STEPS.values():
+        p = sub.add_parser(step.name, help=step.help, description=step.help)
+        before = len(p._actions)
+        step.arguments(p)
+        own[step.name] = p._actions[before:]
+        p.add_argument(step.profile_flag, dest="config", type=Path, metavar="FILE",
+                       help="YAML profile (default: ./osbuilder.yaml)")
+        group = p.add_argument_group("settings (also as environment variables and YAML keys)")
+        for s in TABLE:
+            group.add_argument(s.flag, dest=s.name, metavar=s.name, help=f"{s.help} [default: {s.default or 'empty'}]")
+    parser.set_defaults(**{OWN_ACTIONS: own})
     return parser
+
+
+def step_argv(args: argparse.Namespace) -> list[str]:
+    """The subcommand's own arguments as given, ready to be passed on (to the same subcommand in the
+    tools container): flags in their long form, paths made absolute; settings are not among them."""
+    out: list[str] = []
+    for action in getattr(args, OWN_ACTIONS).get(args.command, []):
+        value = getattr(args, action.dest, None)
+        if value in (None, False, []) or value == action.default and not action.option_strings:
+            continue
+        values = value if isinstance(value, list) else [value]
+        words = [str(v.absolute()) if isinstance(v, Path) else str(v) for v in values]
+        flag = max(action.option_strings, key=len, default=None)
+        if flag is None:
+            out += words
+        elif isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        else:
+            out += [item for word in words for item in (flag, word)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,29 +413,29 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    step = steps.get(args.command)
     cli_values = {s.name: getattr(args, s.name, None) for s in TABLE}
     try:
         s = settings_mod.load(cli_values, config=args.config)
         logging.basicConfig(level=logging.DEBUG if s.debug else logging.INFO, format="%(message)s",
                             stream=sys.stderr)
         announce(s)
-        if s.use_docker:
+        if s.use_docker and step.in_container:  # the step locks, logs and reports inside the tools image
             from osbuilder import container
 
-            if args.command in container.STEPS:  # the step locks, logs and reports inside the tools image
-                return container.run_step(s, args)
-        guard_process(s, args)
-        handler = COMMANDS[args.command][0]
+            return container.run_step(s, args.command, step_argv(args), console=step.console(args))
+        guard_process(s, args, step)
+        deps.require(step.name, step.needs(s))
         started = time.monotonic()
-        code = handler(s, args)
-        if args.command not in ("help", "check-deps"):
+        code = step.run(s, args)
+        if step.timed:
             log.info("%s: done in %.1fs", args.command, time.monotonic() - started)
         return code or 0
     except OsbuilderError as e:
         return report(e)
     except OSError as e:
         log.debug("%s failed", args.command, exc_info=True)
-        return report(os_error(args.command, e))
+        return report(errors.from_os_error(e, args.command))
     except KeyboardInterrupt:
         print("osbuilder: interrupted; nothing half-written was published", file=sys.stderr)
         return 130
@@ -350,16 +450,6 @@ def announce(s: Settings) -> None:
         print(f"osbuilder: profile {s.profile.absolute()}: {taken}", file=sys.stderr)
     for notice in s.notices:
         print(f"osbuilder: notice: {notice}", file=sys.stderr)
-
-
-def os_error(command: str, e: OSError) -> OsbuilderError:
-    """An OSError that escaped a step, as a one-line error naming the path (a full disk is not the
-    artifact's fault: exit 125)."""
-    paths = " -> ".join(os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None)
-    what = f"{command}: {paths + ': ' if paths else ''}{e.strerror or e}"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InfrastructureError(what)
-    return OsbuilderError(what)
 
 
 def report(e: OsbuilderError, exit_code: int | None = None) -> int:

@@ -1,4 +1,7 @@
-"""Which programs each step needs, which Debian package provides each, and `check-deps --install`."""
+"""Programs and the Debian packages that provide them: found or missing, reported, installed.
+
+What each step needs is in its record (`steps.Step.tools`, in cli.py; a distribution plugin's in the
+plugin); what USE_DOCKER needs on the host is the engine (`ENGINES`)."""
 
 from __future__ import annotations
 
@@ -22,88 +25,35 @@ def where(tool: Tool) -> str | None:
     return shutil.which(tool.program) or (shutil.which(tool.program, path=tool.search) if tool.search else None)
 
 
-STEPS: dict[str, tuple[Tool, ...]] = {
-    "rootfs": (
-        Tool("mmdebstrap", "mmdebstrap", "creates the Debian rootfs without mounts or loop devices"),
-        Tool("gpgv", "gpgv", "checks the archive's signatures"),
-        Tool("cc", "gcc", "compiles osbuilder's agent"),
-        Tool("unshare", "util-linux", "runs mmdebstrap in its own namespaces"),
-        Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user"),
-    ),
-    "image": (
-        Tool("sfdisk", "fdisk", "writes and reads the partition table of the image file"),
-        Tool("mke2fs", "e2fsprogs", "creates the filesystem from the rootfs directory"),
-        Tool("e2fsck", "e2fsprogs", "checks the new filesystem"),
-        Tool("debugfs", "e2fsprogs", "reads files inside the image without mounting it"),
-        Tool("find", "findutils", "clamps the tree's timestamps for reproducible images"),
-    ),
-    "initrd": (
-        Tool("cpio", "cpio", "writes the rootfs as the initrd's newc archive"),
-        Tool("zstd", "zstd", "compresses the initrd (the kernel's RD_ZSTD)"),
-        Tool("find", "findutils", "lists the tree for the archive and clamps its timestamps"),
-        Tool("bash", "bash", "runs the list-sort-archive pipeline in the tree's namespace"),
-    ),
-    "kernel-src": (
-        Tool("tar", "tar", "unpacks the kernel source"),
-        Tool("xz", "xz-utils", "decompresses linux-source tarballs"),
-        Tool("git", "git", "fetches kernel trees from git"),
-    ),
-    "kernel": (
-        Tool("make", "make", "drives the kernel build"),
-        Tool("gcc", "gcc", "compiles the kernel"),
-        Tool("flex", "flex", "kernel build requirement"),
-        Tool("bison", "bison", "kernel build requirement"),
-        Tool("bc", "bc", "kernel build requirement"),
-        Tool("perl", "perl", "kernel build requirement"),
-        Tool("ld", "binutils", "links the kernel"),
-        Tool("openssl", "openssl", "kernel build requirement (certificates)"),
-        Tool("ccache", "ccache", "speeds up rebuilds (optional but installed)"),
-    ),
-    "boot": (
-        Tool("qemu-system-x86_64", "qemu-system-x86", "boots the image for the boot checks"),
-        Tool("qemu-img", "qemu-utils", "makes throw-away copy-on-write overlays"),
-        Tool("ssh-keygen", "openssh-client", "makes the per-session SSH key"),
-    ),
-}
-
-# Installed alongside, without a program of their own to look for.
-EXTRA_PACKAGES = ("libelf-dev", "libssl-dev", "linux-source-6.1", "libc6-dev", "cpio", "zstd",
-                  "debian-archive-keyring", "ca-certificates")
+def missing(tools: tuple[Tool, ...] | list[Tool]) -> list[Tool]:
+    """The tools whose program is not found."""
+    return [t for t in tools if where(t) is None]
 
 
-def missing(steps: list[str] | None = None) -> list[tuple[str, Tool]]:
-    """(step, tool) pairs whose program is not on PATH."""
-    wanted = steps or list(STEPS)
-    return [(step, t) for step in wanted for t in STEPS[step] if shutil.which(t.program) is None]
-
-
-def report(steps: list[str] | None = None, table: dict[str, tuple[Tool, ...]] = STEPS) -> str:
+def report(table: dict[str, tuple[Tool, ...]]) -> str:
+    """One line per tool of each group (a step, an engine): program, package, where it is, why."""
     lines = []
-    for step in steps or list(table):
-        lines.append(f"{step}:")
-        for t in table[step]:
+    for group, tools in table.items():
+        lines.append(f"{group}:")
+        for t in tools:
             found = where(t)
             state = found if found else "MISSING"
             lines.append(f"  {t.program:<20} {t.package:<18} {state:<32} {t.why}")
     return "\n".join(lines)
 
 
-def require(step: str) -> None:
-    """Raise a one-line error naming the first missing program for `step`."""
-    gone = missing([step])
+def require(step: str, tools: tuple[Tool, ...]) -> None:
+    """Raise a one-line error naming the missing programs of `step`."""
+    gone = missing(tools)
     if gone:
-        names = ", ".join(t.program for _, t in gone)
-        pkgs = " ".join(sorted({t.package for _, t in gone}))
+        names = ", ".join(t.program for t in gone)
+        pkgs = " ".join(sorted({t.package for t in gone}))
         raise UsageError(f"{step}: missing program(s) {names}; run `osbuilder check-deps --install` "
                          f"or `apt-get install {pkgs}`")
 
 
-def install(steps: list[str] | None = None, gone: list[tuple[str, Tool]] | None = None) -> list[str]:
-    """apt-get install the packages of the missing programs (root only; `gone`: these instead of the
-    steps' missing ones). Returns the packages."""
-    packages = sorted({t.package for _, t in (missing(steps) if gone is None else gone)})
-    if not steps and gone is None:
-        packages = sorted(set(packages) | set(EXTRA_PACKAGES))
+def install(packages: list[str]) -> list[str]:
+    """apt-get install `packages` (root only). Returns them."""
     if not packages:
         return []
     if os.geteuid() != 0:
@@ -134,10 +84,9 @@ def engine_table(choice: str) -> dict[str, tuple[Tool, ...]]:
     return dict(ENGINES) if choice == "auto" else {choice: ENGINES[choice]}
 
 
-def engine_missing(choice: str) -> list[tuple[str, Tool]]:
+def engine_missing(choice: str) -> list[Tool]:
     """Missing programs of the engine; with auto, nothing when any one engine is complete, else podman's."""
-    table = engine_table(choice)
-    gaps = {name: [(name, t) for t in tools if where(t) is None] for name, tools in table.items()}
-    if any(not gap for gap in gaps.values()):
+    gaps = [missing(tools) for tools in engine_table(choice).values()]
+    if any(not gap for gap in gaps):
         return []
-    return next(iter(gaps.values()))
+    return gaps[0]

@@ -21,29 +21,30 @@ The total stays a multiple of 128 MiB, the memory-hotplug granularity the memory
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import posixpath
 import re
 import struct
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from osbuilder import userns
+from osbuilder import errors, runtimes, userns
 from osbuilder.cache import Manifest
-from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.rootfs.build import METADATA_PATH, AgentChoice
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
+from osbuilder.vm.attachments import MEMORY_HOTPLUG_UNIT
 
 MiB = 1024 * 1024
-ALIGN = 128 * MiB  # memory-hotplug alignment the runtimes need for an NVDIMM-mapped image
+ALIGN = MEMORY_HOTPLUG_UNIT  # the runtimes map the image as an NVDIMM: a multiple of the hotplug unit
 PART_START = 1 * MiB
 TAIL = 1 * MiB  # room for the backup GPT
 LINUX_FS = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -59,7 +60,6 @@ PFN_MODE_RAM = 1  # struct pages in guest RAM: the image is mapped read-only, no
 PFN_INFO = struct.Struct("<16s16s16sIHHQQIIIIIH3994xQ")  # struct nd_pfn_sb, 4096 bytes
 MAX_STRUCT_PAGE_SIZE = 64
 MBR_LINUX = 0x83
-RUNTIME_DAX = {"kata": True, "clear-containers": True}  # both mount the root with rootflags=dax
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def rootfs_usage(rootfs: Path, block_size: int) -> tuple[int, int]:
 
 def wants_dax(settings: Settings) -> bool:
     """DAX, with auto resolved to what the RUNTIME does."""
-    return RUNTIME_DAX[settings.runtime] if settings.dax is None else settings.dax
+    return runtimes.get(settings.runtime).dax if settings.dax is None else settings.dax
 
 
 def check_dax(settings: Settings) -> None:
@@ -197,40 +197,18 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
     logfile = logfile or Workdir.of(settings).log("image")
     tmp = temp_beside(dest)
     try:
-        write_image(settings, rootfs, tmp, layout, logfile)
-        publish(tmp, dest)
-    except (OSError, OsbuilderError) as e:
-        full = full_disk_error(e, dest)
-        if full is None:
-            raise
-        raise full from None
+        with full_disk_in(dest):
+            write_image(settings, rootfs, tmp, layout, logfile)
+            publish(tmp, dest)
     finally:
         discard(tmp)
     return layout
 
 
-def full_disk_error(error: Exception, dest: Path) -> InfrastructureError | None:
-    """The one-line error for a step that ran out of space writing `dest` (exit 125), or None when
-    `error` is something else."""
-    if isinstance(error, UsageError) or not out_of_space(error, dest.parent):
-        return None
-    return InfrastructureError(f"WORKDIR: no space left on device in {dest.parent} while making {dest.name} "
-                               "(nothing was replaced)", getattr(error, "detail", str(error)))
-
-
-def out_of_space(error: Exception, directory: Path) -> bool:
-    """Whether a failed step ran out of room on the host (not in the image: mke2fs says "Could not
-    allocate block" for that): ENOSPC, a tool saying so, or, as sfdisk says nothing, a full disk."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if "No space left on device" in getattr(error, "detail", ""):
-        return True
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return False
-    blocks, inodes = (st.f_bfree, st.f_ffree) if os.geteuid() == 0 else (st.f_bavail, st.f_favail)
-    return blocks * st.f_frsize < MiB or (st.f_files > 0 and inodes == 0)
+def full_disk_in(dest: Path) -> AbstractContextManager[None]:
+    """A full disk while making `dest` (an image or initrd in WORKDIR) is exit 125, naming the directory."""
+    return errors.disk_space("WORKDIR", f"in {dest.parent} while making {dest.name} (nothing was replaced)",
+                             dest.parent)
 
 
 def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout, logfile: Path) -> None:

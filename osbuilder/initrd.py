@@ -31,7 +31,7 @@ from osbuilder.fs import discard, file_hash, publish, temp_beside
 from osbuilder.image import (
     check_tree,
     clamp_times,
-    full_disk_error,
+    full_disk_in,
     lend_to_tree_namespace,
     resolve_in,
     take_back_from_tree_namespace,
@@ -77,18 +77,14 @@ def build_initrd(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path 
     archive = temp_beside(dest.with_name(dest.name + ".cpio"))
     tmp = temp_beside(dest)
     try:
-        write_archive(settings, rootfs, archive, logfile)
-        if add_init:
-            mtime = settings.source_date_epoch if settings.source_date_epoch is not None else int(time.time())
-            append_entries(archive, [symlink_entry(INIT, INIT_TARGET, mtime)])
-        run([*ZSTD, str(archive), "-o", str(tmp)], step="initrd", logfile=logfile)
-        tmp.chmod(0o644)  # the runtime reads it; like container.img, it holds no secret
-        publish(tmp, dest)
-    except (OSError, OsbuilderError) as e:
-        full = full_disk_error(e, dest)
-        if full is None:
-            raise
-        raise full from None
+        with full_disk_in(dest):
+            write_archive(settings, rootfs, archive, logfile)
+            if add_init:
+                mtime = settings.source_date_epoch if settings.source_date_epoch is not None else int(time.time())
+                append_entries(archive, [symlink_entry(INIT, INIT_TARGET, mtime)])
+            run([*ZSTD, str(archive), "-o", str(tmp)], step="initrd", logfile=logfile)
+            tmp.chmod(0o644)  # the runtime reads it; like container.img, it holds no secret
+            publish(tmp, dest)
     finally:
         discard(archive)
         discard(tmp)

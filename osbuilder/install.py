@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import hashlib
 import itertools
 import logging
@@ -37,24 +36,18 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from osbuilder import layout
+from osbuilder import errors, layout, runtimes
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, link_atomically, publish, sha256_file, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.settings import Settings
-from osbuilder.vm import profiles
+from osbuilder.vm import attachments
 from osbuilder.vm.records import passed_attachments, passing_record_of
 
 log = logging.getLogger("osbuilder")
 
-RUNTIMES = {
-    "kata": ("/usr/share/kata-containers",
-             ("/etc/kata-containers/configuration.toml", "/usr/share/defaults/kata-containers/configuration.toml")),
-    "clear-containers": ("/usr/share/clear-containers",
-                         ("/etc/clear-containers/configuration.toml",
-                          "/usr/share/defaults/clear-containers/configuration.toml")),
-}
 BLOCK = 1 << 20
 ZEROS = bytes(BLOCK)
 
@@ -88,13 +81,13 @@ class Config:
 
 def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
     items = [Item(Workdir.of(settings).image, "osbuilder-{}.img", layout.IMAGE)]
-    return install(settings, "install-image", items, "image", dry_run=dry_run, force=force)
+    return install(settings, "install-image", items, "image", image_lacks, dry_run=dry_run, force=force)
 
 
 def install_initrd(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
     """The initrd (`osbuilder initrd`), pointed at by `initrd =`; `image =` is commented out."""
     items = [Item(Workdir.of(settings).initrd, "osbuilder-initrd-{}.img", layout.INITRD)]
-    return install(settings, "install-initrd", items, "initrd", dry_run=dry_run, force=force)
+    return install(settings, "install-initrd", items, "initrd", initrd_lacks, dry_run=dry_run, force=force)
 
 
 def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
@@ -102,7 +95,7 @@ def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = F
     items = [Item(files.vmlinuz, "vmlinuz-osbuilder-{}.container", layout.VMLINUZ)]
     if files.vmlinux.is_file():
         items.append(Item(files.vmlinux, "vmlinux-osbuilder-{}.container", layout.VMLINUX))
-    return install(settings, "install-kernel", items, "kernel", dry_run=dry_run, force=force)
+    return install(settings, "install-kernel", items, "kernel", kernel_lacks, dry_run=dry_run, force=force)
 
 
 # -- where things go ------------------------------------------------------------------------
@@ -119,13 +112,13 @@ def destdir(settings: Settings, path: str) -> Path:
 
 
 def prefix(settings: Settings) -> str:
-    return settings.prefix or RUNTIMES[settings.runtime][0]
+    return settings.prefix or runtimes.get(settings.runtime).prefix
 
 
 def runtime_dirs(settings: Settings) -> list[Path]:
     """The runtime's own directories: PREFIX, its default one, those of its configuration files."""
-    default, configs = RUNTIMES[settings.runtime]
-    dirs = [prefix(settings), default, *(posixpath.dirname(c) for c in configs)]
+    runtime = runtimes.get(settings.runtime)
+    dirs = [prefix(settings), runtime.prefix, *(posixpath.dirname(c) for c in runtime.configs)]
     if settings.runtime_config:
         dirs.append(posixpath.dirname(settings.runtime_config))
     return [destdir(settings, d) for d in dirs]
@@ -150,7 +143,7 @@ def install_dir(settings: Settings) -> Path:
 
 def runtime_config(settings: Settings) -> Config | None:
     """The runtime's configuration.toml, if there is one (RUNTIME_CONFIG must exist)."""
-    candidates = [settings.runtime_config] if settings.runtime_config else RUNTIMES[settings.runtime][1]
+    candidates = [settings.runtime_config] if settings.runtime_config else runtimes.get(settings.runtime).configs
     for c in candidates:
         path = destdir(settings, c)
         if path.is_file():
@@ -186,7 +179,7 @@ def check_replaceable(path: Path, base: Path) -> None:
 # -- the steps --------------------------------------------------------------------------------
 
 
-def install(settings: Settings, step: str, items: list[Item], key: str, *, dry_run: bool,
+def install(settings: Settings, step: str, items: list[Item], key: str, lacks: Lacks, *, dry_run: bool,
             force: bool) -> list[Target]:
     """Check where everything goes, stage and gate the files, publish them, then point the config at them."""
     for item in items:
@@ -204,16 +197,16 @@ def install(settings: Settings, step: str, items: list[Item], key: str, *, dry_r
 
     if dry_run:
         targets = [target(base, item, sha256_file(item.source)) for item in items]
-        gate(settings, step, items[0].source, targets[0], force)
+        gate(settings, step, items[0].source, targets[0], force, lacks)
         announce(targets)
         return targets
-    targets = copy_in(settings, step, items, base, force, announce)
+    targets = copy_in(settings, step, items, base, force, lacks, announce)
     if config is not None and new != old:
         write_config(config.file, new)
     return targets
 
 
-def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force: bool,
+def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force: bool, lacks: Lacks,
             announce: Callable[[list[Target]], None]) -> list[Target]:
     """Copy every item into a temp file in `base`, hashing it; gate the first item on that hash; then
     publish them all. On any failure nothing is left: no temp file, no directory made for nothing."""
@@ -226,7 +219,7 @@ def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force:
             staged.append(temp_beside(base / item.link_name))
             targets.append(target(base, item, copy_hashing(item.source, staged[-1])))
             if len(targets) == 1:
-                gate(settings, step, item.source, targets[0], force)
+                gate(settings, step, item.source, targets[0], force, lacks)
             check_replaceable(targets[-1].installed, base)
         announce(targets)
         for t, tmp in zip(targets, staged, strict=True):
@@ -249,11 +242,10 @@ def target(base: Path, item: Item, digest: str) -> Target:
     return Target(item.source, digest, base / item.pattern.format(digest[:12]), base / item.link_name)
 
 
-def gate(settings: Settings, step: str, source: Path, t: Target, force: bool) -> None:
-    """Refuse content without a passing boot check for its hash in the way the runtime will boot it
-    (the RUNTIME's attachment for an image, `initrd` for an initrd); a kernel must also have passed
-    with this WORKDIR's image or initrd."""
-    why = gate_failure(settings, step, t.sha256)
+def gate(settings: Settings, step: str, source: Path, t: Target, force: bool, lacks: Lacks) -> None:
+    """Refuse content whose boot records `lacks` what installing it needs (a pass in the way the runtime
+    will boot it); `--force` overrides and says so."""
+    why = lacks(settings, passed_attachments(passing_record_of(Workdir.of(settings), t.sha256)))
     if why is None:
         return
     if force:
@@ -263,16 +255,27 @@ def gate(settings: Settings, step: str, source: Path, t: Target, force: bool) ->
                      "run `osbuilder boot --check` first, or use --force")
 
 
-def gate_failure(settings: Settings, step: str, digest: str) -> str | None:
-    """What the boot records lack for installing this content, or None."""
-    passes = passed_attachments(passing_record_of(Workdir.of(settings), digest))
-    runtime_attach = profiles.RUNTIME_BOOT_PROFILE[settings.runtime]
-    if step == "install-initrd":
-        return None if "initrd" in passes else "passing boot check in the initrd profile"
-    if step == "install-image":
-        return None if runtime_attach in passes else \
-            f"passing boot check attached as the {settings.runtime} runtime attaches it ({runtime_attach})"
-    partners = {runtime_attach: Workdir.of(settings).image, "initrd": Workdir.of(settings).initrd}
+# What the boot records of a content lack for installing it (None: nothing), given the attachments it passed
+# in, each with the digests of what it booted with.
+Lacks = Callable[[Settings, dict[str, Any]], "str | None"]
+
+
+def image_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
+    """An image needs a pass attached the way the RUNTIME attaches it."""
+    attach = runtimes.get(settings.runtime).attachment
+    return None if attach in passes else \
+        f"passing boot check attached as the {settings.runtime} runtime attaches it ({attach})"
+
+
+def initrd_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
+    """An initrd needs a pass booted as the initrd."""
+    return None if attachments.INITRD.name in passes else "passing boot check in the initrd profile"
+
+
+def kernel_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
+    """A kernel needs a pass with this WORKDIR's image (attached as the runtime does) or its initrd."""
+    runtime_attach = runtimes.get(settings.runtime).attachment
+    partners = {runtime_attach: Workdir.of(settings).image, attachments.INITRD.name: Workdir.of(settings).initrd}
     for attach, partner in partners.items():
         if attach in passes and partner.is_file() and sha256_file(partner) in passes[attach].get("with", []):
             return None
@@ -401,7 +404,7 @@ def fsync_dir(path: Path) -> None:
 def write_error(setting: str, doing: str, e: OSError) -> OsbuilderError:
     """A one-line error for a failed write; a full disk is not the artifact's fault (exit 125)."""
     cause = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
-    cls = InfrastructureError if e.errno in (errno.ENOSPC, errno.EDQUOT) else OsbuilderError
+    cls = InfrastructureError if errors.out_of_space(e) else OsbuilderError
     return cls(f"{setting}: {doing} failed ({cause})")
 
 

@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
 from osbuilder.errors import UsageError
 from osbuilder.run import redact
+from osbuilder.urls import without_credentials  # noqa: F401 - settings.without_credentials, as before
+from osbuilder.vm.qemu import MAX_MEMORY_MIB as MAX_VM_MEMORY  # what QEMU's guest can address
 
 PROFILE_NAME = "osbuilder.yaml"
 PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
@@ -70,7 +72,6 @@ def _number(value: int, limit: int = 40) -> str:
 
 # Upper bounds: what the programs a setting reaches accept, or far beyond any sensible value.
 MAX_IMG_SIZE = 1 << 20  # MiB: 1 TiB, far beyond any guest image
-MAX_VM_MEMORY = 1 << 20  # MiB: 1 TiB, the most QEMU's default x86 CPU (40 address bits) can address
 MAX_VM_CPUS = 288  # QEMU's q35 machine
 MAX_BOOT_TIMEOUT = 86400  # a day
 MAX_EPOCH = 15032385535  # 2446-05-10T22:38:55Z, the latest time ext4 can store
@@ -176,12 +177,6 @@ def _brackets_only_around_ipv6(value: str, url: SplitResult) -> bool:
     return value.count("[") == value.count("]") == 1 and url.netloc.rpartition("@")[2].startswith("[")
 
 
-def without_credentials(url: str) -> str:
-    """A URL without its user:password@ (what a manifest, the image's metadata or sources list keep)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
-
-
 def _package_list(name: str, raw: str) -> tuple[str, ...]:
     """Package names separated by spaces or commas, each checked against Debian policy."""
     names = [p for p in re.split(r"[\s,]+", raw.strip()) if p]
@@ -234,15 +229,36 @@ def _auto_yes_no(name: str, raw: str) -> bool | None:
     return None if raw.strip().lower() in ("", "auto") else _yes_no(name, raw)
 
 
-# The boot profiles' attachments (osbuilder/vm/profiles.py BOOT_PROFILES; a test keeps the two in step).
-BOOT_PROFILES = ("auto", "virtio-blk", "nvdimm", "initrd")
+def _runtimes() -> tuple[str, ...]:
+    from osbuilder import runtimes  # the registry of runtime records
+
+    return runtimes.names()
+
+
+def _runtime(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _runtimes():
+        raise UsageError(f"{name}: unknown runtime {_short(raw.strip())}; expected one of {', '.join(_runtimes())}")
+    return value
+
+
+def _boot_profiles() -> tuple[str, ...]:
+    from osbuilder.vm import attachments  # the registry of attachment records
+
+    return ("auto", *attachments.names())
 
 
 def _boot_profile(name: str, raw: str) -> str:
     value = raw.strip().lower() or "auto"
-    if value not in BOOT_PROFILES:
-        raise UsageError(f"{name}: no boot profile {_short(raw.strip())}; expected one of {', '.join(BOOT_PROFILES)}")
+    if value not in _boot_profiles():
+        raise UsageError(f"{name}: no boot profile {_short(raw.strip())}; expected one of {', '.join(_boot_profiles())}")
     return value
+
+
+def _distros() -> tuple[str, ...]:
+    from osbuilder.rootfs import distros  # the registry of distribution plugins
+
+    return distros.names()
 
 
 def _install_text(name: str, raw: str) -> str:
@@ -282,12 +298,18 @@ class Setting:
 
     name: str
     default: str
-    help: str
+    about: str  # the description; `{choices}` in it lists `choices()`
     parse: Callable[[str, str], Any] = _text
     group: str = "general"
     # The variable's name is common in other programs' environments (DEBUG=app:* in JavaScript
     # shells): a value there that does not parse is ignored with a notice instead of failing.
     ambient: bool = False
+    choices: Callable[[], tuple[str, ...]] | None = None  # the valid values, where a registry holds them
+
+    @property
+    def help(self) -> str:
+        """The description, with the current choices where it lists them."""
+        return self.about.format(choices=", ".join(self.choices())) if self.choices else self.about
 
     @property
     def yaml_key(self) -> str:
@@ -311,7 +333,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("TOOLS_BASE_IMAGE", "debian:bookworm", "Debian image the USE_DOCKER tools image is built on (a local image, e.g. one made with mmdebstrap and `podman import`, or one to pull)", _image_reference),
     Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR (default: $XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder)", _optional_path),
     # rootfs
-    Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: debian)", _distro, "rootfs"),
+    Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: {choices})", _distro, "rootfs", choices=_distros),
     Setting("OS_VERSION", "bookworm", "release of the distribution (debian: bookworm, trixie, sid)", _release, "rootfs"),
     Setting("REPO_URL", "", "package mirror, an http(s):// or file:// URL (default: the distribution's standard public mirror)", _repo_url, "rootfs"),
     Setting("EXTRA_PKGS", "", "extra packages for the rootfs, separated by spaces or commas", _package_list, "rootfs"),
@@ -328,7 +350,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("VM_MEMORY", "1024", "guest memory in MiB for boot checks", _bounded(MAX_VM_MEMORY, "1 TiB"), "boot"),
     Setting("VM_CPUS", "auto", "guest vCPUs for boot checks: auto (the host's cores shared among the guests booting at once), or a number", _vm_cpus, "boot"),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
-    Setting("BOOT_PROFILE", "auto", "how boot checks attach the image: auto (the RUNTIME's way: nvdimm for kata and clear-containers), virtio-blk, nvdimm, initrd (WORKDIR's initrd, no disk); AGENT_INIT chooses PID 1", _boot_profile, "boot"),
+    Setting("BOOT_PROFILE", "auto", "how boot checks attach the image (osbuilder/vm/attachments.py): {choices}; auto is the RUNTIME's own; AGENT_INIT chooses PID 1", _boot_profile, "boot", choices=_boot_profiles),
     Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
     Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: the image in WORKDIR)", _optional_path, "boot"),
     Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
@@ -337,7 +359,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("KERNEL_FRAGMENTS", "", "extra config fragment files, on top of osbuilder's own", _word_list, "kernel"),
     Setting("KERNEL_CONFIG", "", "a whole .config to use as the base instead of allnoconfig", _optional_path, "kernel"),
     # install
-    Setting("RUNTIME", "kata", "runtime to install for: kata or clear-containers", _choice("kata", "clear-containers"), "install"),
+    Setting("RUNTIME", "kata", "runtime to install for and boot as (osbuilder/runtimes.py): {choices}", _runtime, "install", choices=_runtimes),
     Setting("PREFIX", "", "install directory (default: the runtime's, e.g. /usr/share/kata-containers)", _target_path, "install"),
     Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files (default: the runtime's)", _target_path, "install"),
     Setting("DESTDIR", "", "staging root prepended to every installed path (packaging, tests)", _destdir, "install"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from osbuilder import cli
+from osbuilder import cli, steps
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.rootfs import build as rootfs_build
@@ -263,14 +263,14 @@ def test_os_error_in_a_step_is_one_line_naming_the_path(tmp_path: Path):
     assert error_line(result) == f"osbuilder: error: rootfs: {wd / 'logs'}: File exists"
 
 
-def test_full_disk_in_a_step_is_an_infrastructure_failure(monkeypatch, capsys):
+def test_full_disk_in_a_step_is_an_infrastructure_failure(capsys):
     def full(s, args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/srv/wd/container.img")
 
-    monkeypatch.setitem(cli.COMMANDS, "help", (full, "fails"))
-    assert cli.main(["help"]) == 125
+    with steps.registered(steps.Step("fill-the-disk", full, "fails")):
+        assert cli.main(["fill-the-disk"]) == 125
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == "osbuilder: error: help: /srv/wd/container.img: No space left on device"
+    assert err.splitlines()[-1] == "osbuilder: error: fill-the-disk: /srv/wd/container.img: No space left on device"
 
 
 def test_unrelated_debug_in_the_environment_is_ignored_with_a_notice(tmp_path: Path):

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 from fakes import make_tree
 
-from osbuilder import deps, initrd
+import osbuilder.cli  # noqa: F401 - registers the subcommands
+from osbuilder import initrd, steps
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.initrd import Entry, append_entries, build_initrd, encode_entry, list_initrd, read_newc
 from osbuilder.kernel.fragments import merge, resolve_fragments
-from osbuilder.vm import check, profiles
+from osbuilder.vm import attachments, check, profiles
 from osbuilder.vm.options import Accel, BootKernel
 from osbuilder.vm.qemu import VmPaths, VmSpec, build_command
 
@@ -199,8 +200,8 @@ def test_manifest_follows_the_rootfs_and_the_epoch(tmp_path: Path):
     assert initrd.initrd_manifest(s.with_values(SOURCE_DATE_EPOCH=str(EPOCH)), "rootfs-a").key != base.key
 
 
-def test_the_step_names_its_programs():
-    programs = {t.program for t in deps.STEPS["initrd"]}
+def test_the_step_names_its_programs(tmp_path: Path):
+    programs = {t.program for t in steps.get("initrd").needs(settings(tmp_path))}
     assert {"cpio", "zstd"} <= programs
 
 
@@ -215,9 +216,9 @@ def test_the_project_kernel_can_unpack_it(tmp_path: Path):
 
 
 def test_initrd_profile():
-    p = profiles.PROFILES["initrd"]
-    assert p is profiles.INITRD and p.agent_is_init
-    assert p.attach.root_params == "" and p.attach.artifact == "initrd" and not p.attach.root_read_only
+    p = profiles.INITRD
+    assert p.attach is attachments.get("initrd") and p.agent_is_init
+    assert p.attach.root_params == "" and p.attach.boots_initrd and not p.attach.root_read_only
     assert {phase for phase in profiles.PHASES if p.skip(phase)} == {"root", "running", "ssh"}
     assert p.skip("root").reason.startswith("initrd")
     assert p.attach.own_kernel_only
@@ -229,16 +230,16 @@ def test_qemu_boots_the_initrd_without_a_disk(tmp_path: Path):
                                kernel=BootKernel(tmp_path / "vmlinuz", None, "built"),
                                accel=Accel("tcg", "test", False), name="t", profile=profiles.INITRD)
     spec = opts.spec()
-    assert (spec.disk, spec.initramfs) == (None, art)
+    assert (spec.attachment, spec.initramfs) == (attachments.INITRD, art)
     cmd = build_command(spec, VmPaths(tmp_path))
     assert cmd[cmd.index("-initrd") + 1] == str(art)
     assert "-drive" not in cmd and "virtio-blk-pci,drive=image" not in cmd
     append = cmd[cmd.index("-append") + 1]
     assert "root=" not in append and "rdinit=" not in append and append.startswith("console=ttyS0")
-    disk = VmSpec(kernel=Path("/k"), cmdline="", image=Path("/i.img"))  # the other profiles: unchanged
-    assert (disk.disk, disk.initramfs) == (Path("/i.img"), None)
+    disk = VmSpec(kernel=Path("/k"), cmdline="", image=Path("/i.img"), attachment=attachments.VIRTIO_BLK)
+    assert disk.initramfs is None  # the other attachments: unchanged
     with pytest.raises(ValueError):
-        VmSpec(kernel=Path("/k"), cmdline="", image=art, initrd=Path("/debian-initrd"), attach="initrd")
+        VmSpec(kernel=Path("/k"), cmdline="", image=art, initrd=Path("/debian-initrd"), attachment=attachments.INITRD)
 
 
 def test_debian_kernel_cannot_boot_the_initrd_profile(tmp_path: Path):

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from fakes import KATA_TOML
 
+import osbuilder.cli  # noqa: F401 - registers the subcommands
 from osbuilder import settings as S
-from osbuilder.cli import COMMANDS
 from osbuilder.errors import UsageError
 from osbuilder.install import install_image, install_initrd, point_config
+from osbuilder.steps import STEPS as COMMANDS
 
 INSTALLED = "/usr/share/kata-containers/container-initrd.img"
 

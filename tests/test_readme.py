@@ -3,8 +3,9 @@
 import re
 from pathlib import Path
 
-from osbuilder.cli import COMMANDS
+import osbuilder.cli  # noqa: F401 - registers the subcommands
 from osbuilder.settings import TABLE
+from osbuilder.steps import STEPS as COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -9,21 +9,17 @@ that may do what mmdebstrap needs, and the base image exists.
 
 from __future__ import annotations
 
-import argparse
-
+from osbuilder import steps
 from osbuilder.settings import Settings
 
-# The subcommands that run in the container; the others (help, check-deps, install-*, kconfig)
-# need no build tools and run on the host.
-STEPS = ("rootfs", "image", "initrd", "kernel-src", "kernel", "boot")
 
-
-def run_step(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the subcommand `args.command` in the tools image and return its exit code."""
+def run_step(settings: Settings, command: str, argv: list[str], *, console: bool = False) -> int:
+    """Run the subcommand `command` with its own arguments `argv` in the tools image and return its exit
+    code (`console`: it gives the user the guest's console)."""
     from osbuilder.container import engine, step, tools_image
 
     chosen = engine.select(settings, lambda candidate: tools_image.base_image(candidate, settings))
-    return step.run_step(chosen, settings, args)
+    return step.run_step(chosen, settings, step.Invocation(command, tuple(argv), console))
 
 
 def describe(settings: Settings) -> str:
@@ -44,4 +40,4 @@ def describe(settings: Settings) -> str:
     except OsbuilderError as e:
         image, state = "not known yet", e.message
     return (f"Container (USE_DOCKER=yes): engine {name} ({path}); tools image {image} ({state}) on "
-            f"TOOLS_BASE_IMAGE {settings.tools_base_image}; steps run in it: {', '.join(STEPS)}")
+            f"TOOLS_BASE_IMAGE {settings.tools_base_image}; steps run in it: {', '.join(steps.in_container())}")

@@ -12,13 +12,13 @@ ACCEL=tcg or it cannot be opened. Inside, the step locks, logs and caches as it 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
 import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from osbuilder import procs
@@ -49,12 +49,23 @@ def environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def named_paths(settings: Settings, args: argparse.Namespace) -> list[Path]:
+@dataclass(frozen=True)
+class Invocation:
+    """The subcommand to run in the container: its name, its own arguments (paths absolute), and
+    whether it gives the user the guest's console."""
+
+    command: str
+    argv: tuple[str, ...] = ()
+    console: bool = False
+
+
+def named_paths(settings: Settings, invocation: Invocation) -> list[Path]:
     """Existing files and directories that a setting, the profile or an argument names."""
     words: list[str] = []
     for s in TABLE:
         words += re.split(r"[\s,]+", settings.raw.get(s.name, ""))
-    words += [str(p) for p in (settings.profile, getattr(args, "boot_kernel_path", None)) if p]
+    words += [str(settings.profile)] if settings.profile else []
+    words += [w for w in invocation.argv if w.startswith("/")]
     found = []
     for word in filter(None, words):
         path = Path(os.path.expanduser(word.removeprefix("file://"))).absolute()
@@ -76,13 +87,13 @@ def mountable(path: Path) -> bool:
     return not any(path.is_relative_to(d) for d in VIRTUAL_DIRS)
 
 
-def mounts(settings: Settings, args: argparse.Namespace) -> dict[Path, str]:
+def mounts(settings: Settings, invocation: Invocation) -> dict[Path, str]:
     """Host path -> 'rw' or 'ro', each mounted at the same path inside."""
     found: dict[Path, str] = {}
     cwd = Path.cwd()
     if mountable(cwd):
         found[cwd] = "ro"
-    for path in named_paths(settings, args):
+    for path in named_paths(settings, invocation):
         found.setdefault(path, "ro")
     found[Workdir.of(settings).root.absolute()] = "rw"
     found[UserCache.of(settings).root.absolute()] = "rw"
@@ -93,7 +104,7 @@ def mounts(settings: Settings, args: argparse.Namespace) -> dict[Path, str]:
     return found
 
 
-def container_command(engine: Engine, image: str, settings: Settings, args: argparse.Namespace,
+def container_command(engine: Engine, image: str, settings: Settings, invocation: Invocation,
                       name: str, interactive: bool) -> list[str]:
     cmd = engine.command("run", "--rm", "--name", name, *PRIVILEGES, *engine.run_options)
     if interactive:
@@ -101,35 +112,26 @@ def container_command(engine: Engine, image: str, settings: Settings, args: argp
     if settings.accel != "tcg" and os.access("/dev/kvm", os.R_OK | os.W_OK):
         cmd.append("--device=/dev/kvm")
     # parents before children, so that a read-only current directory does not hide WORKDIR inside it
-    for path, mode in sorted(mounts(settings, args).items(), key=lambda item: len(item[0].parts)):
+    for path, mode in sorted(mounts(settings, invocation).items(), key=lambda item: len(item[0].parts)):
         cmd += ["-v", f"{path}:{path}:{mode}"]
     for key in environment(settings):
         cmd += ["-e", key]
-    cmd += ["--workdir", str(Path.cwd()), image, *step_arguments(args)]
+    # the subcommand and its own options (settings travel in the environment)
+    cmd += ["--workdir", str(Path.cwd()), image, invocation.command, *invocation.argv]
     return cmd
 
 
-def step_arguments(args: argparse.Namespace) -> list[str]:
-    """The subcommand and its own options (settings travel in the environment)."""
-    out = [args.command]
-    if getattr(args, "check", False):
-        out.append("--check")
-    if getattr(args, "boot_kernel_path", None):
-        out += ["--kernel", str(Path(args.boot_kernel_path).absolute())]
-    return out
-
-
-def run_step(engine: Engine, settings: Settings, args: argparse.Namespace) -> int:
+def run_step(engine: Engine, settings: Settings, invocation: Invocation) -> int:
     """Run `osbuilder <step>` in the tools image; its exit code (the engine's failures as 125)."""
     image = tools_image.ensure(engine, settings)
-    for path, mode in mounts(settings, args).items():
+    for path, mode in mounts(settings, invocation).items():
         if mode == "rw":
             path.mkdir(parents=True, exist_ok=True)
-    interactive = args.command == "boot" and not getattr(args, "check", False) and sys.stdin.isatty()
-    name = f"osbuilder-{args.command}-{os.getpid()}-{secrets.token_hex(3)}"
-    cmd = container_command(engine, image, settings, args, name, interactive)
+    interactive = invocation.console and sys.stdin.isatty()
+    name = f"osbuilder-{invocation.command}-{os.getpid()}-{secrets.token_hex(3)}"
+    cmd = container_command(engine, image, settings, invocation, name, interactive)
     env = {**os.environ, **environment(settings)}
-    log.info("%s: + %s", args.command, redact(format_command(cmd)))
+    log.info("%s: + %s", invocation.command, redact(format_command(cmd)))
     procs.terminate_as_interrupt()  # so the container is stopped too
     proc = procs.spawn(cmd, env=env, own_group=not interactive,
                        stdin=None if interactive else subprocess.DEVNULL)

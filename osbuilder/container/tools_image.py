@@ -23,7 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 import osbuilder
-from osbuilder import deps
+from osbuilder import steps
 from osbuilder.container.engine import Engine, cannot_run
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import UserCache
@@ -38,10 +38,10 @@ REPOSITORY = "localhost/osbuilder-tools"
 PYTHON_PACKAGES = ("python3", "python3-venv")  # osbuilder itself runs on the image's Python
 
 
-def system_packages() -> list[str]:
-    """Every Debian package `osbuilder check-deps` lists, and Python."""
-    tools = {t.package for step in deps.STEPS.values() for t in step}
-    return sorted(tools | set(deps.EXTRA_PACKAGES) | set(PYTHON_PACKAGES))
+def system_packages(settings: Settings) -> list[str]:
+    """Every Debian package the steps need under these settings (what `osbuilder check-deps --install`
+    installs), and Python."""
+    return sorted(set(steps.packages(settings)) | set(PYTHON_PACKAGES))
 
 
 def python_requirements() -> list[str]:
@@ -60,11 +60,11 @@ def package_files(root: Path | None = None) -> list[Path]:
                   if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
 
 
-def digest(base: str, base_id: str, root: Path | None = None) -> str:
+def digest(base: str, base_id: str, packages: list[str], root: Path | None = None) -> str:
     """The hash the tag is made of: every input of the build."""
     root = root or PACKAGE_DIR
     h = hashlib.sha256()
-    for part in (CONTAINERFILE.read_bytes(), "\n".join(system_packages()).encode(),
+    for part in (CONTAINERFILE.read_bytes(), "\n".join(packages).encode(),
                  "\n".join(python_requirements()).encode(), base.encode(), base_id.encode()):
         h.update(part + b"\0\0")
     for path in package_files(root):
@@ -108,7 +108,8 @@ def base_image(engine: Engine, settings: Settings, pull: bool = True) -> str:
 
 
 def tag_for(engine: Engine, settings: Settings, pull: bool = True) -> str:
-    return f"{REPOSITORY}:{digest(settings.tools_base_image, base_image(engine, settings, pull))[:20]}"
+    base_id = base_image(engine, settings, pull)
+    return f"{REPOSITORY}:{digest(settings.tools_base_image, base_id, system_packages(settings))[:20]}"
 
 
 def ensure(engine: Engine, settings: Settings) -> str:
@@ -126,11 +127,12 @@ def ensure(engine: Engine, settings: Settings) -> str:
 
 def build(engine: Engine, settings: Settings, tag: str) -> None:
     cache = UserCache.of(settings)
+    packages = system_packages(settings)
     log.info("container: building the tools image %s on %s (%d Debian packages, osbuilder %s); "
-             "later runs reuse it", tag, settings.tools_base_image, len(system_packages()), osbuilder.__version__)
+             "later runs reuse it", tag, settings.tools_base_image, len(packages), osbuilder.__version__)
     with tempfile.TemporaryDirectory(prefix="osbuilder-tools-context-") as tmp:
         context = Path(tmp)
-        write_context(context)
+        write_context(context, packages)
         cmd = engine.command("build", "--network=host", *engine.run_options,
                              "--build-arg", f"BASE={settings.tools_base_image}", "-t", tag,
                              "-f", str(context / "Containerfile"))
@@ -148,10 +150,10 @@ def build(engine: Engine, settings: Settings, tag: str) -> None:
                                  f"failed (log: {cache.log('tools-image')})", e.detail) from None
 
 
-def write_context(context: Path) -> None:
+def write_context(context: Path, packages: list[str]) -> None:
     """The build context: the Containerfile, the package lists, osbuilder, and pip's CA bundle."""
     shutil.copy2(CONTAINERFILE, context / "Containerfile")
-    (context / "packages.txt").write_text("\n".join(system_packages()) + "\n")
+    (context / "packages.txt").write_text("\n".join(packages) + "\n")
     (context / "requirements.txt").write_text("\n".join(python_requirements()) + "\n")
     for path in package_files(PACKAGE_DIR):
         dest = context / "osbuilder" / path.relative_to(PACKAGE_DIR)

@@ -26,9 +26,9 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder import layout
+from osbuilder import errors, layout
 from osbuilder.cache import Manifest
-from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, sha256_file, temp_beside
 from osbuilder.kernel.fragments import Merged, configure, make_vars, resolve_fragments
 from osbuilder.kernel.source import SourceTree, ensure_source, origin
@@ -228,9 +228,8 @@ def _make(settings: Settings, cmd: list[str], bdir: Path, logfile: Path, env: di
         run(cmd, step="kernel", logfile=logfile, env=env, verbose=settings.debug)
     except OsbuilderError as e:
         output = _read_from(logfile, offset)
-        if "No space left on device" in output:
-            raise InfrastructureError(f"kernel: no space left on device while building in {bdir}",
-                                      e.detail) from None
+        if errors.NO_SPACE in output:
+            raise errors.full_disk("WORKDIR", f"while building the kernel in {bdir}", e) from None
         first = _first_error(output)
         where = f": {first}" if first else f" (see {logfile})"
         source = source or f"KERNEL_SOURCE={settings.kernel_source}"

@@ -23,15 +23,15 @@ from osbuilder.cache import Manifest
 from osbuilder.errors import UsageError
 from osbuilder.fs import discard, file_hash, publish, temp_beside
 from osbuilder.layout import Workdir
-from osbuilder.rootfs import distros, inputs
+from osbuilder.rootfs import distros, inputs, policy
 from osbuilder.run import tool_version
-from osbuilder.settings import Settings, without_credentials
+from osbuilder.settings import Settings
+from osbuilder.urls import without_credentials
 
 OVERLAY_DIR = Path(__file__).parent / "overlay"
 # units in OVERLAY_DIR that a systemd guest starts at boot (see the unit files for what they do)
 OVERLAY_UNITS = ("osbuilder-slirp-network.service", "osbuilder-power-button.service")
 METADATA_PATH = "var/lib/osbuilder/osbuilder.yaml"
-ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x"}
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,15 @@ def manifest(settings: Settings) -> Manifest:
         "agent": choice.version if choice.binary else "osbuilder:" + agent.source_hash(),
         "agent_service": choice.service,
         "agent_init": str(settings.agent_init),
-        "overlay": file_hash(OVERLAY_DIR) + ":" + file_hash(Path(__file__)),
+        "overlay": file_hash(OVERLAY_DIR) + ":" + file_hash(Path(__file__), Path(policy.__file__)),
         "source_date_epoch": str(settings.source_date_epoch),
-        "tool": tool_version(d.tool),
+        "tool": "; ".join(tool_version(t.program) for t in d.tools),
         "osbuilder": __version__,
         "distro_code": inputs.plugin_code(d),
-        "arch": platform.machine(),
+        "arch": d.architecture(platform.machine()),
         "agent_toolchain": inputs.agent_toolchain() if choice.binary is None else "AGENT_SOURCE_BIN",
         # a new Release (point release, updates of a moving suite) makes a new rootfs
-        "archive_date": inputs.archive_date(settings, settings.repo_url or d.default_mirror),
+        "archive_date": inputs.archive_date(settings, d, settings.repo_url or d.default_mirror),
     })
 
 
@@ -107,6 +107,8 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
         pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
         d.build(settings.os_version, settings.repo_url or d.default_mirror, pkgs, overlay_tar, tmp,
                 logfile=logfile, verbose=settings.debug, source_date_epoch=settings.source_date_epoch)
+        policy.apply(tmp, logfile)
+        policy.verify(tmp)
         publish(tmp, dest)
     finally:
         discard(tmp)
@@ -180,7 +182,7 @@ def metadata(settings: Settings, choice: AgentChoice, pkgs: list[str]) -> dict:
     return {
         "osbuilder": {"version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-        "architecture": ARCHITECTURES.get(platform.machine(), platform.machine()),
+        "architecture": d.architecture(platform.machine()),
         "distro": {"name": d.name, "version": settings.os_version,
                    "mirror": without_credentials(settings.repo_url or d.default_mirror)},
         "packages": {"default": defaults, "extra": [p for p in pkgs if p not in defaults]},

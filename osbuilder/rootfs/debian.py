@@ -13,23 +13,34 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from osbuilder import errors
+from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, temp_beside
 from osbuilder.rootfs.distro import Distro
 from osbuilder.run import run
+from osbuilder.urls import read_head, without_credentials
 
 # Documentation, manual pages and translations are not needed in a container guest.
 EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*",
             "/usr/share/lintian/*")
 
 
+RELEASE_HEAD_BYTES = 4096  # the Date field is in the first lines of InRelease
+
+
 class Debian(Distro):
     name = "debian"
     releases = ("bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable")
     default_mirror = "http://deb.debian.org/debian"
-    tool = "mmdebstrap"
+    tools = (
+        Tool("mmdebstrap", "mmdebstrap", "creates the Debian rootfs without mounts or loop devices"),
+        Tool("gpgv", "gpgv", "checks the archive's signatures"),
+    )
+    packages = ("debian-archive-keyring", "ca-certificates")
+    architectures = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x"}
 
     def default_packages(self, agent_init: bool) -> list[str]:
         base = ["coreutils", "iptables", "kmod", "iproute2"]
@@ -45,8 +56,6 @@ class Debian(Distro):
                "--include=" + ",".join(packages)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
         cmd += ["--dpkgopt=path-include=/usr/share/doc/*/copyright",
-                # no host keys in the image: each boot makes its own
-                '--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*',
                 f"--customize-hook=tar-in {hook_word(str(overlay))} /"]
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
         with mirror_access(mirror, temp_beside(dest.parent / "apt-auth.conf")) as (url, hooks):
@@ -55,6 +64,22 @@ class Debian(Distro):
                     verbose=verbose)
             except OsbuilderError as e:
                 raise classify_failure(e, release, url, packages) from None
+
+
+    def archive_state(self, mirror: str, release: str) -> str:
+        """The `Date:` of the suite's InRelease, read from its first bytes."""
+        head = read_head(mirror, f"dists/{quote(release)}/InRelease", RELEASE_HEAD_BYTES)
+        m = re.search(rb"^Date:[ \t]*(\S.*?)[ \t\r]*$", head, re.MULTILINE)
+        if not m:
+            raise ValueError(f"dists/{release}/InRelease at {without_credentials(mirror)} has no Date field")
+        return m.group(1).decode(errors="replace")
+
+    def package_files(self, tree: Path, package: str) -> list[str]:
+        """dpkg's list of the package's files (`var/lib/dpkg/info/<package>[:arch].list`)."""
+        info = tree / "var/lib/dpkg/info"
+        for candidate in sorted(info.glob(f"{package}.list")) + sorted(info.glob(f"{package}:*.list")):
+            return [line for line in candidate.read_text().splitlines() if line and line != "/."]
+        return []
 
 
 def hook_word(text: str) -> str:
@@ -107,7 +132,7 @@ def classify_failure(error: OsbuilderError, release: str, mirror: str, packages:
     if re.search(r"does not have a Release file|404\s+Not Found", text):
         return UsageError(f"OS_VERSION: release {release!r} not found at {mirror} (check REPO_URL and OS_VERSION)",
                           error.detail)
-    if re.search(r"No space left on device", text):
-        return InfrastructureError("WORKDIR: no space left on device while building the rootfs", error.detail)
+    if errors.out_of_space(error):
+        return errors.full_disk("WORKDIR", "while building the rootfs", error)
     return error
 

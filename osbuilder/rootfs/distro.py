@@ -1,10 +1,20 @@
-"""The interface every distribution plugin implements (the registry is distros.py)."""
+"""The contract every distribution plugin fulfils (the registry is distros.py; debian.py is the first).
+
+A plugin owns every fact about its distribution: its releases and standard mirror, the programs it
+runs (with the packages that provide them, for `check-deps` and the USE_DOCKER tools image), its
+names for the host's architectures, the packages a guest needs, how to read the state of its archive
+(for the rootfs cache key), how to list the files of an installed package, and how to populate a
+directory without mounts or loop devices. What every image must hold whatever made it (no SSH host
+keys, no documentation) is not the plugin's business: `policy.py` enforces it after the plugin ran.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 
+from osbuilder.deps import Tool
 from osbuilder.errors import UsageError
 
 
@@ -14,7 +24,9 @@ class Distro(ABC):
     name: str
     releases: tuple[str, ...]
     default_mirror: str
-    tool: str  # the program that does the work, for check-deps and cache manifests
+    tools: tuple[Tool, ...]  # the programs `build` runs, each with its package
+    packages: tuple[str, ...] = ()  # packages it needs that have no program to look for (a keyring)
+    architectures: Mapping[str, str]  # the host's machine name (uname -m) -> the distribution's name
 
     @abstractmethod
     def default_packages(self, agent_init: bool) -> list[str]:
@@ -25,6 +37,23 @@ class Distro(ABC):
               *, logfile: Path, verbose: bool, source_date_epoch: int | None) -> None:
         """Create the rootfs at `dest` (which must not exist) and unpack `overlay` (a tarball whose
         entries belong to root) over it, keeping the owners in the tarball."""
+
+    @abstractmethod
+    def archive_state(self, mirror: str, release: str) -> str:
+        """A short text that changes whenever `mirror` serves new packages for `release` (a point
+        release, an update of a moving suite). Raises OSError or ValueError when it cannot be read."""
+
+    @abstractmethod
+    def package_files(self, tree: Path, package: str) -> list[str]:
+        """The paths (absolute, as in the guest) the installed `package` put into `tree`."""
+
+    def architecture(self, machine: str) -> str:
+        """The distribution's name for the machine `uname -m` names (x86_64 -> amd64 for Debian)."""
+        try:
+            return self.architectures[machine]
+        except KeyError:
+            raise UsageError(f"DISTRO: {self.name} has no architecture for this host's {machine!r}; "
+                             f"known: {', '.join(self.architectures)}") from None
 
     def check_release(self, release: str) -> None:
         if release not in self.releases:

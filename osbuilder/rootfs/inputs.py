@@ -9,28 +9,24 @@ two compiler invocations, a hash of two source files.
 
 from __future__ import annotations
 
-import base64
 import functools
 import inspect
 import json
 import logging
 import os
-import re
 import shlex
 import subprocess
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
-from urllib.request import Request, urlopen
 
 from osbuilder.fs import file_hash, sha256_file, write_atomically
 from osbuilder.layout import UserCache
 from osbuilder.rootfs.distro import Distro
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
+from osbuilder.urls import without_credentials
 
 log = logging.getLogger("osbuilder")
 
-RELEASE_HEAD_BYTES = 4096  # the Date field is in the first lines of InRelease
 _SEEN: dict[tuple[str, str], str] = {}  # per process: one request per mirror and release
 
 
@@ -60,48 +56,28 @@ def _hash_once(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return sha256_file(Path(path))
 
 
-def archive_date(settings: Settings, mirror: str) -> str:
-    """The Date of `mirror`'s Release file for OS_VERSION (asked once per process).
+def archive_date(settings: Settings, distro: Distro, mirror: str) -> str:
+    """The state of `mirror`'s archive for OS_VERSION, as the distribution reads it (asked once per
+    process): for Debian, the Date of the suite's Release file.
 
-    When the mirror cannot be asked, the Date last seen (kept in the per-user cache) stands in, and a
+    When the mirror cannot be asked, the state last seen (kept in the per-user cache) stands in, and a
     warning says so: a warm cache keeps working offline."""
-    bare = _bare(mirror)
+    bare = without_credentials(mirror)
     key = (bare, settings.os_version)
     if key not in _SEEN:
         remembered = UserCache.of(settings).archive_dates
         known = _read(remembered)
         name = f"{bare} {settings.os_version}"
         try:
-            _SEEN[key] = fetch_release_date(mirror, settings.os_version)
+            _SEEN[key] = distro.archive_state(mirror, settings.os_version)
         except (OSError, ValueError) as e:
             _SEEN[key] = known.get(name, "unknown")
-            log.warning("rootfs: cannot read the Release of %s at %s (%s); keying the cached rootfs on the "
-                        "archive state last seen: %s", settings.os_version, bare, e, _SEEN[key])
+            log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
+                        "the archive state last seen: %s", settings.os_version, bare, e, _SEEN[key])
         else:
             if known.get(name) != _SEEN[key]:
                 _remember(remembered, {**known, name: _SEEN[key]})
     return _SEEN[key]
-
-
-def fetch_release_date(mirror: str, release: str) -> str:
-    """The `Date:` of `<mirror>/dists/<release>/InRelease`, read from its first bytes."""
-    parts = urlsplit(mirror)
-    url = f"{_bare(mirror).rstrip('/')}/dists/{quote(release)}/InRelease"
-    request = Request(url, headers={"Range": f"bytes=0-{RELEASE_HEAD_BYTES - 1}"})
-    if parts.username is not None:  # the same login apt uses (debian.mirror_access)
-        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
-    with urlopen(request, timeout=10) as response:
-        head = response.read(RELEASE_HEAD_BYTES)
-    m = re.search(rb"^Date:[ \t]*(\S.*?)[ \t\r]*$", head, re.MULTILINE)
-    if not m:
-        raise ValueError(f"{url} has no Date field")
-    return m.group(1).decode(errors="replace")
-
-
-def _bare(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
 
 
 def _read(path: Path) -> dict[str, str]:

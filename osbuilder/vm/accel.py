@@ -101,7 +101,7 @@ def _lock(path: Path) -> FileLock:
 def probe_kvm(kernel: BootKernel, log_dir: Path) -> tuple[bool, str]:
     """Boot `kernel` under KVM briefly; (works, one-line detail)."""
     spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd, cmdline="console=ttyS0 panic=-1", accel="kvm",
-                  memory=512, agent=False, network=False)
+                  memory=512, serial_ports=(), network=False)
     started = time.monotonic()
     try:
         with Vm(spec, log_dir, start_timeout=15) as vm:

@@ -1,7 +1,8 @@
 """Run a boot profile: the boot check, the guests the fixtures hand out, and `osbuilder boot`.
 
-    opts = guest_options(settings, image=..., kernel=boot_kernel(settings), accel=accel.choose(...),
-                         name="my-boot", ssh_key=key)
+    image, kernel, profile = plan(settings)
+    opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
+                         name="my-boot", ssh_key=key, profile=profile)
     record = with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
 
 `run_check` boots through every phase of the profile and writes the boot records when all passed;
@@ -20,22 +21,22 @@ import dataclasses
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 from osbuilder import fs
 from osbuilder.errors import InfrastructureError, UsageError
-from osbuilder.image import ALIGN as IMAGE_ALIGN
 from osbuilder.image import read_dax_header, wants_dax
 from osbuilder.layout import Workdir
-from osbuilder.settings import MAX_VM_MEMORY, Settings
+from osbuilder.settings import Settings
 from osbuilder.vm import accel, phases, profiles, ssh
+from osbuilder.vm.attachments import Attachment
 from osbuilder.vm.debian_kernel import debian_kernel
-from osbuilder.vm.guest import Guest
+from osbuilder.vm.guest import Guest, Launcher
 from osbuilder.vm.options import Accel, BootKernel, BootOptions
-from osbuilder.vm.qemu import VmSpec, kernel_cmdline, run_interactive
+from osbuilder.vm.qemu import Vm, run_interactive
 
 log = logging.getLogger("osbuilder")
 
@@ -44,11 +45,20 @@ T = TypeVar("T")
 
 # -- what to boot -------------------------------------------------------------------------------
 
-def boot_image(settings: Settings) -> Path:
+def plan(settings: Settings, kernel_path: Path | None = None) -> tuple[Path, BootKernel, profiles.Profile]:
+    """What `osbuilder boot` boots under these settings: the artifact, the kernel and the profile, with
+    BOOT_PROFILE resolved once."""
+    attachment = profiles.attachment_for(settings)
+    image = boot_image(settings, attachment)
+    kernel = boot_kernel(settings, path=kernel_path, attachment=attachment)
+    return image, kernel, image_profile(settings, image, attachment)
+
+
+def boot_image(settings: Settings, attachment: Attachment | None = None) -> Path:
     """The artifact `osbuilder boot` boots: BOOT_IMAGE, else the WORKDIR's image (or its initrd, when the
-    boot profile attaches one)."""
+    attachment boots one)."""
     wd = Workdir.of(settings)
-    initrd = profiles.for_settings(settings).attach.artifact == "initrd"
+    initrd = (attachment or profiles.attachment_for(settings)).boots_initrd
     image = (settings.boot_image or (wd.initrd if initrd else wd.image)).absolute()
     if not image.is_file():
         build = "osbuilder rootfs && osbuilder initrd" if initrd else "osbuilder rootfs && osbuilder image"
@@ -56,7 +66,8 @@ def boot_image(settings: Settings) -> Path:
     return image
 
 
-def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None = None) -> BootKernel:
+def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None = None,
+                attachment: Attachment | None = None) -> BootKernel:
     """The kernel to boot: `path` (--kernel PATH), else BOOT_KERNEL: auto (the built kernel if
     present, else Debian's), built, debian, or a path. `built` is where the built kernel's vmlinuz
     is looked for (default: the WORKDIR's)."""
@@ -72,16 +83,16 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
         if not built.is_file():
             raise UsageError(f"BOOT_KERNEL=built: {built} does not exist; run `osbuilder kernel` first")
         return BootKernel(built.absolute(), None, "built")
-    refuse_debian_kernel(profiles.for_settings(settings), choice)
+    refuse_debian_kernel(attachment or profiles.attachment_for(settings), choice)
     return debian_kernel(settings)
 
 
-def refuse_debian_kernel(profile: profiles.Profile, choice: str = "debian") -> None:
-    """A one-line usage error when the profile's attachment cannot boot with Debian's kernel."""
-    why = profile.attach.own_kernel_only
+def refuse_debian_kernel(attachment: Attachment, choice: str = "debian") -> None:
+    """A one-line usage error when the attachment cannot boot with Debian's kernel."""
+    why = attachment.own_kernel_only
     if why:
         hint = "`osbuilder kernel-src && osbuilder kernel` first" if choice == "auto" else "BOOT_KERNEL=built"
-        raise UsageError(f"BOOT_KERNEL={choice}: the {profile.name} boot profile needs osbuilder's own kernel "
+        raise UsageError(f"BOOT_KERNEL={choice}: the {attachment.name} boot profile needs osbuilder's own kernel "
                          f"({why}); use {hint}")
 
 
@@ -90,12 +101,12 @@ def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel:
                   timeout: float | None = None, profile: profiles.Profile | None = None) -> BootOptions:
     """Options for one boot under these settings: memory, CPUs, BOOT_TIMEOUT (unless `timeout`),
     BOOT_APPEND then `append`, the profile (`profile`, else the settings'), logs in
-    `Workdir.boot_log(name)`. `image` is the artifact the profile attaches (container.img, or the initrd)."""
+    `Workdir.boot_log(name)`. `image` is the artifact the profile attaches (container.img, or the initrd);
+    the attachment checks it before anything starts."""
     profile = profile or image_profile(settings, image)
     if kernel.name == "debian":
-        refuse_debian_kernel(profile)
-    if profile.attach.name == "nvdimm":
-        check_nvdimm_image(settings, image)
+        refuse_debian_kernel(profile.attach)
+    profile.attach.check(image, settings.vm_memory)
     return BootOptions(
         image=image, kernel=kernel, log_dir=Workdir.of(settings).boot_log(name), accel=accel,
         memory=settings.vm_memory, cpus=settings.vm_cpus, timeout=timeout or settings.boot_timeout,
@@ -103,55 +114,37 @@ def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel:
         profile=profile)
 
 
-def image_profile(settings: Settings, image: Path) -> profiles.Profile:
-    """The settings' profile for booting `image`: with BOOT_PROFILE=nvdimm, the DAX attachment when the
-    image carries a DAX header (an image without one cannot be mounted with DAX)."""
-    dax = image.is_file() and read_dax_header(image) is not None
-    profile = profiles.for_settings(settings, dax=dax)
-    if profile.attach.name == "nvdimm" and not dax and wants_dax(settings):
+def image_profile(settings: Settings, image: Path, attachment: Attachment | None = None) -> profiles.Profile:
+    """The settings' profile for booting `image`: the attachment's DAX variant when the image carries
+    a DAX header (an image without one cannot be mounted with DAX)."""
+    dax_header = image.is_file() and read_dax_header(image) is not None
+    profile = profiles.for_settings(settings, dax_header=dax_header, attachment=attachment)
+    if not dax_header and profile.attach.variant(True).dax and wants_dax(settings):
         log.warning("boot: %s has no DAX header (made with DAX=no?): booting it as an NVDIMM without DAX", image)
     return profile
 
 
-def check_nvdimm_image(settings: Settings, image: Path) -> None:
-    """An NVDIMM's memory backend maps the whole image in memory-hotplug units of 128 MiB. (A missing
-    image is left to the boot, which names it.)"""
-    if not image.is_file():
-        return
-    size = image.stat().st_size
-    if size == 0 or size % IMAGE_ALIGN:
-        raise UsageError(f"BOOT_IMAGE: {image} is {size} bytes, not a multiple of {IMAGE_ALIGN >> 20} MiB, so "
-                         "the NVDIMM memory backend cannot map it; make it with `osbuilder image` or boot it "
-                         "with BOOT_PROFILE=virtio-blk")
-    if settings.vm_memory + (size >> 20) > MAX_VM_MEMORY:
-        raise UsageError(f"VM_MEMORY: {settings.vm_memory} MiB plus the {size >> 20} MiB image mapped as an NVDIMM "
-                         f"exceed the {MAX_VM_MEMORY} MiB QEMU's guest can address")
-
-
 # -- running a profile --------------------------------------------------------------------------
 
-def start_guest(opts: BootOptions) -> Guest:
-    """A started guest (QEMU running, nothing checked yet). Close it, or use it as a context manager."""
-    return Guest.start(opts)
-
-
-def boot_to_ready(guest: Guest) -> None:
+def boot_to_ready(guest: Guest, checks: Mapping[str, Callable[[Guest], Any]] = phases.CHECKS) -> None:
     """Every phase of the guest's profile but powerdown: kernel, root, init, agent, running, exec,
-    ssh (those the profile skips are recorded as skipped)."""
-    for phase in guest.profile.ready:
+    ssh (those the profile skips are recorded as skipped; `checks`: each phase's check)."""
+    for phase in profiles.READY:
         if phase == "ssh" and guest.opts.ssh_key is None and guest.profile.skip(phase) is None:
             continue  # no session key, nothing to log in with: "not run", so the check does not pass
-        phases.run(guest, phase)
+        phases.run(guest, phase, checks)
     guest.collect_console_timings()
 
 
-def run_check(opts: BootOptions, settings: Settings) -> dict[str, Any]:
+def run_check(opts: BootOptions, settings: Settings, *, launch: Launcher = Vm,
+              checks: Mapping[str, Callable[[Guest], Any]] = phases.CHECKS) -> dict[str, Any]:
     """The whole check, once; returns the boot record. Writes boot records when it passes, carrying
     the hashes the guest took of the image and kernel before QEMU started (none when a file was
-    replaced or written to during the boot)."""
-    with start_guest(opts) as guest:
-        boot_to_ready(guest)
-        phases.run(guest, "powerdown")
+    replaced or written to during the boot). `launch` and `checks`: what starts QEMU and what each
+    phase checks (tests give their own)."""
+    with Guest.start(opts, launch) as guest:
+        boot_to_ready(guest, checks)
+        phases.run(guest, "powerdown", checks)
     guest.write_passing_records(settings.workdir)
     return guest.record()
 
@@ -177,7 +170,7 @@ def booted(opts: BootOptions, settings: Settings) -> Iterator[Guest]:
     guests: list[Guest] = []
 
     def boot(o: BootOptions) -> Guest:
-        guest = start_guest(o)
+        guest = Guest.start(o)
         guests.append(guest)
         try:
             boot_to_ready(guest)
@@ -195,15 +188,16 @@ def booted(opts: BootOptions, settings: Settings) -> Iterator[Guest]:
 
 # -- `osbuilder boot` ---------------------------------------------------------------------------
 
-def run_boot_check(settings: Settings, image: Path, kernel: BootKernel,
+def run_boot_check(settings: Settings, image: Path, kernel: BootKernel, profile: profiles.Profile | None = None,
                    name: str = "osbuilder-boot-check") -> dict[str, Any]:
-    """The full boot check of `image` with `kernel` (`osbuilder boot --check`), with a throw-away
-    session SSH key; writes boot records when it passes. Returns the boot record."""
+    """The full boot check of `image` with `kernel` (`osbuilder boot --check`; `profile`, else the
+    settings' for the image), with a throw-away session SSH key; writes boot records when it passes.
+    Returns the boot record."""
     key_dir = fs.pid_tempdir("osbkey-", Path(tempfile.gettempdir()))  # swept if we are SIGKILLed
     try:
         key = ssh.make_session_key(key_dir)
         opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
-                             name=name, ssh_key=key)
+                             name=name, ssh_key=key, profile=profile)
         return with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
     finally:
         shutil.rmtree(key_dir, ignore_errors=True)
@@ -224,16 +218,8 @@ def format_timings(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def boot_interactive(settings: Settings, image: Path, kernel: BootKernel) -> int:
+def boot_interactive(settings: Settings, image: Path, kernel: BootKernel, profile: profiles.Profile) -> int:
     """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits); QEMU's exit code."""
-    chosen = accel.choose(settings, kernel)
-    profile = image_profile(settings, image)
-    size = 0
-    if profile.attach.name == "nvdimm":
-        check_nvdimm_image(settings, image)
-        size = image.stat().st_size
-    spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd,
-                  cmdline=kernel_cmdline(profile.attach.root_params, settings.boot_append),
-                  image=image, accel=chosen.name, memory=settings.vm_memory, cpus=settings.vm_cpus, agent=False,
-                  attach=profile.attach.name, image_size=size)
-    return run_interactive(spec)
+    opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
+                         name="osbuilder-boot", profile=profile)
+    return run_interactive(opts.spec(interactive=True))

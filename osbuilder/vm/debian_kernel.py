@@ -22,7 +22,8 @@ from osbuilder.fs import discard, file_hash
 from osbuilder.layout import UserCache
 from osbuilder.rootfs.debian import Debian, mirror_access
 from osbuilder.run import run, tool_version
-from osbuilder.settings import Settings, without_credentials
+from osbuilder.settings import Settings
+from osbuilder.urls import without_credentials
 from osbuilder.vm.options import BootKernel
 
 PACKAGE = "linux-image-cloud-amd64"

@@ -33,7 +33,7 @@ from osbuilder.vm import records
 from osbuilder.vm.console import format_tail
 from osbuilder.vm.options import BootOptions, Budgets
 from osbuilder.vm.profiles import PHASES, Outcome, Profile
-from osbuilder.vm.qemu import QmpError, Vm
+from osbuilder.vm.qemu import QmpError, Vm, VmSpec
 
 log = logging.getLogger("osbuilder")
 
@@ -44,6 +44,9 @@ CONSOLE_TIMINGS = {"first_byte": "first_console_byte", "linux_version": "kernel_
                    "init_started": "init_started", "root_mounted": "root_mounted",
                    "systemd_started": "systemd_started", "agent_started": "agent_started",
                    "multi_user": "multi_user_target"}
+
+
+Launcher = Callable[[VmSpec, Path], Vm]  # makes the Vm a guest runs in (qemu.Vm; tests give a stand-in)
 
 
 class BootFailure(OsbuilderError):
@@ -107,16 +110,16 @@ class Guest:
     # -- lifetime -------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, opts: BootOptions) -> Guest:
-        """Launch QEMU for `opts` (paused, QMP and console attached, then running). If the launch
-        fails, nothing is left running and the error says why."""
+    def start(cls, opts: BootOptions, launch: Launcher = Vm) -> Guest:
+        """Launch QEMU for `opts` (paused, QMP and console attached, then running; `launch` makes the
+        `Vm`). If the launch fails, nothing is left running and the error says why."""
         try:
             pins = records.pin(opts.image, opts.kernel.kernel)  # hashed before QEMU reads them
         except OSError as e:
             raise OsbuilderError(f"boot: cannot read {e.filename}: {e.strerror}") from None
         started_at = time.time()
         try:
-            vm = Vm(opts.spec(), opts.log_dir).launch()
+            vm = launch(opts.spec(), opts.log_dir).launch()
         except BaseException:
             for p in pins:
                 p.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from osbuilder.agent import PORT_NAME
 from osbuilder.vm import ssh
 from osbuilder.vm.profiles import SYSTEMD, Profile
 from osbuilder.vm.qemu import VmSpec, kernel_cmdline
@@ -76,13 +77,11 @@ class BootOptions:
     def budgets(self) -> Budgets:
         return Budgets.from_timeout(self.timeout)
 
-    def spec(self) -> VmSpec:
+    def spec(self, *, interactive: bool = False) -> VmSpec:
+        """What qemu.py launches: the image attached by the profile's attachment, the agent's port,
+        the session key as a credential (`interactive`: the console is yours, no agent port)."""
         creds = {ssh.CREDENTIAL: self.ssh_key.public} if self.ssh_key else {}
         return VmSpec(kernel=self.kernel.kernel, initrd=self.kernel.initrd, cmdline=self.cmdline,
-                      image=self.image, accel=self.accel.name, memory=self.memory, cpus=self.cpus,
-                      credentials=creds, attach=self.profile.attach.name, image_size=self.image_size)
-
-    @property
-    def image_size(self) -> int:
-        """The image's size in bytes (what an NVDIMM's memory backend maps); 0 for other attachments."""
-        return self.image.stat().st_size if self.profile.attach.name == "nvdimm" else 0
+                      image=self.image, attachment=self.profile.attach, accel=self.accel.name,
+                      memory=self.memory, cpus=self.cpus, credentials=creds,
+                      serial_ports=() if interactive else (PORT_NAME,))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import paramiko
@@ -224,12 +224,12 @@ def exec(guest: Guest) -> ExecResult:  # named after the phase (it shadows the b
     if (r.status, r.stdout, r.stderr) != (3, "out\n", "err\n"):
         raise guest.fail("exec", f"exec returned status={r.status} stdout={r.stdout!r} stderr={r.stderr!r}, "
                          "expected 3, 'out\\n', 'err\\n'")
-    guest.phases["exec"] = Outcome.passed()
     options = root_mount_options(guest)
     if guest.profile.attach.root_read_only and "ro" not in options:
-        raise guest.fail("root", f"the root filesystem is mounted {','.join(options)}, not read-only")
+        raise guest.fail("exec", f"the root filesystem is mounted {','.join(options)}, not read-only")
     if guest.profile.attach.dax:
         prove_dax(guest)
+    guest.phases["exec"] = Outcome.passed()
     return r
 
 
@@ -248,19 +248,19 @@ DAX_PROBE = ('findmnt -n -o SOURCE,OPTIONS /; b=$(readlink -f "/sys/dev/block/$(
 def prove_dax(guest: Guest) -> None:
     """The root is mounted with DAX, as the guest's kernel reports it (not as the command line asked):
     the mount options say dax (ext4 refuses the option on a device without DAX, so that alone would
-    do) and the block queue of the root's disk has its DAX flag. Fails `root` otherwise."""
+    do) and the block queue of the root's disk has its DAX flag. Fails `exec` (which looks) otherwise."""
     r = guest.exec(["sh", "-c", DAX_PROBE], phase="exec")
     lines = r.stdout.split("\n")
     mount = lines[0].split()
     disk = lines[1].split() if len(lines) > 1 else []
     if len(mount) != 2 or len(disk) != 2:
-        raise guest.fail("root", f"cannot read the root's mount and disk in the guest: {r.stdout!r} {r.stderr!r}")
+        raise guest.fail("exec", f"cannot read the root's mount and disk in the guest: {r.stdout!r} {r.stderr!r}")
     source, options = mount[0], mount[1].split(",")
     dax_option = next((o for o in options if o == "dax" or o.startswith("dax=")), None)
     guest.root_mount = {"source": source, "options": options, "device": disk[0], "queue_dax": disk[1],
                         "dax": dax_option in ("dax", "dax=always") and disk[1] == "1"}
     if not guest.root_mount["dax"]:
-        raise guest.fail("root", f"the root ({source}, {disk[0]}) is not mounted with DAX: mount options "
+        raise guest.fail("exec", f"the root ({source}, {disk[0]}) is not mounted with DAX: mount options "
                          f"{','.join(options)}, queue/dax of its disk {disk[1]}")
 
 
@@ -328,11 +328,11 @@ CHECKS: dict[str, Callable[[Guest], Any]] = {
 }
 
 
-def run(guest: Guest, phase: str) -> Any:
+def run(guest: Guest, phase: str, checks: Mapping[str, Callable[[Guest], Any]] = CHECKS) -> Any:
     """Run one phase for the guest's profile: a phase the profile skips is recorded as skipped (and
-    returns None); any other runs its check, which returns what it found."""
+    returns None); any other runs its check (`checks[phase]`), which returns what it found."""
     skip = guest.profile.skip(phase)
     if skip is not None:
         guest.phases[phase] = skip
         return None
-    return CHECKS[phase](guest)
+    return checks[phase](guest)

@@ -1,14 +1,13 @@
 """One way to run a guest: the QEMU command line, the launch, QMP, and a cleanup that always happens.
 
-Mechanism only: what to check in the guest is phases.py's business.
-
-`build_command()` turns a `VmSpec` into QEMU's argv the way the runtimes attach things: the image
-as a virtio-blk disk on a throw-away qcow2 overlay (or, `attach="nvdimm"`, as an NVDIMM whose file
-memory backend is read-only, so the guest cannot write it either; or, `attach="initrd"`, as the
-kernel's initrd, with no disk at all), the agent's virtio-serial port
-(`osbuilder.agent.PORT_NAME`) on a UNIX socket, user-mode networking with SSH forwarded to a free host port,
-the serial console on a UNIX socket, QMP on another. `Vm` starts QEMU paused (-S), connects QMP and
-the console drain, then lets the CPUs run, so the console log holds every byte from the first.
+Mechanism only: what to check in the guest is phases.py's business, and how the artifact is attached
+is its `Attachment`'s (attachments.py): `build_command()` asks the spec's attachment for its devices,
+machine options, memory and initramfs, and `Vm` enters the attachment's `running()` context (an
+overlay, a helper process) before QEMU starts and leaves it after QEMU stopped. Around that it adds
+what every guest gets: the virtio-serial ports the agent protocol needs, each on a UNIX socket,
+user-mode networking with SSH forwarded to a free host port, the serial console on a UNIX socket, QMP
+on another. `Vm` starts QEMU paused (-S), connects QMP and the console drain, then lets the CPUs run,
+so the console log holds every byte from the first.
 
 No QEMU outlives us: `Vm` is a context manager whose exit powers the guest down (bounded), then
 `quit`s, then kills; QEMU runs in its own process group under osbuilder's watchdog (procs.py), so a
@@ -28,9 +27,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from osbuilder import fs, procs
 from osbuilder.agent import PORT_NAME
@@ -48,45 +48,53 @@ CONSOLE_PARAMS = "console=ttyS0 panic=-1 systemd.show_status=1"
 # Boot-check only: the rootfs overlay gives the NIC QEMU user-net's address when it sees this.
 BOOT_CHECK_PARAMS = "osbuilder.net=slirp"
 RUNDIR_PREFIX = "osbvm-"
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB, the most QEMU's default x86 CPU (40 address bits) can address
+
+
+class Attaching(Protocol):
+    """What QEMU needs of the way an artifact is attached (attachments.Attachment implements it)."""
+
+    def machine_options(self) -> list[str]: ...
+
+    def memory(self, memory_mib: int, image: Path | None) -> str: ...
+
+    def devices(self, image: Path | None, paths: VmPaths | None) -> list[str]: ...
+
+    def initramfs(self, image: Path | None) -> Path | None: ...
+
+    def running(self, image: Path | None, paths: VmPaths, logfile: Path) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
 class VmSpec:
-    """What to boot and how. `image` is attached through a qcow2 overlay; it is never written."""
+    """What to boot and how: `image` reaches the guest the way `attachment` says (never written by it;
+    nothing is attached without one), and the guest gets a virtio-serial port, on a UNIX socket, for
+    each name in `serial_ports`."""
 
     kernel: Path
     cmdline: str
     initrd: Path | None = None
     image: Path | None = None
+    attachment: Attaching | None = None
     accel: str = "tcg"
     memory: int = 1024
     cpus: int = 1
     machine: str = "q35"
     credentials: dict[str, str] = field(default_factory=dict)  # systemd credentials via SMBIOS
-    agent: bool = True
+    serial_ports: tuple[str, ...] = (PORT_NAME,)
     network: bool = True
-    attach: str = "virtio-blk"  # how `image` reaches the guest (the boot profile's attachment)
-    image_size: int = 0  # bytes of `image`: the size of its memory backend when attached as an NVDIMM
+    qemu: str = QEMU  # the emulator binary
 
     def __post_init__(self) -> None:
-        if self.attach == "initrd" and self.image is not None and self.initrd is not None:
+        if self.attachment is not None and self.attachment.initramfs(self.image) and self.initrd is not None:
             raise ValueError("an image attached as the initrd leaves no room for the kernel's own initrd")
 
     @property
     def initramfs(self) -> Path | None:
         """What QEMU loads with -initrd: the image itself when it is attached as the initrd, else the
         kernel's own initrd (Debian's)."""
-        return self.image if self.attach == "initrd" else self.initrd
-
-    @property
-    def disk(self) -> Path | None:
-        """The image as a drive (through the overlay); none when it is the initrd or an NVDIMM."""
-        return None if self.attach in ("initrd", "nvdimm") else self.image
-
-    @property
-    def nvdimm(self) -> Path | None:
-        """The image as an NVDIMM: mapped read-only, never through an overlay."""
-        return self.image if self.attach == "nvdimm" else None
+        attached = self.attachment.initramfs(self.image) if self.attachment else None
+        return attached or self.initrd
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,14 @@ class VmPaths:
     def console(self) -> Path:
         return self.rundir / "con"
 
+    def port(self, name: str) -> Path:
+        """The socket of the virtio-serial port `name`."""
+        return self.rundir / f"port-{name}"
+
     @property
     def agent(self) -> Path:
-        return self.rundir / "agent"
+        """The socket of osbuilder's agent port (agent.channel.0)."""
+        return self.port(PORT_NAME)
 
     @property
     def overlay(self) -> Path:
@@ -133,30 +146,28 @@ def accel_args(accel: str, cpus: int) -> list[str]:
 
 def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = False) -> list[str]:
     """QEMU's argv. `paths` None (interactive only): no QMP, no sockets, console on stdio."""
-    cmd = [QEMU, "-name", "osbuilder", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-           "-machine", spec.machine + (",nvdimm=on" if spec.nvdimm else ""), *accel_args(spec.accel, spec.cpus),
-           "-m", memory_arg(spec), "-smp", str(spec.cpus), "-kernel", str(spec.kernel)]
+    attachment = spec.attachment
+    machine = ",".join([spec.machine, *(attachment.machine_options() if attachment else [])])
+    memory = attachment.memory(spec.memory, spec.image) if attachment else str(spec.memory)
+    cmd = [spec.qemu, "-name", "osbuilder", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+           "-machine", machine, *accel_args(spec.accel, spec.cpus),
+           "-m", memory, "-smp", str(spec.cpus), "-kernel", str(spec.kernel)]
     if spec.initramfs:
         cmd += ["-initrd", str(spec.initramfs)]
     cmd += ["-append", spec.cmdline]
-    if spec.disk:
-        disk = paths.overlay if paths else spec.disk
-        fmt = "qcow2" if paths else "raw"
-        cmd += ["-drive", f"if=none,id=image,file={qemu_escape(str(disk))},format={fmt}"
-                + ("" if paths else ",snapshot=on"),
-                "-device", "virtio-blk-pci,drive=image"]
-    if spec.nvdimm:
-        cmd += nvdimm_args(spec.nvdimm, spec.image_size)
+    if attachment:
+        cmd += attachment.devices(spec.image, paths)
     cmd += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]
     if interactive or paths is None:
         cmd += ["-serial", "mon:stdio"]
     else:
         cmd += ["-chardev", f"socket,id=con0,path={qemu_escape(str(paths.console))},server=on,wait=off",
                 "-serial", "chardev:con0"]
-    if spec.agent and paths is not None:
-        cmd += ["-device", "virtio-serial-pci,id=vser0",
-                "-chardev", f"socket,id=agent,path={qemu_escape(str(paths.agent))},server=on,wait=off",
-                "-device", f"virtserialport,chardev=agent,name={PORT_NAME}"]
+    if spec.serial_ports and paths is not None:
+        cmd += ["-device", "virtio-serial-pci,id=vser0"]
+        for i, name in enumerate(spec.serial_ports):
+            cmd += ["-chardev", f"socket,id=port{i},path={qemu_escape(str(paths.port(name)))},server=on,wait=off",
+                    "-device", f"virtserialport,chardev=port{i},name={qemu_escape(name)}"]
     if spec.network:
         cmd += ["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22", "-device", "virtio-net-pci,netdev=net0"]
     for name, value in spec.credentials.items():
@@ -164,24 +175,6 @@ def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = Fa
     if paths is not None:
         cmd += ["-qmp", f"unix:{qemu_escape(str(paths.qmp))},server=on,wait=off", "-S"]
     return cmd
-
-
-MiB = 1 << 20
-
-
-def memory_arg(spec: VmSpec) -> str:
-    """-m: the guest's RAM in MiB; with an NVDIMM, a hotplug slot and room for it above the RAM."""
-    if not spec.nvdimm:
-        return str(spec.memory)
-    return f"{spec.memory}M,slots=1,maxmem={spec.memory + -(-spec.image_size // MiB)}M"
-
-
-def nvdimm_args(image: Path, size: int) -> list[str]:
-    """The image as Kata attaches it: a file memory backend, read-only (QEMU opens the file O_RDONLY,
-    so the guest can never write it) and private, behind an unarmed NVDIMM (the NFIT tells the guest
-    it is read-only)."""
-    backend = f"memory-backend-file,id=mem0,mem-path={qemu_escape(str(image))},size={size},readonly=on,share=off"
-    return ["-object", backend, "-device", "nvdimm,id=nv0,memdev=mem0,unarmed=on"]
 
 
 USERNET_FORWARD = re.compile(
@@ -210,11 +203,6 @@ def spawn(cmd: list[str], *, stdout: Any, stderr: Any, stdin: Any = subprocess.D
         return procs.spawn(cmd, stdin=stdin, stdout=stdout, stderr=stderr, own_group=own_group)
     except FileNotFoundError:
         raise OsbuilderError(f"boot: program '{cmd[0]}' not found; run `osbuilder check-deps --install`") from None
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL QEMU if it still runs, and reap it."""
-    procs.finish(proc)
 
 
 def make_rundir() -> Path:
@@ -357,6 +345,7 @@ class Vm:
         self._console_sock: socket.socket | None = None
         self.shutdown_event: dict[str, Any] | None = None
         self.stopped = False
+        self._attached = ExitStack()  # the attachment's running() context: left after QEMU stopped
 
     @property
     def pid(self) -> int | None:
@@ -382,8 +371,9 @@ class Vm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in ("console.log", "qemu.log", "qmp.jsonl"):
             (self.log_dir / name).unlink(missing_ok=True)
-        if self.spec.disk:
-            make_overlay(self.spec.disk, self.paths.overlay, self.log_dir / "qemu.log")
+        if self.spec.attachment is not None:
+            self._attached.enter_context(self.spec.attachment.running(self.spec.image, self.paths,
+                                                                      self.log_dir / "qemu.log"))
         self.command = build_command(self.spec, self.paths)
         (self.log_dir / "command.txt").write_text(format_command(self.command) + "\n")
         self.t0 = self.console.t0 = self.stderr.t0 = self.qmp.t0 = time.monotonic()
@@ -471,13 +461,16 @@ class Vm:
                 self._wait_exit(5)
         finally:
             if self.proc is not None:
-                kill(self.proc)
+                procs.finish(self.proc)
             self.qmp.close()
             if self._console_sock is not None:
                 self._console_sock.close()
             self.console.join(5)
             self.stderr.join(5)
-            shutil.rmtree(self.paths.rundir, ignore_errors=True)
+            try:
+                self._attached.close()
+            finally:
+                shutil.rmtree(self.paths.rundir, ignore_errors=True)
 
 
 def _short_tmp() -> str:
@@ -494,4 +487,4 @@ def run_interactive(spec: VmSpec) -> int:
     try:
         return proc.wait()
     finally:
-        kill(proc)
+        procs.finish(proc)

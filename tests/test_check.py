@@ -1,0 +1,125 @@
+"""check.py: what a boot runs with, the order of phases, the KVM fallback, and what `osbuilder boot` boots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from vmstubs import (
+    load_settings,
+    stub_guest,
+)
+
+from osbuilder.errors import InfrastructureError, UsageError
+from osbuilder.layout import UserCache, Workdir
+from osbuilder.vm import attachments, check, phases, profiles
+from osbuilder.vm.guest import Guest
+from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budgets
+from osbuilder.vm.profiles import AGENT_INIT, SYSTEMD, Outcome, Pid1, Profile
+
+
+def test_budgets_scale_with_timeout_down_to_floors() -> None:
+    b = Budgets.from_timeout(120)
+    assert b.kernel == 30 and b.root == 60 and b.agent == 120 and b.running == 60 and b.powerdown == 30
+    assert b.agent_grace == 18 and b.ssh == 60
+    short = Budgets.from_timeout(40)  # a short BOOT_TIMEOUT still leaves the agent and the power-off time
+    assert short.kernel == 10 and short.agent == 40 and short.agent_grace == 15 and short.powerdown == 20
+
+
+def test_guest_options_come_from_the_settings(tmp_path: Path) -> None:
+    s = load_settings(tmp_path, VM_MEMORY="2048", VM_CPUS="2", BOOT_TIMEOUT="90", BOOT_APPEND="quiet",
+                      AGENT_INIT="yes")
+    kernel = BootKernel(tmp_path / "k", None, "path")
+    opts = check.guest_options(s, image=tmp_path / "i.img", kernel=kernel, accel=Accel("tcg", "t", False),
+                               name="my test[1]", append="loglevel=7")
+    assert (opts.memory, opts.cpus, opts.timeout, opts.append) == (2048, 2, 90, "quiet loglevel=7")
+    assert opts.profile == profiles.NVDIMM_AGENT_INIT and opts.ssh_key is None  # no image yet: no DAX header
+    assert opts.log_dir == Workdir.of(s).boot_log("my test[1]") and opts.log_dir.is_relative_to(s.workdir)
+    assert check.guest_options(s, image=opts.image, kernel=kernel, accel=opts.accel, name="x", timeout=30).timeout == 30
+
+
+@pytest.mark.parametrize("profile, has_key, ran, skipped", [
+    (SYSTEMD, True, ["kernel", "root", "init", "agent", "running", "exec", "ssh"], []),
+    (SYSTEMD, False, ["kernel", "root", "init", "agent", "running", "exec"], []),  # no key: ssh "not run"
+    (AGENT_INIT, False, ["kernel", "root", "init", "agent", "exec"], ["running", "ssh"]),
+    (Profile(dataclasses.replace(attachments.VIRTIO_BLK, skipped={"root": "no disk"}), Pid1.SYSTEMD), True,
+     ["kernel", "init", "agent", "running", "exec", "ssh"], ["root"]),
+], ids=["systemd", "systemd-no-key", "agent-init", "a-new-attachment-skips-its-own"])
+def test_boot_to_ready_runs_the_profile(tmp_path: Path, profile: Profile, has_key: bool, ran: list[str],
+                                        skipped: list[str]) -> None:
+    calls: list[str] = []
+
+    def check_for(name: str):
+        def record(guest: Guest) -> None:
+            calls.append(name)
+            guest.phases[name] = Outcome.passed()
+        return record
+
+    checks = {name: check_for(name) for name in profiles.PHASES}
+    guest = stub_guest(tmp_path, profile)
+    if has_key:
+        guest.opts = dataclasses.replace(guest.opts, ssh_key=SimpleNamespace(public="ssh-ed25519 AAAA"))
+    check.boot_to_ready(guest, checks)
+    assert calls == ran
+    assert [p for p, o in guest.phases.items() if o == profile.skip(p)] == skipped
+    phases.run(guest, "powerdown", checks)
+    assert guest.passed is (has_key or profile.skip("ssh") is not None)  # no key, no login, no pass
+
+
+def test_kvm_failure_falls_back_to_tcg(tmp_path: Path) -> None:
+    s = load_settings(tmp_path)
+    opts = stub_guest(tmp_path).opts
+    calls = []
+
+    def fn(o: BootOptions) -> str:
+        calls.append((o.accel.name, o.log_dir.name))
+        if o.accel.name == "kvm":
+            raise InfrastructureError("KVM internal error")
+        return "ok"
+
+    assert check.with_kvm_fallback(opts, s, fn) == "ok"
+    assert calls == [("kvm", tmp_path.name), ("tcg", tmp_path.name + "-tcg")]
+    assert json.loads(UserCache.of(s).accel_verdict.read_text())["kvm"] is False  # KVM distrusted from now on
+    calls.clear()
+    with pytest.raises(InfrastructureError):  # KVM asked for by name: no fallback
+        check.with_kvm_fallback(dataclasses.replace(opts, accel=Accel("kvm", "ACCEL=kvm", False)), s, fn)
+    assert calls == [("kvm", tmp_path.name)]
+
+
+def test_boot_kernel_and_image_selection(tmp_path: Path) -> None:
+    s = load_settings(tmp_path)
+    with pytest.raises(UsageError, match="BOOT_IMAGE: .* does not exist; run `osbuilder rootfs"):
+        check.boot_image(s)
+    with pytest.raises(UsageError, match="BOOT_KERNEL=built"):
+        check.boot_kernel(s.with_values(BOOT_KERNEL="built"))
+    Workdir.of(s).kernel.vmlinuz.parent.mkdir(parents=True)
+    Workdir.of(s).kernel.vmlinuz.write_bytes(b"k")
+    assert check.boot_kernel(s).name == "built"  # auto prefers the built kernel
+    custom = tmp_path / "bzImage"
+    custom.write_bytes(b"k")
+    assert check.boot_kernel(s.with_values(BOOT_KERNEL=str(custom))).kernel == custom
+    assert check.boot_kernel(s, custom) == BootKernel(custom, None, "path")  # --kernel PATH first
+    assert check.boot_kernel(s.with_values(BOOT_KERNEL="built"), built=custom).kernel == custom
+    with pytest.raises(UsageError):
+        check.boot_kernel(s, tmp_path / "nope")
+
+
+def test_format_timings() -> None:
+    text = check.format_timings({"passed": True, "image": "/i", "log_dir": "/l",
+                                 "kernel": {"kind": "debian", "version": "6.1", "path": "/k"},
+                                 "accel": {"name": "tcg", "reason": "ACCEL=tcg"}, "profile": "nvdimm-dax",
+                                 "timings": {"qemu_start": 0.0, "agent_ready": 9.5},
+                                 "guest_startup": {"kernel": 1.25, "total": 17.6}})
+    assert text == ("boot check PASSED: /i\n"
+                    "  kernel: debian 6.1\n"
+                    "  accel:  tcg (ACCEL=tcg)\n"
+                    "  profile: nvdimm-dax\n"
+                    "  phase timings (seconds since QEMU start):\n"
+                    "    qemu_start                 0.00\n"
+                    "    agent_ready                9.50\n"
+                    "  systemd-analyze: kernel 1.25s, total 17.60s\n"
+                    "  logs: /l")
+
