@@ -13,7 +13,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from osbuilder.image import read_layout
+from osbuilder.readback import read_layout
 from osbuilder.run import run
 
 

@@ -24,6 +24,7 @@ import pytest
 from filelock import FileLock
 
 from boot_tests.imagetools import kernel_release
+from osbuilder import readback
 from osbuilder.cache import Cache
 from osbuilder.kernel.build import kernel_manifest
 from osbuilder.layout import KernelFiles, Workdir
@@ -148,8 +149,8 @@ def test_two_configs_build_and_boot_on_two_hosts(kernel, image, osbuilder_settin
         other = next(h for h in hosts if h != host)
         # built once, on the host that ran the config, from that config
         manifest = kernel_manifest(osbuilder_settings, config=config)
-        entry = Cache(Workdir(host).cache).lookup(manifest)
-        assert entry is not None and Cache(Workdir(other).cache).lookup(manifest) is None, (cid, host)
+        entry = readback.cache_entry(Cache(Workdir(host).cache), manifest)
+        assert entry is not None and readback.cache_entry(Cache(Workdir(other).cache), manifest) is None, (cid, host)
         files = KernelFiles(entry)
         assert json.loads(files.metadata.read_text())["base_config"] == str(config)
         releases[cid] = kernel_release(files.vmlinuz)

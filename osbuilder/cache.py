@@ -32,7 +32,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from osbuilder import errors
+from osbuilder import errors, fs
 from osbuilder.fs import discard, publish, sha256_file, temp_beside, write_atomically
 
 log = logging.getLogger("osbuilder")
@@ -61,12 +61,6 @@ class Cache:
     def entry(self, manifest: Manifest) -> Path:
         return self.root / manifest.kind / manifest.key
 
-    def lookup(self, manifest: Manifest) -> Path | None:
-        """The entry when it is there and intact (no lock taken, nothing changed)."""
-        entry = self.entry(manifest)
-        record, problem = _inspect(entry, manifest)
-        return entry if record is not None and problem is None else None
-
     def get_or_build(self, manifest: Manifest, build: Callable[[Path], object], rebuild: bool = False,
                      session: str | None = None) -> Path:
         """Return the entry directory for `manifest`, calling `build(tmpdir)` to fill it on a miss.
@@ -89,7 +83,7 @@ class Cache:
 
     def _usable(self, entry: Path, manifest: Manifest, rebuild: bool, session: str | None) -> bool:
         """Whether `entry` is a hit (under the entry's lock); logs why not."""
-        record, problem = _inspect(entry, manifest)
+        record, problem = inspect_entry(entry, manifest)
         what = f"{manifest.kind} {manifest.key}"
         if problem is not None:
             log.warning("cache: %s is torn (%s); rebuilding", what, problem)
@@ -116,7 +110,7 @@ class Cache:
             (tmp / MANIFEST).write_text(_dump(record))
             _sync_filesystem(tmp)  # every file and directory of the entry is on disk before it is published
             publish(tmp, entry)
-            _fsync_dir(entry.parent)
+            fs.fsync_dir(entry.parent)
         finally:
             discard(tmp)
 
@@ -266,7 +260,7 @@ def _read_record(entry: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _inspect(entry: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
+def inspect_entry(entry: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
     """(the entry's manifest, what is wrong with the entry): (None, None) when there is no entry.
     A manifest whose content record was refreshed carries "refreshed": True."""
     if not entry.is_dir():
@@ -300,14 +294,6 @@ def _sync_filesystem(path: Path) -> None:
     try:
         if syncfs is None or syncfs(fd) != 0:
             os.sync()
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -301,10 +301,10 @@ for _step in (
     Step("bisect-run", cmd_bisect_run, "for `git bisect run`: build the checked-out kernel commit with --config and "
          "boot-check it (exit 0 good, 1 bad, 125 skip)", arguments=bisect_run_arguments,
          tools=(*KERNEL_TOOLS, *BOOT_TOOLS), locks=logs("bisect-run"), profile_flag="--profile"),
-    # boot checks share the boot-log directory; an interactive boot locks nothing
+    # one boot check at a time per WORKDIR (they share the boot logs and records); an interactive boot locks nothing
     Step("boot", cmd_boot, "boot the image under QEMU (interactive console, or --check)", arguments=boot_arguments,
          tools=BOOT_TOOLS, in_container=True, console=lambda args: not args.check,
-         locks=lambda wd, s, args: (wd.boot_logs,) if args.check else ()),
+         locks=lambda wd, s, args: (wd.log("boot"),) if args.check else ()),
     Step("install-image", cmd_install_image, "install the boot-checked image into the runtime's directory",
          arguments=install_arguments),
     Step("install-kernel", cmd_install_kernel, "install the boot-checked kernel into the runtime's directory",

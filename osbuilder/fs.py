@@ -125,6 +125,15 @@ def copy_atomically(source: Path, dest: Path, mode: int | None = None) -> Path:
     return write_via_temp(dest, lambda tmp: shutil.copyfile(source, tmp), mode)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def link_atomically(target: str, link: Path) -> Path:
     """Point the symlink `link` at `target`, replacing what was there in one rename."""
     tmp = temp_beside(link)

@@ -21,7 +21,6 @@ The total stays a multiple of 128 MiB, the memory-hotplug granularity the memory
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -427,53 +426,6 @@ def stable_ids(settings: Settings) -> tuple[str, str, str, str] | None:
     base = f"osbuilder:{settings.source_date_epoch}"
     return tuple(str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base}:{what}"))  # type: ignore[return-value]
                  for what in ("label", "partition", "filesystem", "hash"))
-
-
-def read_layout(image: Path) -> ImageLayout:
-    """Read the partition table back (sfdisk -J) and the filesystem's block size (dumpe2fs)."""
-    table = json.loads(run(["sfdisk", "-J", str(image)], step="image", capture=True).stdout)["partitiontable"]
-    part = table["partitions"][0]
-    sector = table.get("sectorsize", 512)
-    offset = part["start"] * sector
-    header = run(["dumpe2fs", "-h", f"{image}?offset={offset}"], step="image", capture=True).stdout.decode()
-    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
-    dax = read_dax_header(image)
-    return ImageLayout(image.stat().st_size, offset, part["size"] * sector, int(fields["Block size"].strip()),
-                       dax.dataoff if dax else 0)
-
-
-def read_file(image: Path, path: str) -> bytes:
-    """A file's content from inside the image, read with debugfs (no mount)."""
-    return _debugfs(image, f"cat {path}")
-
-
-@dataclass(frozen=True)
-class PathInfo:
-    """What debugfs says about a path inside the image."""
-
-    kind: str  # regular, directory, symlink, ...
-    mode: int
-    uid: int
-    gid: int
-    link: str | None
-
-
-def stat_path(image: Path, path: str) -> PathInfo | None:
-    """Type, mode, owner and symlink target of `path` inside the image; None if it does not exist."""
-    text = _debugfs(image, f"stat {path}").decode(errors="replace")
-    m = re.search(r"Type:\s+(\S+)\s+Mode:\s+(\d+)", text)
-    if not m:
-        return None
-    uid = re.search(r"User:\s+(\d+)", text)
-    gid = re.search(r"Group:\s+(\d+)", text)
-    link = re.search(r'Fast link dest: "(.*)"', text)
-    return PathInfo(m.group(1), int(m.group(2), 8), int(uid.group(1)) if uid else -1,
-                    int(gid.group(1)) if gid else -1, link.group(1) if link else None)
-
-
-def _debugfs(image: Path, request: str) -> bytes:
-    layout = read_layout(image)
-    return run(["debugfs", "-R", request, layout.fs_spec(image)], step="image", capture=True).stdout
 
 
 def image_manifest(settings: Settings, rootfs_key: str) -> Manifest:

@@ -171,33 +171,6 @@ def append_entries(archive: Path, entries: list[Entry]) -> None:
         f.write(body + bytes(-(tail_at + start + len(body)) % BLOCK))
 
 
-def read_newc(data: bytes) -> list[Entry]:
-    """The entries of a newc archive (concatenated archives too, as the kernel reads them), trailers left out."""
-    out: list[Entry] = []
-    pos = 0
-    while pos + NEWC_HEADER <= len(data):
-        if data[pos:pos + 4] == b"\0\0\0\0":  # padding between archives
-            pos += 4
-            continue
-        if data[pos:pos + 6] != NEWC_MAGIC:
-            raise ValueError(f"not a newc header at offset {pos}")
-        f = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
-        mode, uid, gid, mtime, filesize, namesize = f[1], f[2], f[3], f[5], f[6], f[11]
-        name_at = pos + NEWC_HEADER
-        name = data[name_at:name_at + namesize - 1].decode(errors="surrogateescape")
-        data_at = name_at + namesize + (-(NEWC_HEADER + namesize) % 4)
-        pos = data_at + filesize + (-filesize % 4)
-        if name != TRAILER:
-            out.append(Entry(name, mode, uid, gid, mtime, data[data_at:data_at + filesize]))
-    return out
-
-
-def list_initrd(path: Path) -> list[Entry]:
-    """The entries of a built initrd (decompressed with zstd)."""
-    raw = run(["zstd", "-dc", str(path)], step="initrd", capture=True).stdout
-    return read_newc(raw)
-
-
 def initrd_manifest(settings: Settings, rootfs_key: str) -> Manifest:
     """Every input of an initrd made from a cached rootfs."""
     return Manifest("initrd", {

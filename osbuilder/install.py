@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from osbuilder import errors, layout, runtimes
+from osbuilder import errors, fs, layout, runtimes
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, link_atomically, publish, sha256_file, temp_beside
 from osbuilder.layout import Workdir
@@ -225,7 +225,7 @@ def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force:
         for t, tmp in zip(targets, staged, strict=True):
             publish(tmp, t.installed)
             link_atomically(t.installed.name, t.link)
-            fsync_dir(base)
+            fs.fsync_dir(base)
         done = True
         return targets
     except OSError as e:
@@ -375,7 +375,7 @@ def write_like(dest: Path, data: bytes, st: os.stat_result, *, backup: bool = Fa
             dest = first_free_backup(tmp, dest)
         else:
             publish(tmp, dest)
-        fsync_dir(dest.parent)
+        fs.fsync_dir(dest.parent)
     finally:
         discard(tmp)
     return dest
@@ -391,14 +391,6 @@ def first_free_backup(tmp: Path, config: Path) -> Path:
         except FileExistsError:
             continue
     raise AssertionError("not reached")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_error(setting: str, doing: str, e: OSError) -> OsbuilderError:

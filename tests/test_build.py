@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from osbuilder import agent
-from osbuilder.image import read_file, read_layout, stat_path
+from osbuilder.readback import read_file, read_layout, stat_path
 from osbuilder.rootfs.build import METADATA_PATH, packages
 
 pytestmark = pytest.mark.build

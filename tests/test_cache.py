@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from osbuilder import readback
 from osbuilder.cache import Cache, Manifest
 
 
@@ -41,7 +42,7 @@ def test_failed_build_leaves_no_entry(tmp_path: Path):
 
     with pytest.raises(RuntimeError):
         cache.get_or_build(m, broken)
-    assert cache.lookup(m) is None
+    assert readback.cache_entry(cache, m) is None
     left = [p for p in (tmp_path / "cache").rglob("*")]  # neither the half-built entry nor its temporary
     assert [p.name for p in left if not p.is_dir()] == [p.name for p in left if p.name.endswith(".lock")]
     assert [p.name for p in left if p.is_dir()] == ["thing"]

@@ -26,7 +26,7 @@ from osbuilder import settings as settings_mod
 from osbuilder.container import engine as engine_mod
 from osbuilder.container import step, tools_image
 from osbuilder.errors import InfrastructureError, OsbuilderError
-from osbuilder.image import read_file, read_layout, stat_path
+from osbuilder.readback import read_file, read_layout, stat_path
 
 PODMAN = shutil.which("podman")
 BASE = "localhost/osbuilder-test-base:bookworm"

@@ -13,6 +13,7 @@ from vmstubs import (
     load_settings,
 )
 
+from osbuilder import readback
 from osbuilder import settings as settings_mod
 from osbuilder.cache import Cache
 from osbuilder.errors import OsbuilderError
@@ -88,7 +89,7 @@ def test_debian_kernel_is_built_once_for_every_workdir(tmp_path: Path, monkeypat
     assert len(builds) == 1 and again == first
     assert first.kernel.is_relative_to(UserCache.of(s).artifacts) and not s.workdir.exists()
     assert first.version.startswith("6.1.0-9-cloud-amd64") and first.initrd is not None
-    assert Cache(UserCache.of(s).artifacts).lookup(debian_kernel.manifest(s)) == first.kernel.parent
+    assert readback.cache_entry(Cache(UserCache.of(s).artifacts), debian_kernel.manifest(s)) == first.kernel.parent
 
 
 def test_debian_initrd_loads_the_nvdimm_stack() -> None:

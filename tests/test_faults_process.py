@@ -28,7 +28,7 @@ from fakes import make_tree
 
 from osbuilder import fs
 from osbuilder.cache import Cache, Manifest
-from osbuilder.image import read_file, read_layout
+from osbuilder.readback import read_file, read_layout
 from osbuilder.run import run
 from osbuilder.vm import qemu
 

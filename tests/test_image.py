@@ -15,7 +15,8 @@ from fakes import make_tree
 
 from osbuilder import settings as S
 from osbuilder.errors import UsageError
-from osbuilder.image import build_image, check_tree, plan_layout, read_file, read_layout
+from osbuilder.image import build_image, check_tree, plan_layout
+from osbuilder.readback import read_file, read_layout
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["which", "mke2fs", "sfdisk"], capture_output=True).returncode != 0,

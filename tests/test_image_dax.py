@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fakes import make_tree
 
-from osbuilder import image
+from osbuilder import image, readback
 from osbuilder import settings as S
 from osbuilder.errors import UsageError
 
@@ -231,7 +231,7 @@ def test_dax_image_both_views_and_the_helpers(tmp_path: Path) -> None:
     assert inner["partitions"][0]["size"] == part["size"]
 
     # the filesystem: ext4 with page-sized blocks, clean, readable by the helpers
-    back = image.read_layout(dest)
+    back = readback.read_layout(dest)
     assert (back.fs_offset, back.fs_bytes, back.block_size, back.dax_offset) == (3 * MiB, part["size"] * 512, 4096,
                                                                                  2 * MiB)
     assert image.read_file(dest, "/etc/hostname") == b"guest\n"
@@ -251,4 +251,4 @@ def test_dax_no_keeps_gpt(tmp_path: Path) -> None:
     image.build_image(settings(tmp_path, DAX="no", IMG_SIZE="130"), make_tree(tmp_path / "rootfs"), dest)
     table = sfdisk_json(dest)
     assert table["label"] == "gpt" and table["partitions"][0]["start"] * 512 == MiB
-    assert image.read_dax_header(dest) is None and image.read_layout(dest).dax_offset == 0
+    assert image.read_dax_header(dest) is None and readback.read_layout(dest).dax_offset == 0

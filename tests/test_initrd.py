@@ -21,8 +21,9 @@ import osbuilder.cli  # noqa: F401 - registers the subcommands
 from osbuilder import initrd, steps
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
-from osbuilder.initrd import Entry, append_entries, build_initrd, encode_entry, list_initrd, read_newc
+from osbuilder.initrd import Entry, append_entries, build_initrd, encode_entry
 from osbuilder.kernel.fragments import merge, resolve_fragments
+from osbuilder.readback import list_initrd, read_newc
 from osbuilder.vm import attachments, check, profiles
 from osbuilder.vm.options import Accel, BootKernel
 from osbuilder.vm.qemu import VmPaths, VmSpec, build_command

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.kernel import build
 from osbuilder.kernel.fragments import merge, resolve_fragments, verify
 from osbuilder.kernel.kconfig import KconfigIndex, read_config
 from osbuilder.kernel.source import ensure_source
-from osbuilder.layout import KernelFiles
+from osbuilder.layout import KernelFiles, Workdir
 
 pytestmark = pytest.mark.build
 
@@ -177,8 +178,17 @@ def test_full_disk_is_reported_as_such(osbuilder_settings, tmp_path, monkeypatch
 # may run at the same time on the other xdist worker) ----------------------------------------------
 
 
+def clean_build_dir(settings) -> None:
+    """Empty the object tree (the next build starts from nothing), under the build lock so a build running
+    in another process is never pulled out from under."""
+    bdir = Workdir.of(settings).kernel_build
+    bdir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(bdir) + ".lock"):
+        shutil.rmtree(bdir, ignore_errors=True)
+
+
 def test_rebuild_is_byte_identical(kernel, osbuilder_settings, tmp_path):
-    build.clean_build_dir(osbuilder_settings)
+    clean_build_dir(osbuilder_settings)
     started = time.monotonic()
     again = build.build_kernel(osbuilder_settings, tmp_path / "again")
     elapsed = time.monotonic() - started

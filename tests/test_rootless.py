@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import osbuilder
-from osbuilder.image import stat_path
+from osbuilder.readback import stat_path
 
 USER = os.environ.get("OSBUILDER_ROOTLESS_USER", "")
 SYSTEM_PYTHON = Path("/usr/bin/python3")

@@ -168,8 +168,7 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
         make = ["make", "-C", str(tree.path), f"O={bdir}", f"-j{jobs}", *make_vars(cc), "bzImage"]
         _ccache(env, "--zero-stats")
         _make(settings, make, bdir, logfile, env, named)
-        metadata = _metadata(settings, tree, merged, config_path, cc, cc_version, make, env, started)
-        metadata["base_config"] = str(config) if config is not None else metadata["base_config"]
+        metadata = _metadata(settings, tree, merged, config_path, cc, cc_version, make, env, started, config)
         metadata["seconds"] = {"configure": round(configured - started, 1),
                                "compile": round(time.monotonic() - configured, 1)}
         _publish_outputs(bdir, out_dir, metadata)
@@ -199,15 +198,6 @@ def configure_exact(settings: Settings, src: Path, bdir: Path, config: Path, *, 
         raise ConfigureError(f"kernel: {config} does not configure in {src} (make olddefconfig failed)",
                              e.detail) from None
     return dest
-
-
-def clean_build_dir(settings: Settings) -> None:
-    """Remove the object tree (the next build starts from an empty one), under the build lock so a
-    build running in another process is never pulled out from under."""
-    bdir = Workdir.of(settings).kernel_build
-    bdir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(bdir) + ".lock"):
-        shutil.rmtree(bdir, ignore_errors=True)
 
 
 def _reset_if_other_source(bdir: Path, tree: SourceTree) -> None:
@@ -286,14 +276,16 @@ def reproducer(settings: Settings) -> str:
 
 
 def _metadata(settings: Settings, tree: SourceTree, merged: Merged, config_path: Path, cc: str,
-              cc_version: str, make: list[str], env: dict[str, str], started: float) -> dict[str, Any]:
+              cc_version: str, make: list[str], env: dict[str, str], started: float,
+              config: Path | None) -> dict[str, Any]:
     build_vars = {k: v for k, v in env.items() if k.startswith("KBUILD_") or k == "SOURCE_DATE_EPOCH"}
     return {
         "kernel_version": tree.version,
         "source": tree.marker.get("spec", {}),
         "source_content": tree.marker.get("content", ""),
         "fragments": [{"path": str(p), "sha256": sha256_file(p)} for p in merged.fragments],
-        "base_config": str(settings.kernel_config) if settings.kernel_config else "allnoconfig",
+        # a complete .config built as it is (`config`), else what the fragments went on
+        "base_config": str(config or settings.kernel_config or "allnoconfig"),
         "config_sha256": sha256_file(config_path),
         "compiler": cc_version,
         "cc": cc,
