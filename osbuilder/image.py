@@ -29,6 +29,7 @@ import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -213,7 +214,8 @@ def full_disk_in(dest: Path) -> AbstractContextManager[None]:
 def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout, logfile: Path) -> None:
     with open(out, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as f:  # private until done
         f.truncate(layout.total_bytes)
-    ids = stable_ids(settings)
+    epoch = settings.source_date_epoch
+    ids = stable_ids(epoch) if epoch is not None else None  # reproducible: identifiers from the epoch
     if layout.dax:
         with open(out, "r+b") as f:
             for offset, data in dax_tables(layout, ids).items():
@@ -222,20 +224,20 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
     else:
         table = "label: gpt\n"
         if ids:
-            table += f"label-id: {ids[0]}\n"
+            table += f"label-id: {ids.label}\n"
         table += (f"start={layout.fs_offset // 512}, size={layout.fs_bytes // 512}, type={LINUX_FS}, name=rootfs"
-                  + (f", uuid={ids[1]}" if ids else "") + "\n")
+                  + (f", uuid={ids.partition}" if ids else "") + "\n")
         run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(out)], step="image",
             logfile=logfile, input=table.encode())
     extended = f"offset={layout.fs_offset}"  # mke2fs honours only its last -E: one list
     mke2fs = ["mke2fs", "-q", "-t", settings.fs_type, "-b", str(layout.block_size), "-m", "0",
               "-L", "rootfs", "-d", str(rootfs), "-F"]
     env = None
-    if ids:
-        clamp_times(rootfs, settings.source_date_epoch, logfile)
-        extended += f",hash_seed={ids[3]}"
-        mke2fs += ["-U", ids[2]]
-        env = {"E2FSPROGS_FAKE_TIME": str(settings.source_date_epoch)}
+    if epoch is not None and ids is not None:
+        clamp_times(rootfs, epoch, logfile)
+        extended += f",hash_seed={ids.hash_seed}"
+        mke2fs += ["-U", ids.filesystem]
+        env = {"E2FSPROGS_FAKE_TIME": str(epoch)}
     mke2fs += ["-E", extended]
     # mke2fs reads the tree where its owners are the real ones (userns.py); when that is a user
     # namespace, the image file is lent to the namespace's root while mke2fs writes it.
@@ -249,19 +251,19 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
         raise
     finally:
         take_back_from_tree_namespace(out, logfile)
-    if ids:
-        clamp_inode_times(out, layout, settings.source_date_epoch, logfile)
+    if epoch is not None:
+        clamp_inode_times(out, layout, epoch, logfile)
     run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
 
 
 # -- DAX ------------------------------------------------------------------------------------------
 
-def dax_tables(layout: ImageLayout, ids: tuple[str, str, str, str] | None) -> dict[int, bytes]:
+def dax_tables(layout: ImageLayout, ids: StableIds | None) -> dict[int, bytes]:
     """What the DAX layout writes in front of the filesystem, by file offset: MBR #1, the nd_pfn info
     block, MBR #2 (module docstring). Disk identifiers and the info block's uuid are stable with
     SOURCE_DATE_EPOCH (`ids`), random otherwise."""
-    disk_id = int.from_bytes(uuid.UUID(ids[0]).bytes[:4] if ids else os.urandom(4), "little")
-    pfn_uuid = uuid.UUID(ids[1]).bytes if ids else uuid.uuid4().bytes
+    disk_id = int.from_bytes(uuid.UUID(ids.label).bytes[:4] if ids else os.urandom(4), "little")
+    pfn_uuid = uuid.UUID(ids.partition).bytes if ids else uuid.uuid4().bytes
     sectors = layout.fs_bytes // 512
     return {
         0: mbr(layout.fs_offset // 512, sectors, disk_id),
@@ -419,13 +421,20 @@ def clamp_inode_times(image: Path, layout: ImageLayout, epoch: int, logfile: Pat
         env={"E2FSPROGS_FAKE_TIME": str(epoch)})  # the superblock's write time
 
 
-def stable_ids(settings: Settings) -> tuple[str, str, str, str] | None:
-    """Deterministic table/partition/filesystem UUIDs when SOURCE_DATE_EPOCH asks for reproducibility."""
-    if settings.source_date_epoch is None:
-        return None
-    base = f"osbuilder:{settings.source_date_epoch}"
-    return tuple(str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base}:{what}"))  # type: ignore[return-value]
-                 for what in ("label", "partition", "filesystem", "hash"))
+class StableIds(NamedTuple):
+    """The image's identifiers when SOURCE_DATE_EPOCH asks for reproducibility (else they are random)."""
+
+    label: str  # the partition table's (and the DAX header's disk identifier)
+    partition: str  # the partition's (and the nd_pfn info block's uuid)
+    filesystem: str
+    hash_seed: str  # ext4's directory hash seed
+
+
+def stable_ids(epoch: int) -> StableIds:
+    """Deterministic identifiers derived from SOURCE_DATE_EPOCH."""
+    base = f"osbuilder:{epoch}"
+    return StableIds(*(str(uuid.uuid5(uuid.NAMESPACE_URL, f"{base}:{what}"))
+                       for what in ("label", "partition", "filesystem", "hash")))
 
 
 def image_manifest(settings: Settings, rootfs_key: str) -> Manifest:

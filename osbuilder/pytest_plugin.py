@@ -296,7 +296,7 @@ def boot_guest(osbuilder_settings: Settings, boot_kernel: BootKernel, boot_accel
         opts = check.guest_options(osbuilder_settings, image=image, kernel=boot_kernel, accel=boot_accel,
                                    name=label, ssh_key=ssh_session_key, append=append, timeout=timeout)
         note_logs(request.node, opts.log_dir)
-        guest = check.start_guest(opts)
+        guest = Guest.start(opts)
         guests.append(guest)
         return guest
 

@@ -19,7 +19,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from osbuilder import procs
 from osbuilder.errors import OsbuilderError
@@ -43,6 +45,22 @@ def redact(text: str) -> str:
     return _CREDENTIALS_TEXT.sub(r"\1***@", text)
 
 
+@dataclass(frozen=True)
+class Command:
+    """One program to run, and how (`run`'s arguments)."""
+
+    argv: list[str]
+    step: str  # names the step in the log, the progress lines and errors
+    shown: str  # the command line as logged (credentials redacted); the program gets `argv`
+    cwd: Path | None = None
+    env: dict[str, str] | None = None  # added to this process's environment
+    input: bytes | None = None
+    capture: bool = False  # stdout is returned; stderr is the log
+    timeout: float | None = None
+    check: bool = True  # a non-zero exit raises
+    verbose: bool = False  # every output line on stderr, instead of progress lines
+
+
 def run(
     cmd: Sequence[str | os.PathLike],
     *,
@@ -64,69 +82,73 @@ def run(
     Raises OsbuilderError when the command cannot start, times out, or (with `check`) exits non-zero.
     """
     argv = [str(c) for c in cmd]
-    line = redact(format_command(argv))  # what is shown and logged; the program gets the real argv
-    log.info("%s: + %s", step, line)
+    command = Command(argv, step, redact(format_command(argv)), cwd=cwd, env=env, input=input, capture=capture,
+                      timeout=timeout, check=check, verbose=verbose)
+    log.info("%s: + %s", step, command.shown)
     if logfile:
         logfile.parent.mkdir(parents=True, exist_ok=True)
     sink = open(logfile, "ab") if logfile else None
     try:
         if sink:
-            sink.write(f"+ {line}\n".encode())
+            sink.write(f"+ {command.shown}\n".encode())
             sink.flush()
-        return _run(argv, line, step, sink, cwd, env, input, capture, timeout, check, verbose)
+        return _run(command, sink)
     finally:
         if sink:
             sink.close()
 
 
-def _run(argv, line, step, sink, cwd, env, input, capture, timeout, check, verbose):
-    full_env = None if env is None else {**os.environ, **env}
+def _run(command: Command, sink: BinaryIO | None) -> subprocess.CompletedProcess:
+    full_env = None if command.env is None else {**os.environ, **command.env}
     try:
         proc = procs.spawn(
-            argv,
-            cwd=cwd,
+            command.argv,
+            cwd=command.cwd,
             env=full_env,
-            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if command.input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE if capture else subprocess.STDOUT,
+            stderr=subprocess.PIPE if command.capture else subprocess.STDOUT,
         )
     except FileNotFoundError:
         raise OsbuilderError(
-            f"{step}: program '{argv[0]}' not found; run `osbuilder check-deps --install`"
+            f"{command.step}: program '{command.argv[0]}' not found; run `osbuilder check-deps --install`"
         ) from None
     try:
-        return _follow(proc, argv, line, step, sink, input, capture, timeout, check, verbose)
+        return _follow(proc, command, sink)
     finally:
         procs.finish(proc)  # whatever ended the wait (exit, timeout, interrupt): no process of it is left
 
 
-def _follow(proc, argv, line, step, sink, input, capture, timeout, check, verbose):
+def _follow(proc: subprocess.Popen, command: Command, sink: BinaryIO | None) -> subprocess.CompletedProcess:
     tail: deque[str] = deque(maxlen=40)
     out_chunks: list[bytes] = []
     started = time.monotonic()
     readers = []
     # With capture, stdout is data (kept whole) and stderr is the log; otherwise stdout is the log.
-    log_stream = proc.stderr if capture else proc.stdout
-    readers.append(threading.Thread(target=_pump_log, args=(log_stream, sink, tail, verbose), daemon=True))
-    if capture:
-        readers.append(threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True))
+    log_stream = proc.stderr if command.capture else proc.stdout
+    readers.append(threading.Thread(target=_pump_log, args=(log_stream, sink, tail, command.verbose), daemon=True))
+    if command.capture:
+        stdout = proc.stdout
+        assert stdout is not None
+        readers.append(threading.Thread(target=lambda: out_chunks.append(stdout.read()), daemon=True))
     for t in readers:
         t.start()
-    if input is not None:
+    if command.input is not None and proc.stdin is not None:
         try:
-            proc.stdin.write(input)
+            proc.stdin.write(command.input)
             proc.stdin.close()
         except BrokenPipeError:
             pass
-    _wait(proc, step, started, tail, timeout, verbose)
+    _wait(proc, command, started, tail)
     procs.finish(proc)  # the stragglers of its group hold the output pipe: the readers end with them
     for t in readers:
         t.join()
-    stdout = b"".join(out_chunks) if capture else b"".join(s.encode() + b"\n" for s in tail)
-    result = subprocess.CompletedProcess(argv, proc.returncode, stdout, None)
-    if check and proc.returncode != 0:
+    stdout_data = b"".join(out_chunks) if command.capture else b"".join(s.encode() + b"\n" for s in tail)
+    result = subprocess.CompletedProcess(command.argv, proc.returncode, stdout_data, None)
+    if command.check and proc.returncode != 0:
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise OsbuilderError(f"{step}: `{argv[0]}` failed ({how})", f"command: {line}\n" + "\n".join(tail))
+        raise OsbuilderError(f"{command.step}: `{command.argv[0]}` failed ({how})",
+                             f"command: {command.shown}\n" + "\n".join(tail))
     return result
 
 
@@ -142,19 +164,18 @@ def _pump_log(stream, sink, tail: deque, verbose: bool) -> None:
             print(f"  | {text}", file=sys.stderr, flush=True)
 
 
-def _wait(proc, step, started, tail, timeout, verbose) -> None:
+def _wait(proc: subprocess.Popen, command: Command, started: float, tail: deque[str]) -> None:
     next_report = started + PROGRESS_EVERY
     while True:
         if procs.wait(proc, 1.0):
             return
         now = time.monotonic()
-        if timeout is not None and now - started > timeout:
-            raise OsbuilderError(
-                f"{step}: `{proc.args[0]}` timed out after {timeout:.0f}s", "\n".join(tail)
-            )
-        if not verbose and now >= next_report:
+        if command.timeout is not None and now - started > command.timeout:
+            raise OsbuilderError(f"{command.step}: `{command.argv[0]}` timed out after {command.timeout:.0f}s",
+                                 "\n".join(tail))
+        if not command.verbose and now >= next_report:
             latest = tail[-1][:100] if tail else ""
-            print(f"  {step}: {now - started:.0f}s … {latest}", file=sys.stderr, flush=True)
+            print(f"  {command.step}: {now - started:.0f}s … {latest}", file=sys.stderr, flush=True)
             next_report = now + PROGRESS_EVERY
 
 

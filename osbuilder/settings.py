@@ -100,9 +100,11 @@ def host_vcpus(env: Mapping[str, str] | None = None) -> int:
     return max(1, min(MAX_VM_CPUS, (os.cpu_count() or 1) // sharing))
 
 
-def _vm_cpus(name: str, raw: str) -> int:
+def _vm_cpus(name: str, raw: str, env: Mapping[str, str] | None = None) -> int:
+    """A number, or auto: the host's cores shared among the guests that boot at once, as `env` (the
+    environment the settings are loaded from) says."""
     if raw.strip().lower() == "auto":
-        return host_vcpus()
+        return host_vcpus(env)
     return _bounded(MAX_VM_CPUS, "QEMU's q35 machine")(name, raw)
 
 
@@ -299,12 +301,17 @@ class Setting:
     name: str
     default: str
     about: str  # the description; `{choices}` in it lists `choices()`
-    parse: Callable[[str, str], Any] = _text
+    parse: Callable[..., Any] = _text  # (name, raw) -> value; (name, raw, env) with reads_environment
     group: str = "general"
     # The variable's name is common in other programs' environments (DEBUG=app:* in JavaScript
     # shells): a value there that does not parse is ignored with a notice instead of failing.
     ambient: bool = False
     choices: Callable[[], tuple[str, ...]] | None = None  # the valid values, where a registry holds them
+    reads_environment: bool = False  # `parse` takes the environment as a third argument (VM_CPUS=auto)
+
+    def read(self, raw: str, env: Mapping[str, str] | None = None) -> Any:
+        """The value `raw` stands for, in the environment `env` (None: this process's)."""
+        return self.parse(self.name, raw, env) if self.reads_environment else self.parse(self.name, raw)
 
     @property
     def help(self) -> str:
@@ -348,7 +355,7 @@ TABLE: tuple[Setting, ...] = (
     # boot checks
     Setting("ACCEL", "auto", "QEMU accelerator: auto (KVM only after a probe proves it works), kvm, tcg", _choice("auto", "kvm", "tcg"), "boot"),
     Setting("VM_MEMORY", "1024", "guest memory in MiB for boot checks", _bounded(MAX_VM_MEMORY, "1 TiB"), "boot"),
-    Setting("VM_CPUS", "auto", "guest vCPUs for boot checks: auto (the host's cores shared among the guests booting at once), or a number", _vm_cpus, "boot"),
+    Setting("VM_CPUS", "auto", "guest vCPUs for boot checks: auto (the host's cores shared among the guests booting at once), or a number", _vm_cpus, "boot", reads_environment=True),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
     Setting("BOOT_PROFILE", "auto", "how boot checks attach the image (osbuilder/vm/attachments.py): {choices}; auto is the RUNTIME's own; AGENT_INIT chooses PID 1", _boot_profile, "boot", choices=_boot_profiles),
     Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
@@ -429,7 +436,7 @@ class Settings:
         for key, text in overrides.items():
             setting = BY_NAME[key.upper()]
             raw[setting.name] = str(text)
-            values[setting.name] = setting.parse(setting.name, str(text))
+            values[setting.name] = setting.read(str(text))
             sources[setting.name] = "override"
         return Settings.from_values(_pin_workdir(values), raw, sources, self.profile, self.notices)
 
@@ -497,7 +504,7 @@ def load(
         else:
             text, source = s.default, "default"
         raw[s.name] = text
-        values[s.name] = s.parse(s.name, text)
+        values[s.name] = s.read(text, env)
         sources[s.name] = source
     return Settings.from_values(_pin_workdir(values, cwd), raw, sources, profile, tuple(notices))
 
@@ -505,7 +512,7 @@ def load(
 def _ignored(setting: Setting, text: str, notices: list[str]) -> bool:
     """Whether an ambient variable's value does not parse (then it is ignored, with a notice)."""
     try:
-        setting.parse(setting.name, text)
+        setting.read(text)
     except UsageError as e:
         notices.append(f"{setting.name}={_short(text)} in the environment is ignored ({e.message.partition(': ')[2]}); "
                        f"use {setting.flag} or {setting.yaml_key}: in {PROFILE_NAME}")

@@ -134,7 +134,7 @@ def test_every_setting_has_flag_yaml_key_and_help(tmp_path: Path, monkeypatch, c
         assert by_yaml[s.name].split()[1:3] == [value, f"yaml:{profile}"], by_yaml[s.name]
         assert by_env[s.name].split()[1:3] == [value, "env"], by_env[s.name]
         assert s.help and by_flag[s.name].endswith("  " + s.help)
-        s.parse(s.name, s.default)  # every default parses
+        s.read(s.default, {})  # every default parses
 
 
 def test_describe_shows_value_source_and_default():
@@ -210,8 +210,9 @@ def test_vm_cpus_auto_shares_the_host_among_concurrent_guests(tmp_path: Path, mo
     assert S.host_vcpus({}) == 8
     assert S.host_vcpus({"PYTEST_XDIST_WORKER_COUNT": "2"}) == 4
     assert S.host_vcpus({"PYTEST_XDIST_WORKER_COUNT": "16"}) == 1
-    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "8")  # this process's environment is not the one given
     assert S.load({}, env={}, cwd=tmp_path).vm_cpus == 8
-    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
-    assert S.load({}, env={}, cwd=tmp_path).vm_cpus == 2
+    assert S.load({}, env={"PYTEST_XDIST_WORKER_COUNT": "4"}, cwd=tmp_path).vm_cpus == 2
     assert S.load({"VM_CPUS": "3"}, env={}, cwd=tmp_path).vm_cpus == 3
+    assert S.load({}, cwd=tmp_path).vm_cpus == 1  # load() without env reads this process's
+    assert S.load({}, env={}, cwd=tmp_path).with_values(VM_CPUS="auto").vm_cpus == 1  # as if given here

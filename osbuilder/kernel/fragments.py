@@ -247,7 +247,7 @@ def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, 
     inputs = ([base.resolve()] if base else []) + [Path(f) for f in merged.fragments]
     run([merge_script, "-m", "-O", build_dir, *inputs], step="kconfig", logfile=logfile, cwd=src, env=env,
         verbose=settings.debug)
-    make = ["make", "-C", src, f"O={build_dir}", *make_vars(cc)]
+    make: list[str | Path] = ["make", "-C", src, f"O={build_dir}", *make_vars(cc)]
     if base is None:
         allconfig = build_dir / "osbuilder-fragments.config"
         os.replace(build_dir / ".config", allconfig)

@@ -219,7 +219,7 @@ def fetch(settings: Settings, spec: SourceSpec, tmp: Path, logfile: Path, commit
         return _unpack(settings, Path(spec.location), tmp, logfile)
     tree = tmp / "linux"
     if spec.kind == "git-tree":
-        cmd = ["git", "clone", "--quiet", "--local", "--no-hardlinks", "--", spec.location, tree]
+        cmd: list[str | Path] = ["git", "clone", "--quiet", "--local", "--no-hardlinks", "--", spec.location, tree]
     elif _COMMIT.match(spec.ref):  # a commit, not a branch or tag: fetched by its name
         cmd = ["git", "init", "--quiet", tree]
     else:

@@ -18,6 +18,7 @@ latest output.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -192,7 +193,7 @@ class ConsoleWatcher:
 
     def start(self, stream: BinaryIO | Callable[[], bytes]) -> None:
         """Read `stream` (a file object, or a function returning b'' at EOF) in a daemon thread."""
-        read = stream if callable(stream) else (lambda: stream.read1(65536))  # type: ignore[union-attr]
+        read = stream if callable(stream) else functools.partial(stream.read1, 65536)  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._drain, args=(read,), name=f"drain-{self.source}",
                                         daemon=True)
         self._thread.start()
