@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -40,6 +41,23 @@ def file_hash(*paths: Path) -> str:
             # a symlink counts by its target text (the target may not exist on the host)
             h.update(b"->" + os.readlink(f).encode() if f.is_symlink() else f.read_bytes())
     return h.hexdigest()
+
+
+def resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
+    """Resolve `rel` inside `root` as the guest would see it (absolute links stay inside root)."""
+    parts = [p for p in rel.split("/") if p]
+    path = root
+    for i, part in enumerate(parts):
+        candidate = path / part
+        if candidate.is_symlink():
+            if depth > 40:
+                return None
+            target = os.readlink(candidate)
+            here = "" if target.startswith("/") else str(path.relative_to(root))
+            rest = "/".join(parts[i + 1:])
+            return resolve_in(root, posixpath.normpath(f"/{here}/{target}/{rest}"), depth + 1)
+        path = candidate
+    return path if path.exists() else None
 
 
 def remove(path: Path) -> None:

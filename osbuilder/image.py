@@ -22,7 +22,6 @@ The total stays a multiple of 128 MiB, the memory-hotplug granularity the memory
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 import struct
 import uuid
@@ -36,9 +35,10 @@ import yaml
 from osbuilder import errors, runtimes, userns
 from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
-from osbuilder.fs import discard, file_hash, publish, temp_beside
+from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
 from osbuilder.layout import Workdir
-from osbuilder.rootfs.build import METADATA_PATH, AgentChoice
+from osbuilder.rootfs import distros
+from osbuilder.rootfs.build import METADATA_PATH, AgentChoice, check_agent_runs
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
 from osbuilder.vm.attachments import MEMORY_HOTPLUG_UNIT
@@ -138,23 +138,6 @@ def plan_layout(rootfs: Path, settings: Settings) -> ImageLayout:
     return ImageLayout(total, header + PART_START, fs_bytes, bs, header)
 
 
-def resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
-    """Resolve `rel` inside `root` as the guest would see it (absolute links stay inside root)."""
-    parts = [p for p in rel.split("/") if p]
-    path = root
-    for i, part in enumerate(parts):
-        candidate = path / part
-        if candidate.is_symlink():
-            if depth > 40:
-                return None
-            target = os.readlink(candidate)
-            here = "" if target.startswith("/") else str(path.relative_to(root))
-            rest = "/".join(parts[i + 1:])
-            return resolve_in(root, posixpath.normpath(f"/{here}/{target}/{rest}"), depth + 1)
-        path = candidate
-    return path if path.exists() else None
-
-
 def check_tree(rootfs: Path, settings: Settings) -> None:
     """The sanity checks of the tree that a bootable guest needs. One clear error per problem."""
     init = resolve_in(rootfs, "sbin/init")
@@ -173,6 +156,7 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
     elif systemd is None:
         raise UsageError(f"rootfs: systemd is missing ({rootfs}/usr/lib/systemd/systemd); "
                          "install it or set AGENT_INIT=yes")
+    check_agent_runs(rootfs, name, distros.get(settings.distro))
 
 
 def agent_name(rootfs: Path, settings: Settings) -> str:

@@ -27,13 +27,12 @@ from pathlib import Path
 from osbuilder import userns
 from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
-from osbuilder.fs import discard, file_hash, publish, temp_beside
+from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
 from osbuilder.image import (
     check_tree,
     clamp_times,
     full_disk_in,
     lend_to_tree_namespace,
-    resolve_in,
     take_back_from_tree_namespace,
 )
 from osbuilder.layout import Workdir

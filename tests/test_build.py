@@ -13,6 +13,7 @@ import yaml
 
 from osbuilder import agent
 from osbuilder.readback import read_file, read_layout, stat_path
+from osbuilder.rootfs import distros, policy
 from osbuilder.rootfs.build import METADATA_PATH, packages
 
 pytestmark = pytest.mark.build
@@ -152,3 +153,15 @@ def test_image_of_the_default_rootfs_is_reproducible(rootfs, osbuilder_settings,
         tmp_path / "a.img")], capture_output=True, text=True, check=True).stdout
     for field in ("ctime", "atime", "mtime"):
         assert f"{field}: 0x6553f100:" in passwd, passwd  # 1700000000, not the build time
+
+
+@pytest.mark.parametrize("name", sorted(distros.DISTROS))
+def test_every_plugins_rootfs_keeps_the_image_policy(name, osbuilder_settings, osbuilder_artifacts):
+    """Whichever plugin made it, a rootfs has no SSH host keys and no documentation but the licences
+    (rootfs/policy.py applies and verifies it after the plugin; the session's rootfs for its own plugin)."""
+    settings = osbuilder_settings.with_values(DISTRO=name)
+    if name != osbuilder_settings.distro:
+        settings = settings.with_values(OS_VERSION=distros.get(name).releases[0])
+    tree = osbuilder_artifacts.rootfs(settings).path
+    assert policy.violations(tree) == []
+    assert list((tree / "usr/share/doc").rglob("copyright")), "the licences stay"

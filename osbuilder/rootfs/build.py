@@ -17,13 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from osbuilder import __version__, agent, userns
+from osbuilder import __version__, agent, elf, userns
 from osbuilder.agent.build import build_agent
 from osbuilder.cache import Manifest
 from osbuilder.errors import UsageError
-from osbuilder.fs import discard, file_hash, publish, temp_beside
+from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.rootfs import distros, inputs, policy
+from osbuilder.rootfs.distro import Distro
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
 from osbuilder.urls import without_credentials
@@ -52,6 +53,10 @@ class AgentChoice:
             raise UsageError(f"AGENT_SOURCE_BIN: {src} is not a file")
         if not os.access(src, os.X_OK):
             raise UsageError(f"AGENT_SOURCE_BIN: {src} is not executable")
+        try:
+            check_machine(elf.read_elf(src), src.name)  # before any build: the libraries need the tree
+        except elf.NotElf:
+            pass
         service = settings.agent_service or f"{src.name}.service"
         if not service.endswith(".service") or "/" in service:
             raise UsageError(f"AGENT_SERVICE: {service!r} must be a unit name ending in .service")
@@ -109,12 +114,42 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
                 logfile=logfile, verbose=settings.debug, source_date_epoch=settings.source_date_epoch)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
+        check_agent_runs(tmp, choice.name, d)
         publish(tmp, dest)
     finally:
         discard(tmp)
         discard(overlay)
         discard(overlay_tar)
     return dest
+
+
+def check_agent_runs(tree: Path, name: str, distro: Distro) -> None:
+    """The agent in `tree` (/usr/bin/<name>) can start in the guest: it is built for the guest's machine
+    and every shared library it names is in the tree where the dynamic linker looks. One-line
+    UsageError naming the first problem (the library's package where the plugin can tell)."""
+    path = resolve_in(tree, f"usr/bin/{name}")
+    if path is None:
+        return  # the image's tree check names a missing agent
+    try:
+        info = elf.read_elf(path)
+    except elf.NotElf:
+        return  # a script: its interpreter is the tree's business
+    check_machine(info, name)
+    missing = elf.missing_libraries(info, tree)
+    if missing:
+        package = distro.package_of(missing[0])
+        hint = (f"{distro.name}'s {package} ships {missing[0]}: add {package} to EXTRA_PKGS" if package else
+                "add the package that ships it to EXTRA_PKGS")
+        raise UsageError(f"AGENT_SOURCE_BIN: the agent {name} needs {', '.join(missing)}, which the rootfs does not "
+                         f"have ({hint})")
+
+
+def check_machine(info: elf.ElfInfo, name: str) -> None:
+    """The agent is built for the machine the guest runs on."""
+    machine = platform.machine()
+    if info.machine != machine:
+        raise UsageError(f"AGENT_SOURCE_BIN: the agent {name} is built for {info.machine}, but the guest is "
+                         f"{machine}")
 
 
 def stage_overlay(settings: Settings, choice: AgentChoice, pkgs: list[str], overlay: Path, logfile: Path) -> None:

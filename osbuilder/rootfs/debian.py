@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,18 @@ class Debian(Distro):
         for candidate in sorted(info.glob(f"{package}.list")) + sorted(info.glob(f"{package}:*.list")):
             return [line for line in candidate.read_text().splitlines() if line and line != "/."]
         return []
+
+
+    def package_of(self, filename: str) -> str | None:
+        """The host's dpkg database, asked which package ships `*/filename` (the guest's archive ships
+        the same package names); None where the host has no dpkg or no such file."""
+        try:
+            out = subprocess.run(["dpkg-query", "-S", f"*/{filename}"], capture_output=True, text=True,
+                                 timeout=20, check=False).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        first = out.partition(":")[0].strip()
+        return first if first and "," not in first and " " not in first else None
 
 
 def hook_word(text: str) -> str:

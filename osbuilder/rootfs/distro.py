@@ -47,6 +47,10 @@ class Distro(ABC):
     def package_files(self, tree: Path, package: str) -> list[str]:
         """The paths (absolute, as in the guest) the installed `package` put into `tree`."""
 
+    def package_of(self, filename: str) -> str | None:
+        """The package that ships a file of this name (a shared library), when the plugin can tell."""
+        return None
+
     def architecture(self, machine: str) -> str:
         """The distribution's name for the machine `uname -m` names (x86_64 -> amd64 for Debian)."""
         try:
