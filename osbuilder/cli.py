@@ -17,11 +17,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from osbuilder import __version__, deps, errors, procs, steps
 from osbuilder import settings as settings_mod
 from osbuilder.deps import Tool
-from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import IMAGE, INITRD, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
 from osbuilder.steps import Step, register
@@ -111,16 +112,15 @@ def cmd_bisect_run(s: Settings, args: argparse.Namespace) -> int:
     from osbuilder.kernel import bisect_run
 
     if args.kernel_config_file is None:
-        return report(UsageError("bisect-run: --config FILE (the guest .config to build every commit with) is "
-                                 "required"), bisect_run.USAGE_EXIT)
+        raise UsageError("bisect-run: --config FILE (the guest .config to build every commit with) is required")
     tree = args.source_tree or Path.cwd()
     try:
         writable_workdir(s)
         verdict = bisect_run.bisect_run(s, args.kernel_config_file, tree)
-    except UsageError as e:
-        return report(e, bisect_run.USAGE_EXIT)
-    except OsbuilderError as e:  # nothing said about the commit
-        return report(e, 125)
+    except UsageError:
+        raise  # the step's usage_exit: 128
+    except OsbuilderError as e:  # nothing said about the commit: skip it
+        raise InfrastructureError(e.message, e.detail) from None
     print(bisect_run.describe(verdict, tree))
     if verdict.evidence and verdict.verdict != "good":
         print(verdict.evidence.rstrip()[-3000:])
@@ -133,7 +133,7 @@ def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
     image, kernel, profile = check.plan(s, kernel_path=args.boot_kernel_path)
     if args.check:
         record = check.run_boot_check(s, image, kernel, profile)
-        print(check.format_timings(record))
+        print(json.dumps(record, indent=2) if args.json else check.format_timings(record))
         return 0
     return check.boot_interactive(s, image, kernel, profile)
 
@@ -164,7 +164,10 @@ def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
         print(f"USE_DOCKER=yes: every step runs in the tools image; this host needs only CONTAINER_ENGINE "
               f"({s.container_engine})")
     else:
-        chosen = [steps.get(name) for name in args.steps] if args.steps else list(steps.STEPS.values())
+        try:
+            chosen = [steps.get(name) for name in args.steps] if args.steps else list(steps.STEPS.values())
+        except UsageError as e:
+            raise UsageError(f"check-deps: {e.message}") from None
         table = {step.name: step.needs(s) for step in chosen if step.needs(s)}
         gone = [t for tools in table.values() for t in deps.missing(tools)]
         packages = sorted({t.package for t in gone})
@@ -175,7 +178,12 @@ def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
         if installed:
             print("installed: " + " ".join(installed))
         gone = [t for t in gone if deps.where(t) is None]
-    print(deps.report(table))
+    if args.json:
+        print(json.dumps({"steps": {name: [{"program": t.program, "package": t.package, "found": deps.where(t),
+                                            "why": t.why} for t in tools] for name, tools in table.items()},
+                          "missing": sorted({t.program for t in gone})}, indent=2))
+    else:
+        print(deps.report(table))
     if gone:
         names = ", ".join(sorted({t.program for t in gone}))
         print(f"osbuilder: missing: {names} (run `osbuilder check-deps --install`)", file=sys.stderr)
@@ -184,6 +192,11 @@ def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_help(s: Settings, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"version": __version__, "profile": str(s.profile) if s.profile else None,
+                          "cache_dir": str(UserCache.of(s).root), "subcommands": list(steps.STEPS),
+                          "settings": settings_mod.as_json(s)}, indent=2))
+        return
     print(f"osbuilder {__version__} — settings (precedence: CLI flag > environment > YAML profile > default)\n")
     print(settings_mod.describe(s))
     print(f"\nYAML profile: {s.profile or f'none ({settings_mod.PROFILE_NAME} in the current directory, or --config)'}")
@@ -196,6 +209,37 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
     print("Cached rootfs (pytest fixtures): keyed on the archive's Release date, so it is rebuilt after a point "
           "release; `pytest --rebuild` forces a rebuild")
     print("Subcommands: " + ", ".join(steps.STEPS) + "  (osbuilder SUBCOMMAND --help)")
+
+
+def cmd_completion(s: Settings, args: argparse.Namespace) -> None:
+    """A bash completion script made from the parser: subcommands, and each one's flags and choices."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, sub in subparsers.choices.items():
+        flags = sorted(f for a in sub._actions if a.help != argparse.SUPPRESS for f in a.option_strings
+                       if f.startswith("--"))
+        choices = sorted({c for a in sub._actions if not a.option_strings and a.choices for c in a.choices})
+        cases.append(f"    {name}) words=\"{' '.join(choices + flags)}\" ;;")
+    top = " ".join([*subparsers.choices, "--version", "--help"])
+    print(COMPLETION.format(top=top, cases="\n".join(cases)) +
+          ("" if args.shell == "bash" else "\n# zsh: autoload -U +X bashcompinit && bashcompinit first"))
+
+
+COMPLETION = """# osbuilder completion for bash (osbuilder completion bash)
+_osbuilder() {{
+  local cur=${{COMP_WORDS[COMP_CWORD]}} cmd="" w words
+  for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
+    case "$w" in -*) ;; *) cmd="$w"; break ;; esac
+  done
+  case "$cmd" in
+    "") words="{top}" ;;
+{cases}
+  esac
+  COMPREPLY=($(compgen -W "$words" -- "$cur"))
+  [ ${{#COMPREPLY[@]}} -eq 0 ] && COMPREPLY=($(compgen -f -- "$cur"))
+}}
+complete -F _osbuilder osbuilder"""
 
 
 # -- the records ---------------------------------------------------------------------------------
@@ -256,6 +300,7 @@ def rootfs_packages(s: Settings) -> tuple[str, ...]:
 def boot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="run the boot checks and print the timings")
     p.add_argument("--kernel", dest="boot_kernel_path", type=Path, help="kernel image to boot")
+    p.add_argument("--json", action="store_true", help="--check: print the boot record (boot.json) instead")
 
 
 def install_arguments(p: argparse.ArgumentParser) -> None:
@@ -264,8 +309,17 @@ def install_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_deps_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("steps", nargs="*", metavar="STEP", help="only these steps (default: every subcommand)")
+    p.add_argument("steps", nargs="*", default=[], metavar="STEP", help="only these steps (default: every subcommand)")
     p.add_argument("--install", action="store_true", help="apt-get install what is missing (root)")
+    json_argument(p)
+
+
+def json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def completion_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell (zsh reads bash completions with bashcompinit)")
 
 
 def bisect_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -273,6 +327,19 @@ def bisect_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="the guest .config every commit is built with (normalised by olddefconfig)")
     p.add_argument("--source-tree", type=Path, metavar="DIR",
                    help="the Linux git checkout (default: the current directory)")
+
+
+def add_kconfig_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["show", "diff", "bisect"],
+                   help="show: resolved fragments and option origins; diff GOOD BAD; bisect --good GOOD --bad BAD")
+    p.add_argument("files", nargs="*", default=[], metavar="CONFIG", help="GOOD and BAD .config files (diff, bisect)")
+    p.add_argument("--good", metavar="GOOD", help="the .config that boots (bisect)")
+    p.add_argument("--bad", metavar="BAD", help="the .config that does not (bisect)")
+    p.add_argument("--test", default="boot", metavar="boot|build|CMD",
+                   help="bisect: boot (the boot check, default), build (compiles), or a command run with git "
+                        "bisect's exit codes (0 good, 125 skip, else bad) and the kernel in $OSBUILDER_KERNEL")
+    p.add_argument("--reset", action="store_true", help="bisect: forget the saved state and start over")
+    p.add_argument("--json", action="store_true", help="diff, bisect: print JSON")
 
 
 def logs(*names: str) -> steps.Locks:
@@ -283,37 +350,41 @@ def logs(*names: str) -> steps.Locks:
 
 for _step in (
     Step("rootfs", cmd_rootfs, f"build WORKDIR/{ROOTFS} with the distribution's packages and the agent",
-         tools=rootfs_tools, packages=rootfs_packages, locks=logs("rootfs"), in_container=True),
+         tools=rootfs_tools, packages=rootfs_packages, locks=logs("rootfs"), in_container=True, reads=("rootfs",)),
     # image and initrd also read the rootfs tree
     Step("image", cmd_image, f"make WORKDIR/{IMAGE} from WORKDIR/{ROOTFS}", tools=IMAGE_TOOLS,
-         locks=logs("image", "rootfs"), in_container=True),
+         locks=logs("image", "rootfs"), in_container=True, reads=("rootfs", "image")),
     Step("initrd", cmd_initrd, f"make WORKDIR/{INITRD} (the agent as /init) from an AGENT_INIT=yes WORKDIR/{ROOTFS}",
-         tools=INITRD_TOOLS, in_container=True,  # without AGENT_INIT it is refused and writes nothing
+         tools=INITRD_TOOLS, in_container=True, reads=("rootfs",),  # without AGENT_INIT: refused, nothing written
          locks=lambda wd, s, args: (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else ()),
     Step("kernel-src", cmd_kernel_src, "get kernel source into WORKDIR/linux", tools=SOURCE_TOOLS,
-         packages=("linux-source-6.1",), locks=logs("kernel"), in_container=True),
+         packages=("linux-source-6.1",), locks=logs("kernel"), in_container=True, reads=("kernel",)),
     Step("kernel", cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}", tools=(*SOURCE_TOOLS, *KERNEL_TOOLS),
-         packages=KERNEL_PACKAGES, locks=logs("kernel"), in_container=True),
+         packages=KERNEL_PACKAGES, locks=logs("kernel"), in_container=True, reads=("kernel",)),
     Step("kconfig", cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), "
          "`diff GOOD BAD`, `bisect --good GOOD --bad BAD` (which option breaks the guest)",
-         arguments=lambda p: add_kconfig_arguments(p), tools=(*KERNEL_TOOLS, *BOOT_TOOLS),
+         arguments=add_kconfig_arguments, tools=(*KERNEL_TOOLS, *BOOT_TOOLS), reads=("kernel", "boot", "rootfs"),
          locks=lambda wd, s, args: (wd.log("bisect"), wd.log("kernel")) if args.action == "bisect" else ()),
     Step("bisect-run", cmd_bisect_run, "for `git bisect run`: build the checked-out kernel commit with --config and "
          "boot-check it (exit 0 good, 1 bad, 125 skip)", arguments=bisect_run_arguments,
-         tools=(*KERNEL_TOOLS, *BOOT_TOOLS), locks=logs("bisect-run"), profile_flag="--profile"),
+         tools=(*KERNEL_TOOLS, *BOOT_TOOLS), locks=logs("bisect-run"), profile_flag="--profile",
+         usage_exit=128, reads=("kernel", "boot", "rootfs")),  # git bisect run: 128 stops, 2 would mark it bad
     # one boot check at a time per WORKDIR (they share the boot logs and records); an interactive boot locks nothing
     Step("boot", cmd_boot, "boot the image under QEMU (interactive console, or --check)", arguments=boot_arguments,
-         tools=BOOT_TOOLS, in_container=True, console=lambda args: not args.check,
+         tools=BOOT_TOOLS, in_container=True, console=lambda args: not args.check, reads=("boot", "rootfs"),
          locks=lambda wd, s, args: (wd.log("boot"),) if args.check else ()),
     Step("install-image", cmd_install_image, "install the boot-checked image into the runtime's directory",
-         arguments=install_arguments),
+         arguments=install_arguments, reads=("install",)),
     Step("install-kernel", cmd_install_kernel, "install the boot-checked kernel into the runtime's directory",
-         arguments=install_arguments),
+         arguments=install_arguments, reads=("install",)),
     Step("install-initrd", cmd_install_initrd, "install the boot-checked initrd into the runtime's directory",
-         arguments=install_arguments),
+         arguments=install_arguments, reads=("install",)),
     Step("check-deps", cmd_check_deps, "list the programs each step needs; --install installs them",
-         arguments=check_deps_arguments, timed=False),
-    Step("help", cmd_help, "show every setting: value, where it came from, default, description", timed=False),
+         arguments=check_deps_arguments, timed=False, reads=("rootfs",)),
+    Step("help", cmd_help, "show every setting: value, where it came from, default, description",
+         arguments=json_argument, timed=False, reads=tuple(sorted({s.group for s in TABLE}))),
+    Step("completion", cmd_completion, "print a completion script for your shell: "
+         "`source <(osbuilder completion bash)`", arguments=completion_arguments, timed=False),
 ):
     register(_step)
 
@@ -352,25 +423,36 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(s.flag, dest=s.name, metavar=s.name, help=f"{s.help} [default: {s.default or 'empty'}]")
 
 
-def add_kconfig_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["show", "diff", "bisect"],
-                   help="show: resolved fragments and option origins; diff GOOD BAD; bisect --good GOOD --bad BAD")
-    p.add_argument("files", nargs="*", metavar="CONFIG", help="GOOD and BAD .config files (diff, bisect)")
-    p.add_argument("--good", metavar="GOOD", help="the .config that boots (bisect)")
-    p.add_argument("--bad", metavar="BAD", help="the .config that does not (bisect)")
-    p.add_argument("--test", default="boot", metavar="boot|build|CMD",
-                   help="bisect: boot (the boot check, default), build (compiles), or a command run with git "
-                        "bisect's exit codes (0 good, 125 skip, else bad) and the kernel in $OSBUILDER_KERNEL")
-    p.add_argument("--reset", action="store_true", help="bisect: forget the saved state and start over")
-    p.add_argument("--json", action="store_true", help="diff, bisect: print JSON")
-
-
 OWN_ACTIONS = "_osbuilder_own_actions"  # where the parser keeps, per subcommand, the actions of its own flags
 
 
+GENERAL = "general"  # the settings every subcommand reads (WORKDIR, DEBUG, RUNTIME, ...)
+
+
+def add_common_flags(p: argparse.ArgumentParser, step: Step | None) -> None:
+    """The profile, -v/-q and every setting's flag, before the subcommand (`step` None) or after it. After it,
+    a flag that is not given leaves the value given before it (argparse.SUPPRESS), and `--help` lists the
+    settings the subcommand reads; the others are accepted and hidden."""
+    after = step is not None
+    keep: dict[str, Any] = {"default": argparse.SUPPRESS} if after else {}
+    p.add_argument(step.profile_flag if step else "--config", dest="config", type=Path, metavar="FILE",
+                   help="YAML profile (default: ./osbuilder.yaml)", **keep)
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="show every line the build tools print (DEBUG=yes)",
+                      **keep)
+    loud.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors", **keep)
+    group = p.add_argument_group("settings (also as environment variables and YAML keys)")
+    shown = {GENERAL, *step.reads} if step else {s.group for s in TABLE}
+    for s in TABLE:
+        text = f"{s.help} [default: {s.shown_default}]" if s.group in shown else argparse.SUPPRESS
+        group.add_argument(s.flag, dest=s.name, metavar=s.name, help=text, **keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osbuilder", description="Build and boot-check guest OS artifacts.")
+    parser = argparse.ArgumentParser(prog="osbuilder", description="Build and boot-check guest OS artifacts.",
+                                     epilog="Settings may come before or after the subcommand.")
     parser.add_argument("--version", action="version", version=f"osbuilder {__version__}")
+    add_common_flags(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     own: dict[str, list[argparse.Action]] = {}
     for step in steps.STEPS.values():
@@ -378,11 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         before = len(p._actions)
         step.arguments(p)
         own[step.name] = p._actions[before:]
-        p.add_argument(step.profile_flag, dest="config", type=Path, metavar="FILE",
-                       help="YAML profile (default: ./osbuilder.yaml)")
-        group = p.add_argument_group("settings (also as environment variables and YAML keys)")
-        for s in TABLE:
-            group.add_argument(s.flag, dest=s.name, metavar=s.name, help=f"{s.help} [default: {s.default or 'empty'}]")
+        add_common_flags(p, step)
     parser.set_defaults(**{OWN_ACTIONS: own})
     return parser
 
@@ -415,10 +493,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     step = steps.get(args.command)
     cli_values = {s.name: getattr(args, s.name, None) for s in TABLE}
+    if args.verbose:
+        cli_values["DEBUG"] = "yes"
     try:
         s = settings_mod.load(cli_values, config=args.config)
-        logging.basicConfig(level=logging.DEBUG if s.debug else logging.INFO, format="%(message)s",
-                            stream=sys.stderr)
+        level = logging.WARNING if args.quiet else logging.DEBUG if s.debug else logging.INFO
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
         announce(s)
         if s.use_docker and step.in_container:  # the step locks, logs and reports inside the tools image
             from osbuilder import container
@@ -431,14 +511,20 @@ def main(argv: list[str] | None = None) -> int:
         if step.timed:
             log.info("%s: done in %.1fs", args.command, time.monotonic() - started)
         return code or 0
+    except UsageError as e:
+        return report(e, step.usage_exit)
     except OsbuilderError as e:
         return report(e)
+    except BrokenPipeError:  # `osbuilder help | head`: the reader is gone, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         log.debug("%s failed", args.command, exc_info=True)
         return report(errors.from_os_error(e, args.command))
     except KeyboardInterrupt:
         print("osbuilder: interrupted; nothing half-written was published", file=sys.stderr)
         return 130
+
 
 
 def announce(s: Settings) -> None:

@@ -263,6 +263,29 @@ def _distros() -> tuple[str, ...]:
     return distros.names()
 
 
+def _releases() -> tuple[str, ...]:
+    from osbuilder.rootfs import distros
+
+    return tuple(f"{name}: {' '.join(distros.get(name).releases)}" for name in distros.names())
+
+
+def _optional_release(name: str, raw: str) -> str:
+    """A release name, or '' for the distribution's default (resolved in `_check_together`)."""
+    return _release(name, raw) if raw.strip() else ""
+
+
+GIT_URL = re.compile(r"^(https?|git|ssh|file)://|^[\w.-]+@[\w.-]+:")  # kernel/source.py reads the rest
+
+
+def _kernel_source(name: str, raw: str) -> str:
+    """debian, a git URL, or an existing tarball or directory."""
+    value = raw.strip() or "debian"
+    if value != "debian" and not GIT_URL.match(value) and not Path(value).expanduser().exists():
+        raise UsageError(f"{name}: {_short(value)}: no such file or directory (give debian, a tarball, a git tree "
+                         "or a git URL)")
+    return value
+
+
 def _install_text(name: str, raw: str) -> str:
     """A path for the install steps, `~` expanded: UTF-8, no control characters ('' stays '')."""
     text = raw.strip()
@@ -307,6 +330,7 @@ class Setting:
     # shells): a value there that does not parse is ignored with a notice instead of failing.
     ambient: bool = False
     choices: Callable[[], tuple[str, ...]] | None = None  # the valid values, where a registry holds them
+    empty: str = ""  # what an empty value (the default of some) stands for, as `help` shows the default
     reads_environment: bool = False  # `parse` takes the environment as a third argument (VM_CPUS=auto)
 
     def read(self, raw: str, env: Mapping[str, str] | None = None) -> Any:
@@ -317,6 +341,13 @@ class Setting:
     def help(self) -> str:
         """The description, with the current choices where it lists them."""
         return self.about.format(choices=", ".join(self.choices())) if self.choices else self.about
+
+    @property
+    def shown_default(self) -> str:
+        """The default as `osbuilder help` shows it: the value, or what the empty default stands for."""
+        if self.default:
+            return self.default
+        return f"'' ({self.empty})" if self.empty else "''"
 
     @property
     def yaml_key(self) -> str:
@@ -334,18 +365,18 @@ class Setting:
 TABLE: tuple[Setting, ...] = (
     Setting("WORKDIR", "./workdir", "directory for the rootfs, images, kernels, caches and logs", _path),
     Setting("DEBUG", "no", "show every line the build tools print (yes/no)", _yes_no, ambient=True),
-    Setting("SOURCE_DATE_EPOCH", "", "timestamp for reproducible builds (default: now)", _epoch),
+    Setting("SOURCE_DATE_EPOCH", "", "timestamp for reproducible builds", _epoch, empty="now"),
     Setting("USE_DOCKER", "no", "run each step (rootfs, image, initrd, kernel-src, kernel, boot) in a tools container, so the host needs only Python and CONTAINER_ENGINE (yes/no)", _yes_no),
     Setting("CONTAINER_ENGINE", "auto", "engine for USE_DOCKER: auto (the first of podman, docker that can run a container), podman, docker", _choice("auto", "podman", "docker")),
     Setting("TOOLS_BASE_IMAGE", "debian:bookworm", "Debian image the USE_DOCKER tools image is built on (a local image, e.g. one made with mmdebstrap and `podman import`, or one to pull)", _image_reference),
-    Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR (default: $XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder)", _optional_path),
+    Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR", _optional_path, empty="$XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder"),
     # rootfs
     Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: {choices})", _distro, "rootfs", choices=_distros),
-    Setting("OS_VERSION", "bookworm", "release of the distribution (debian: bookworm, trixie, sid)", _release, "rootfs"),
-    Setting("REPO_URL", "", "package mirror, an http(s):// or file:// URL (default: the distribution's standard public mirror)", _repo_url, "rootfs"),
+    Setting("OS_VERSION", "", "release of the distribution ({choices})", _optional_release, "rootfs", choices=_releases, empty="the distribution's default release: debian's bookworm"),
+    Setting("REPO_URL", "", "package mirror, an http(s):// or file:// URL", _repo_url, "rootfs", empty="the distribution's standard public mirror"),
     Setting("EXTRA_PKGS", "", "extra packages for the rootfs, separated by spaces or commas", _package_list, "rootfs"),
-    Setting("AGENT_SOURCE_BIN", "", "install this agent binary instead of osbuilder's own agent", _optional_path, "rootfs"),
-    Setting("AGENT_SERVICE", "", "systemd unit name for AGENT_SOURCE_BIN (default: <binary name>.service)", _text, "rootfs"),
+    Setting("AGENT_SOURCE_BIN", "", "install this agent binary (the runtime's own agent) instead of osbuilder's", _optional_path, "rootfs", empty="osbuilder's own agent"),
+    Setting("AGENT_SERVICE", "", "systemd unit name for AGENT_SOURCE_BIN", _text, "rootfs", empty="<binary name>.service"),
     Setting("AGENT_INIT", "no", "run the agent as PID 1 instead of systemd (yes/no)", _yes_no, "rootfs"),
     # image
     Setting("IMG_SIZE", "auto", "image size in MiB (auto: rootfs usage + headroom), rounded up to 128 MiB", _img_size, "image"),
@@ -359,16 +390,16 @@ TABLE: tuple[Setting, ...] = (
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
     Setting("BOOT_PROFILE", "auto", "how boot checks attach the image (osbuilder/vm/attachments.py): {choices}; auto is the RUNTIME's own; AGENT_INIT chooses PID 1", _boot_profile, "boot", choices=_boot_profiles),
     Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
-    Setting("BOOT_IMAGE", "", "image for `osbuilder boot` (default: the image in WORKDIR)", _optional_path, "boot"),
+    Setting("BOOT_IMAGE", "", "image for `osbuilder boot`", _optional_path, "boot", empty="the image in WORKDIR"),
     Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
     # kernel
-    Setting("KERNEL_SOURCE", "debian", "kernel source: debian (linux-source package), a tarball, a git tree, or a git URL", _text, "kernel"),
+    Setting("KERNEL_SOURCE", "debian", "kernel source: debian (linux-source package), a tarball, a git tree, or a git URL", _kernel_source, "kernel"),
     Setting("KERNEL_FRAGMENTS", "", "extra config fragment files, on top of osbuilder's own", _word_list, "kernel"),
     Setting("KERNEL_CONFIG", "", "a whole .config to use as the base instead of allnoconfig", _optional_path, "kernel"),
     # install
-    Setting("RUNTIME", "kata", "runtime to install for and boot as (osbuilder/runtimes.py): {choices}", _runtime, "install", choices=_runtimes),
-    Setting("PREFIX", "", "install directory (default: the runtime's, e.g. /usr/share/kata-containers)", _target_path, "install"),
-    Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files (default: the runtime's)", _target_path, "install"),
+    Setting("RUNTIME", "kata", "runtime to install for and boot as (osbuilder/runtimes.py): {choices}", _runtime, "general", choices=_runtimes),
+    Setting("PREFIX", "", "install directory", _target_path, "install", empty="the runtime's, e.g. /usr/share/kata-containers"),
+    Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files", _target_path, "install", empty="the runtime's"),
     Setting("DESTDIR", "", "staging root prepended to every installed path (packaging, tests)", _destdir, "install"),
 )
 
@@ -438,6 +469,7 @@ class Settings:
             raw[setting.name] = str(text)
             values[setting.name] = setting.read(str(text))
             sources[setting.name] = "override"
+        _check_together(values)
         return Settings.from_values(_pin_workdir(values), raw, sources, self.profile, self.notices)
 
 
@@ -494,11 +526,14 @@ def load(
     raw: dict[str, str] = {}
     sources: dict[str, str] = {}
     notices: list[str] = []
+    kata = _from_kata(env, notices)
     for s in TABLE:
         if cli.get(s.name) is not None:
             text, source = str(cli[s.name]), "cli"
         elif s.name in env and not (s.ambient and _ignored(s, env[s.name], notices)):
             text, source = env[s.name], "env"
+        elif s.name in kata:
+            text, source = kata[s.name][0], f"env:{kata[s.name][1]}"
         elif s.name in from_yaml:
             text, source = from_yaml[s.name], f"yaml:{profile}"
         else:
@@ -506,7 +541,58 @@ def load(
         raw[s.name] = text
         values[s.name] = s.read(text, env)
         sources[s.name] = source
+    _check_together(values)
     return Settings.from_values(_pin_workdir(values, cwd), raw, sources, profile, tuple(notices))
+
+
+def _check_together(values: dict[str, Any]) -> None:
+    """What one setting's parser cannot see: the release must be one of the distribution's (an empty one
+    is the distribution's default)."""
+    from osbuilder.rootfs import distros
+
+    distro = distros.get(values["DISTRO"])
+    values["OS_VERSION"] = values["OS_VERSION"] or distro.default_release
+    distro.check_release(values["OS_VERSION"])
+
+
+# Variables of Kata's own osbuilder (tools/osbuilder) that users carry over: the ones with a meaning here
+# map to osbuilder's settings (FROM_KATA), the others are named in one notice with why they do nothing.
+FROM_KATA = {"USE_PODMAN": {"USE_DOCKER": "yes", "CONTAINER_ENGINE": "podman"}}
+KATA_IGNORED = {
+    "ROOTFS_DIR": "the rootfs is WORKDIR/rootfs",
+    "IMAGE": "the image is WORKDIR/container.img",
+    "INITRD_IMAGE": "the initrd is WORKDIR/container-initrd.img",
+    "ROOT_FREE_SPACE": "set IMG_SIZE",
+    "KERNEL_MODULES_DIR": "osbuilder's kernel has no modules",
+    "AGENT_BIN": "the agent keeps AGENT_SOURCE_BIN's name",
+    "AGENT_VERSION": "osbuilder does not build Kata's agent",
+    "GO_AGENT_PKG": "osbuilder does not build Kata's agent",
+    "RUST_VERSION": "osbuilder does not build Kata's agent",
+    "AGENT_TARBALL": "use AGENT_SOURCE_BIN",
+    "LIBC": "osbuilder does not build Kata's agent",
+    "SECCOMP": "osbuilder does not build Kata's agent",
+    "SELINUX": "not supported",
+    "MEASURED_ROOTFS": "not supported",
+    "CONFIDENTIAL_GUEST": "not supported",
+    "TARGET_ARCH": "the guest is the host's architecture",
+    "DOCKER_RUNTIME": "see CONTAINER_ENGINE",
+    "NSDAX_BIN": "osbuilder writes the DAX header itself (DAX)",
+    "IMAGE_SIZE_ALIGNMENT_MB": "images are multiples of 128 MiB",
+}
+
+
+def _from_kata(env: Mapping[str, str], notices: list[str]) -> dict[str, tuple[str, str]]:
+    """setting -> (value, the Kata variable it comes from) for Kata osbuilder's variables set in `env`
+    (true: Kata's scripts test for it), and one notice naming those ignored."""
+    mapped: dict[str, tuple[str, str]] = {}
+    for name, settings in FROM_KATA.items():
+        if env.get(name, "").strip().lower() in ("yes", "y", "true", "1", "on"):
+            mapped.update({k: (v, name) for k, v in settings.items() if k not in env})
+    ignored = [name for name in KATA_IGNORED if env.get(name, "").strip()]
+    if ignored:
+        why = "; ".join(f"{name}: {KATA_IGNORED[name]}" for name in ignored)
+        notices.append(f"Kata osbuilder's {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored here ({why})")
+    return mapped
 
 
 def _ignored(setting: Setting, text: str, notices: list[str]) -> bool:
@@ -529,11 +615,18 @@ def _pin_workdir(values: dict[str, Any], cwd: Path | None = None) -> dict[str, A
     return values
 
 
+def as_json(settings: Settings) -> list[dict[str, str]]:
+    """`osbuilder help --json`: every setting with its value (credentials redacted), source and default."""
+    return [{"name": s.name, "value": redact(settings.raw[s.name]), "from": settings.sources[s.name],
+             "default": s.default, "empty_means": s.empty, "yaml_key": s.yaml_key, "flag": s.flag,
+             "group": s.group, "description": s.help} for s in TABLE]
+
+
 def describe(settings: Settings) -> str:
     """The `osbuilder help` table: name, current value, source, default, description."""
     rows = [("SETTING", "VALUE", "FROM", "DEFAULT", "DESCRIPTION")]
     for s in TABLE:
-        rows.append((s.name, redact(settings.raw[s.name]) or "''", settings.sources[s.name], s.default or "''", s.help))
+        rows.append((s.name, redact(settings.raw[s.name]) or "''", settings.sources[s.name], s.shown_default, s.help))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for r in rows:

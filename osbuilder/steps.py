@@ -52,6 +52,8 @@ class Step:
     profile_flag: str = "--config"
     timed: bool = True  # logs "done in Ns" when it finishes
     console: Callable[[argparse.Namespace], bool] = lambda args: False  # it gives the user a terminal
+    reads: tuple[str, ...] = ()  # the groups of settings it reads besides the general ones (its --help lists them)
+    usage_exit: int = 2  # the exit code of a usage error (bisect-run: 128, which stops `git bisect run`)
 
     def needs(self, settings: Settings) -> tuple[Tool, ...]:
         """The programs this step runs under these settings."""

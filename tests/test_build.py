@@ -159,9 +159,9 @@ def test_image_of_the_default_rootfs_is_reproducible(rootfs, osbuilder_settings,
 def test_every_plugins_rootfs_keeps_the_image_policy(name, osbuilder_settings, osbuilder_artifacts):
     """Whichever plugin made it, a rootfs has no SSH host keys and no documentation but the licences
     (rootfs/policy.py applies and verifies it after the plugin; the session's rootfs for its own plugin)."""
-    settings = osbuilder_settings.with_values(DISTRO=name)
+    settings = osbuilder_settings
     if name != osbuilder_settings.distro:
-        settings = settings.with_values(OS_VERSION=distros.get(name).releases[0])
+        settings = settings.with_values(DISTRO=name, OS_VERSION=distros.get(name).releases[0])
     tree = osbuilder_artifacts.rootfs(settings).path
     assert policy.violations(tree) == []
     assert list((tree / "usr/share/doc").rglob("copyright")), "the licences stay"

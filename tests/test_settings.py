@@ -51,7 +51,8 @@ def test_defaults_match_the_makefile_era():
     ("IMG_SIZE", "9" * 5000, "IMG_SIZE: expected a whole number, got '99999"),  # beyond int()'s digit limit
     ("OS_VERSION", "-bookworm", "OS_VERSION: '-bookworm' is not a release name"),
     ("OS_VERSION", "bookworm main", "OS_VERSION: 'bookworm main' is not a release name"),
-    ("OS_VERSION", "", "OS_VERSION: '' is not a release name"),
+    ("OS_VERSION", "jammy", "OS_VERSION: unknown debian release 'jammy'"),  # Ubuntu's, not Debian's
+    ("KERNEL_SOURCE", "/no/such/linux.tar.xz", "KERNEL_SOURCE: '/no/such/linux.tar.xz': no such file or directory"),
     ("REPO_URL", "deb http://deb.debian.org/debian bookworm main", "REPO_URL: expected a plain http://"),
     ("REPO_URL", "http://u:pw@h/debian [trusted=yes]", "REPO_URL: expected a plain http://, https:// or "
                                                        "file:// URL of a mirror (no spaces, no [options]), "
@@ -95,7 +96,7 @@ SAMPLES = {
     "AGENT_SERVICE": "my.service", "AGENT_INIT": "yes", "IMG_SIZE": "640", "BLOCK_SIZE": "2048",
     "FS_TYPE": "ext3", "ACCEL": "tcg", "VM_MEMORY": "2048", "VM_CPUS": "2", "BOOT_KERNEL": "debian",
     "BOOT_TIMEOUT": "300", "BOOT_IMAGE": "/srv/x.img", "BOOT_APPEND": "quiet",
-    "KERNEL_SOURCE": "/srv/linux.tar.xz", "KERNEL_FRAGMENTS": "/srv/a.config", "KERNEL_CONFIG": "/srv/config",
+    "KERNEL_SOURCE": "https://git.example/linux.git#v6.1", "KERNEL_FRAGMENTS": "/srv/a.config", "KERNEL_CONFIG": "/srv/config",
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
     "DESTDIR": "/tmp/stage", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
     "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12",

@@ -145,6 +145,7 @@ class ToyDistro(Distro):
 
     name = "toydistro"
     releases = ("one",)
+    default_release = "one"
     default_mirror = "http://toy.invalid/"
     tools = (Tool("tar", "tar", "stands in for the toy's installer"),)
     architectures = {"x86_64": "toy64", "aarch64": "toyarm"}
@@ -170,12 +171,12 @@ class ToyDistro(Distro):
 
 def test_a_new_distribution_is_one_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with distros.registered(ToyDistro()):
-        assert "toydistro" in help_text(capsys, "--distro", "toydistro", "--os-version", "one")
+        assert "toydistro" in help_text(capsys, "--distro", "toydistro")  # OS_VERSION: its default release
         assert cli.main(["check-deps", "rootfs", "--distro", "toydistro"]) == 0
         out = capsys.readouterr().out
         assert "  tar " in out and "mmdebstrap" not in out
         wd = tmp_path / "wd"
-        assert cli.main(["rootfs", "--distro", "toydistro", "--os-version", "one", "--workdir", str(wd)]) == 0, \
+        assert cli.main(["rootfs", "--distro", "toydistro", "--workdir", str(wd)]) == 0, \
             capsys.readouterr().err
         tree = wd / "rootfs"
         assert (tree / "usr/bin/osbuilder-agent").is_file()  # osbuilder's own files, unpacked by the plugin

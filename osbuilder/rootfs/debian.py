@@ -35,6 +35,7 @@ RELEASE_HEAD_BYTES = 4096  # the Date field is in the first lines of InRelease
 class Debian(Distro):
     name = "debian"
     releases = ("bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable")
+    default_release = "bookworm"
     default_mirror = "http://deb.debian.org/debian"
     tools = (
         Tool("mmdebstrap", "mmdebstrap", "creates the Debian rootfs without mounts or loop devices"),

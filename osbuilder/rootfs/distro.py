@@ -23,6 +23,7 @@ class Distro(ABC):
 
     name: str
     releases: tuple[str, ...]
+    default_release: str  # OS_VERSION's default
     default_mirror: str
     tools: tuple[Tool, ...]  # the programs `build` runs, each with its package
     packages: tuple[str, ...] = ()  # packages it needs that have no program to look for (a keyring)
