@@ -182,11 +182,12 @@ def guest_config(kernel, tmp_path: Path) -> Path:
     return config
 
 
-def test_git_bisect_run_names_the_commit_that_breaks_boot(kernel_repo, kernel, image, osbuilder_settings,
+def test_git_bisect_run_names_the_commit_that_breaks_boot(kernel_repo, osbuilder_kernel, osbuilder_image,
+                                                          osbuilder_settings,
                                                           tmp_path) -> None:
     repo, commits = kernel_repo, kernel_repo.commits
-    config = guest_config(kernel, tmp_path)
-    env = bisect_run_env(osbuilder_settings, tmp_path / "workdir", image.path)
+    config = guest_config(osbuilder_kernel, tmp_path)
+    env = bisect_run_env(osbuilder_settings, tmp_path / "workdir", osbuilder_image.path)
     repo.git("bisect", "start", commits[-1], commits[0])
     started, cpu = time.monotonic(), children_cpu()
     try:
@@ -215,7 +216,8 @@ def test_git_bisect_run_names_the_commit_that_breaks_boot(kernel_repo, kernel, i
     assert "# bad: [" + commits[NO_COMPILE] not in log
 
 
-def test_bisect_run_skips_a_commit_that_does_not_configure(kernel_repo, kernel, image, osbuilder_settings,
+def test_bisect_run_skips_a_commit_that_does_not_configure(kernel_repo, osbuilder_kernel, osbuilder_image,
+                                                           osbuilder_settings,
                                                            tmp_path) -> None:
     """A commit whose Kconfig is broken says nothing about the regression: 125, within seconds."""
     repo = kernel_repo
@@ -225,8 +227,9 @@ def test_bisect_run_skips_a_commit_that_does_not_configure(kernel_repo, kernel, 
                                 'menu "General setup"\nconfig BROKEN\n\tbool "broken"\n\tdepends on (FOO\n'))
         git(repo.path, "commit", "--quiet", "--all", "-m", "init: an unbalanced parenthesis", date=BASE_DATE)
         started = time.monotonic()
-        run = subprocess.run([str(OSBUILDER), "bisect-run", "--config", str(guest_config(kernel, tmp_path))],
-                             cwd=repo.path, env=bisect_run_env(osbuilder_settings, tmp_path / "workdir", image.path),
+        run = subprocess.run([str(OSBUILDER), "bisect-run", "--config", str(guest_config(osbuilder_kernel, tmp_path))],
+                             cwd=repo.path, env=bisect_run_env(osbuilder_settings, tmp_path / "workdir",
+                                                               osbuilder_image.path),
                              capture_output=True, text=True, timeout=600)
     finally:
         repo.git("checkout", "--quiet", "--force", "main")
@@ -236,9 +239,9 @@ def test_bisect_run_skips_a_commit_that_does_not_configure(kernel_repo, kernel, 
     assert time.monotonic() - started < 120
 
 
-def test_bisect_run_usage_errors_stop_the_bisection(image, osbuilder_settings, tmp_path) -> None:
+def test_bisect_run_usage_errors_stop_the_bisection(osbuilder_image, osbuilder_settings, tmp_path) -> None:
     """128 and above make `git bisect run` stop instead of marking the commit bad."""
-    env = bisect_run_env(osbuilder_settings, tmp_path / "workdir", image.path)
+    env = bisect_run_env(osbuilder_settings, tmp_path / "workdir", osbuilder_image.path)
     config = tmp_path / "guest.config"
     config.write_text("CONFIG_64BIT=y\n")
     not_git = tmp_path / "not-git"

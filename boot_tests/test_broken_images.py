@@ -28,8 +28,8 @@ def assert_no_qemu(pid: int | None) -> None:
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
-def test_missing_init_is_caught_by_cli(image, osbuilder_settings, tmp_path: Path) -> None:
-    broken = imagetools.copy_image(image.path, tmp_path / "no-init.img")
+def test_missing_init_is_caught_by_cli(osbuilder_image, osbuilder_settings, tmp_path: Path) -> None:
+    broken = imagetools.copy_image(osbuilder_image.path, tmp_path / "no-init.img")
     imagetools.remove_file(broken, "/usr/sbin/init")
     assert not imagetools.exists(broken, "/usr/sbin/init")
     env = {**os.environ, "WORKDIR": str(osbuilder_settings.workdir), "BOOT_IMAGE": str(broken),
@@ -51,10 +51,10 @@ def test_missing_init_is_caught_by_cli(image, osbuilder_settings, tmp_path: Path
     assert_no_qemu(record["qemu_pid"])
 
 
-def test_missing_agent_is_caught(image, boot_guest, tmp_path: Path) -> None:
-    broken = imagetools.copy_image(image.path, tmp_path / "no-agent.img")
+def test_missing_agent_is_caught(osbuilder_image, osbuilder_boot_guest, tmp_path: Path) -> None:
+    broken = imagetools.copy_image(osbuilder_image.path, tmp_path / "no-agent.img")
     imagetools.remove_file(broken, "/usr/bin/osbuilder-agent")
-    guest = boot_guest(broken)
+    guest = osbuilder_boot_guest(broken)
     with pytest.raises(BootFailure) as info:
         boot_to_ready(guest)
     assert info.value.phase == "agent"
@@ -63,15 +63,15 @@ def test_missing_agent_is_caught(image, boot_guest, tmp_path: Path) -> None:
     assert_no_qemu(guest.vm.pid)
 
 
-def test_failing_unit_degrades_and_is_named(image, boot_guest, tmp_path: Path) -> None:
-    broken = imagetools.copy_image(image.path, tmp_path / "failing-unit.img")
+def test_failing_unit_degrades_and_is_named(osbuilder_image, osbuilder_boot_guest, tmp_path: Path) -> None:
+    broken = imagetools.copy_image(osbuilder_image.path, tmp_path / "failing-unit.img")
     imagetools.add_file(broken, f"/etc/systemd/system/{FAILING_UNIT}",
                         "[Unit]\nDescription=osbuilder test: a unit that fails\n\n"
                         "[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo failing on purpose; exit 3'\n\n"
                         "[Install]\nWantedBy=multi-user.target\n")
     imagetools.add_symlink(broken, f"/etc/systemd/system/multi-user.target.wants/{FAILING_UNIT}",
                            f"/etc/systemd/system/{FAILING_UNIT}")
-    guest = boot_guest(broken)
+    guest = osbuilder_boot_guest(broken)
     with pytest.raises(BootFailure) as info:
         boot_to_ready(guest)
     assert info.value.phase == "running"
@@ -81,9 +81,9 @@ def test_failing_unit_degrades_and_is_named(image, boot_guest, tmp_path: Path) -
     assert_no_qemu(guest.vm.pid)
 
 
-def test_wrong_root_is_caught(image, boot_guest) -> None:
+def test_wrong_root_is_caught(osbuilder_image, osbuilder_boot_guest) -> None:
     # rootdelay: the initramfs gives up after 5 s instead of 30 (the later root= wins)
-    guest = boot_guest(image.path, append="root=/dev/vdz1 rootdelay=5")
+    guest = osbuilder_boot_guest(osbuilder_image.path, append="root=/dev/vdz1 rootdelay=5")
     started = time.monotonic()
     with pytest.raises(BootFailure) as info:
         boot_to_ready(guest)

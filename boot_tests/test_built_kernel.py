@@ -19,14 +19,15 @@ from osbuilder.vm.options import BootKernel
 
 
 @pytest.mark.parametrize("kernel_file", ["vmlinuz", "vmlinux"])
-def test_built_kernel_boots_the_image(kernel_file, kernel, image, osbuilder_settings, boot_accel,
-                                      ssh_session_key, request):
-    files = KernelFiles(kernel.path)
+def test_built_kernel_boots_the_image(kernel_file, osbuilder_kernel, osbuilder_image, osbuilder_settings,
+                                      osbuilder_accel,
+                                      osbuilder_ssh_key, request):
+    files = KernelFiles(osbuilder_kernel.path)
     metadata = json.loads(files.metadata.read_text())
     path = getattr(files, kernel_file)
     built = BootKernel(path.absolute(), None, "built", metadata["kernel_version"])
-    opts = check.guest_options(osbuilder_settings, image=image.path, kernel=built, accel=boot_accel,
-                               name=f"built-{path.name}", ssh_key=ssh_session_key)
+    opts = check.guest_options(osbuilder_settings, image=osbuilder_image.path, kernel=built, accel=osbuilder_accel,
+                               name=f"built-{path.name}", ssh_key=osbuilder_ssh_key)
     note_logs(request.node, opts.log_dir)
     with Guest.start(opts) as guest:
         check.boot_to_ready(guest)

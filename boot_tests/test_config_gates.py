@@ -1,5 +1,5 @@
-"""Config gates spread over hosts: `pytest --kernel-config a.config --kernel-config b.config` under
-pytest-xdist with two workers whose WORKDIRs differ (`--tx popen//env:WORKDIR=...`), standing for two
+"""Config gates spread over hosts: `pytest --osbuilder-kernel-config a.config --osbuilder-kernel-config
+b.config` under pytest-xdist with two workers whose WORKDIRs differ (`--tx popen//env:WORKDIR=...`), standing for two
 hosts (`--tx ssh=...`). An inner pytest runs a small boot test (one module-scoped guest, two tests, an
 xdist_group); the evidence is read from each WORKDIR: which config's kernel was built there (cache entry,
 kernel-metadata.json), which kernel booted there (console banner, boot.json, boot records), and that each
@@ -62,15 +62,15 @@ from osbuilder.vm import phases
 pytestmark = pytest.mark.xdist_group("gate")
 
 
-def test_the_configs_kernel_runs(guest, boot_kernel):
-    assert guest.exec(["uname", "-r"]).stdout.strip() == kernel_release(boot_kernel.kernel)
+def test_the_configs_kernel_runs(osbuilder_guest, osbuilder_boot_kernel):
+    assert osbuilder_guest.exec(["uname", "-r"]).stdout.strip() == kernel_release(osbuilder_boot_kernel.kernel)
 
 
-def test_powers_off_and_records_the_pass(guest, osbuilder_settings):
-    phases.run(guest, "powerdown")
-    guest.vm.stop()
-    assert guest.passed, guest.phases
-    guest.write_passing_records(osbuilder_settings.workdir)
+def test_powers_off_and_records_the_pass(osbuilder_guest, osbuilder_settings):
+    phases.run(osbuilder_guest, "powerdown")
+    osbuilder_guest.vm.stop()
+    assert osbuilder_guest.passed, osbuilder_guest.phases
+    osbuilder_guest.write_passing_records(osbuilder_settings.workdir)
 '''
 
 
@@ -120,8 +120,9 @@ def workers_by_config(output: str) -> dict[str, set[int]]:
     return ran
 
 
-def test_two_configs_build_and_boot_on_two_hosts(kernel, image, osbuilder_settings, tmp_path: Path) -> None:
-    configs = gate_configs(KernelFiles(kernel.path).config, tmp_path / "configs")
+def test_two_configs_build_and_boot_on_two_hosts(osbuilder_kernel, osbuilder_image, osbuilder_settings,
+                                                 tmp_path: Path) -> None:
+    configs = gate_configs(KernelFiles(osbuilder_kernel.path).config, tmp_path / "configs")
     hosts = [tmp_path / "host0", tmp_path / "host1"]  # gw0, gw1: xdist names workers in --tx order
     for host in hosts:
         seed_object_tree(osbuilder_settings, host)
@@ -133,8 +134,9 @@ def test_two_configs_build_and_boot_on_two_hosts(kernel, image, osbuilder_settin
 
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner-tmp'}",
            "--dist", "loadgroup", *[f"--tx=popen//env:WORKDIR={host}" for host in hosts],
-           *[f"--kernel-config={path}" for path in configs.values()]]
-    proc = subprocess.run(cmd, cwd=project, env=inner_env(osbuilder_settings, image.path), capture_output=True,
+           *[f"--osbuilder-kernel-config={path}" for path in configs.values()]]
+    proc = subprocess.run(cmd, cwd=project, env=inner_env(osbuilder_settings, osbuilder_image.path),
+                          capture_output=True,
                           text=True, timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "4 passed" in proc.stdout, proc.stdout[-3000:]

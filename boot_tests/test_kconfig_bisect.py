@@ -40,14 +40,14 @@ def with_options(config: str, changes: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def hunt(kernel, image, osbuilder_settings, tmp_path_factory):
+def hunt(osbuilder_kernel, osbuilder_image, osbuilder_settings, tmp_path_factory):
     """A WORKDIR, the GOOD/BAD pair and the environment the CLI runs with."""
     where = tmp_path_factory.mktemp("kconfig-bisect")
-    good_text = layout.KernelFiles(kernel.path).config.read_text()
+    good_text = layout.KernelFiles(osbuilder_kernel.path).config.read_text()
     good, bad = where / "good.config", where / "bad.config"
     good.write_text(good_text)
     bad.write_text(with_options(good_text, {**HARMLESS, **CULPRIT}))
-    env = {**os.environ, "WORKDIR": str(where / "work"), "BOOT_IMAGE": str(image.path),
+    env = {**os.environ, "WORKDIR": str(where / "work"), "BOOT_IMAGE": str(osbuilder_image.path),
            "CACHE_DIR": str(layout.UserCache.of(osbuilder_settings).root)}
     return good, bad, env
 

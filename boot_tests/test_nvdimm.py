@@ -37,25 +37,26 @@ def nvdimm_settings(osbuilder_settings):
 def kernel_for(kind: str, settings, request: pytest.FixtureRequest) -> BootKernel:
     """osbuilder's kernel (the `kernel` fixture, BOOT_KERNEL=built) or Debian's (BOOT_KERNEL=debian)."""
     if kind == "built":
-        built = KernelFiles(request.getfixturevalue("kernel").path).vmlinuz
+        built = KernelFiles(request.getfixturevalue("osbuilder_kernel").path).vmlinuz
         return check.boot_kernel(settings.with_values(BOOT_KERNEL="built"), built=built)
     return check.boot_kernel(settings.with_values(BOOT_KERNEL="debian"))
 
 
 @pytest.mark.parametrize("kind", ["built", "debian"])
-def test_the_image_boots_as_the_runtimes_nvdimm(kind, nvdimm_settings, osbuilder_settings, image, ssh_session_key,
+def test_the_image_boots_as_the_runtimes_nvdimm(kind, nvdimm_settings, osbuilder_settings, osbuilder_image,
+                                                osbuilder_ssh_key,
                                                 request):
     boot_kernel = kernel_for(kind, nvdimm_settings, request)
-    opts = check.guest_options(nvdimm_settings, image=image.path, kernel=boot_kernel,
+    opts = check.guest_options(nvdimm_settings, image=osbuilder_image.path, kernel=boot_kernel,
                                accel=accel.choose(nvdimm_settings, boot_kernel), name=f"nvdimm-{kind}",
-                               ssh_key=ssh_session_key)
+                               ssh_key=osbuilder_ssh_key)
     note_logs(request.node, opts.log_dir)
     dax = wants_dax(osbuilder_settings)
-    assert (read_dax_header(image.path) is not None) is dax  # the session image was made with the settings' DAX
+    assert (read_dax_header(osbuilder_image.path) is not None) is dax  # the session image: made with the settings' DAX
     assert opts.profile.attach is (attachments.NVDIMM_DAX if dax else attachments.NVDIMM)
     command = qemu.build_command(opts.spec(), qemu.VmPaths(Path("/run/x")))
     assert "-drive" not in command and any("readonly=on" in o for o in command), command  # no overlay either
-    before = sha256_file(image.path)
+    before = sha256_file(osbuilder_image.path)
     with Guest.start(opts) as guest:
         check.boot_to_ready(guest)
         cmdline = guest.exec(["cat", "/proc/cmdline"]).stdout.split()
@@ -73,17 +74,18 @@ def test_the_image_boots_as_the_runtimes_nvdimm(kind, nvdimm_settings, osbuilder
         assert guest.phases["running"] == Outcome.passed() and "system_running" in guest.timings
     assert write.status != 0 and "Read-only file system" in write.stderr
     assert guest.record()["profile"] == opts.profile.name
-    assert sha256_file(image.path) == before  # the memory backend never wrote the image
+    assert sha256_file(osbuilder_image.path) == before  # the memory backend never wrote the image
     guest.write_passing_records(osbuilder_settings.workdir)
 
 
-def test_a_namespace_without_dax_fails_fast_with_the_console_evidence(nvdimm_settings, osbuilder_settings, image,
+def test_a_namespace_without_dax_fails_fast_with_the_console_evidence(nvdimm_settings, osbuilder_settings,
+                                                                      osbuilder_image,
                                                                       tmp_path, request):
     """A damaged info block: the kernel keeps the namespace raw (as a kernel without NVDIMM_PFN does
     with any DAX image), ext4 refuses `dax` on it, the root cannot be mounted."""
     if not wants_dax(osbuilder_settings):
         pytest.skip("the session image has no DAX header (DAX=no)")
-    damaged = copy_image(image.path, tmp_path / "damaged.img")
+    damaged = copy_image(osbuilder_image.path, tmp_path / "damaged.img")
     with open(damaged, "r+b") as f:
         f.seek(PFN_INFO_OFFSET + 200)  # in the padding: only the checksum notices
         f.write(b"\x01")
@@ -100,16 +102,18 @@ def test_a_namespace_without_dax_fails_fast_with_the_console_evidence(nvdimm_set
         failure.value.detail
 
 
-def test_the_same_dax_image_boots_as_a_virtio_blk_disk(osbuilder_settings, image, boot_kernel, boot_accel,
-                                                        ssh_session_key, request: pytest.FixtureRequest) -> None:
+def test_the_same_dax_image_boots_as_a_virtio_blk_disk(osbuilder_settings, osbuilder_image, osbuilder_boot_kernel,
+                                                       osbuilder_accel,
+                                                        osbuilder_ssh_key, request: pytest.FixtureRequest) -> None:
     """The DAX layout keeps an outer partition table, so the image the runtime maps as an NVDIMM also
     boots as a disk (BOOT_PROFILE=virtio-blk): the root is /dev/vda1, mounted without DAX."""
     settings = osbuilder_settings.with_values(BOOT_PROFILE="virtio-blk")
-    opts = check.guest_options(settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
-                               name="dax-image-as-virtio-blk", ssh_key=ssh_session_key)
+    opts = check.guest_options(settings, image=osbuilder_image.path, kernel=osbuilder_boot_kernel,
+                               accel=osbuilder_accel,
+                               name="dax-image-as-virtio-blk", ssh_key=osbuilder_ssh_key)
     note_logs(request.node, opts.log_dir)
     assert opts.profile.attach.name == "virtio-blk"
     with check.booted(opts, settings) as guest:
         assert guest.exec(["findmnt", "-no", "SOURCE", "/"]).stdout.strip() == "/dev/vda1"
         assert "dax" not in guest.exec(["findmnt", "-no", "OPTIONS", "/"]).stdout
-    assert wants_dax(osbuilder_settings) == (read_dax_header(image.path) is not None)
+    assert wants_dax(osbuilder_settings) == (read_dax_header(osbuilder_image.path) is not None)

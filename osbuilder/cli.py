@@ -207,7 +207,7 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
 
     print(container.describe(s))
     print("Cached rootfs (pytest fixtures): keyed on the archive's Release date, so it is rebuilt after a point "
-          "release; `pytest --rebuild` forces a rebuild")
+          "release; `pytest --osbuilder-rebuild` forces a rebuild")
     print("Subcommands: " + ", ".join(steps.STEPS) + "  (osbuilder SUBCOMMAND --help)")
 
 

@@ -1,24 +1,32 @@
-"""The pytest plugin (entry point `pytest11`): every osbuilder fixture, marker and option.
+"""The pytest plugin (entry point `pytest11`, with `pip install osbuilder[pytest]`): every osbuilder
+fixture, marker and option, all named `osbuilder_*` so that they meet no other plugin's.
 
 Fixtures are thin shells over the build steps and the boot check. Built artifacts live in the
 content-addressed cache under WORKDIR/cache, so a second session with the same inputs reuses them,
 and under `pytest -n N` each artifact is built once (the cache holds a file lock while it builds).
 
-    def test_my_image(image):             # image.path is a container.img that passed its checks
+    def test_my_image(osbuilder_image):         # .path is a container.img that passed its checks
         ...
 
     def test_other_image(osbuilder_artifacts, osbuilder_settings):   # a differently configured one
         img = osbuilder_artifacts.image(osbuilder_settings.with_values(AGENT_INIT="yes"))
 
-    def test_guest(booted_guest):          # module-scoped: one boot, many assertions
-        assert booted_guest.exec(["true"]).status == 0
+    def test_in_the_guest(osbuilder_guest):     # module-scoped: one boot, many assertions
+        assert osbuilder_guest.exec(["true"]).status == 0
 
-Config gates: `pytest boot_tests --kernel-config a.config --kernel-config b.config` runs every test that
-boots `boot_kernel` once per config (ids `[a]`, `[b]`), booting that config's kernel (built as it is, once
-per session, cached); `xdist_group`s are extended by the config id so that configs can go to different
-workers (or hosts: the cache and locks are per WORKDIR).
+A test that asks for a build fixture gets the `build` marker, one that boots gets `boot`, and the tests of
+a module sharing one booted guest stay on one xdist worker (an `xdist_group` named after the module,
+unless it has one). A failed boot test's report has a "boot logs" section naming the log directories;
+the phase timings of every guest a test used are `osbuilder_*` properties in JUnit XML. A bad setting
+is a usage error (exit 4) before anything is built.
 
-Options: --osbuilder-workdir, --osbuilder-config, --rebuild, --kernel-config. Markers: build, boot.
+Config gates: `pytest boot_tests --osbuilder-kernel-config a.config --osbuilder-kernel-config b.config`
+runs every test that boots `osbuilder_boot_kernel` once per config (ids `[a]`, `[b]`), booting that
+config's kernel (built as it is, once per session, cached); `xdist_group`s are extended by the config id
+so that configs can go to different workers (or hosts: the cache and locks are per WORKDIR).
+
+Options: --osbuilder-workdir, --osbuilder-config, --osbuilder-rebuild, --osbuilder-kernel-config,
+--osbuilder-agent-bin. Markers: build, boot.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from osbuilder import initrd as initrd_step
 from osbuilder import layout
 from osbuilder import settings as settings_mod
 from osbuilder.cache import Cache, Manifest
+from osbuilder.errors import OsbuilderError
 from osbuilder.kernel import build as kernel_step
 from osbuilder.rootfs import build as rootfs_step
 from osbuilder.settings import Settings
@@ -53,18 +62,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("osbuilder")
     group.addoption("--osbuilder-workdir", metavar="DIR", help="WORKDIR for artifacts and the cache")
     group.addoption("--osbuilder-config", metavar="FILE", help="osbuilder.yaml profile")
-    group.addoption("--rebuild", action="store_true", help="ignore cached artifacts and build again")
-    group.addoption("--kernel-config", action="append", default=[], metavar="FILE",
+    group.addoption("--osbuilder-rebuild", action="store_true", help="ignore cached artifacts and build again")
+    group.addoption("--osbuilder-kernel-config", action="append", default=[], metavar="FILE",
                     help="a complete kernel .config: run the boot tests once per config, booting its kernel "
                          "(repeat for more configs)")
+    group.addoption("--osbuilder-agent-bin", metavar="PATH",
+                    help="build the images with this agent (AGENT_SOURCE_BIN) and prove it over its own protocol")
+
+
+# The fixtures that build an artifact, and those that boot one (a test asking for one gets the marker).
+BUILD_FIXTURES = {"osbuilder_rootfs", "osbuilder_image", "osbuilder_initrd", "osbuilder_kernel"}
+BOOT_FIXTURES = {"osbuilder_boot_guest", "osbuilder_booted_guest", "osbuilder_guest", "osbuilder_accel"}
+MODULE_GUEST = "osbuilder_booted_guest"  # one boot per module: its tests stay on one worker
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "build: builds real artifacts (rootfs, image, kernel)")
     config.addinivalue_line("markers", "boot: boots artifacts under QEMU")
-    for path in config.getoption("kernel_config"):
+    for path in config.getoption("osbuilder_kernel_config"):
         if not Path(path).expanduser().is_file():
-            raise pytest.UsageError(f"--kernel-config: {path}: no such file")
+            raise pytest.UsageError(f"--osbuilder-kernel-config: {path}: no such file")
+    agent_bin = config.getoption("osbuilder_agent_bin")
+    if agent_bin and not Path(agent_bin).expanduser().is_file():
+        raise pytest.UsageError(f"--osbuilder-agent-bin: {agent_bin}: no such file")
+
+
+def load_settings(config: pytest.Config) -> Settings:
+    """The session's settings: environment and profile, the --osbuilder-* options on top; a bad value is
+    a pytest usage error (one line, exit 4), not a traceback."""
+    profile = config.getoption("osbuilder_config")
+    cli = {"WORKDIR": config.getoption("osbuilder_workdir"),
+           "AGENT_SOURCE_BIN": config.getoption("osbuilder_agent_bin")}
+    try:
+        return settings_mod.load(cli, config=Path(profile) if profile else None)
+    except OsbuilderError as e:
+        raise pytest.UsageError(e.message) from None
 
 
 # --- config gates (--kernel-config) ---------------------------------------------------------
@@ -79,10 +111,10 @@ class KernelConfig:
 
 
 def kernel_configs(config: pytest.Config) -> list[KernelConfig]:
-    """The --kernel-config files, each once, with ids from their names (`a.config` -> `a`; a second
+    """The --osbuilder-kernel-config files, each once, with ids from their names (`a.config` -> `a`; a second
     `a.config` from another directory -> `a-2`), safe in node ids and xdist group names."""
     configs: list[KernelConfig] = []
-    for given in config.getoption("kernel_config"):
+    for given in config.getoption("osbuilder_kernel_config"):
         path = Path(given).expanduser().absolute()
         if any(c.path == path for c in configs):
             continue
@@ -96,7 +128,7 @@ def kernel_configs(config: pytest.Config) -> list[KernelConfig]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """With --kernel-config: every test that boots `boot_kernel` runs once per config."""
+    """With --osbuilder-kernel-config: every test that boots `osbuilder_boot_kernel` runs once per config."""
     configs = kernel_configs(metafunc.config)
     if configs and "osbuilder_kernel_config" in metafunc.fixturenames:
         metafunc.parametrize("osbuilder_kernel_config", configs, ids=[c.id for c in configs], indirect=True,
@@ -104,9 +136,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A config's tests in an xdist_group stay together (one module-scoped guest), in a group of
-    their own (`good-path` -> `good-path-a`), so that `--dist loadgroup` can send each config elsewhere."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Markers and groups from the fixtures a test asks for: `build`, `boot`, and one xdist group per
+    module whose tests share a booted guest. A config's tests in an xdist_group stay together, in a group
+    of their own (`good-path` -> `good-path-a`), so that `--dist loadgroup` can send each config elsewhere.
+    When any test asks for an osbuilder fixture, the settings are checked now (a bad one stops the run)."""
+    ours = False
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        ours = ours or any(n.startswith("osbuilder_") for n in names)
+        if names & BUILD_FIXTURES:
+            item.add_marker(pytest.mark.build)
+        if names & BOOT_FIXTURES:
+            item.add_marker(pytest.mark.boot)
+        if MODULE_GUEST in names and not any(True for _ in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(f"osbuilder-guest-{item.module.__name__}"))  # type: ignore[attr-defined]
+    if ours:
+        load_settings(config)
     for item in items:
         callspec = getattr(item, "callspec", None)
         kconfig = callspec.params.get("osbuilder_kernel_config") if callspec else None
@@ -184,9 +230,7 @@ class Artifacts:
 @pytest.fixture(scope="session")
 def osbuilder_settings(pytestconfig: pytest.Config) -> Settings:
     """Settings from the environment and profile, with the --osbuilder-* options on top."""
-    config = pytestconfig.getoption("osbuilder_config")
-    cli = {"WORKDIR": pytestconfig.getoption("osbuilder_workdir")}
-    return settings_mod.load(cli, config=Path(config) if config else None)
+    return load_settings(pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +241,7 @@ def osbuilder_cache(osbuilder_settings: Settings) -> Cache:
 @pytest.fixture(scope="session")
 def osbuilder_artifacts(osbuilder_cache: Cache, pytestconfig: pytest.Config) -> Artifacts:
     """The factory: `.rootfs(settings)`, `.image(settings)`, `.kernel(settings)`, each built once."""
-    return Artifacts(osbuilder_cache, pytestconfig.getoption("rebuild"), run_id(pytestconfig))
+    return Artifacts(osbuilder_cache, pytestconfig.getoption("osbuilder_rebuild"), run_id(pytestconfig))
 
 
 def run_id(config: pytest.Config) -> str:
@@ -208,26 +252,27 @@ def run_id(config: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="session")
-def rootfs(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
+def osbuilder_rootfs(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
     """The rootfs directory for the session's settings (built once, cached)."""
     return osbuilder_artifacts.rootfs(osbuilder_settings)
 
 
 @pytest.fixture(scope="session")
-def image(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts, rootfs: Artifact) -> Artifact:
-    """container.img made from the `rootfs` fixture (built once, cached)."""
-    return osbuilder_artifacts.image(osbuilder_settings, rootfs)
+def osbuilder_image(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts,
+                    osbuilder_rootfs: Artifact) -> Artifact:
+    """container.img made from the `osbuilder_rootfs` fixture (built once, cached)."""
+    return osbuilder_artifacts.image(osbuilder_settings, osbuilder_rootfs)
 
 
 @pytest.fixture(scope="session")
-def initrd(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
+def osbuilder_initrd(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
     """container-initrd.img (the agent as /init) made from an AGENT_INIT=yes rootfs of the session's
-    settings (built once, cached); it boots with the `kernel` fixture's kernel, not Debian's."""
+    settings (built once, cached); it boots with the `osbuilder_kernel` fixture's kernel, not Debian's."""
     return osbuilder_artifacts.initrd(osbuilder_settings)
 
 
 @pytest.fixture(scope="session")
-def kernel(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
+def osbuilder_kernel(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
     """A directory with vmlinuz.container, vmlinux.container, config.container, System.map.container
     and kernel-metadata.json for the session's settings (built once, cached)."""
     return osbuilder_artifacts.kernel(osbuilder_settings)
@@ -237,30 +282,50 @@ def kernel(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Arti
 
 
 def note_logs(node: pytest.Item | pytest.Collector, log_dir: Path) -> None:
-    """Remember a guest's log dir on the test node; boot_tests/conftest.py prints it on failure."""
+    """Remember a guest's log dir on the test node: a failed test's report names it."""
     dirs = getattr(node, "_osbuilder_boot_logs", [])
     dirs.append(log_dir)
     node._osbuilder_boot_logs = dirs  # type: ignore[union-attr]
 
 
+def note_guest(node: pytest.Item, guest: Guest) -> None:
+    """A guest the test used: its log dir for the failure report, its phase timings for JUnit XML."""
+    note_logs(node, guest.log_dir)
+    prefix = "osbuilder_" + guest.opts.name.replace("-", "_") + "_"
+    for name, at in guest.timings.items():
+        node.user_properties.append((prefix + name, at))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failed test that booted guests says where their console logs, QMP transcripts and timings are."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    dirs = getattr(item, "_osbuilder_boot_logs", [])
+    if report.failed and dirs:
+        report.sections.append(("boot logs", "\n".join(str(d) for d in dict.fromkeys(dirs))))
+
+
 @pytest.fixture(scope="session")
 def osbuilder_kernel_config(request: pytest.FixtureRequest) -> KernelConfig | None:
-    """The --kernel-config this test runs with (pytest_generate_tests parametrises it); None without one."""
+    """The --osbuilder-kernel-config this test runs with (pytest_generate_tests parametrises it); None
+    without one."""
     return getattr(request, "param", None)
 
 
 def settings_kernel(settings: Settings, request: pytest.FixtureRequest) -> BootKernel:
-    """BOOT_KERNEL's kernel (`built` takes the `kernel` fixture's)."""
+    """BOOT_KERNEL's kernel (`built` takes the `osbuilder_kernel` fixture's)."""
     if settings.boot_kernel.strip() == "built":
-        built = layout.KernelFiles(request.getfixturevalue("kernel").path).vmlinuz
+        built = layout.KernelFiles(request.getfixturevalue("osbuilder_kernel").path).vmlinuz
         return check.boot_kernel(settings, built=built)
     return check.boot_kernel(settings)
 
 
 @pytest.fixture(scope="session")
-def boot_kernel(osbuilder_settings: Settings, osbuilder_kernel_config: KernelConfig | None,
-                request: pytest.FixtureRequest) -> BootKernel:
-    """The kernel boot checks use: the --kernel-config's kernel (built once, cached), else BOOT_KERNEL's."""
+def osbuilder_boot_kernel(osbuilder_settings: Settings, osbuilder_kernel_config: KernelConfig | None,
+                          request: pytest.FixtureRequest) -> BootKernel:
+    """The kernel boot checks use: the --osbuilder-kernel-config's kernel (built once, cached), else
+    BOOT_KERNEL's."""
     if osbuilder_kernel_config is None:
         return settings_kernel(osbuilder_settings, request)
     artifacts: Artifacts = request.getfixturevalue("osbuilder_artifacts")
@@ -269,32 +334,34 @@ def boot_kernel(osbuilder_settings: Settings, osbuilder_kernel_config: KernelCon
 
 
 @pytest.fixture(scope="session")
-def boot_accel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> accel_mod.Accel:
+def osbuilder_accel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> accel_mod.Accel:
     """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG. A property of the host:
-    with --kernel-config the probe boots BOOT_KERNEL's kernel, so that tests which boot a kernel of
-    their own (`kernel`'s) are not repeated per config."""
+    with --osbuilder-kernel-config the probe boots BOOT_KERNEL's kernel, so that tests which boot a kernel
+    of their own (`osbuilder_kernel`'s) are not repeated per config."""
     if kernel_configs(request.config):
         return accel_mod.choose(osbuilder_settings, settings_kernel(osbuilder_settings, request))
-    return accel_mod.choose(osbuilder_settings, request.getfixturevalue("boot_kernel"))
+    return accel_mod.choose(osbuilder_settings, request.getfixturevalue("osbuilder_boot_kernel"))
 
 
 @pytest.fixture(scope="session")
-def ssh_session_key(tmp_path_factory: pytest.TempPathFactory) -> ssh.SessionKey:
+def osbuilder_ssh_key(tmp_path_factory: pytest.TempPathFactory) -> ssh.SessionKey:
     """An ed25519 key made for this test session; guests get its public half as a credential."""
     return ssh.make_session_key(tmp_path_factory.mktemp("ssh-key"))
 
 
 @pytest.fixture
-def boot_guest(osbuilder_settings: Settings, boot_kernel: BootKernel, boot_accel: accel_mod.Accel,
-               ssh_session_key: ssh.SessionKey, request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
-    """Factory: `boot_guest(image, append="", name=None, timeout=None)` starts a guest of the session's
-    settings on a throw-away overlay; every guest it started is stopped after the test."""
+def osbuilder_boot_guest(osbuilder_settings: Settings, osbuilder_boot_kernel: BootKernel,
+                         osbuilder_accel: accel_mod.Accel, osbuilder_ssh_key: ssh.SessionKey,
+                         request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
+    """Factory: `osbuilder_boot_guest(image, append="", name=None, timeout=None)` starts a guest of the
+    session's settings on a throw-away overlay; every guest it started is stopped after the test."""
     guests: list[Guest] = []
 
     def start(image: Path, append: str = "", name: str | None = None, timeout: float | None = None) -> Guest:
         label = name or f"{request.node.name}-{len(guests)}"
-        opts = check.guest_options(osbuilder_settings, image=image, kernel=boot_kernel, accel=boot_accel,
-                                   name=label, ssh_key=ssh_session_key, append=append, timeout=timeout)
+        opts = check.guest_options(osbuilder_settings, image=image, kernel=osbuilder_boot_kernel,
+                                   accel=osbuilder_accel, name=label, ssh_key=osbuilder_ssh_key, append=append,
+                                   timeout=timeout)
         note_logs(request.node, opts.log_dir)
         guest = Guest.start(opts)
         guests.append(guest)
@@ -305,27 +372,30 @@ def boot_guest(osbuilder_settings: Settings, boot_kernel: BootKernel, boot_accel
     finally:
         for guest in guests:
             guest.close()
+            note_guest(request.node, guest)
 
 
 @pytest.fixture(scope="module")
-def booted_guest(osbuilder_settings: Settings, image: Artifact, boot_kernel: BootKernel,
-                 boot_accel: accel_mod.Accel, ssh_session_key: ssh.SessionKey,
-                 osbuilder_kernel_config: KernelConfig | None, request: pytest.FixtureRequest) -> Iterator[Guest]:
+def osbuilder_booted_guest(osbuilder_settings: Settings, osbuilder_image: Artifact,
+                           osbuilder_boot_kernel: BootKernel, osbuilder_accel: accel_mod.Accel,
+                           osbuilder_ssh_key: ssh.SessionKey, osbuilder_kernel_config: KernelConfig | None,
+                           request: pytest.FixtureRequest) -> Iterator[Guest]:
     """The session image booted through every phase but powerdown (kernel, agent, running, exec, ssh).
 
-    One boot per module (per module and --kernel-config); its tests each check one thing. If the boot
-    fails, they all fail with the boot's error (phase, matched console lines, console tail, log dir).
+    One boot per module (per module and --osbuilder-kernel-config); its tests each check one thing. If the
+    boot fails, they all fail with the boot's error (phase, matched console lines, console tail, log dir).
     """
     name = f"{request.module.__name__.rsplit('.', 1)[-1]}-booted"
     name += f"-{osbuilder_kernel_config.id}" if osbuilder_kernel_config else ""
-    opts = check.guest_options(osbuilder_settings, image=image.path, kernel=boot_kernel, accel=boot_accel,
-                               name=name, ssh_key=ssh_session_key)
+    opts = check.guest_options(osbuilder_settings, image=osbuilder_image.path, kernel=osbuilder_boot_kernel,
+                               accel=osbuilder_accel, name=name, ssh_key=osbuilder_ssh_key)
     with check.booted(opts, osbuilder_settings) as guest:
         yield guest
 
 
 @pytest.fixture
-def guest(booted_guest: Guest, request: pytest.FixtureRequest) -> Guest:
-    """`booted_guest`, with its log dir noted for this test's failure report."""
-    note_logs(request.node, booted_guest.log_dir)
-    return booted_guest
+def osbuilder_guest(osbuilder_booted_guest: Guest, request: pytest.FixtureRequest) -> Guest:
+    """`osbuilder_booted_guest`, noted on this test: its log dir in the failure report, its phase timings
+    as `osbuilder_*` properties in JUnit XML."""
+    note_guest(request.node, osbuilder_booted_guest)
+    return osbuilder_booted_guest

@@ -34,91 +34,92 @@ def dpkg_status(text: str) -> dict[str, dict[str, str]]:
     return installed
 
 
-def test_partition_table(image, osbuilder_settings):
+def test_partition_table(osbuilder_image, osbuilder_settings):
     """The default (DAX, for the runtimes' NVDIMM boot): Kata's layout, an MBR whose partition starts at
     3 MiB behind a 2 MiB DAX metadata header; with DAX=no, GPT from 1 MiB."""
     from osbuilder.image import read_dax_header, wants_dax
 
-    table = json.loads(subprocess.run(["sfdisk", "-J", str(image.path)], capture_output=True,
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(osbuilder_image.path)], capture_output=True,
                                       check=True).stdout)["partitiontable"]
     (part,) = table["partitions"]
     if wants_dax(osbuilder_settings):
         assert table["label"] == "dos" and part["type"] == "83"
         assert part["start"] * table["sectorsize"] == 3 * MiB
-        header = read_dax_header(image.path)
+        header = read_dax_header(osbuilder_image.path)
         assert header is not None and header.dataoff == 2 * MiB
     else:
         assert table["label"] == "gpt" and part["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
         assert part["start"] * table["sectorsize"] == 1 * MiB
-    assert image.path.stat().st_size % (128 * MiB) == 0
+    assert osbuilder_image.path.stat().st_size % (128 * MiB) == 0
 
 
-def test_filesystem_is_clean_ext4_with_4k_blocks(image):
-    layout = read_layout(image.path)
-    header = subprocess.run(["dumpe2fs", "-h", layout.fs_spec(image.path)], capture_output=True, text=True,
+def test_filesystem_is_clean_ext4_with_4k_blocks(osbuilder_image):
+    layout = read_layout(osbuilder_image.path)
+    header = subprocess.run(["dumpe2fs", "-h", layout.fs_spec(osbuilder_image.path)], capture_output=True, text=True,
                             check=True).stdout
     assert "has_journal" in header and "extent" in header  # ext4
     assert layout.block_size == 4096
     assert "Filesystem volume name:   rootfs" in header
-    fsck = subprocess.run(["e2fsck", "-fn", layout.fs_spec(image.path)], capture_output=True, text=True)
+    fsck = subprocess.run(["e2fsck", "-fn", layout.fs_spec(osbuilder_image.path)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def test_init_is_systemd(image):
-    init = stat_path(image.path, "/usr/sbin/init")
+def test_init_is_systemd(osbuilder_image):
+    init = stat_path(osbuilder_image.path, "/usr/sbin/init")
     assert init is not None and init.kind == "symlink" and init.link.endswith("systemd/systemd")
-    systemd = stat_path(image.path, "/usr/lib/systemd/systemd")
+    systemd = stat_path(osbuilder_image.path, "/usr/lib/systemd/systemd")
     assert systemd.kind == "regular" and systemd.mode & 0o111
 
 
-def test_agent_installed_executable_and_enabled(image):
-    binary = stat_path(image.path, agent.GUEST_BINARY_PATH)
+def test_agent_installed_executable_and_enabled(osbuilder_image):
+    binary = stat_path(osbuilder_image.path, agent.GUEST_BINARY_PATH)
     assert binary.kind == "regular" and binary.mode & 0o111 and binary.uid == 0
-    unit = read_file(image.path, agent.GUEST_UNIT_PATH).decode()
+    unit = read_file(osbuilder_image.path, agent.GUEST_UNIT_PATH).decode()
     assert f"ExecStart={agent.GUEST_BINARY_PATH}" in unit
-    wants = stat_path(image.path, f"/etc/systemd/system/multi-user.target.wants/{agent.SERVICE_NAME}")
+    wants = stat_path(osbuilder_image.path, f"/etc/systemd/system/multi-user.target.wants/{agent.SERVICE_NAME}")
     assert wants.kind == "symlink" and wants.link == agent.GUEST_UNIT_PATH
 
 
-def test_metadata_matches_settings(image, osbuilder_settings, tmp_path):
+def test_metadata_matches_settings(osbuilder_image, osbuilder_settings, tmp_path):
     """/var/lib/osbuilder/osbuilder.yaml tells the truth: each entry is checked against the settings
     and against what is really in the image, not recomputed the way the build computes it."""
-    meta = yaml.safe_load(read_file(image.path, "/" + METADATA_PATH))
+    meta = yaml.safe_load(read_file(osbuilder_image.path, "/" + METADATA_PATH))
     assert meta["osbuilder"]["version"] == importlib.metadata.version("osbuilder")  # pyproject.toml's
     mirror = osbuilder_settings.repo_url or "http://deb.debian.org/debian"
     assert meta["distro"] == {"name": "debian", "version": osbuilder_settings.os_version, "mirror": mirror}
-    sources = read_file(image.path, "/etc/apt/sources.list").decode()
+    sources = read_file(osbuilder_image.path, "/etc/apt/sources.list").decode()
     assert f"deb {mirror} {osbuilder_settings.os_version} main" in sources, sources  # what mmdebstrap used
-    installed = dpkg_status(read_file(image.path, "/var/lib/dpkg/status").decode())
+    installed = dpkg_status(read_file(osbuilder_image.path, "/var/lib/dpkg/status").decode())
     listed = meta["packages"]["default"] + meta["packages"]["extra"]
     assert set(listed) <= set(installed) and BASE_PACKAGES | SYSTEMD_PACKAGES <= set(listed)
     assert set(osbuilder_settings.extra_pkgs) <= set(listed)  # every EXTRA_PKGS recorded ...
     assert set(meta["packages"]["extra"]) <= set(osbuilder_settings.extra_pkgs)  # ... and no other "extra"
     binary = tmp_path / "agent"  # the agent in the image says which one it is
-    binary.write_bytes(read_file(image.path, f"/usr/bin/{meta['agent']['name']}"))
+    binary.write_bytes(read_file(osbuilder_image.path, f"/usr/bin/{meta['agent']['name']}"))
     binary.chmod(0o755)
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.split()
     assert meta["agent"]["name"] == "osbuilder-agent" and version == ["osbuilder-agent", meta["agent"]["version"]]
-    unit = stat_path(image.path, f"/usr/lib/systemd/system/{meta['agent']['service']}")
+    unit = stat_path(osbuilder_image.path, f"/usr/lib/systemd/system/{meta['agent']['service']}")
     assert unit is not None and unit.kind == "regular"
     assert meta["agent"]["init"] is False
     assert meta["architecture"] == installed["coreutils"]["Architecture"]  # dpkg's name for this machine
 
 
-def test_no_secrets_baked_in(image):
-    ssh = read_file(image.path, "/etc/ssh/sshd_config.d/osbuilder.conf").decode()
+def test_no_secrets_baked_in(osbuilder_image):
+    ssh = read_file(osbuilder_image.path, "/etc/ssh/sshd_config.d/osbuilder.conf").decode()
     assert "/run/osbuilder/ssh/" in ssh
-    listing = subprocess.run(["debugfs", "-R", "ls /etc/ssh", read_layout(image.path).fs_spec(image.path)],
+    listing = subprocess.run(["debugfs", "-R", "ls /etc/ssh",
+                              read_layout(osbuilder_image.path).fs_spec(osbuilder_image.path)],
                              capture_output=True, text=True).stdout
     assert "sshd_config" in listing and "ssh_host_" not in listing
-    shadow = read_file(image.path, "/etc/shadow").decode()
+    shadow = read_file(osbuilder_image.path, "/etc/shadow").decode()
     root = next(line for line in shadow.splitlines() if line.startswith("root:"))
     assert root.split(":")[1] in ("*", "!", "!*")  # locked: no root password
-    assert read_file(image.path, "/root/.ssh/authorized_keys") == b""
+    assert read_file(osbuilder_image.path, "/root/.ssh/authorized_keys") == b""
 
 
-def test_installed_packages(rootfs, osbuilder_settings):
-    installed = set(dpkg_status((rootfs.path / "var/lib/dpkg/status").read_text()))
+def test_installed_packages(osbuilder_rootfs, osbuilder_settings):
+    installed = set(dpkg_status((osbuilder_rootfs.path / "var/lib/dpkg/status").read_text()))
     assert BASE_PACKAGES | SYSTEMD_PACKAGES | set(osbuilder_settings.extra_pkgs) <= installed
     assert set(packages(osbuilder_settings)) <= installed
 
@@ -132,7 +133,7 @@ def test_trixie_rootfs_and_image(osbuilder_settings, osbuilder_artifacts):
     assert stat_path(image, agent.GUEST_BINARY_PATH).mode & 0o111
 
 
-def test_image_of_the_default_rootfs_is_reproducible(rootfs, osbuilder_settings, tmp_path):
+def test_image_of_the_default_rootfs_is_reproducible(osbuilder_rootfs, osbuilder_settings, tmp_path):
     """README: with SOURCE_DATE_EPOCH set, two images of the same tree are byte-identical — for the
     real default rootfs (thousands of files), built in different seconds."""
     import hashlib
@@ -141,7 +142,7 @@ def test_image_of_the_default_rootfs_is_reproducible(rootfs, osbuilder_settings,
     from osbuilder.image import build_image
 
     tree = tmp_path / "rootfs"
-    subprocess.run(["cp", "-a", str(rootfs.path), str(tree)], check=True)  # the clamp re-times the tree
+    subprocess.run(["cp", "-a", str(osbuilder_rootfs.path), str(tree)], check=True)  # the clamp re-times the tree
     s = osbuilder_settings.with_values(SOURCE_DATE_EPOCH="1700000000", WORKDIR=str(tmp_path / "wd"))
     digests = []
     for name in ("a.img", "b.img"):

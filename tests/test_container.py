@@ -128,28 +128,28 @@ pytestmark = [pytest.mark.xdist_group("container")]
 @pytest.mark.build
 @needs_podman
 @needs_root
-def test_rootfs_and_image_in_the_container_match_a_host_build(engine_build: Path, rootfs, image):
+def test_rootfs_and_image_in_the_container_match_a_host_build(engine_build: Path, osbuilder_rootfs, osbuilder_image):
     """Same file list, owners, modes and symlinks; same package versions; the same agent, byte for byte."""
-    ours, theirs = tree(engine_build / "rootfs"), tree(rootfs.path)
+    ours, theirs = tree(engine_build / "rootfs"), tree(osbuilder_rootfs.path)
     assert sorted(set(ours) ^ set(theirs)) == []
     differing = {p: (ours[p], theirs[p]) for p in ours if ours[p] != theirs[p] and p not in BUILDER_FILES}
     assert differing == {}
     status = "var/lib/dpkg/status"
     assert package_versions((engine_build / "rootfs" / status).read_text()) == \
-        package_versions((rootfs.path / status).read_text())
+        package_versions((osbuilder_rootfs.path / status).read_text())
     agent = "usr/bin/osbuilder-agent"
-    assert (engine_build / "rootfs" / agent).read_bytes() == (rootfs.path / agent).read_bytes()
+    assert (engine_build / "rootfs" / agent).read_bytes() == (osbuilder_rootfs.path / agent).read_bytes()
 
     built = engine_build / "container.img"
     check = subprocess.run(["e2fsck", "-fn", read_layout(built).fs_spec(built)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert read_layout(built) == read_layout(image.path)
+    assert read_layout(built) == read_layout(osbuilder_image.path)
     for path in CHECKED:
-        got, want = stat_path(built, path), stat_path(image.path, path)
+        got, want = stat_path(built, path), stat_path(osbuilder_image.path, path)
         assert want is not None and got == want, path
     assert package_versions(read_file(built, "/" + status).decode()) == \
-        package_versions(read_file(image.path, "/" + status).decode())
-    assert read_file(built, "/" + agent) == read_file(image.path, "/" + agent)
+        package_versions(read_file(osbuilder_image.path, "/" + status).decode())
+    assert read_file(built, "/" + agent) == read_file(osbuilder_image.path, "/" + agent)
 
 
 @pytest.mark.boot

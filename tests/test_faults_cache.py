@@ -1,5 +1,5 @@
 """Faults of the cache and its keys (issue 10): corrupt manifests, other builds' temporaries, torn
-entries, `--rebuild` under pytest-xdist, inputs the keys missed, and a full WORKDIR.
+entries, `--osbuilder-rebuild` under pytest-xdist, inputs the keys missed, and a full WORKDIR.
 
 The record side (a boot record's hash taken before the boot) is in test_vm.py, the kernel's keys
 in test_kernel_config.py.
@@ -187,7 +187,7 @@ def test_an_entry_is_on_disk_before_it_is_published(tmp_path: Path, monkeypatch:
     assert events == [f"sync .{m.key}.tmp-{os.getpid()}", f"publish {m.key}", "fsync thing"]
 
 
-# -- --rebuild, once per session ------------------------------------------------------------------
+# -- --osbuilder-rebuild, once per session ------------------------------------------------------------------
 
 
 def _rebuilding_worker(root: str, counter: str, seen: str) -> None:
@@ -242,7 +242,7 @@ def test_two(rootfs):
 
 
 def test_pytest_xdist_rebuild_builds_each_artifact_once(tmp_path: Path):
-    """`pytest -n 2 --rebuild`: both workers ask for the rootfs; it is built once, and the entry the
+    """`pytest -n 2 --osbuilder-rebuild`: both workers ask for the rootfs; it is built once, and the entry the
     first worker made is not deleted by the second."""
     suite = tmp_path / "suite"
     suite.mkdir()
@@ -260,7 +260,7 @@ def test_pytest_xdist_rebuild_builds_each_artifact_once(tmp_path: Path):
 
     run()  # an earlier session's entry
     assert counter.read_text() == "x"
-    run("-n", "2", "--dist", "each", "--rebuild")
+    run("-n", "2", "--dist", "each", "--osbuilder-rebuild")
     assert counter.read_text() == "xx"
 
 

@@ -393,12 +393,12 @@ def test_sigkill_mid_kernel_build(tmp_path: Path):
 
 
 @pytest.mark.boot
-def test_sigkill_mid_boot_check(tmp_path: Path, image, monkeypatch: pytest.MonkeyPatch):
+def test_sigkill_mid_boot_check(tmp_path: Path, osbuilder_image, monkeypatch: pytest.MonkeyPatch):
     """QEMU dies with a SIGKILLed `osbuilder boot --check`; the next boot sweeps its run directory."""
     wd = tmp_path / "wd"
     short = Path(tempfile.mkdtemp(prefix="osbt-", dir="/tmp"))
     try:
-        osb = Osbuilder("boot", "--check", "--workdir", str(wd), env={"BOOT_IMAGE": str(image.path),
+        osb = Osbuilder("boot", "--check", "--workdir", str(wd), env={"BOOT_IMAGE": str(osbuilder_image.path),
                                                                       "TMPDIR": str(short)})
         wait_for(lambda: in_session(osb.proc.pid, "qemu-system", str(short)), 300, "QEMU", osb)
         os.kill(osb.proc.pid, signal.SIGKILL)

@@ -43,8 +43,8 @@ def linux_banner(vmlinux: Path) -> str:
     return found.group(0).decode()
 
 
-def test_kernel_outputs(kernel):
-    files = KernelFiles(kernel.path)
+def test_kernel_outputs(osbuilder_kernel):
+    files = KernelFiles(osbuilder_kernel.path)
     for path in files.all():
         assert path.is_file(), path.name
     vmlinuz = files.vmlinuz.read_bytes()
@@ -54,8 +54,8 @@ def test_kernel_outputs(kernel):
     assert b"(osbuilder@osbuilder)" in vmlinux
 
 
-def test_kernel_metadata(kernel, osbuilder_settings):
-    files = KernelFiles(kernel.path)
+def test_kernel_metadata(osbuilder_kernel, osbuilder_settings):
+    files = KernelFiles(osbuilder_kernel.path)
     meta = json.loads(files.metadata.read_text())
     banner = linux_banner(files.vmlinux)
     # what the metadata says matches what the kernel itself says, for any KERNEL_SOURCE
@@ -80,24 +80,24 @@ def test_kernel_metadata(kernel, osbuilder_settings):
     assert epoch == int(meta["build_env"]["SOURCE_DATE_EPOCH"])
 
 
-def test_config_has_every_requested_option(kernel, osbuilder_settings):
+def test_config_has_every_requested_option(osbuilder_kernel, osbuilder_settings):
     tree = ensure_source(osbuilder_settings)
     merged = merge(resolve_fragments(osbuilder_settings))
-    final = read_config(KernelFiles(kernel.path).config)
+    final = read_config(KernelFiles(osbuilder_kernel.path).config)
     assert verify(merged, final, KconfigIndex.load(tree.path)) == []
     for name in ("VIRTIO_CONSOLE", "VIRTIO_BLK", "VIRTIO_PCI", "VIRTIO_NET", "VIRTIO_VSOCKETS", "EXT4_FS"):
         assert final[name] == "y", name
     assert final.get("MODULES", "n") == "n"
 
 
-def test_unchanged_inputs_are_a_cache_hit(kernel, osbuilder_settings, osbuilder_cache):
+def test_unchanged_inputs_are_a_cache_hit(osbuilder_kernel, osbuilder_settings, osbuilder_cache):
     def must_not_build(tmp: Path) -> None:
         raise AssertionError("cache miss for unchanged inputs")
 
     started = time.monotonic()
     entry = osbuilder_cache.get_or_build(build.kernel_manifest(osbuilder_settings), must_not_build)
     elapsed = time.monotonic() - started
-    assert entry == kernel.path
+    assert entry == osbuilder_kernel.path
     assert elapsed < 2.0, f"cache hit took {elapsed:.1f}s"
 
 
@@ -105,10 +105,10 @@ def test_unchanged_inputs_are_a_cache_hit(kernel, osbuilder_settings, osbuilder_
 
 
 @pytest.fixture
-def previous(kernel, tmp_path) -> Path:
+def previous(osbuilder_kernel, tmp_path) -> Path:
     """An output directory holding a previous good build."""
     out = tmp_path / "out"
-    shutil.copytree(kernel.path, out)
+    shutil.copytree(osbuilder_kernel.path, out)
     return out
 
 
@@ -187,13 +187,13 @@ def clean_build_dir(settings) -> None:
         shutil.rmtree(bdir, ignore_errors=True)
 
 
-def test_rebuild_is_byte_identical(kernel, osbuilder_settings, tmp_path):
+def test_rebuild_is_byte_identical(osbuilder_kernel, osbuilder_settings, tmp_path):
     clean_build_dir(osbuilder_settings)
     started = time.monotonic()
     again = build.build_kernel(osbuilder_settings, tmp_path / "again")
     elapsed = time.monotonic() - started
     print(f"ccache-warm rebuild from an empty object tree: {elapsed:.0f}s, ccache {again.metadata['ccache']}")
-    cached = KernelFiles(kernel.path)
+    cached = KernelFiles(osbuilder_kernel.path)
     assert again.files == KernelFiles(tmp_path / "again") and again.out_dir == tmp_path / "again"
     assert sha(again.vmlinux) == sha(cached.vmlinux)
     assert sha(again.vmlinuz) == sha(cached.vmlinuz)

@@ -1,4 +1,4 @@
-"""`pytest --kernel-config`: which tests run once per config, their ids, and the xdist groups that send
+"""`pytest --osbuilder-kernel-config`: which tests run once per config, their ids, and the xdist groups that send
 each config's module-scoped guest to one worker. Inner pytest runs of small test files that use the
 fixture the option parametrises (no kernel is built here; boot_tests/test_config_gates.py builds and boots)."""
 
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 
-def test_boots(boot_kernel):
+def test_boots(osbuilder_boot_kernel):
     pass
 
 
-def test_guest(guest):
+def test_guest(osbuilder_guest):
     pass
 
 
@@ -29,7 +29,7 @@ def test_no_kernel(tmp_path):
     pass
 
 
-def test_accel_alone(boot_accel):
+def test_accel_alone(osbuilder_accel):
     pass
 
 
@@ -63,7 +63,7 @@ def configs(tmp_path: Path, *names: str) -> list[str]:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("CONFIG_64BIT=y\n")
-        args += ["--kernel-config", str(path)]
+        args += ["--osbuilder-kernel-config", str(path)]
     return args
 
 
@@ -84,16 +84,16 @@ def test_tests_that_boot_run_once_per_config(tmp_path: Path) -> None:
 
 def test_ids_are_unique_and_safe(tmp_path: Path) -> None:
     args = configs(tmp_path, "x/gate.config", "y/gate.config", "z/my gate@2[1].config")
-    args += ["--kernel-config", args[1]]  # the same file twice counts once
+    args += ["--osbuilder-kernel-config", args[1]]  # the same file twice counts once
     ids = collected(tmp_path, *args)
     assert [i for i in ids if i.startswith("test_boots")] == ["test_boots[gate]", "test_boots[gate-2]",
                                                               "test_boots[my_gate_2_1_]"]
 
 
 def test_a_missing_config_is_a_usage_error(tmp_path: Path) -> None:
-    proc = pytest_in(tmp_path, "--kernel-config", str(tmp_path / "nope.config"))
+    proc = pytest_in(tmp_path, "--osbuilder-kernel-config", str(tmp_path / "nope.config"))
     assert proc.returncode == 4
-    assert f"--kernel-config: {tmp_path / 'nope.config'}: no such file" in proc.stderr
+    assert f"--osbuilder-kernel-config: {tmp_path / 'nope.config'}: no such file" in proc.stderr
 
 
 def test_each_configs_group_stays_on_one_worker(tmp_path: Path) -> None:

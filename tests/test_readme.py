@@ -39,3 +39,18 @@ def test_every_subcommand_is_documented():
     section = README.split("## Subcommands", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `osbuilder ([a-z-]+)[ `]", section, re.M)
     assert sorted(rows) == sorted(COMMANDS), rows
+
+
+def test_tox_passes_every_setting_through():
+    """`USE_DOCKER=yes tox -e boot` must not silently run on the host: every setting of the table, the
+    per-user cache's base and osbuilder's own test variables reach pytest in every tox environment."""
+    import configparser
+
+    tox = configparser.ConfigParser()
+    tox.read(ROOT / "tox.ini")
+    passed = {word.strip() for word in tox["testenv"]["passenv"].replace("\n", ",").split(",") if word.strip()}
+    assert {s.name for s in TABLE} | {"XDG_CACHE_HOME", "OSBUILDER_*"} <= passed
+    for section in tox.sections():
+        if section.startswith("testenv:") and section != "testenv:lint":
+            assert "passenv" not in tox[section], f"{section} would replace the list instead of inheriting it"
+    assert "pytest" in tox["testenv"]["extras"]  # the plugin's extra: the CLI alone does not need pytest

@@ -96,12 +96,12 @@ def test_the_tree_belongs_to_subordinate_ids_on_the_host(rootless_build: Path):
                                               first_subordinate_id("/etc/subgid") + 42)
 
 
-def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, image):
+def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, osbuilder_image):
     rootless_image = rootless_build / "container.img"
     assert rootless_image.stat().st_uid == pwd.getpwnam(USER).pw_uid
     assert oct(rootless_image.stat().st_mode & 0o777) == oct(0o644)
     for path in CHECKED:
-        got, want = stat_path(rootless_image, path), stat_path(image.path, path)
+        got, want = stat_path(rootless_image, path), stat_path(osbuilder_image.path, path)
         assert want is not None and want.uid == 0, (path, want)
         assert (got.uid, got.gid, got.mode) == (want.uid, want.gid, want.mode), path
     shadow = stat_path(rootless_image, "/etc/shadow")
