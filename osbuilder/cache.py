@@ -12,7 +12,7 @@ The manifest also records the entry's content: every file's size, mtime and sha2
 target. The filesystem is synced before the rename that publishes an entry, and a hit is checked
 against the record (a walk of the tree, no reads unless a file's mtime moved), so an entry torn by
 a power loss, a full disk or a stray edit is rebuilt, with one line saying why.
-With `rebuild` and a `session` (pytest's `--rebuild`: the test run's id, shared by its xdist
+With `rebuild` and a `session` (pytest's `--osbuilder-rebuild`: the test run's id, shared by its xdist
 workers), an entry is rebuilt once per session: the ones this session made are hits.
 """
 
@@ -91,7 +91,7 @@ class Cache:
             for reason in self.explain_miss(manifest):
                 log.info("cache miss: %s: %s", manifest.kind, reason)
         elif rebuild and (session is None or record.get("session") != session):
-            log.info("cache: %s: rebuilding (--rebuild)", what)
+            log.info("cache: %s: rebuilding (--osbuilder-rebuild)", what)
         else:
             log.info("cache hit: %s", what)
             if record.pop("refreshed", False):  # mtimes moved, content the same: remember the new ones

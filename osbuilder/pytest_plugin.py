@@ -99,12 +99,12 @@ def load_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(e.message) from None
 
 
-# --- config gates (--kernel-config) ---------------------------------------------------------
+# --- config gates (--osbuilder-kernel-config) ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One --kernel-config file and its test id."""
+    """One --osbuilder-kernel-config file and its test id."""
 
     id: str
     path: Path
@@ -181,7 +181,7 @@ class Artifacts:
     """Builds each artifact once per set of inputs, through the cache: the one factory behind the
     `rootfs`, `image`, `initrd` and `kernel` fixtures, for tests that need a differently configured one.
 
-    `rebuild` (--rebuild) builds each artifact again once per `session`: the test run's id, which
+    `rebuild` (--osbuilder-rebuild) builds each artifact again once per `session`: the test run's id, which
     pytest-xdist's workers share, so an entry another worker of this run built (and may be using)
     is a hit, never rebuilt or deleted."""
 
