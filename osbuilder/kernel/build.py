@@ -4,7 +4,8 @@
 pytest fixture (out_dir = a cache entry being filled); `kernel_manifest(settings)` is that entry's
 key, computed from the source's identity without unpacking it. With `config=` a complete .config is
 built as it is (normalised by `olddefconfig`, no fragments): what `kconfig bisect`, `bisect-run` and
-`pytest --osbuilder-kernel-config` build; `tree=` builds a source tree in place (a user's git checkout). The object tree lives in
+`pytest --osbuilder-kernel-config` build; `tree=` builds a source tree in place (a user's git checkout).
+The object tree lives in
 WORKDIR/kernel-build and ccache in the per-user cache (depend mode, see build_env), so a rebuild
 after one option change only recompiles what depends on it, and another WORKDIR reuses the
 compiled objects. Fixed KBUILD_BUILD_* values make two builds of the same inputs byte-identical.
