@@ -146,6 +146,21 @@ class Cache:
 # rootfs keeps some of those), "o:<file type>" anything else.
 
 
+def describe_path(path: Path) -> str:
+    """The content record of one file, link or directory itself (not what is below a directory)."""
+    return _describe(str(path), os.lstat(path))
+
+
+def path_matches(path: Path, record: str) -> bool:
+    """Whether `path` still is what `record` (describe_path) says: type, size, link target, and the
+    content's hash when its mtime moved."""
+    try:
+        problem, _ = _compare(str(path), os.lstat(path), record)
+    except (OSError, ValueError):
+        return False
+    return problem is None
+
+
 def describe_tree(root: Path) -> dict[str, str]:
     """The content record of everything below `root` (but its manifest)."""
     return {rel: _describe(path, st) for rel, path, st in _walk(root)}

@@ -31,28 +31,37 @@ log = logging.getLogger("osbuilder")
 
 
 def cmd_rootfs(s: Settings, args: argparse.Namespace) -> None:
-    from osbuilder.rootfs.build import build_rootfs
+    from osbuilder import artifacts
 
-    wd = writable_workdir(s)
-    dest = build_rootfs(s, wd.rootfs)
-    print(f"rootfs: {dest}")
+    writable_workdir(s)
+    done = artifacts.publish_rootfs(s, force=args.force)
+    print(f"rootfs: {done.path} ({state(done)})")
 
 
 def cmd_image(s: Settings, args: argparse.Namespace) -> None:
-    from osbuilder.image import build_image
+    from osbuilder import artifacts
 
     wd = writable_workdir(s)
-    image = build_image(s, wd.rootfs, wd.image)
-    print(f"image: {wd.image} ({image.total_bytes // 2**20} MiB, {s.fs_type} at offset {image.fs_offset})")
+    if not wd.rootfs.is_dir():
+        raise UsageError(f"image: no rootfs at {wd.rootfs}; run `osbuilder rootfs` first")
+    done = artifacts.publish_image(s, force=args.force)
+    print(f"image: {done.path} ({done.path.stat().st_size // 2**20} MiB, {state(done)})")
 
 
 def cmd_initrd(s: Settings, args: argparse.Namespace) -> None:
-    from osbuilder import initrd
+    from osbuilder import artifacts, initrd
 
     initrd.require_agent_init(s)  # before anything is written
     wd = writable_workdir(s)
-    dest = initrd.build_initrd(s, wd.rootfs, wd.initrd)
-    print(f"initrd: {dest} ({dest.stat().st_size / 2**20:.1f} MiB, zstd-compressed newc cpio, /init is the agent)")
+    if not wd.rootfs.is_dir():
+        raise UsageError(f"initrd: no rootfs at {wd.rootfs}; run `AGENT_INIT=yes osbuilder rootfs` first")
+    done = artifacts.publish_initrd(s, force=args.force)
+    print(f"initrd: {done.path} ({done.path.stat().st_size / 2**20:.1f} MiB, zstd-compressed newc cpio, /init is "
+          f"the agent; {state(done)})")
+
+
+def state(done: Any) -> str:
+    return f"built, cache entry {done.key}" if done.fresh else f"up to date, cache entry {done.key}; -f rebuilds"
 
 
 def cmd_kernel_src(s: Settings, args: argparse.Namespace) -> None:
@@ -66,14 +75,16 @@ def cmd_kernel_src(s: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_kernel(s: Settings, args: argparse.Namespace) -> None:
-    from osbuilder.kernel.build import build_kernel
+    import json as json_mod
+
+    from osbuilder import artifacts
 
     wd = writable_workdir(s)
-    result = build_kernel(s, wd.root)
-    meta = result.metadata
-    print(f"kernel: Linux {result.version} built in {meta['duration_seconds']:.0f}s "
-          f"(ccache: {meta['ccache'] or 'off'})")
-    for path in result.files.all():
+    done = artifacts.publish_kernel(s, force=args.force)
+    meta = json_mod.loads(wd.kernel.metadata.read_text())
+    print(f"kernel: Linux {meta['kernel_version']} ({state(done)}; built in {meta['duration_seconds']:.0f}s, "
+          f"ccache: {meta['ccache'] or 'off'})")
+    for path in wd.kernel.all():
         print(f"  {path}")
 
 
@@ -297,6 +308,10 @@ def rootfs_packages(s: Settings) -> tuple[str, ...]:
     return (*distros.get(s.distro).packages, "libc6-dev")  # the agent is linked statically
 
 
+def force_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--force", action="store_true", help="build again even when nothing changed")
+
+
 def boot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="run the boot checks and print the timings")
     p.add_argument("--kernel", dest="boot_kernel_path", type=Path, help="kernel image to boot")
@@ -350,17 +365,20 @@ def logs(*names: str) -> steps.Locks:
 
 for _step in (
     Step("rootfs", cmd_rootfs, f"build WORKDIR/{ROOTFS} with the distribution's packages and the agent",
-         tools=rootfs_tools, packages=rootfs_packages, locks=logs("rootfs"), in_container=True, reads=("rootfs",)),
+         tools=rootfs_tools, packages=rootfs_packages, locks=logs("rootfs"), in_container=True, reads=("rootfs",),
+         arguments=force_argument),
     # image and initrd also read the rootfs tree
     Step("image", cmd_image, f"make WORKDIR/{IMAGE} from WORKDIR/{ROOTFS}", tools=IMAGE_TOOLS,
-         locks=logs("image", "rootfs"), in_container=True, reads=("rootfs", "image")),
+         locks=logs("image", "rootfs"), in_container=True, reads=("rootfs", "image"), arguments=force_argument),
     Step("initrd", cmd_initrd, f"make WORKDIR/{INITRD} (the agent as /init) from an AGENT_INIT=yes WORKDIR/{ROOTFS}",
-         tools=INITRD_TOOLS, in_container=True, reads=("rootfs",),  # without AGENT_INIT: refused, nothing written
+         tools=INITRD_TOOLS, in_container=True, reads=("rootfs",), arguments=force_argument,
+         # without AGENT_INIT it is refused, nothing written
          locks=lambda wd, s, args: (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else ()),
     Step("kernel-src", cmd_kernel_src, "get kernel source into WORKDIR/linux", tools=SOURCE_TOOLS,
          packages=("linux-source-6.1",), locks=logs("kernel"), in_container=True, reads=("kernel",)),
     Step("kernel", cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}", tools=(*SOURCE_TOOLS, *KERNEL_TOOLS),
-         packages=KERNEL_PACKAGES, locks=logs("kernel"), in_container=True, reads=("kernel",)),
+         packages=KERNEL_PACKAGES, locks=logs("kernel"), in_container=True, reads=("kernel",),
+         arguments=force_argument),
     Step("kconfig", cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), "
          "`diff GOOD BAD`, `bisect --good GOOD --bad BAD` (which option breaks the guest)",
          arguments=add_kconfig_arguments, tools=(*KERNEL_TOOLS, *BOOT_TOOLS), reads=("kernel", "boot", "rootfs"),

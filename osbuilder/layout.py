@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from osbuilder.run import user_cache_root
 from osbuilder.settings import Settings
 
 # Artifact names (the old Makefile's, kept so that its users find their files).
@@ -136,6 +137,11 @@ class Workdir:
         """The content-addressed artifact cache of the pytest fixtures."""
         return self.root / "cache"
 
+    def published(self, artifact: str) -> Path:
+        """Which cache entry WORKDIR's `artifact` (rootfs, image, initrd, kernel) is, and its content record
+        (artifacts.py): what tells "up to date" from "edited" or "rebuilt"."""
+        return self.root / "published" / f"{artifact}.json"
+
     @property
     def logs(self) -> Path:
         return self.root / "logs"
@@ -163,9 +169,7 @@ class Workdir:
 
 
 def default_user_cache(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
-    return Path(base).absolute() / "osbuilder"
+    return user_cache_root(env)
 
 
 @dataclass(frozen=True)

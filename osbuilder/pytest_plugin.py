@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,14 +40,11 @@ from pathlib import Path
 
 import pytest
 
-from osbuilder import image as image_step
-from osbuilder import initrd as initrd_step
 from osbuilder import layout
 from osbuilder import settings as settings_mod
-from osbuilder.cache import Cache, Manifest
+from osbuilder.artifacts import Artifact, Artifacts
+from osbuilder.cache import Cache
 from osbuilder.errors import OsbuilderError
-from osbuilder.kernel import build as kernel_step
-from osbuilder.rootfs import build as rootfs_step
 from osbuilder.settings import Settings
 from osbuilder.vm import accel as accel_mod
 from osbuilder.vm import check, ssh
@@ -163,68 +159,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # --- build artifacts ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A built artifact: its path, and the manifest (inputs and key) it was built from."""
-
-    path: Path
-    manifest: Manifest
-
-    @property
-    def key(self) -> str:
-        return self.manifest.key
-
-
-class Artifacts:
-    """Builds each artifact once per set of inputs, through the cache: the one factory behind the
-    `rootfs`, `image`, `initrd` and `kernel` fixtures, for tests that need a differently configured one.
-
-    `rebuild` (--osbuilder-rebuild) builds each artifact again once per `session`: the test run's id, which
-    pytest-xdist's workers share, so an entry another worker of this run built (and may be using)
-    is a hit, never rebuilt or deleted."""
-
-    def __init__(self, cache: Cache, rebuild: bool = False, session: str | None = None) -> None:
-        self.cache = cache
-        self.rebuild = rebuild
-        self.session = session or uuid.uuid4().hex
-
-    def _get(self, what: str, manifest: Manifest, build: Callable[[Path], object]) -> Path:
-        started = time.monotonic()
-        entry = self.cache.get_or_build(manifest, build, self.rebuild, session=self.session)
-        log.info("osbuilder fixture %s ready in %.1fs", what, time.monotonic() - started)
-        return entry
-
-    def rootfs(self, settings: Settings) -> Artifact:
-        """The rootfs directory for these settings."""
-        m = rootfs_step.manifest(settings)
-        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(settings, tmp / layout.ROOTFS))
-        return Artifact(entry / layout.ROOTFS, m)
-
-    def image(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
-        """container.img made from `rootfs` (default: `rootfs(settings)`)."""
-        tree = rootfs or self.rootfs(settings)
-        m = image_step.image_manifest(settings, tree.key)
-        entry = self._get("image", m, lambda tmp: image_step.build_image(settings, tree.path, tmp / layout.IMAGE))
-        return Artifact(entry / layout.IMAGE, m)
-
-    def initrd(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
-        """container-initrd.img made from `rootfs` (default: `rootfs(settings)` with AGENT_INIT=yes, the
-        only kind of rootfs an initrd can boot)."""
-        settings = settings.with_values(AGENT_INIT="yes")
-        tree = rootfs or self.rootfs(settings)
-        m = initrd_step.initrd_manifest(settings, tree.key)
-        entry = self._get("initrd", m,
-                          lambda tmp: initrd_step.build_initrd(settings, tree.path, tmp / layout.INITRD))
-        return Artifact(entry / layout.INITRD, m)
-
-    def kernel(self, settings: Settings, config: Path | None = None) -> Artifact:
-        """A directory with the kernel outputs (layout.KernelFiles) for these settings: from osbuilder's
-        fragments, or with `config` from that complete .config as it is."""
-        m = kernel_step.kernel_manifest(settings, config=config)
-        entry = self._get("kernel", m, lambda tmp: kernel_step.build_kernel(settings, tmp, config=config))
-        return Artifact(entry, m)
 
 
 @pytest.fixture(scope="session")

@@ -9,16 +9,18 @@ process group of its own that never outlives osbuilder (procs.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +31,7 @@ from osbuilder.errors import OsbuilderError
 log = logging.getLogger("osbuilder")
 
 PROGRESS_EVERY = 10.0  # seconds between "still running" lines for long commands
+TOOL_VERSIONS = "tool-versions.json"
 
 
 def format_command(cmd: Sequence[str | os.PathLike]) -> str:
@@ -179,8 +182,56 @@ def _wait(proc: subprocess.Popen, command: Command, started: float, tail: deque[
             next_report = now + PROGRESS_EVERY
 
 
+def user_cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """The per-user cache's default place: $XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(base).absolute() / "osbuilder"
+
+
 def tool_version(program: str, *args: str) -> str:
-    """First line a program prints about its version ('' when it is not installed)."""
+    """First line a program prints about its version ('' when it is not installed). Remembered per
+    version of the program's file (path, size, times, inode), in this process and on disk
+    (tool-versions.json in the default per-user cache), so a cache key asks each program once."""
+    found = shutil.which(program)
+    if found is None:
+        return ""
+    st = os.stat(found)
+    ident = json.dumps([os.path.realpath(found), args, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    memo = _tool_versions()
+    if ident not in memo:
+        memo[ident] = _ask_version(program, *args)
+        _save_tool_versions(memo)
+    return memo[ident]
+
+
+_TOOL_VERSIONS: dict[str, str] | None = None
+
+
+def _tool_versions() -> dict[str, str]:
+    global _TOOL_VERSIONS
+    if _TOOL_VERSIONS is None:
+        try:
+            loaded = json.loads((user_cache_root() / TOOL_VERSIONS).read_text())
+        except (OSError, ValueError):
+            loaded = {}
+        _TOOL_VERSIONS = {k: v for k, v in loaded.items() if isinstance(v, str)} if isinstance(loaded, dict) else {}
+    return _TOOL_VERSIONS
+
+
+def _save_tool_versions(memo: dict[str, str]) -> None:
+    """Best effort: a read-only or missing cache only costs asking again."""
+    path = user_cache_root() / TOOL_VERSIONS
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _ask_version(program: str, *args: str) -> str:
     try:
         proc = procs.spawn([program, *(args or ("--version",))], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
