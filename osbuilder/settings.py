@@ -37,6 +37,15 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw.strip()).expanduser()
 
 
+def _workdir(name: str, raw: str) -> Path:
+    """WORKDIR: any path but one with a double quote, which apt's configuration cannot hold (the rootfs
+    is built there)."""
+    if '"' in raw:
+        raise UsageError(f'{name}: {raw.strip()} has a double quote ("), which apt cannot handle; choose another '
+                         f"{name}")
+    return _path(name, raw)
+
+
 def _optional_path(name: str, raw: str) -> Path | None:
     return Path(raw.strip()).expanduser() if raw.strip() else None
 
@@ -363,7 +372,7 @@ class Setting:
 
 
 TABLE: tuple[Setting, ...] = (
-    Setting("WORKDIR", "./workdir", "directory for the rootfs, images, kernels, caches and logs", _path),
+    Setting("WORKDIR", "./workdir", "directory for the rootfs, images, kernels, caches and logs", _workdir),
     Setting("DEBUG", "no", "show every line the build tools print (yes/no)", _yes_no, ambient=True),
     Setting("SOURCE_DATE_EPOCH", "", "timestamp for reproducible builds", _epoch, empty="now"),
     Setting("USE_DOCKER", "no", "run each step (rootfs, image, initrd, kernel-src, kernel, boot) in a tools container, so the host needs only Python and CONTAINER_ENGINE (yes/no)", _yes_no),

@@ -36,3 +36,20 @@ def make_tree(root: Path, *, init_target: str | None = "../lib/systemd/systemd",
     (root / "var/lib/osbuilder/osbuilder.yaml").write_text(yaml.safe_dump({"agent": {"name": "osbuilder-agent"}}))
     (root / "etc/hostname").write_text("guest\n")
     return root
+
+
+def workdir_entries(wd: Path) -> list[str]:
+    """What a WORKDIR holds, for tests of what a step leaves: its top-level names, the cache's complete
+    entries as `cache/<kind>/<entry>` (lock files and empty directories are not left-overs), and anything
+    else in the cache by name (a temporary there is one)."""
+    names = []
+    for path in sorted(wd.iterdir()):
+        if path.name != "cache":
+            names.append(path.name)
+            continue
+        for kind in sorted(p for p in path.iterdir() if p.is_dir()):
+            for entry in sorted(kind.iterdir()):
+                if entry.name.endswith(".lock"):
+                    continue
+                names.append(f"cache/{kind.name}/" + ("<entry>" if (entry / "manifest.json").is_file() else entry.name))
+    return names

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import workdir_entries
 
 
 def osb(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -99,7 +100,7 @@ def test_missing_package_from_the_real_archive(tmp_path: Path):
     assert result.returncode == 2, result.stderr
     assert first_error_line(result) == \
         "osbuilder: error: EXTRA_PKGS: package(s) not found in bookworm: osbuilder-no-such-package"
-    assert sorted(p.name for p in wd.iterdir()) == ["logs"]
+    assert workdir_entries(wd) == ["logs"]
 
 
 def test_unreachable_mirror(tmp_path: Path):
@@ -107,7 +108,7 @@ def test_unreachable_mirror(tmp_path: Path):
     result = osb("rootfs", "--workdir", str(wd), "--repo-url", "http://127.0.0.1:9/debian")
     assert result.returncode == 125, result.stderr
     assert first_error_line(result) == "osbuilder: error: REPO_URL: mirror http://127.0.0.1:9/debian is unreachable"
-    assert sorted(p.name for p in wd.iterdir()) == ["logs"]
+    assert workdir_entries(wd) == ["logs"]
 
 
 @pytest.mark.build
@@ -129,4 +130,4 @@ def test_interrupted_rootfs_keeps_the_old_one_and_runs_again(tmp_path: Path):
     assert again.returncode == 0, again.stderr
     assert (wd / "rootfs" / "usr/lib/systemd/systemd").is_file()
     assert not (wd / "rootfs" / "earlier-build").exists()
-    assert sorted(p.name for p in wd.iterdir()) == ["logs", "rootfs"]
+    assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fakes import make_tree
+from fakes import make_tree, workdir_entries
 
 from osbuilder import fs
 from osbuilder.cache import Cache, Manifest
@@ -372,7 +372,7 @@ def test_sigkill_mid_rootfs(tmp_path: Path):
     again = Osbuilder("rootfs", "--workdir", str(wd), env=env)
     assert again.finish(900) == 0, again.stderr
     assert (wd / "rootfs" / "usr/lib/systemd/systemd").is_file()
-    assert sorted(p.name for p in wd.iterdir()) == ["logs", "rootfs"]
+    assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]
 
 
 @pytest.mark.build

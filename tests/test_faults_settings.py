@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fakes import workdir_entries
 
 from osbuilder import cli, steps
 from osbuilder import settings as S
@@ -218,7 +219,7 @@ def test_rootfs_in_a_workdir_with_a_space_and_a_quote_from_a_mirror_with_a_passw
     assert not (rootfs / "etc/apt/auth.conf").exists()
     meta = yaml.safe_load((rootfs / "var/lib/osbuilder/osbuilder.yaml").read_text())
     assert meta["distro"]["mirror"] == bare
-    assert sorted(p.name for p in wd.iterdir()) == ["logs", "rootfs"]  # no credentials file left
+    assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]  # no credentials file
     assert PASSWORD not in result.stdout + result.stderr
     secret = PASSWORD.encode()
     for path in [*wd.rglob("*")]:
@@ -305,10 +306,11 @@ def test_the_profile_read_is_named_on_stderr(tmp_path: Path):
 
 
 def test_workdir_with_a_double_quote_is_refused_for_the_rootfs(tmp_path: Path):
-    """apt's configuration cannot hold a path with a double quote, so mmdebstrap refuses one: say so."""
+    """apt's configuration cannot hold a path with a double quote, so mmdebstrap would refuse one: the
+    setting is refused before anything runs (no agent compiled, nothing written)."""
     wd = tmp_path / 'work "dir"'
     result = osb("rootfs", "--workdir", str(wd))
     assert result.returncode == 2, result.stderr
     assert error_line(result) == \
         f'osbuilder: error: WORKDIR: {wd} has a double quote ("), which apt cannot handle; choose another WORKDIR'
-    assert sorted(p.name for p in wd.iterdir()) == ["logs"]
+    assert not wd.exists() and "agent" not in result.stderr
