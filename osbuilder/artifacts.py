@@ -7,6 +7,9 @@ kernel files (the same bytes, so a boot record of the fixtures' image is a boot 
 `Workdir.published(artifact)` remembers which entry WORKDIR's artifact is, with its content record, so:
 
 - a step whose inputs did not change says "up to date" and does nothing (`-f`/`--force` rebuilds);
+- the fixtures publish what they built the same way (`osbuilder_rootfs`, `osbuilder_image`,
+  `osbuilder_initrd`; not the kernel: a kernel in WORKDIR is what BOOT_KERNEL=auto boots), so after
+  `pytest -m build` and the boot gates, WORKDIR/container.img is the image they built and booted;
 - `image` and `initrd` take WORKDIR/rootfs as it is: unchanged since `rootfs` published it, it is that
   cache entry (and the image is the one the fixtures made of it); edited, it is a rootfs of its own,
   keyed by its content.
@@ -24,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from osbuilder import image as image_step
 from osbuilder import initrd as initrd_step
 from osbuilder import layout, userns
 from osbuilder.cache import Cache, Manifest, check_tree, describe_path, describe_tree, path_matches
-from osbuilder.fs import discard, publish, temp_beside, write_atomically
+from osbuilder.fs import discard, temp_beside, write_atomically
+from osbuilder.fs import publish as publish_path
 from osbuilder.kernel import build as kernel_step
-from osbuilder.layout import KernelFiles, Workdir
+from osbuilder.layout import Workdir
 from osbuilder.rootfs import build as rootfs_step
 from osbuilder.run import run
 from osbuilder.settings import Settings
@@ -157,26 +163,58 @@ def _link_or_copy(source: Path, dest: Path) -> None:
             os.link(source, tmp)
         except OSError:
             run(["cp", "--reflink=auto", "--sparse=always", "--", str(source), str(tmp)], step="publish")
-        publish(tmp, dest)
+        publish_path(tmp, dest)
     finally:
         discard(tmp)
+
+
+PUBLISHED_AS = {  # artifact -> what of a cache entry WORKDIR holds, and where
+    "rootfs": lambda wd: {layout.ROOTFS: wd.rootfs},
+    "image": lambda wd: {layout.IMAGE: wd.image},
+    "initrd": lambda wd: {layout.INITRD: wd.initrd},
+    "kernel": lambda wd: {path.name: path for path in wd.kernel.all()},
+}
+
+
+def publish(settings: Settings, name: str, artifact: Artifact) -> Published:
+    """Make WORKDIR's `name` (rootfs, image, initrd, kernel) the cache entry `artifact`, unless it is already:
+    the rootfs tree is copied (WORKDIR/rootfs may be edited), the files are hard-linked (the same bytes)."""
+    wd = Workdir.of(settings)
+    paths = PUBLISHED_AS[name](wd)
+    wd.published(name).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(wd.published(name)) + ".lock"):  # another process (an xdist worker) may publish it too
+        if _current(wd, name, paths, artifact.key):
+            return Published(wd.root, artifact.key, False)
+        source = artifact.path.parent if name in ("rootfs", "image", "initrd") else artifact.path
+        for file, dest in paths.items():
+            if name == "rootfs":
+                tmp = temp_beside(dest)
+                try:
+                    copy_tree(source / file, tmp, wd.log("rootfs"))
+                    publish_path(tmp, dest)
+                finally:
+                    discard(tmp)
+            else:
+                _link_or_copy(source / file, dest)
+        _remember(wd, name, artifact.manifest, paths, tree=name == "rootfs")
+    return Published(wd.root, artifact.key, True)
+
+
+def build_and_publish(settings: Settings, name: str, manifest: Manifest, build: Callable[[Artifacts], Artifact],
+                      force: bool) -> Published:
+    """A CLI step: up to date when WORKDIR's `name` is the entry `manifest` names, else built through the
+    cache (`force`: built again) and published."""
+    wd = Workdir.of(settings)
+    if not force and _current(wd, name, PUBLISHED_AS[name](wd), manifest.key):
+        return Published(wd.root, manifest.key, False)
+    done = publish(settings, name, build(Artifacts.of(settings, rebuild=force)))
+    return Published(done.path, done.key, True)
 
 
 def publish_rootfs(settings: Settings, force: bool = False) -> Published:
-    """`osbuilder rootfs`: the cached rootfs for these settings, copied to WORKDIR/rootfs."""
-    wd = Workdir.of(settings)
-    manifest = rootfs_step.manifest(settings)
-    if not force and _current(wd, "rootfs", {"rootfs": wd.rootfs}, manifest.key):
-        return Published(wd.rootfs, manifest.key, False)
-    built = Artifacts.of(settings, rebuild=force).rootfs(settings)
-    tmp = temp_beside(wd.rootfs)
-    try:
-        copy_tree(built.path, tmp, wd.log("rootfs"))
-        publish(tmp, wd.rootfs)
-    finally:
-        discard(tmp)
-    _remember(wd, "rootfs", manifest, {"rootfs": wd.rootfs}, tree=True)
-    return Published(wd.rootfs, manifest.key, True)
+    """`osbuilder rootfs`: the cached rootfs for these settings, as WORKDIR/rootfs."""
+    return build_and_publish(settings, "rootfs", rootfs_step.manifest(settings),
+                             lambda artifacts: artifacts.rootfs(settings), force)
 
 
 def copy_tree(source: Path, dest: Path, logfile: Path) -> None:
@@ -195,50 +233,28 @@ def workdir_rootfs(settings: Settings) -> Artifact:
     """WORKDIR/rootfs as an artifact: the cache entry `osbuilder rootfs` published while it is unchanged,
     else a rootfs of its own (edited, or made some other way), keyed by its content."""
     wd = Workdir.of(settings)
-    record = _current(wd, "rootfs", {"rootfs": wd.rootfs})
+    record = _current(wd, "rootfs", PUBLISHED_AS["rootfs"](wd))
     if record is not None:
         return Artifact(wd.rootfs, Manifest(record["kind"], record["inputs"]))
     digest = hashlib.sha256(json.dumps(describe_tree(wd.rootfs), sort_keys=True).encode()).hexdigest()
     return Artifact(wd.rootfs, Manifest("rootfs", {"tree": digest}))
 
 
-def publish_file(settings: Settings, artifact: str, dest: Path, built: Callable[[Artifacts], Artifact],
-                 manifest: Manifest, force: bool) -> Published:
-    """Publish a one-file artifact (image, initrd) as `dest`, unless it is the entry already."""
-    wd = Workdir.of(settings)
-    if not force and _current(wd, artifact, {dest.name: dest}, manifest.key):
-        return Published(dest, manifest.key, False)
-    entry = built(Artifacts.of(settings, rebuild=force))
-    _link_or_copy(entry.path, dest)
-    _remember(wd, artifact, manifest, {dest.name: dest})
-    return Published(dest, manifest.key, True)
-
-
 def publish_image(settings: Settings, force: bool = False) -> Published:
     """`osbuilder image`: container.img of WORKDIR/rootfs, through the cache, as WORKDIR/container.img."""
     tree = workdir_rootfs(settings)
-    manifest = image_step.image_manifest(settings, tree.key)
-    return publish_file(settings, "image", Workdir.of(settings).image,
-                        lambda artifacts: artifacts.image(settings, tree), manifest, force)
+    return build_and_publish(settings, "image", image_step.image_manifest(settings, tree.key),
+                             lambda artifacts: artifacts.image(settings, tree), force)
 
 
 def publish_initrd(settings: Settings, force: bool = False) -> Published:
     """`osbuilder initrd`: the initrd of WORKDIR/rootfs (an AGENT_INIT=yes one), as WORKDIR's."""
     tree = workdir_rootfs(settings)
     manifest = initrd_step.initrd_manifest(settings.with_values(AGENT_INIT="yes"), tree.key)
-    return publish_file(settings, "initrd", Workdir.of(settings).initrd,
-                        lambda artifacts: artifacts.initrd(settings, tree), manifest, force)
+    return build_and_publish(settings, "initrd", manifest, lambda artifacts: artifacts.initrd(settings, tree), force)
 
 
 def publish_kernel(settings: Settings, force: bool = False) -> Published:
     """`osbuilder kernel`: the kernel outputs for these settings, through the cache, in WORKDIR."""
-    wd = Workdir.of(settings)
-    manifest = kernel_step.kernel_manifest(settings)
-    files = {path.name: path for path in wd.kernel.all()}
-    if not force and _current(wd, "kernel", files, manifest.key):
-        return Published(wd.root, manifest.key, False)
-    entry = Artifacts.of(settings, rebuild=force).kernel(settings)
-    for name, dest in files.items():
-        _link_or_copy(KernelFiles(entry.path).dir / name, dest)
-    _remember(wd, "kernel", manifest, files)
-    return Published(wd.root, manifest.key, True)
+    return build_and_publish(settings, "kernel", kernel_step.kernel_manifest(settings),
+                             lambda artifacts: artifacts.kernel(settings), force)

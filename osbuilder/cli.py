@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,19 +153,19 @@ def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
 def cmd_install_image(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder import install
 
-    install.install_image(s, dry_run=args.dry_run, force=args.force)
+    install.install_image(s, dry_run=args.dry_run, force=args.force, source=args.artifact)
 
 
 def cmd_install_initrd(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder import install
 
-    install.install_initrd(s, dry_run=args.dry_run, force=args.force)
+    install.install_initrd(s, dry_run=args.dry_run, force=args.force, source=args.artifact)
 
 
 def cmd_install_kernel(s: Settings, args: argparse.Namespace) -> None:
     from osbuilder import install
 
-    install.install_kernel(s, dry_run=args.dry_run, force=args.force)
+    install.install_kernel(s, dry_run=args.dry_run, force=args.force, source=args.artifact)
 
 
 def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
@@ -318,9 +319,13 @@ def boot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="--check: print the boot record (boot.json) instead")
 
 
-def install_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
-    p.add_argument("--force", action="store_true", help="install without a passing boot record")
+def install_arguments(what: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+        p.add_argument("--force", action="store_true", help="install without a passing boot record")
+        p.add_argument(f"--{what}", dest="artifact", type=Path, metavar="PATH",
+                       help=f"install this {what} (gated by WORKDIR's boot records) instead of WORKDIR's")
+    return add
 
 
 def check_deps_arguments(p: argparse.ArgumentParser) -> None:
@@ -392,11 +397,11 @@ for _step in (
          tools=BOOT_TOOLS, in_container=True, console=lambda args: not args.check, reads=("boot", "rootfs"),
          locks=lambda wd, s, args: (wd.log("boot"),) if args.check else ()),
     Step("install-image", cmd_install_image, "install the boot-checked image into the runtime's directory",
-         arguments=install_arguments, reads=("install",)),
+         arguments=install_arguments("image"), reads=("install",)),
     Step("install-kernel", cmd_install_kernel, "install the boot-checked kernel into the runtime's directory",
-         arguments=install_arguments, reads=("install",)),
+         arguments=install_arguments("kernel"), reads=("install",)),
     Step("install-initrd", cmd_install_initrd, "install the boot-checked initrd into the runtime's directory",
-         arguments=install_arguments, reads=("install",)),
+         arguments=install_arguments("initrd"), reads=("install",)),
     Step("check-deps", cmd_check_deps, "list the programs each step needs; --install installs them",
          arguments=check_deps_arguments, timed=False, reads=("rootfs",)),
     Step("help", cmd_help, "show every setting: value, where it came from, default, description",

@@ -79,22 +79,29 @@ class Config:
     file: Path
 
 
-def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
-    items = [Item(Workdir.of(settings).image, "osbuilder-{}.img", layout.IMAGE)]
+def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False,
+                  source: Path | None = None) -> list[Target]:
+    """WORKDIR's container.img (or `source`, an image gated in this WORKDIR's boot records)."""
+    items = [Item(source or Workdir.of(settings).image, "osbuilder-{}.img", layout.IMAGE)]
     return install(settings, "install-image", items, "image", image_lacks, dry_run=dry_run, force=force)
 
 
-def install_initrd(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
-    """The initrd (`osbuilder initrd`), pointed at by `initrd =`; `image =` is commented out."""
-    items = [Item(Workdir.of(settings).initrd, "osbuilder-initrd-{}.img", layout.INITRD)]
+def install_initrd(settings: Settings, *, dry_run: bool = False, force: bool = False,
+                   source: Path | None = None) -> list[Target]:
+    """The initrd (`osbuilder initrd`, or `source`), pointed at by `initrd =`; `image =` is commented out."""
+    items = [Item(source or Workdir.of(settings).initrd, "osbuilder-initrd-{}.img", layout.INITRD)]
     return install(settings, "install-initrd", items, "initrd", initrd_lacks, dry_run=dry_run, force=force)
 
 
-def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Target]:
+def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = False,
+                   source: Path | None = None) -> list[Target]:
+    """WORKDIR's kernel (or `source`, a vmlinuz; a vmlinux.container beside it goes too)."""
     files = Workdir.of(settings).kernel
-    items = [Item(files.vmlinuz, "vmlinuz-osbuilder-{}.container", layout.VMLINUZ)]
-    if files.vmlinux.is_file():
-        items.append(Item(files.vmlinux, "vmlinux-osbuilder-{}.container", layout.VMLINUX))
+    vmlinuz = source or files.vmlinuz
+    vmlinux = vmlinuz.with_name(layout.VMLINUX) if source else files.vmlinux
+    items = [Item(vmlinuz, "vmlinuz-osbuilder-{}.container", layout.VMLINUZ)]
+    if vmlinux.is_file():
+        items.append(Item(vmlinux, "vmlinux-osbuilder-{}.container", layout.VMLINUX))
     return install(settings, "install-kernel", items, "kernel", kernel_lacks, dry_run=dry_run, force=force)
 
 

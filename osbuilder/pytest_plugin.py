@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 
+from osbuilder import artifacts as artifacts_mod
 from osbuilder import layout
 from osbuilder import settings as settings_mod
 from osbuilder.artifacts import Artifact, Artifacts
@@ -47,7 +48,7 @@ from osbuilder.cache import Cache
 from osbuilder.errors import OsbuilderError
 from osbuilder.settings import Settings
 from osbuilder.vm import accel as accel_mod
-from osbuilder.vm import check, ssh
+from osbuilder.vm import check, phases, ssh
 from osbuilder.vm.guest import Guest
 from osbuilder.vm.options import BootKernel
 
@@ -187,22 +188,30 @@ def run_id(config: pytest.Config) -> str:
 
 @pytest.fixture(scope="session")
 def osbuilder_rootfs(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
-    """The rootfs directory for the session's settings (built once, cached)."""
-    return osbuilder_artifacts.rootfs(osbuilder_settings)
+    """The rootfs directory for the session's settings (built once, cached, published as WORKDIR/rootfs)."""
+    built = osbuilder_artifacts.rootfs(osbuilder_settings)
+    artifacts_mod.publish(osbuilder_settings, "rootfs", built)
+    return built
 
 
 @pytest.fixture(scope="session")
 def osbuilder_image(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts,
                     osbuilder_rootfs: Artifact) -> Artifact:
-    """container.img made from the `osbuilder_rootfs` fixture (built once, cached)."""
-    return osbuilder_artifacts.image(osbuilder_settings, osbuilder_rootfs)
+    """container.img made from the `osbuilder_rootfs` fixture (built once, cached, published as
+    WORKDIR/container.img: what `osbuilder install-image` installs)."""
+    built = osbuilder_artifacts.image(osbuilder_settings, osbuilder_rootfs)
+    artifacts_mod.publish(osbuilder_settings, "image", built)
+    return built
 
 
 @pytest.fixture(scope="session")
 def osbuilder_initrd(osbuilder_settings: Settings, osbuilder_artifacts: Artifacts) -> Artifact:
     """container-initrd.img (the agent as /init) made from an AGENT_INIT=yes rootfs of the session's
-    settings (built once, cached); it boots with the `osbuilder_kernel` fixture's kernel, not Debian's."""
-    return osbuilder_artifacts.initrd(osbuilder_settings)
+    settings (built once, cached, published as WORKDIR/container-initrd.img); it boots with the
+    `osbuilder_kernel` fixture's kernel, not Debian's."""
+    built = osbuilder_artifacts.initrd(osbuilder_settings)
+    artifacts_mod.publish(osbuilder_settings, "initrd", built)
+    return built
 
 
 @pytest.fixture(scope="session")
@@ -318,6 +327,9 @@ def osbuilder_booted_guest(osbuilder_settings: Settings, osbuilder_image: Artifa
 
     One boot per module (per module and --osbuilder-kernel-config); its tests each check one thing. If the
     boot fails, they all fail with the boot's error (phase, matched console lines, console tail, log dir).
+    After the module's last test the guest is powered off (unless a test did), and a guest that passed
+    every phase leaves the boot records `osbuilder install-image` asks for: a failing power-off is an
+    error of the module's last test.
     """
     name = f"{request.module.__name__.rsplit('.', 1)[-1]}-booted"
     name += f"-{osbuilder_kernel_config.id}" if osbuilder_kernel_config else ""
@@ -325,6 +337,10 @@ def osbuilder_booted_guest(osbuilder_settings: Settings, osbuilder_image: Artifa
                                accel=osbuilder_accel, name=name, ssh_key=osbuilder_ssh_key)
     with check.booted(opts, osbuilder_settings) as guest:
         yield guest
+        if guest.vm.alive() and "powerdown" not in guest.phases:
+            phases.run(guest, "powerdown")
+        if guest.passed:
+            guest.write_passing_records(osbuilder_settings.workdir)
 
 
 @pytest.fixture
