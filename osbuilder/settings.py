@@ -253,6 +253,20 @@ def _runtime(name: str, raw: str) -> str:
     return value
 
 
+def _agent_protocols() -> tuple[str, ...]:
+    from osbuilder.agent import protocol  # the registry of agent protocol records
+
+    return ("auto", *protocol.names())
+
+
+def _agent_protocol(name: str, raw: str) -> str:
+    value = raw.strip().lower() or "auto"
+    if value not in _agent_protocols():
+        raise UsageError(f"{name}: no agent protocol {_short(raw.strip())}; expected one of "
+                         f"{', '.join(_agent_protocols())}")
+    return value
+
+
 def _boot_profiles() -> tuple[str, ...]:
     from osbuilder.vm import attachments  # the registry of attachment records
 
@@ -387,6 +401,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("AGENT_SOURCE_BIN", "", "install this agent binary (the runtime's own agent) instead of osbuilder's", _optional_path, "rootfs", empty="osbuilder's own agent"),
     Setting("AGENT_SERVICE", "", "systemd unit name for AGENT_SOURCE_BIN", _text, "rootfs", empty="<binary name>.service"),
     Setting("AGENT_INIT", "no", "run the agent as PID 1 instead of systemd (yes/no)", _yes_no, "rootfs"),
+    Setting("AGENT_PROTOCOL", "auto", "the protocol the agent speaks ({choices}); auto: what the image records (osbuilder's agent: osbuilder; AGENT_SOURCE_BIN: the one of the RUNTIME's its binary carries)", _agent_protocol, "rootfs", choices=_agent_protocols),
     # image
     Setting("IMG_SIZE", "auto", "image size in MiB (auto: rootfs usage + headroom), rounded up to 128 MiB", _img_size, "image"),
     Setting("BLOCK_SIZE", "4096", "filesystem block size in bytes", _block_size, "image"),
@@ -438,6 +453,7 @@ class Settings:
     agent_source_bin: Path | None
     agent_service: str
     agent_init: bool
+    agent_protocol: str
     img_size: int | None
     block_size: int
     fs_type: str
@@ -569,8 +585,8 @@ def _check_together(values: dict[str, Any]) -> None:
 FROM_KATA = {"USE_PODMAN": {"USE_DOCKER": "yes", "CONTAINER_ENGINE": "podman"}}
 KATA_IGNORED = {
     "ROOTFS_DIR": "the rootfs is WORKDIR/rootfs",
-    "IMAGE": "the image is WORKDIR/container.img",
-    "INITRD_IMAGE": "the initrd is WORKDIR/container-initrd.img",
+    "IMAGE": "the image is WORKDIR's",
+    "INITRD_IMAGE": "the initrd is WORKDIR's",
     "ROOT_FREE_SPACE": "set IMG_SIZE",
     "KERNEL_MODULES_DIR": "osbuilder's kernel has no modules",
     "AGENT_BIN": "the agent keeps AGENT_SOURCE_BIN's name",

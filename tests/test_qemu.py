@@ -33,23 +33,35 @@ def test_command_has_console_agent_network_qmp() -> None:
     assert opt_value(cmd, "-serial") == ["chardev:con0"]
     chardevs = opt_value(cmd, "-chardev")
     assert "socket,id=con0,path=/tmp/osb-x/con,server=on,wait=off" in chardevs
-    assert "socket,id=port0,path=/tmp/osb-x/port-agent.channel.0,server=on,wait=off" in chardevs
-    assert "virtserialport,chardev=port0,name=agent.channel.0" in opt_value(cmd, "-device")
+    assert "socket,id=agent,path=/tmp/osb-x/agent,server=on,wait=off" in chardevs
+    assert "virtserialport,chardev=agent,name=agent.channel.0,id=agent" in opt_value(cmd, "-device")
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22" in opt_value(cmd, "-netdev")
     assert opt_value(cmd, "-qmp") == ["unix:/tmp/osb-x/qmp,server=on,wait=off"]
     assert opt_value(cmd, "-initrd") == ["/k/initrd.img"]
 
 
-def test_each_serial_port_gets_its_own_socket() -> None:
-    """An agent protocol that needs several ports (hyperstart's control and tty) gets each, by name,
-    on a socket of its own; a spec without ports has no virtio-serial controller at all."""
+def test_named_serial_ports_each_get_a_socket() -> None:
+    """A spec may ask for the ports another agent opens (Clear Containers: sh.hyper.channel.0/.1); the
+    agent's port keeps its socket (VmPaths.agent), each port has an id QMP's VSERPORT_CHANGE names."""
     paths = qemu.VmPaths(Path("/tmp/osb-x"))
     cmd = qemu.build_command(spec(serial_ports=("sh.hyper.channel.0", "sh.hyper.channel.1")), paths)
-    assert [d for d in opt_value(cmd, "-device") if d.startswith("virtserialport")] == [
-        "virtserialport,chardev=port0,name=sh.hyper.channel.0", "virtserialport,chardev=port1,name=sh.hyper.channel.1"]
-    assert f"socket,id=port1,path={paths.port('sh.hyper.channel.1')},server=on,wait=off" in opt_value(cmd, "-chardev")
+    assert opt_value(cmd, "-device").count("virtio-serial-pci,id=vser0") == 1
+    assert paths.port("sh.hyper.channel.0") == Path("/tmp/osb-x/port-sh.hyper.channel.0")
+    for name in ("sh.hyper.channel.0", "sh.hyper.channel.1"):
+        assert f"socket,id=port-{name},path=/tmp/osb-x/port-{name},server=on,wait=off" in opt_value(cmd, "-chardev")
+        assert f"virtserialport,chardev=port-{name},name={name},id=port-{name}" in opt_value(cmd, "-device")
+    assert "agent.channel.0" not in " ".join(cmd)
+    assert paths.agent == paths.port("agent.channel.0") == Path("/tmp/osb-x/agent")
+    both = qemu.build_command(spec(serial_ports=("agent.channel.0", "sh.hyper.channel.0")), paths)
+    assert len([d for d in opt_value(both, "-device") if d.startswith("virtserialport,")]) == 2
     none = qemu.build_command(spec(serial_ports=()), paths)
-    assert not any("virtio-serial" in d or "virtserialport" in d for d in opt_value(none, "-device"))
+    assert not any("virtio-serial" in d for d in opt_value(none, "-device"))
+
+
+@pytest.mark.parametrize("ports", [("a", "a"), ("",), ("x,y",), ("../x",), ("x" * 65,)])
+def test_bad_serial_port_names_are_refused(ports: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="serial port"):
+        spec(serial_ports=ports)
 
 
 def test_credential_commas_are_escaped() -> None:

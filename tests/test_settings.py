@@ -90,6 +90,7 @@ def test_yaml_must_be_a_mapping(tmp_path: Path):
 # For every setting, a value its parser accepts that differs from its default (DISTRO has one plugin),
 # so a flag, variable or YAML key that does not reach its setting shows in `osbuilder help`.
 SAMPLES = {
+    "AGENT_PROTOCOL": "kata1",
     "WORKDIR": "/srv/wd", "DEBUG": "yes", "SOURCE_DATE_EPOCH": "7", "USE_DOCKER": "yes",
     "CACHE_DIR": "/srv/cache", "DISTRO": "debian", "OS_VERSION": "trixie",
     "REPO_URL": "http://mirror.example/debian", "EXTRA_PKGS": "vim", "AGENT_SOURCE_BIN": "/srv/agent",

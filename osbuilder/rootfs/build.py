@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from osbuilder import __version__, agent, elf, userns
+from osbuilder import __version__, agent, elf, runtimes, userns
+from osbuilder.agent import protocol
 from osbuilder.agent.build import build_agent
 from osbuilder.cache import Manifest
 from osbuilder.errors import UsageError
@@ -43,12 +44,14 @@ class AgentChoice:
     name: str
     service: str
     version: str
+    protocol: str  # the agent protocol it speaks (osbuilder/agent/protocol.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AgentChoice:
         src = settings.agent_source_bin
         if src is None:
-            return cls(None, agent.AGENT_NAME, agent.SERVICE_NAME, agent.AGENT_VERSION)
+            chosen = settings.agent_protocol if settings.agent_protocol != "auto" else protocol.OSBUILDER.name
+            return cls(None, agent.AGENT_NAME, agent.SERVICE_NAME, agent.AGENT_VERSION, chosen)
         if not src.is_file():
             raise UsageError(f"AGENT_SOURCE_BIN: {src} is not a file")
         if not os.access(src, os.X_OK):
@@ -60,7 +63,23 @@ class AgentChoice:
         service = settings.agent_service or f"{src.name}.service"
         if not service.endswith(".service") or "/" in service:
             raise UsageError(f"AGENT_SERVICE: {service!r} must be a unit name ending in .service")
-        return cls(src, src.name, service, "custom:" + file_hash(src)[:16])
+        return cls(src, src.name, service, "custom:" + file_hash(src)[:16], agent_protocol(settings, src))
+
+
+def agent_protocol(settings: Settings, binary: Path) -> str:
+    """AGENT_PROTOCOL for the agent `binary`; auto: the protocol of the RUNTIME's whose markers the binary
+    carries (else of any protocol's, else the RUNTIME's only one). Read from the file, never by running it."""
+    if settings.agent_protocol != "auto":
+        return settings.agent_protocol
+    spoken = runtimes.get(settings.runtime).agent_protocols
+    for candidates in (spoken, protocol.names()):
+        found = protocol.spoken_by(binary, candidates)
+        if len(found) == 1:
+            return found[0]
+    if len(spoken) == 1:
+        return spoken[0]
+    raise UsageError(f"AGENT_PROTOCOL: cannot tell which protocol the agent {binary.name} speaks (RUNTIME="
+                     f"{settings.runtime} speaks {', '.join(spoken)}); set AGENT_PROTOCOL")
 
 
 def packages(settings: Settings) -> list[str]:
@@ -80,6 +99,7 @@ def manifest(settings: Settings) -> Manifest:
         "packages": " ".join(packages(settings)),
         "agent": choice.version if choice.binary else "osbuilder:" + agent.source_hash(),
         "agent_service": choice.service,
+        "agent_protocol": choice.protocol,
         "agent_init": str(settings.agent_init),
         "overlay": file_hash(OVERLAY_DIR) + ":" + file_hash(Path(__file__), Path(policy.__file__)),
         "source_date_epoch": str(settings.source_date_epoch),
@@ -222,5 +242,5 @@ def metadata(settings: Settings, choice: AgentChoice, pkgs: list[str]) -> dict:
                    "mirror": without_credentials(settings.repo_url or d.default_mirror)},
         "packages": {"default": defaults, "extra": [p for p in pkgs if p not in defaults]},
         "agent": {"name": choice.name, "version": choice.version, "service": choice.service,
-                  "init": settings.agent_init},
+                  "protocol": choice.protocol, "init": settings.agent_init},
     }

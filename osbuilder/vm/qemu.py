@@ -48,6 +48,13 @@ CONSOLE_PARAMS = "console=ttyS0 panic=-1 systemd.show_status=1"
 # Boot-check only: the rootfs overlay gives the NIC QEMU user-net's address when it sees this.
 BOOT_CHECK_PARAMS = "osbuilder.net=slirp"
 RUNDIR_PREFIX = "osbvm-"
+SERIAL_PORT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def port_id(name: str) -> str:
+    """The chardev and device id of the virtio-serial port `name` ("agent" for osbuilder's agent port):
+    QMP's VSERPORT_CHANGE events name the port by it when the guest opens or closes it."""
+    return "agent" if name == PORT_NAME else "port-" + name
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB, the most QEMU's default x86 CPU (40 address bits) can address
 
 
@@ -88,6 +95,11 @@ class VmSpec:
     def __post_init__(self) -> None:
         if self.attachment is not None and self.attachment.initramfs(self.image) and self.initrd is not None:
             raise ValueError("an image attached as the initrd leaves no room for the kernel's own initrd")
+        if len(set(self.serial_ports)) != len(self.serial_ports):
+            raise ValueError(f"serial port named twice: {self.serial_ports}")
+        for name in self.serial_ports:
+            if not SERIAL_PORT_NAME.fullmatch(name):
+                raise ValueError(f"serial port name {name!r}: 1-64 of A-Z a-z 0-9 . _ -")
 
     @property
     def initramfs(self) -> Path | None:
@@ -113,7 +125,7 @@ class VmPaths:
 
     def port(self, name: str) -> Path:
         """The socket of the virtio-serial port `name`."""
-        return self.rundir / f"port-{name}"
+        return self.rundir / port_id(name)
 
     @property
     def agent(self) -> Path:
@@ -165,9 +177,10 @@ def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = Fa
                 "-serial", "chardev:con0"]
     if spec.serial_ports and paths is not None:
         cmd += ["-device", "virtio-serial-pci,id=vser0"]
-        for i, name in enumerate(spec.serial_ports):
-            cmd += ["-chardev", f"socket,id=port{i},path={qemu_escape(str(paths.port(name)))},server=on,wait=off",
-                    "-device", f"virtserialport,chardev=port{i},name={qemu_escape(name)}"]
+        for name in spec.serial_ports:
+            ident = port_id(name)
+            cmd += ["-chardev", f"socket,id={ident},path={qemu_escape(str(paths.port(name)))},server=on,wait=off",
+                    "-device", f"virtserialport,chardev={ident},name={name},id={ident}"]
     if spec.network:
         cmd += ["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22", "-device", "virtio-net-pci,netdev=net0"]
     for name, value in spec.credentials.items():
