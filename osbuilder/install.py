@@ -258,8 +258,8 @@ def gate(settings: Settings, step: str, source: Path, t: Target, force: bool, la
     if force:
         log.warning("%s: --force: installing %s without %s", step, source, why)
         return
-    raise UsageError(f"{step}: {source} has no {why} (sha256 {t.sha256[:12]}); "
-                     "run `osbuilder boot --check` first, or use --force")
+    todo = ", or use --force" if ";" in why else "; run `osbuilder boot --check` first, or use --force"
+    raise UsageError(f"{step}: {source} has no {why} (sha256 {t.sha256[:12]}){todo}")
 
 
 # What the boot records of a content lack for installing it (None: nothing), given the attachments it passed
@@ -268,15 +268,31 @@ Lacks = Callable[[Settings, dict[str, Any]], "str | None"]
 
 
 def image_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
-    """An image needs a pass attached the way the RUNTIME attaches it."""
+    """An image needs a pass attached the way the RUNTIME attaches it, with an agent the runtime speaks to."""
     attach = runtimes.get(settings.runtime).attachment
-    return None if attach in passes else \
-        f"passing boot check attached as the {settings.runtime} runtime attaches it ({attach})"
+    if attach not in passes:
+        return f"passing boot check attached as the {settings.runtime} runtime attaches it ({attach})"
+    return agent_unspoken(settings, passes[attach])
 
 
 def initrd_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
-    """An initrd needs a pass booted as the initrd."""
-    return None if attachments.INITRD.name in passes else "passing boot check in the initrd profile"
+    """An initrd needs a pass booted as the initrd, with an agent the runtime speaks to."""
+    if attachments.INITRD.name not in passes:
+        return "passing boot check in the initrd profile"
+    return agent_unspoken(settings, passes[attachments.INITRD.name])
+
+
+def agent_unspoken(settings: Settings, passed: dict[str, Any]) -> str | None:
+    """Why the runtime could not talk to the agent the pass proved (its protocol is not one the runtime
+    speaks), or None. A record from before protocols were recorded proved osbuilder's own agent."""
+    runtime = runtimes.get(settings.runtime)
+    spoken = passed.get("agent_protocol") or "osbuilder"
+    if spoken in runtime.agent_protocols:
+        return None
+    own = " (osbuilder's own agent, for the boot checks)" if spoken == "osbuilder" else ""
+    return (f"agent the {runtime.name} runtime can talk to (its agent speaks {spoken}{own}, the runtime "
+            f"{', '.join(runtime.agent_protocols)}); build the rootfs with the runtime's agent "
+            f"(AGENT_SOURCE_BIN=/path/to/its agent) and boot-check it")
 
 
 def kernel_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:

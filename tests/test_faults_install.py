@@ -279,7 +279,8 @@ def write_passing_record(wd: Path, artifact: Path) -> None:
     from osbuilder.vm.records import make_record, sha256_file, write_record
 
     write_record(wd, make_record(artifact, sha256_file(artifact), "image", True, {"name": "debian"}, {},
-                                 {"passes": {"nvdimm": {"profile": "nvdimm-dax", "with": []}}}))
+                                 {"passes": {"nvdimm": {"profile": "nvdimm-dax", "with": [],
+                                                        "agent_protocol": "kata1"}}}))
 
 
 def test_an_artifact_replaced_after_the_gate_is_not_installed(tmp_path: Path, monkeypatch):

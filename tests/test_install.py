@@ -97,7 +97,8 @@ def test_a_passing_boot_record_for_the_exact_file_allows_install(staged):
     settings, wd, dest, config = staged
     image = wd / "container.img"
     write_record(wd, make_record(image, sha256_file(image), "image", True, {"name": "debian"}, {},
-                                 {"passes": {"nvdimm": {"profile": "nvdimm-dax", "with": []}}}))
+                                 {"passes": {"nvdimm": {"profile": "nvdimm-dax", "with": [],
+                                                        "agent_protocol": "kata1"}}}))
     install_image(settings)
     assert (dest / "usr/share/kata-containers/container.img").read_bytes() == image.read_bytes()
     image.write_bytes(os.urandom(4096))  # a different image: the record no longer covers it
@@ -124,13 +125,13 @@ def test_the_gate_wants_the_runtimes_own_boot(staged):
     image, kernel = wd / "container.img", wd / "vmlinuz.container"
     kernel.write_bytes(os.urandom(4096))
     records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
-                          extra={"attachment": "virtio-blk", "profile": "systemd"})
+                          extra={"attachment": "virtio-blk", "profile": "systemd", "agent": {"protocol": "kata1"}})
     with pytest.raises(UsageError, match=r"attached as the kata runtime attaches it \(nvdimm\)"):
         install_image(settings)
     with pytest.raises(UsageError, match="with this WORKDIR's image"):
         install_kernel(settings)
     records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
-                          extra={"attachment": "nvdimm", "profile": "nvdimm-dax"})
+                          extra={"attachment": "nvdimm", "profile": "nvdimm-dax", "agent": {"protocol": "kata1"}})
     passes = records.passed_attachments(records.passing_record(wd, image))
     assert set(passes) == {"virtio-blk", "nvdimm"} and passes["nvdimm"]["with"] == [records.sha256_file(kernel)]
     install_image(settings)
@@ -138,3 +139,29 @@ def test_the_gate_wants_the_runtimes_own_boot(staged):
     image.write_bytes(os.urandom(4096))  # another image in the WORKDIR: the kernel never booted it
     with pytest.raises(UsageError, match="with this WORKDIR's image"):
         install_kernel(settings)
+
+
+@pytest.mark.parametrize("runtime, protocol, refused", [
+    ("kata", "osbuilder", True), ("kata", "kata1", False), ("kata", "kata", False),
+    ("clear-containers", "hyperstart", False), ("clear-containers", "kata1", True),
+])
+def test_install_is_honest_about_agents(staged, runtime, protocol, refused):
+    """An image whose agent speaks no protocol the runtime speaks (osbuilder's own agent, for Kata) is
+    refused in one line saying how to bring the runtime's agent; --force installs it all the same."""
+    from osbuilder.vm import records
+
+    settings, wd, dest, config = staged
+    settings = settings.with_values(RUNTIME=runtime)
+    image, kernel = wd / "container.img", wd / "vmlinuz.container"
+    kernel.write_bytes(os.urandom(4096))
+    records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
+                          extra={"attachment": "nvdimm", "profile": "nvdimm-dax", "agent": {"protocol": protocol}})
+    if not refused:
+        install_image(settings, dry_run=True)
+        return
+    with pytest.raises(UsageError) as e:
+        install_image(settings)
+    assert f"has no agent the {runtime} runtime can talk to (its agent speaks {protocol}" in e.value.message
+    assert "AGENT_SOURCE_BIN=" in e.value.message and e.value.message.endswith("or use --force")
+    assert "\n" not in e.value.message
+    install_image(settings, force=True)

@@ -34,7 +34,8 @@ def record_pass(wd: Path, artifact: Path, passed: bool = True) -> None:
     from osbuilder.vm.records import make_record, sha256_file, write_record
 
     write_record(wd, make_record(artifact, sha256_file(artifact), "image", passed, {"name": "built"}, {},
-                                 {"passes": {"initrd": {"profile": "initrd", "with": []}} if passed else {}}))
+                                 {"passes": {"initrd": {"profile": "initrd", "with": [], "agent_protocol": "kata1"}}
+                                  if passed else {}}))
 
 
 def test_refuses_an_initrd_without_a_passing_boot_check(staged):

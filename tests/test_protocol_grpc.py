@@ -50,7 +50,7 @@ def test_messages_keep_the_last_value_and_skip_unknown_fields() -> None:
     raw = (protobuf.bytes_field(1, "a") + protobuf.varint_field(7, 5) + protobuf.bytes_field(1, "b")
            + bytes.fromhex("1d01020304") + bytes.fromhex("210102030405060708"))
     msg = protobuf.Message(raw)
-    assert msg.string(1) == "b" and msg.int(7) == 5 and msg.string(2) == "" and msg.int(9) == 0
+    assert msg.string(1) == "b" and msg.varint(7) == 5 and msg.string(2) == "" and msg.varint(9) == 0
     assert msg.repeated_bytes(1) == [b"a", b"b"]
     with pytest.raises(ProtocolError, match="field 7 has wire type 0, expected 2"):
         msg.string(7)

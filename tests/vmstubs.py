@@ -19,8 +19,9 @@ USERNET = ("Hub -1 (net0):\r\n  Protocol[State]    FD  Source Address  Port   De
 
 
 def load_settings(tmp_path: Path, **values: str) -> settings_mod.Settings:
-    """Settings with the WORKDIR and the per-user cache in tmp_path (never the real ~/.cache)."""
-    base = {"WORKDIR": str(tmp_path / "work"), "CACHE_DIR": str(tmp_path / "user-cache")}
+    """Settings with the WORKDIR and the per-user cache in tmp_path (never the real ~/.cache); the stand-in
+    images here record no agent, so they are booted as osbuilder's (AGENT_PROTOCOL)."""
+    base = {"WORKDIR": str(tmp_path / "work"), "CACHE_DIR": str(tmp_path / "user-cache"), "AGENT_PROTOCOL": "osbuilder"}
     return settings_mod.load({**base, **values}, env={})
 
 
@@ -52,9 +53,13 @@ class FakeVm:
         self.shutdown_event: dict[str, Any] | None = None
         self.calls: list[str] = []
         self.stopped_with: float | None = None
+        self.ports_opened: dict[str, float] = {}  # port name -> when the guest opened it (VSERPORT_CHANGE)
 
     def alive(self) -> bool:
         return self.is_alive
+
+    def port_opened_at(self, name: str) -> float | None:
+        return self.ports_opened.get(name)
 
     def powerdown(self, timeout: float) -> dict[str, Any]:
         self.calls.append("system_powerdown")

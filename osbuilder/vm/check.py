@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from osbuilder import fs
+from osbuilder import fs, metadata, runtimes
+from osbuilder.agent import AGENT_NAME, AGENT_VERSION, SERVICE_NAME
+from osbuilder.agent import protocol as protocol_mod
 from osbuilder.errors import InfrastructureError, UsageError
 from osbuilder.image import read_dax_header, wants_dax
 from osbuilder.layout import Workdir
@@ -35,7 +39,7 @@ from osbuilder.vm import accel, phases, profiles, ssh
 from osbuilder.vm.attachments import Attachment
 from osbuilder.vm.debian_kernel import debian_kernel
 from osbuilder.vm.guest import Guest, Launcher
-from osbuilder.vm.options import Accel, BootKernel, BootOptions
+from osbuilder.vm.options import Accel, AgentSpec, BootKernel, BootOptions
 from osbuilder.vm.qemu import Vm, run_interactive
 
 log = logging.getLogger("osbuilder")
@@ -107,11 +111,46 @@ def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel:
     if kernel.name == "debian":
         refuse_debian_kernel(profile.attach)
     profile.attach.check(image, settings.vm_memory)
+    agent = agent_spec(settings, image)
+    if profile.agent_is_init and not agent.protocol.can_poweroff:
+        raise UsageError(f"AGENT_INIT: the boot check proves an agent that is the guest's init over osbuilder's "
+                         f"protocol only; {agent.name} speaks {agent.protocol.name}")
     return BootOptions(
         image=image, kernel=kernel, log_dir=Workdir.of(settings).boot_log(name), accel=accel,
         memory=settings.vm_memory, cpus=settings.vm_cpus, timeout=timeout or settings.boot_timeout,
         append=" ".join(p for p in (settings.boot_append, append) if p), ssh_key=ssh_key, name=name,
-        profile=profile)
+        profile=profile, agent=agent, vsock_cid=vsock_cid(agent.protocol))
+
+
+def agent_spec(settings: Settings, image: Path) -> AgentSpec:
+    """The agent a boot of `image` proves, and over which protocol: AGENT_PROTOCOL, else (auto) what the
+    image records of its agent, else the RUNTIME's protocol when it speaks only one. Never found by
+    trying protocols on the agent (a wrong first byte breaks a Kata agent's session)."""
+    recorded = metadata.agent_of(image) if image.is_file() else None
+    name = settings.agent_protocol
+    if name == "auto" and recorded:
+        name = str(recorded.get("protocol") or protocol_mod.OSBUILDER.name)  # records before protocols: osbuilder's
+    if name == "auto":
+        spoken = runtimes.get(settings.runtime).agent_protocols
+        if image.is_file() and len(spoken) != 1:
+            raise UsageError(f"AGENT_PROTOCOL: {image} records no agent (not made by osbuilder?) and RUNTIME="
+                             f"{settings.runtime} speaks {', '.join(spoken)}; set AGENT_PROTOCOL")
+        name = spoken[0] if image.is_file() else protocol_mod.OSBUILDER.name
+    agent = recorded or {}
+    return AgentSpec(protocol_mod.get(name), str(agent.get("name", AGENT_NAME)),
+                     str(agent.get("service", SERVICE_NAME)), str(agent.get("version", AGENT_VERSION)))
+
+
+def vsock_cid(protocol: protocol_mod.AgentProtocol) -> int | None:
+    """A guest address for vsock when the protocol needs it: the host must have /dev/vhost-vsock (else
+    125: not the image's fault)."""
+    if protocol.vsock_port is None:
+        return None
+    if not os.access("/dev/vhost-vsock", os.R_OK | os.W_OK):
+        raise InfrastructureError(f"AGENT_PROTOCOL={protocol.name}: the agent listens on vsock port "
+                                  f"{protocol.vsock_port}, and this host has no usable /dev/vhost-vsock "
+                                  "(modprobe vhost_vsock)")
+    return secrets.randbelow(2**31 - 3) + 3  # 0-2 are reserved
 
 
 def image_profile(settings: Settings, image: Path, attachment: Attachment | None = None) -> profiles.Profile:

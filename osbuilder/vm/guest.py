@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +27,12 @@ from typing import Any
 import paramiko
 
 from osbuilder import fs
-from osbuilder.agent.client import AgentClient, AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
+from osbuilder.agent.client import AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
+from osbuilder.agent.protocol import AgentProtocol, Ready
 from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.layout import Workdir
 from osbuilder.vm import records
+from osbuilder.vm import ssh as ssh_mod
 from osbuilder.vm.console import format_tail
 from osbuilder.vm.options import BootOptions, Budgets
 from osbuilder.vm.profiles import PHASES, Outcome, Profile
@@ -77,7 +80,9 @@ class Guest:
         self.opts = opts
         self.vm = vm
         self.started_at = time.time() if started_at is None else started_at
-        self.agent: AgentClient | None = None
+        self.agent: Any = None  # the agent protocol's client (an AgentClient for osbuilder's own agent)
+        self.agent_ready: Ready | None = None  # what proved the agent up (phases.agent)
+        self.command_ssh: paramiko.SSHClient | None = None  # commands, when the agent cannot run them
         self.ssh_client: paramiko.SSHClient | None = None
         self.timings: dict[str, float] = {}
         self.phases: dict[str, Outcome] = {}
@@ -139,8 +144,9 @@ class Guest:
 
     def close(self, graceful: float | None = None) -> None:
         """Stop the guest (power it off first, unless it failed or `graceful` is 0) and write boot.json."""
-        if self.ssh_client is not None:
-            self.ssh_client.close()
+        for client in (self.ssh_client, self.command_ssh):
+            if client is not None:
+                client.close()
         grace = graceful if graceful is not None else (0 if self.failure else 10)
         if (self.profile.agent_is_init and grace > 0 and self.agent is not None and self.vm.alive()
                 and self.vm.shutdown_event is None):
@@ -254,8 +260,15 @@ class Guest:
                 raise self.fail(phase, f"timed out after {budget:.0f}s waiting for {what}")
             console.wait(lambda: done() or console.fatal is not None, min(1.0, left))
 
+    @property
+    def protocol(self) -> AgentProtocol:
+        return self.opts.agent.protocol
+
     def exec(self, argv: list[str], timeout: float = 30, phase: str = "exec") -> ExecResult:
-        """Run argv in the guest through the agent (a failure fails `phase`)."""
+        """Run argv in the guest through the agent, or over SSH when the agent's protocol cannot run
+        commands (a failure fails `phase`)."""
+        if not self.protocol.can_exec:
+            return self.ssh_exec(argv, timeout, phase)
         if self.agent is None:
             raise self.fail(phase, "the agent is not connected")
         try:
@@ -263,6 +276,38 @@ class Guest:
         except AgentError as e:
             self.settle(phase)
             raise self.fail(phase, f"agent exec {argv[0]!r} failed: {e}")
+
+    def try_exec(self, argv: list[str], timeout: float = 20) -> ExecResult | None:
+        """Best effort (timings, diagnostics): argv's result, or None; never fails a phase."""
+        try:
+            if self.protocol.can_exec:
+                return self.agent.exec(argv, timeout) if self.agent is not None else None
+            if self.command_ssh is None:
+                return None
+            status, out, err = ssh_mod.run_command(self.command_ssh, shlex.join(argv), timeout=timeout)
+            return ExecResult(status, None, out, err, False)
+        except (AgentError, OSError, paramiko.SSHException):
+            return None
+
+    def ssh_exec(self, argv: list[str], timeout: float = 30, phase: str = "exec") -> ExecResult:
+        """Run argv over SSH as root with the session key (connecting once, while sshd comes up within
+        the phase's budget), killed after `timeout` seconds by the guest's `timeout`."""
+        if self.opts.ssh_key is None:
+            raise self.fail(phase, f"the {self.protocol.name} agent cannot run commands and this guest has no "
+                            "session key for SSH")
+        try:
+            if self.command_ssh is None:
+                self.command_ssh = ssh_mod.connect(self.vm.host_port(22), self.opts.ssh_key, self.budgets.ssh,
+                                                   keep_going=lambda: self.guard(phase))
+            command = f"timeout -s KILL {max(1, round(timeout))} {shlex.join(argv)}"
+            status, out, err = ssh_mod.run_command(self.command_ssh, command, timeout=timeout + 15)
+        except (ssh_mod.SshError, OsbuilderError, OSError, paramiko.SSHException) as e:
+            if isinstance(e, (BootFailure, BootInfrastructureError)):
+                raise
+            self.settle(phase)
+            raise self.fail(phase, f"{argv[0]!r} over SSH failed: {e}")
+        timed_out = status in (124, 137)
+        return ExecResult(None if timed_out else status, 9 if timed_out else None, out, err, timed_out)
 
     # -- evidence ---------------------------------------------------------------------------
 
@@ -298,6 +343,7 @@ class Guest:
             "powerdown_seconds": self.powerdown_seconds,
             "phases": {p: str(self.phases[p]) if p in self.phases else "not run" for p in PHASES},
             "profile": self.profile.name,
+            "agent": self.agent_info(),
             "root": self.root_mount,
             "passed": self.passed,
             "failure": self.failure,
@@ -305,6 +351,16 @@ class Guest:
             "command": self.vm.command,
             "log_dir": str(self.log_dir),
         }
+
+    def agent_info(self) -> dict[str, Any]:
+        """The agent as boot.json records it: the protocol it was proven over, its own version and the
+        proof (once `agent` passed), its binary and unit, and how commands reached the guest."""
+        a = self.opts.agent
+        info: dict[str, Any] = {"protocol": a.protocol.name, "name": a.name, "service": a.service,
+                                "commands": "agent" if a.protocol.can_exec else "ssh"}
+        if self.agent_ready is not None:
+            info.update(version=self.agent_ready.version, proof=self.agent_ready.proof)
+        return info
 
     def write_boot_json(self) -> Path:
         return fs.write_atomically(self.log_dir / BOOT_JSON, json.dumps(self.record(), indent=2) + "\n")
@@ -324,4 +380,5 @@ class Guest:
                                      kernel=self.kernel_info(), timings=self.timings, digests=self.digests,
                                      extra={"accel": self.opts.accel.name, "log_dir": str(self.log_dir),
                                             "profile": self.opts.profile.name,
-                                            "attachment": self.opts.profile.attach.name})
+                                            "attachment": self.opts.profile.attach.name,
+                                            "agent": self.agent_info()})

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from osbuilder.agent import PORT_NAME
+from osbuilder.agent import AGENT_NAME, AGENT_VERSION, SERVICE_NAME
+from osbuilder.agent.protocol import OSBUILDER, AgentProtocol
 from osbuilder.vm import ssh
 from osbuilder.vm.profiles import SYSTEMD, Profile
 from osbuilder.vm.qemu import VmSpec, kernel_cmdline
@@ -56,6 +57,22 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class AgentSpec:
+    """The agent a boot proves: the protocol it speaks, and what the image records of it (its binary's
+    name, its unit, its version) for messages and diagnostics."""
+
+    protocol: AgentProtocol = OSBUILDER
+    name: str = AGENT_NAME
+    service: str = SERVICE_NAME
+    version: str = AGENT_VERSION  # as recorded ("custom:<hash>" for a binary osbuilder did not build)
+
+    @property
+    def osbuilders_own(self) -> bool:
+        """osbuilder's own agent: its version must be the one this osbuilder builds."""
+        return self.name == AGENT_NAME and not self.version.startswith("custom:")
+
+
+@dataclass(frozen=True)
 class BootOptions:
     image: Path
     kernel: BootKernel
@@ -68,6 +85,8 @@ class BootOptions:
     ssh_key: ssh.SessionKey | None = None
     name: str = "boot"
     profile: Profile = SYSTEMD
+    agent: AgentSpec = AgentSpec()
+    vsock_cid: int | None = None  # the guest's vsock address, when its agent protocol needs vsock
 
     @property
     def cmdline(self) -> str:
@@ -84,4 +103,5 @@ class BootOptions:
         return VmSpec(kernel=self.kernel.kernel, initrd=self.kernel.initrd, cmdline=self.cmdline,
                       image=self.image, attachment=self.profile.attach, accel=self.accel.name,
                       memory=self.memory, cpus=self.cpus, credentials=creds,
-                      serial_ports=() if interactive else (PORT_NAME,))
+                      serial_ports=() if interactive else self.agent.protocol.serial_ports,
+                      vsock_cid=None if interactive else self.vsock_cid)

@@ -24,13 +24,14 @@ runs a phase the guest's profile's way: a phase the profile skips is recorded as
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import paramiko
 
-from osbuilder.agent import AGENT_VERSION, PORT_NAME, SERVICE_NAME
+from osbuilder.agent import AGENT_VERSION
 from osbuilder.agent.client import AgentClient, AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
 from osbuilder.errors import OsbuilderError
 from osbuilder.vm import ssh as ssh_mod
@@ -76,33 +77,62 @@ def init(guest: Guest) -> None:
 
 
 def agent(guest: Guest) -> str:
-    """The agent answers ping on its port; returns its version."""
+    """The agent answers over its protocol (osbuilder's ping, Kata's grpc.Health Check, hyperstart's
+    READY and PING/ACK, ...); returns its own version ("" when the protocol cannot tell). An agent that
+    opened its port and does not answer over the protocol for SPEAK_GRACE seconds fails at once: it
+    speaks another protocol, or none."""
     b = guest.budgets
     deadline = guest.vm.t0 + b.agent
+    protocol = guest.protocol
     client = _connect_agent(guest, deadline)
     while True:
         guest.guard(_phase_while_agent_is_silent(guest))
         _check_agent_lag(guest, b)
+        _check_agent_speaks(guest)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise guest.fail("agent", f"no answer from the agent on {PORT_NAME} within {b.agent:.0f}s",
-                             _agent_diagnostics(guest))
+            raise guest.fail("agent", f"no answer from the agent over the {protocol.name} protocol within "
+                             f"{b.agent:.0f}s ({where(guest)})", _agent_diagnostics(guest))
         try:
-            version = client.wait_ready(min(1.0, left), try_timeout=0.5)
+            ready = protocol.wait_ready(client, min(1.0, left))
             break
         except AgentTimeout:
             continue
         except AgentConnectionClosed as e:
             guest.settle("agent")
-            raise guest.fail("agent", f"the agent's socket closed: {e}")
+            raise guest.fail("agent", f"the agent's connection closed: {e}")
+    guest.agent_ready = ready
     guest.timings["agent_ready"] = guest.now()
     guest.collect_console_timings()
-    if version != AGENT_VERSION:
-        raise guest.fail("agent", f"agent version {version!r}, expected {AGENT_VERSION!r}")
+    if guest.opts.agent.osbuilders_own and ready.version != AGENT_VERSION:
+        raise guest.fail("agent", f"agent version {ready.version!r}, expected {AGENT_VERSION!r}")
     if guest.profile.agent_is_init:
         _prove_agent_is_init(guest, client)
     guest.phases["agent"] = Outcome.passed()
-    return version
+    return ready.version
+
+
+SPEAK_GRACE = 8.0  # seconds an agent that opened its port may take to answer over its protocol
+
+
+def where(guest: Guest) -> str:
+    """Where the agent is expected, for messages: its unit and its port(s) or vsock port."""
+    a = guest.opts.agent
+    ports = ", ".join(a.protocol.serial_ports) or f"vsock port {a.protocol.vsock_port}"
+    return f"{a.service} on {ports}"
+
+
+def _check_agent_speaks(guest: Guest) -> None:
+    """Fail when the guest opened the agent's first port SPEAK_GRACE seconds ago (QMP's VSERPORT_CHANGE)
+    and the agent has not answered over the protocol: it speaks another one (a wrong first byte broke
+    its session, or it ignores ours)."""
+    ports = guest.protocol.serial_ports
+    opened = guest.vm.port_opened_at(ports[0]) if ports else None
+    if opened is not None and guest.now() - opened > SPEAK_GRACE:
+        a = guest.opts.agent
+        raise guest.fail("agent", f"the agent ({a.service}, /usr/bin/{a.name}) opened {ports[0]} at {opened:.1f}s "
+                         f"but did not answer over the {guest.protocol.name} protocol within {SPEAK_GRACE:.0f}s "
+                         "(set AGENT_PROTOCOL to the protocol it speaks)", _agent_diagnostics(guest))
 
 
 def _phase_while_agent_is_silent(guest: Guest) -> str:
@@ -127,12 +157,13 @@ def _prove_agent_is_init(guest: Guest, client: AgentClient) -> None:
     guest.phases["init"] = Outcome.passed()
 
 
-def _connect_agent(guest: Guest, deadline: float) -> AgentClient:
+def _connect_agent(guest: Guest, deadline: float) -> Any:
     if guest.agent is None:
         try:
-            guest.agent = AgentClient.connect_unix(guest.vm.paths.agent, max(1.0, deadline - time.monotonic()))
+            guest.agent = guest.protocol.connect(guest.vm.paths.port, guest.opts.vsock_cid,
+                                                 max(1.0, deadline - time.monotonic()))
         except AgentError as e:
-            raise guest.fail("agent", f"cannot connect to the agent socket: {e}")
+            raise guest.fail("agent", f"cannot connect to the agent ({where(guest)}): {e}")
     return guest.agent
 
 
@@ -142,13 +173,15 @@ def _check_agent_lag(guest: Guest, b: Budgets) -> None:
     reached = milestones.get("multi_user") or milestones.get("login_prompt")
     if reached is not None and guest.now() - reached > b.agent_grace:
         raise guest.fail("agent", f"systemd reached multi-user.target {guest.now() - reached:.0f}s ago but the "
-                         f"agent ({SERVICE_NAME}) does not answer on {PORT_NAME}", _agent_diagnostics(guest))
+                         f"agent ({where(guest)}) does not answer over the {guest.protocol.name} protocol",
+                         _agent_diagnostics(guest))
 
 
 def _agent_diagnostics(guest: Guest) -> str:
     """The agent unit's status over SSH, when the session key gets us in."""
+    a = guest.opts.agent
     if guest.profile.agent_is_init:
-        return "(the agent is init: no systemd unit and no sshd to ask; see the console's osbuilder-agent lines)"
+        return f"(the agent is init: no systemd unit and no sshd to ask; see the console's {a.name} lines)"
     if guest.opts.ssh_key is None or not guest.vm.alive():
         return ""
     try:
@@ -156,10 +189,11 @@ def _agent_diagnostics(guest: Guest) -> str:
     except (ssh_mod.SshError, OsbuilderError) as e:
         return f"(no SSH for diagnostics: {e})"
     try:
-        cmd = (f"systemctl status {SERVICE_NAME} --no-pager -n 0; ls -l /usr/bin/osbuilder-agent "
-               f"/dev/virtio-ports/ 2>&1; journalctl -b -u {SERVICE_NAME} --no-pager -n 15")
+        unit = shlex.quote(a.service)
+        cmd = (f"systemctl status {unit} --no-pager -n 0; ls -l {shlex.quote('/usr/bin/' + a.name)} "
+               f"/dev/virtio-ports/ 2>&1; journalctl -b -u {unit} --no-pager -n 15")
         status, out, err = ssh_mod.run_command(client, cmd, timeout=20)
-        return format_tail((out + err).splitlines()[-40:], f"agent diagnostics over SSH ({SERVICE_NAME})")
+        return format_tail((out + err).splitlines()[-40:], f"agent diagnostics over SSH ({a.service})")
     except Exception as e:  # noqa: BLE001 - diagnostics are best effort
         return f"(SSH diagnostics failed: {e})"
     finally:
@@ -206,10 +240,7 @@ def failed_units(guest: Guest) -> tuple[list[str], str]:
 
 def _analyze(guest: Guest) -> None:
     """systemd's own startup times (`systemd-analyze time`), best effort."""
-    try:
-        r = guest.agent.exec(["systemd-analyze", "time"], 20) if guest.agent else None
-    except AgentError:
-        return
+    r = guest.try_exec(["systemd-analyze", "time"], 20)
     if r is not None and r.status == 0:
         guest.guest_startup = parse_startup(r.stdout)
         kernel_at = guest.vm.console.milestones.get("linux_version")
@@ -268,8 +299,8 @@ def ssh(guest: Guest) -> paramiko.SSHClient:
     """Log in over SSH with the session key; the host key must be the one the guest made."""
     if guest.opts.ssh_key is None:
         raise guest.fail("ssh", "no session key was delivered to this guest")
-    host_key = None
-    if guest.agent is not None:
+    host_key = None  # pinned when the agent can read it: an agent that cannot exec leaves it unpinned
+    if guest.agent is not None and guest.protocol.can_exec:
         r = guest.exec(["cat", GUEST_HOST_KEY], phase="ssh")
         host_key = r.stdout.strip() if r.status == 0 else None
     try:

@@ -89,6 +89,7 @@ class VmSpec:
     machine: str = "q35"
     credentials: dict[str, str] = field(default_factory=dict)  # systemd credentials via SMBIOS
     serial_ports: tuple[str, ...] = (PORT_NAME,)
+    vsock_cid: int | None = None  # a vhost-vsock device with this guest address (the host needs /dev/vhost-vsock)
     network: bool = True
     qemu: str = QEMU  # the emulator binary
 
@@ -181,6 +182,8 @@ def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = Fa
             ident = port_id(name)
             cmd += ["-chardev", f"socket,id={ident},path={qemu_escape(str(paths.port(name)))},server=on,wait=off",
                     "-device", f"virtserialport,chardev={ident},name={name},id={ident}"]
+    if spec.vsock_cid is not None:
+        cmd += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={spec.vsock_cid}"]
     if spec.network:
         cmd += ["-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:0-:22", "-device", "virtio-net-pci,netdev=net0"]
     for name, value in spec.credentials.items():
@@ -240,6 +243,7 @@ class QmpSession:
         self.transcript = transcript
         self.t0 = t0
         self.events: list[dict[str, Any]] = []
+        self.arrived: list[float] = []  # seconds since t0 at which each event arrived
         self._cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qmp", daemon=True)
@@ -293,6 +297,7 @@ class QmpSession:
             self._record("event", event)
             with self._cond:
                 self.events.append(event)
+                self.arrived.append(round(time.monotonic() - self.t0, 3))
                 self._cond.notify_all()
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10) -> Any:
@@ -416,6 +421,17 @@ class Vm:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def port_opened_at(self, name: str) -> float | None:
+        """Seconds since QEMU started at which the guest first opened the virtio-serial port `name`
+        (QMP's VSERPORT_CHANGE), or None."""
+        ident = port_id(name)
+        with self.qmp._cond:
+            for event, at in zip(self.qmp.events, self.qmp.arrived, strict=False):
+                data = event.get("data", {})
+                if event.get("event") == "VSERPORT_CHANGE" and data.get("id") == ident and data.get("open"):
+                    return at
+        return None
 
     def status(self) -> str:
         return self.qmp.execute("query-status")["status"]

@@ -146,7 +146,8 @@ def merge_passes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def passed_attachments(record: dict[str, Any] | None) -> dict[str, Any]:
-    """The attachments (virtio-blk, nvdimm, initrd) a passing record proves, each with what it booted with."""
+    """The attachments (virtio-blk, nvdimm, initrd) a passing record proves, each with what it booted with
+    and the protocol its agent was proven over."""
     passes = record.get("passes") if record else None
     return passes if isinstance(passes, dict) else {}
 
@@ -159,10 +160,12 @@ def write_records(workdir: Path | Workdir, image: Path, kernel_file: Path, *, pa
     digests = digests or (sha256_file(image), sha256_file(kernel_file))
     extra = dict(extra or {})
     attachment, profile = extra.get("attachment"), extra.get("profile")
+    protocol = (extra.get("agent") or {}).get("protocol")
     out = []
     for role, path, digest, other in (("image", image, digests[0], digests[1]),
                                       ("kernel", kernel_file, digests[1], digests[0])):
-        passes = {attachment: {"profile": profile, "with": [other]}} if passed and attachment else {}
+        passes = {attachment: {"profile": profile, "with": [other], "agent_protocol": protocol}} \
+            if passed and attachment else {}
         rec = make_record(path, digest, role, passed, kernel, timings, {**extra, "passes": passes})
         out.append(write_record(workdir, rec))
     return out

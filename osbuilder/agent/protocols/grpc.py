@@ -148,7 +148,7 @@ class GrpcConnection:
             return
         sid = getattr(ev, "stream_id", None)
         call = self.calls.get(sid) if sid is not None else None
-        if call is None or call.ended:
+        if sid is None or call is None or call.ended:
             return  # a stream we gave up on, or connection-level
         if isinstance(ev, h2.events.ResponseReceived):
             call.headers = dict(ev.headers)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ def check_request(service: str = "") -> bytes:
 
 def serving_status(response: bytes) -> str:
     """HealthCheckResponse -> "SERVING", "NOT_SERVING", "UNKNOWN" (or "status N" for another value)."""
-    code = protobuf.Message(response).int(1)
+    code = protobuf.Message(response).varint(1)
     return SERVING_STATUS.get(code, f"status {code}")
 
 

@@ -87,6 +87,7 @@ def iter_fields(data: bytes) -> Iterator[Field]:
         number, wire_type = k >> 3, k & 7
         if number == 0:
             raise ProtocolError("protobuf: field number 0")
+        value: int | bytes
         if wire_type == VARINT:
             value, pos = decode_varint(data, pos)
         elif wire_type == LEN:
@@ -122,21 +123,21 @@ class Message:
             raise ProtocolError(f"protobuf: field {number} has wire type {f.wire_type}, expected {wire_type}")
         return f
 
-    def int(self, number: int, signed: bool = False) -> int:
+    def varint(self, number: int, signed: bool = False) -> int:
         f = self._last(number, VARINT)
-        value = int(f.value) if f else 0
+        value = f.value if f and isinstance(f.value, int) else 0
         return value - (1 << 64) if signed and value >= 1 << 63 else value
 
-    def bytes(self, number: int) -> bytes:
+    def raw(self, number: int) -> bytes:
         f = self._last(number, LEN)
-        return bytes(f.value) if f else b""  # type: ignore[arg-type]
+        return f.value if f and isinstance(f.value, bytes) else b""
 
     def string(self, number: int) -> str:
-        raw = self.bytes(number)
+        raw = self.raw(number)
         try:
             return raw.decode()
         except UnicodeDecodeError:
             raise ProtocolError(f"protobuf: string field {number} is not UTF-8") from None
 
     def repeated_bytes(self, number: int) -> list[bytes]:
-        return [bytes(f.value) for f in self.fields.get(number, []) if f.wire_type == LEN]  # type: ignore[arg-type]
+        return [f.value for f in self.fields.get(number, []) if isinstance(f.value, bytes)]

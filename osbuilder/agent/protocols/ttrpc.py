@@ -74,7 +74,7 @@ class Request:
     def decode(cls, raw: bytes) -> Request:
         msg = protobuf.Message(raw)
         meta = tuple((m.string(1), m.string(2)) for m in map(protobuf.Message, msg.repeated_bytes(5)))
-        return cls(msg.string(1), msg.string(2), msg.bytes(3), msg.int(4, signed=True), meta)
+        return cls(msg.string(1), msg.string(2), msg.raw(3), msg.varint(4, signed=True), meta)
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ class Response:
     @classmethod
     def decode(cls, raw: bytes) -> Response:
         msg = protobuf.Message(raw)
-        status = protobuf.Message(msg.bytes(1))
-        return cls(status.int(1, signed=True), status.string(2), msg.bytes(2))
+        status = protobuf.Message(msg.raw(1))
+        return cls(status.varint(1, signed=True), status.string(2), msg.raw(2))
 
 
 class MessageReader:
