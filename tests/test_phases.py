@@ -108,8 +108,8 @@ def test_close_powers_off_the_profiles_way_and_writes_boot_json(tmp_path: Path, 
     record = json.loads((tmp_path / BOOT_JSON).read_text())
     assert record["qemu_pid"] == 4242 and record["passed"] is False and record["phases"]["kernel"] == "not run"
     assert list(record) == ["name", "image", "kernel", "accel", "memory_mib", "cpus", "started_at", "timings",
-                            "guest_startup", "powerdown_seconds", "phases", "profile", "agent", "root", "passed", "failure",
-                            "qemu_pid", "command", "log_dir"]
+                            "guest_startup", "powerdown_seconds", "phases", "profile", "agent", "root", "passed",
+                            "failure", "qemu_pid", "command", "log_dir"]
     assert record["profile"] == profile.name
 
 
