@@ -34,9 +34,9 @@ from osbuilder.agent import PORT_NAME
 from osbuilder.agent.client import AgentClient, AgentError
 from osbuilder.agent.protocols import hyperstart
 from osbuilder.agent.protocols.kata1 import Kata1Client
+from osbuilder.artifacts import Artifacts
 from osbuilder.cache import Cache
 from osbuilder.layout import Workdir
-from osbuilder.pytest_plugin import Artifacts
 from osbuilder.vm import accel as accel_mod
 from osbuilder.vm import check
 from osbuilder.vm.qemu import Vm, port_id
