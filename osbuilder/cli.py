@@ -22,6 +22,7 @@ from osbuilder import settings as settings_mod
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import IMAGE, INITRD, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
+from osbuilder.terminal import SafeFormatter, printable
 
 log = logging.getLogger("osbuilder")
 
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a value that is not UTF-8 is printed escaped, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -316,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     cli_values = {s.name: getattr(args, s.name, None) for s in TABLE}
     try:
         s = settings_mod.load(cli_values, config=args.config)
-        logging.basicConfig(level=logging.DEBUG if s.debug else logging.INFO, format="%(message)s",
-                            stream=sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(SafeFormatter("%(message)s"))
+        logging.basicConfig(level=logging.DEBUG if s.debug else logging.INFO, handlers=[handler])
         announce(s)
         if s.use_docker:
             from osbuilder import container
@@ -363,9 +368,10 @@ def os_error(command: str, e: OSError) -> OsbuilderError:
 
 
 def report(e: OsbuilderError, exit_code: int | None = None) -> int:
-    print(f"osbuilder: error: {e.message}", file=sys.stderr)
+    """Print the error (one line, then the evidence), made inert for the terminal; return the exit code."""
+    print(f"osbuilder: error: {printable(e.message, lines=False)}", file=sys.stderr)
     if e.detail:
-        print(e.detail.rstrip(), file=sys.stderr)
+        print(printable(e.detail.rstrip()), file=sys.stderr)
     return e.exit_code if exit_code is None else exit_code
 
 

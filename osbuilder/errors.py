@@ -1,7 +1,9 @@
-"""The two kinds of error osbuilder reports: a user's mistake (exit 2) and a step that failed (exit 1).
+"""The kinds of error osbuilder reports: a user's mistake (exit 2), a step that failed (exit 1), and an
+infrastructure failure that says nothing about the artifact (exit 125).
 
 Every error has a one-line message that names the setting or input at fault, and an optional
-multi-line detail (a command's stderr tail, the lines of a console log) printed after it.
+multi-line detail (a command's stderr tail, the lines of a console log) printed after it. Times in
+messages are written by `seconds()`, so a budget under a second is not "0s".
 """
 
 from __future__ import annotations
@@ -34,3 +36,8 @@ class InfrastructureError(OsbuilderError):
     """
 
     exit_code = 125
+
+
+def seconds(value: float) -> str:
+    """A duration for a message: whole seconds from 10 s on, else two significant digits (0.25s, 7.5s)."""
+    return f"{value:.0f}s" if value >= 10 else f"{value:.2g}s"
