@@ -98,7 +98,7 @@ SAMPLES = {
     "KERNEL_SOURCE": "/srv/linux.tar.xz", "KERNEL_FRAGMENTS": "/srv/a.config", "KERNEL_CONFIG": "/srv/config",
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
     "DESTDIR": "/tmp/stage", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
-    "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12",
+    "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12", "SECURITY_UPDATES": "no",
 }
 
 
