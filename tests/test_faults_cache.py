@@ -278,9 +278,11 @@ def archive(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
     root = tmp_path / "mirror"
     release = root / "debian" / "dists" / "bookworm" / "InRelease"
-    release.parent.mkdir(parents=True)
-    release.write_text("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nOrigin: Debian\n"
-                       "Codename: bookworm\nDate: Sat, 10 Jan 2026 10:00:00 UTC\nMD5Sum:\n")
+    for path in (release, root / "debian/dists/bookworm-updates/InRelease",
+                 root / "debian-security/dists/bookworm-security/InRelease"):
+        path.parent.mkdir(parents=True)
+        path.write_text("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nOrigin: Debian\n"
+                        "Codename: bookworm\nDate: Sat, 10 Jan 2026 10:00:00 UTC\nMD5Sum:\n")
 
     class Quiet(SimpleHTTPRequestHandler):
         def __init__(self, *args, **kw) -> None:
@@ -318,6 +320,27 @@ def test_rootfs_key_follows_the_archives_release(tmp_path: Path, archive, caplog
     assert rootfs_build.manifest(s).inputs["archive_date"] == second.inputs["archive_date"]
     assert any("keying the cached rootfs on the archive state last seen: Sat, 17 Jan" in r.getMessage()
                for r in caplog.records)
+
+
+def test_rootfs_key_follows_the_security_and_updates_suites(tmp_path: Path, archive):
+    """A security update (a new bookworm-security Release) makes a new rootfs, and the miss says which
+    suite moved; with SECURITY_UPDATES=no only the release counts."""
+    from osbuilder.rootfs import inputs
+
+    url, release = archive
+    security = release.parents[3] / "debian-security/dists/bookworm-security/InRelease"
+    s = key_settings(tmp_path, REPO_URL=url)
+    first = rootfs_build.manifest(s)
+    assert first.inputs["archive_updates"] == ("bookworm-updates Sat, 10 Jan 2026 10:00:00 UTC; "
+                                               "bookworm-security Sat, 10 Jan 2026 10:00:00 UTC")
+    assert first.inputs["suites"] == f"bookworm@{url} bookworm-updates@{url} bookworm-security@{url}-security"
+    pinned = rootfs_build.manifest(s.with_values(SECURITY_UPDATES="no"))
+    assert pinned.inputs["archive_updates"] == "none" and pinned.key != first.key
+    security.write_text(security.read_text().replace("10 Jan", "12 Jan"))  # a DSA was published
+    inputs._SEEN.clear()
+    second = rootfs_build.manifest(s)
+    assert second.key != first.key and "bookworm-security Sat, 12 Jan" in second.inputs["archive_updates"]
+    assert rootfs_build.manifest(s.with_values(SECURITY_UPDATES="no")).key == pinned.key
 
 
 def test_rootfs_key_follows_the_distribution_plugins_code(tmp_path: Path, archive,

@@ -1,10 +1,15 @@
 """Inputs of a rootfs that are not settings: the archive's state, the agent's toolchain, the plugin's code.
 
 They are part of the rootfs cache key (`build.manifest`), so a cached rootfs is rebuilt when the
-archive publishes a new Release (a point release, or any update of a moving suite), when the host's
-compiler or static C library changes under osbuilder's agent, or when the distribution plugin's code
-does. Each is cheap: one ranged HTTP request for the first bytes of the suite's InRelease per process,
-two compiler invocations, a hash of two source files.
+archive publishes a new Release of a suite the rootfs is built from (a point release, a security or
+stable update, any update of a moving suite), when the host's compiler or static C library changes
+under osbuilder's agent, or when the distribution plugin's code does. Each is cheap: one ranged HTTP
+request for the first bytes of each suite's InRelease per process, two compiler invocations, a hash
+of two source files.
+
+The request logs in to a mirror whose URL carries credentials, and the login goes nowhere else: a
+redirect to another scheme, host or port is followed without it, and one from https to plain http is
+refused (as apt does).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
-from urllib.request import Request, urlopen
+from urllib.error import HTTPError
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
+from urllib.request import HTTPRedirectHandler, Request, build_opener
 
 from osbuilder.fs import file_hash, sha256_file, write_atomically
 from osbuilder.layout import UserCache
-from osbuilder.rootfs.distro import Distro
+from osbuilder.rootfs.distro import Distro, Suite
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
 
@@ -60,27 +66,34 @@ def _hash_once(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return sha256_file(Path(path))
 
 
-def archive_date(settings: Settings, mirror: str) -> str:
-    """The Date of `mirror`'s Release file for OS_VERSION (asked once per process).
+def archive_date(settings: Settings, mirror: str, suite: str | None = None) -> str:
+    """The Date of `mirror`'s Release file for `suite` (default: OS_VERSION), asked once per process.
 
     When the mirror cannot be asked, the Date last seen (kept in the per-user cache) stands in, and a
     warning says so: a warm cache keeps working offline."""
+    suite = suite or settings.os_version
     bare = _bare(mirror)
-    key = (bare, settings.os_version)
+    key = (bare, suite)
     if key not in _SEEN:
         remembered = UserCache.of(settings).archive_dates
         known = _read(remembered)
-        name = f"{bare} {settings.os_version}"
+        name = f"{bare} {suite}"
         try:
-            _SEEN[key] = fetch_release_date(mirror, settings.os_version)
+            _SEEN[key] = fetch_release_date(mirror, suite)
         except (OSError, ValueError) as e:
             _SEEN[key] = known.get(name, "unknown")
             log.warning("rootfs: cannot read the Release of %s at %s (%s); keying the cached rootfs on the "
-                        "archive state last seen: %s", settings.os_version, bare, e, _SEEN[key])
+                        "archive state last seen: %s", suite, bare, e, _SEEN[key])
         else:
             if known.get(name) != _SEEN[key]:
                 _remember(remembered, {**known, name: _SEEN[key]})
     return _SEEN[key]
+
+
+def archive_state(settings: Settings, suites: list[Suite]) -> str:
+    """The Dates of the Release files of `suites` (the release's updates and security suites), one
+    `suite date` each, for the cache key; 'none' without any."""
+    return "; ".join(f"{s.name} {archive_date(settings, s.mirror, s.name)}" for s in suites) or "none"
 
 
 def fetch_release_date(mirror: str, release: str) -> str:
@@ -88,15 +101,45 @@ def fetch_release_date(mirror: str, release: str) -> str:
     parts = urlsplit(mirror)
     url = f"{_bare(mirror).rstrip('/')}/dists/{quote(release)}/InRelease"
     request = Request(url, headers={"Range": f"bytes=0-{RELEASE_HEAD_BYTES - 1}"})
+    login = None
     if parts.username is not None:  # the same login apt uses (debian.mirror_access)
-        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
-    with urlopen(request, timeout=10) as response:
+        secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        login = "Basic " + base64.b64encode(secret.encode()).decode()
+        request.add_unredirected_header("Authorization", login)  # a redirect decides for itself
+    opener = build_opener(LoginStaysHome(urlsplit(url), login))
+    with opener.open(request, timeout=10) as response:
         head = response.read(RELEASE_HEAD_BYTES)
     m = re.search(rb"^Date:[ \t]*(\S.*?)[ \t\r]*$", head, re.MULTILINE)
     if not m:
         raise ValueError(f"{url} has no Date field")
     return m.group(1).decode(errors="replace")
+
+
+def origin(url: SplitResult) -> tuple[str, str, int | None]:
+    """Scheme, host and port: where a login may be sent (RFC 6454's origin)."""
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, (url.hostname or "").lower(), url.port or default
+
+
+class LoginStaysHome(HTTPRedirectHandler):
+    """Follows a mirror's redirects, sending its login only to the mirror's own origin (urllib would
+    copy the Authorization header to any host); a redirect from https to http is refused."""
+
+    def __init__(self, home: SplitResult, login: str | None) -> None:
+        self.home = origin(home)
+        self.login = login
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is None:
+            return None
+        target = urlsplit(new.full_url)
+        if urlsplit(req.full_url).scheme == "https" and target.scheme != "https":
+            raise HTTPError(req.full_url, code, f"refusing a redirect from https to {target.scheme}", headers, fp)
+        new.remove_header("Authorization")
+        if self.login and origin(target) == self.home:
+            new.add_unredirected_header("Authorization", self.login)
+        return new
 
 
 def _bare(url: str) -> str:
