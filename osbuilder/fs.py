@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,24 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket"}
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file to read, in words for an error line ("does not exist", "is a
+    directory", "is a character device", ...); None when it is one (symlinks followed)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return f"is {KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a file"
 
 
 def file_hash(*paths: Path) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import posixpath
 import re
 import struct
 import uuid
@@ -41,6 +40,7 @@ from osbuilder.layout import Workdir
 from osbuilder.rootfs.build import METADATA_PATH, AgentChoice
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
+from osbuilder.terminal import shown
 
 MiB = 1024 * 1024
 ALIGN = 128 * MiB  # memory-hotplug alignment the runtimes need for an NVDIMM-mapped image
@@ -138,21 +138,37 @@ def plan_layout(rootfs: Path, settings: Settings) -> ImageLayout:
     return ImageLayout(total, header + PART_START, fs_bytes, bs, header)
 
 
-def resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
-    """Resolve `rel` inside `root` as the guest would see it (absolute links stay inside root)."""
-    parts = [p for p in rel.split("/") if p]
-    path = root
-    for i, part in enumerate(parts):
-        candidate = path / part
+MAX_SYMLINK_HOPS = 40  # as Linux's path walk
+
+
+def resolve_in(root: Path, rel: str) -> Path | None:
+    """Resolve `rel` inside `root` as the guest would see it: every symlink (absolute or relative) and
+    every `..` is followed within the tree, never out of it and never through the host's own files.
+    The path of the entry it leads to (no symlink left in it below `root`), or None when there is none
+    (or the links loop)."""
+    pending = [p for p in rel.split("/") if p not in ("", ".")]
+    done: list[str] = []  # real (non-symlink) entries, from the top of the tree
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if done:
+                done.pop()  # a real directory's parent; at the top, `..` stays at the top
+            continue
+        candidate = root.joinpath(*done, part)
         if candidate.is_symlink():
-            if depth > 40:
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
                 return None
             target = os.readlink(candidate)
-            here = "" if target.startswith("/") else str(path.relative_to(root))
-            rest = "/".join(parts[i + 1:])
-            return resolve_in(root, posixpath.normpath(f"/{here}/{target}/{rest}"), depth + 1)
-        path = candidate
-    return path if path.exists() else None
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        if not os.path.lexists(candidate) or (pending and not candidate.is_dir()):
+            return None
+        done.append(part)
+    return root.joinpath(*done)
 
 
 def check_tree(rootfs: Path, settings: Settings) -> None:
@@ -162,13 +178,13 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
         raise UsageError(f"rootfs: {rootfs}/sbin/init is missing; the guest kernel would have nothing to run")
     name = agent_name(rootfs, settings)
     agent_bin = resolve_in(rootfs, f"usr/bin/{name}")
-    if agent_bin is None:
+    if agent_bin is None or not agent_bin.is_file():
         raise UsageError(f"rootfs: agent {name} is missing from {rootfs}/usr/bin")
     if not os.access(agent_bin, os.X_OK):
         raise UsageError(f"rootfs: agent {agent_bin} is not executable")
     systemd = resolve_in(rootfs, "usr/lib/systemd/systemd")
     if settings.agent_init:
-        if init.resolve() != agent_bin.resolve():
+        if init != agent_bin:
             raise UsageError(f"rootfs: AGENT_INIT=yes but /sbin/init is {init.relative_to(rootfs)}, not the agent")
     elif systemd is None:
         raise UsageError(f"rootfs: systemd is missing ({rootfs}/usr/lib/systemd/systemd); "
@@ -176,14 +192,18 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
 
 
 def agent_name(rootfs: Path, settings: Settings) -> str:
-    """The agent recorded in the rootfs metadata, else the one the settings choose."""
-    meta = rootfs / METADATA_PATH
-    if meta.is_file():
-        try:
-            return yaml.safe_load(meta.read_text())["agent"]["name"]
-        except (yaml.YAMLError, KeyError, TypeError):
-            raise UsageError(f"rootfs: {meta} is not valid osbuilder metadata") from None
-    return AgentChoice.from_settings(settings).name
+    """The agent recorded in the rootfs metadata (read inside the tree), else the one the settings choose."""
+    meta = resolve_in(rootfs, METADATA_PATH)
+    if meta is None:
+        return AgentChoice.from_settings(settings).name
+    try:
+        name = yaml.safe_load(meta.read_text())["agent"]["name"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        raise UsageError(f"rootfs: {rootfs / METADATA_PATH} is not valid osbuilder metadata") from None
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise UsageError(f"rootfs: {rootfs / METADATA_PATH} names the agent {shown(str(name))}, which is not a "
+                         "file name in /usr/bin")
+    return name
 
 
 def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path | None = None) -> ImageLayout:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
+
+from osbuilder.fs import sha256_file
 
 KATA_TOML = """\
 [hypervisor.qemu]
@@ -36,3 +39,12 @@ def make_tree(root: Path, *, init_target: str | None = "../lib/systemd/systemd",
     (root / "var/lib/osbuilder/osbuilder.yaml").write_text(yaml.safe_dump({"agent": {"name": "osbuilder-agent"}}))
     (root / "etc/hostname").write_text("guest\n")
     return root
+
+
+def record_kernel_build(workdir: Path) -> Path:
+    """kernel-metadata.json as `osbuilder kernel` writes it for the WORKDIR's vmlinuz and vmlinux: the
+    record that ties the two (install-kernel's gate of vmlinux)."""
+    outputs = {name: sha256_file(workdir / name) for name in ("vmlinuz.container", "vmlinux.container")}
+    path = workdir / "kernel-metadata.json"
+    path.write_text(json.dumps({"outputs": outputs}))
+    return path

@@ -5,7 +5,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fakes import KATA_TOML
+from fakes import KATA_TOML, record_kernel_build
 
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
@@ -76,7 +76,17 @@ def test_a_config_without_hypervisor_section_is_refused():
 
 
 def test_an_edit_that_would_break_the_toml_is_refused():
-    with pytest.raises(OsbuilderError, match="would leave invalid TOML"):
+    """A valid file the line edit would break (a multi-line string ending on a line that looks like
+    `image = `) is left alone: osbuilder's failure, exit 1."""
+    text = '[hypervisor.qemu]\nkernel_params = """\nimage = """\n'
+    with pytest.raises(OsbuilderError, match="would leave invalid TOML") as e:
+        point_config(text, "image", "/y", Path("c.toml"))
+    assert not isinstance(e.value, UsageError)
+
+
+def test_an_invalid_config_is_bad_input():
+    """A configuration.toml that is not TOML to begin with is the user's input: a usage error (exit 2)."""
+    with pytest.raises(UsageError, match=r"^RUNTIME_CONFIG: c.toml is not valid TOML \(.*line 3.*\); not changed"):
         point_config('[hypervisor.qemu]\nimage = "a"\n[broken\n', "image", "/y", Path("c.toml"))
 
 
@@ -123,6 +133,7 @@ def test_the_gate_wants_the_runtimes_own_boot(staged):
     settings, wd, dest, config = staged
     image, kernel = wd / "container.img", wd / "vmlinuz.container"
     kernel.write_bytes(os.urandom(4096))
+    record_kernel_build(wd)
     records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
                           extra={"attachment": "virtio-blk", "profile": "systemd"})
     with pytest.raises(UsageError, match=r"attached as the kata runtime attaches it \(nvdimm\)"):
