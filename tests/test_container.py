@@ -1,6 +1,7 @@
 """USE_DOCKER=yes for real: podman runs `osbuilder rootfs`, `image` and `boot --check` inside the tools
-image, from a PATH that holds only Python and the engine, and the result is the host build's: the same
-files with the same owners and modes, the same package versions, the same agent.
+image, from a PATH that holds only Python and the engine, and the result is the host build's: with one
+SOURCE_DATE_EPOCH, the same tree path for path (type, mode, owner, link target, device, content hash:
+issue 20 item 11), the same package versions, the same agent. A killed osbuilder's container stops.
 
 No registry is reachable here, so the base image is made from the Debian archive (mmdebstrap to a
 tarball, `podman import`) and kept between runs, like the tools image built on it (tagged by a hash of
@@ -13,14 +14,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import filelock
 import pytest
+from trees import listing, package_versions
 
 from osbuilder import settings as settings_mod
 from osbuilder.container import engine as engine_mod
@@ -36,9 +40,7 @@ CHECKED = ["/etc/shadow", "/root", "/usr/bin/osbuilder-agent", "/var/lib/osbuild
            "/var/log/journal", "/usr/bin/passwd",
            "/etc/systemd/system/multi-user.target.wants/osbuilder-slirp-network.service"]
 
-# mmdebstrap copies these two from the machine it runs on, with their modes: the host's, or the
-# container's (which the engine writes 0644); they are not the build's doing.
-BUILDER_FILES = ("/etc/hostname", "/etc/resolv.conf")
+EPOCH = "1700000000"  # both builds: a tree's contents then depend on its inputs alone
 
 needs_podman = pytest.mark.skipif(PODMAN is None, reason="needs podman (.ci/install-deps installs it)")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="builds with root's podman, as CI does")
@@ -69,14 +71,18 @@ def engine_only_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def osb(bindir: Path, *args: str, cwd: Path, **settings: str) -> subprocess.CompletedProcess:
     """`osbuilder ARGS` with USE_DOCKER=yes and only `bindir` on PATH."""
+    return subprocess.run([sys.executable, "-m", "osbuilder", *args], env=engine_env(bindir, **settings), cwd=cwd,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def engine_env(bindir: Path, **settings: str) -> dict[str, str]:
     env = {"PATH": str(bindir), "HOME": os.environ.get("HOME", "/root"), "LC_ALL": "C.UTF-8", "USE_DOCKER": "yes",
            "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": BASE}
     for name in ("PYTEST_XDIST_WORKER_COUNT", "CACHE_DIR", "XDG_CACHE_HOME"):
         if name in os.environ:
             env[name] = os.environ[name]
     env.update(settings)
-    return subprocess.run([sys.executable, "-m", "osbuilder", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=1800)
+    return env
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -95,31 +101,12 @@ def engine_build(base_image: str, engine_only_path: Path) -> Iterator[Path]:
     home.chmod(0o755)
     workdir = home / "workdir"
     for step_name in ("rootfs", "image"):
-        r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home)
+        r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH)
         assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
         if step_name == "image":  # the tools image the rootfs step built is reused, not built again
             assert "building the tools image" not in r.stderr
     yield workdir
     shutil.rmtree(home)
-
-
-def tree(root: Path) -> dict[str, tuple]:
-    """Every path of a tree with its type, owner, mode and symlink target (not times or contents)."""
-    out = {}
-    for path in [root, *root.rglob("*")]:
-        st = path.lstat()
-        out["/" + str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid,
-                                                  os.readlink(path) if path.is_symlink() else None)
-    return out
-
-
-def package_versions(dpkg_status: str) -> dict[str, str]:
-    versions = {}
-    for block in dpkg_status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line[0].isspace())
-        if fields.get("Status") == "install ok installed":
-            versions[fields["Package"]] = fields["Version"]
-    return versions
 
 
 pytestmark = [pytest.mark.xdist_group("container")]
@@ -128,12 +115,15 @@ pytestmark = [pytest.mark.xdist_group("container")]
 @pytest.mark.build
 @needs_podman
 @needs_root
-def test_rootfs_and_image_in_the_container_match_a_host_build(engine_build: Path, rootfs, image):
-    """Same file list, owners, modes and symlinks; same package versions; the same agent, byte for byte."""
-    ours, theirs = tree(engine_build / "rootfs"), tree(rootfs.path)
+def test_rootfs_and_image_in_the_container_match_a_host_build(engine_build: Path, osbuilder_settings,
+                                                            osbuilder_artifacts, image):
+    """The whole tree: every path with its type, mode, owner, symlink target, device and content (no
+    exception: nothing of the machine that builds reaches the tree); the same package versions; the
+    image's layout and the owners and modes in it."""
+    rootfs = osbuilder_artifacts.rootfs(osbuilder_settings.with_values(SOURCE_DATE_EPOCH=EPOCH))
+    ours, theirs = listing(engine_build / "rootfs"), listing(rootfs.path)
     assert sorted(set(ours) ^ set(theirs)) == []
-    differing = {p: (ours[p], theirs[p]) for p in ours if ours[p] != theirs[p] and p not in BUILDER_FILES}
-    assert differing == {}
+    assert {p: (ours[p], theirs[p]) for p in ours if ours[p] != theirs[p]} == {}
     status = "var/lib/dpkg/status"
     assert package_versions((engine_build / "rootfs" / status).read_text()) == \
         package_versions((rootfs.path / status).read_text())
@@ -160,6 +150,41 @@ def test_boot_check_passes_in_the_container(engine_build: Path, engine_only_path
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"boot check PASSED: {engine_build / 'container.img'}" in r.stdout + r.stderr
     assert list((engine_build / "boot-records").glob("*.json")), "no boot record: install-image would refuse"
+
+
+@pytest.mark.build
+@needs_podman
+@needs_root
+def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_path: Path):
+    """SIGKILL cannot be caught, and the engine's client dying does not stop a container: osbuilder's
+    watchdog stops it (the step inside unwinds as on Ctrl-C and removes its temporaries)."""
+    home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-kill-", dir="/var/tmp"))
+    home.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(home / "wd")], cwd=home,
+                            env=engine_env(engine_only_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pattern = f"^osbuilder-rootfs-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 900  # the tools image may be built first
+        while not containers(pattern) or not list((home / "wd").glob(".rootfs.tmp-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the step's container never ran mmdebstrap"
+            time.sleep(1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while containers(pattern) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert containers(pattern) == [], "the container outlived the osbuilder that started it"
+        assert [p.name for p in (home / "wd").iterdir() if ".tmp-" in p.name] == []
+    finally:
+        for name in containers(pattern):
+            subprocess.run([PODMAN, "rm", "--force", "--time", "0", name], capture_output=True)
+        shutil.rmtree(home)
+
+
+def containers(pattern: str) -> list[str]:
+    out = subprocess.run([PODMAN, "ps", "--all", "--filter", f"name={pattern}", "--format", "{{.Names}}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
 
 
 @pytest.mark.build
