@@ -149,3 +149,24 @@ def test_the_gate_wants_the_runtimes_own_boot(staged):
     image.write_bytes(os.urandom(4096))  # another image in the WORKDIR: the kernel never booted it
     with pytest.raises(UsageError, match="with this WORKDIR's image"):
         install_kernel(settings)
+
+
+def test_vmlinux_has_a_gate_of_its_own(staged):
+    """vmlinux.container is installed only as the output of the build whose vmlinuz passed the boot check
+    (kernel-metadata.json lists both); another file in its place is refused, as the issue found it was not."""
+    from osbuilder.vm import records
+
+    settings, wd, dest, config = staged
+    image, kernel = wd / "container.img", wd / "vmlinuz.container"
+    record_kernel_build(wd)
+    records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
+                          extra={"attachment": "nvdimm", "profile": "nvdimm-dax"})
+    (wd / "vmlinux.container").write_bytes(os.urandom(2048))  # not what that build made
+    with pytest.raises(UsageError, match=r"install-kernel: .*vmlinux.container \(sha256 \w+\) has no record of being "
+                                         r"built with the boot-checked vmlinuz.container"):
+        install_kernel(settings)
+    assert not (dest / "usr/share/kata-containers").exists()
+    install_kernel(settings, force=True)  # --force overrides, saying so
+    record_kernel_build(wd)
+    install_kernel(settings)
+    assert (dest / "usr/share/kata-containers/vmlinux.container").read_bytes() == (wd / "vmlinux.container").read_bytes()
