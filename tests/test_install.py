@@ -169,4 +169,5 @@ def test_vmlinux_has_a_gate_of_its_own(staged):
     install_kernel(settings, force=True)  # --force overrides, saying so
     record_kernel_build(wd)
     install_kernel(settings)
-    assert (dest / "usr/share/kata-containers/vmlinux.container").read_bytes() == (wd / "vmlinux.container").read_bytes()
+    installed = dest / "usr/share/kata-containers/vmlinux.container"
+    assert installed.read_bytes() == (wd / "vmlinux.container").read_bytes()
