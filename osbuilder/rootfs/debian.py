@@ -91,7 +91,6 @@ class Debian(Distro):
                 raise classify_failure(e, bare, packages, self.extra(packages)) from None
         check_dev(dest)
 
-
     def extra(self, packages: list[str]) -> list[str]:
         """The packages that are not one of the plugin's defaults (those EXTRA_PKGS asked for)."""
         defaults = {*self.default_packages(True), *self.default_packages(False)}
