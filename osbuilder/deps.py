@@ -28,6 +28,9 @@ STEPS: dict[str, tuple[Tool, ...]] = {
         Tool("gpgv", "gpgv", "checks the archive's signatures"),
         Tool("cc", "gcc", "compiles osbuilder's agent"),
         Tool("unshare", "util-linux", "runs mmdebstrap in its own namespaces"),
+        # mmdebstrap only recommends it, and without it silently skips mounting the chroot's /dev and
+        # /proc: package scripts then leave /dev/null a file and systemd-tmpfiles creates nothing
+        Tool("mount", "mount", "mounts /dev and /proc in mmdebstrap's chroot for the package scripts"),
         Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user"),
     ),
     "image": (

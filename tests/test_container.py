@@ -33,7 +33,10 @@ from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.image import read_file, read_layout, stat_path
 
 PODMAN = shutil.which("podman")
-BASE = "localhost/osbuilder-test-base:bookworm"
+# The leanest Debian image (Essential packages and apt): the tools image must bring every tool itself.
+# (On a base without `mount` the tools image had none, and mmdebstrap, which only recommends it, went on
+# without mounting the chroot's /dev and /proc: issue 20, item 11.)
+BASE = "localhost/osbuilder-test-base-apt:bookworm"
 # Paths whose owner and mode matter most (the agent, the shadow file, units osbuilder enables).
 CHECKED = ["/etc/shadow", "/root", "/usr/bin/osbuilder-agent", "/var/lib/osbuilder/osbuilder.yaml",
            "/etc/ssh/sshd_config.d/osbuilder.conf", "/usr/lib/systemd/system/osbuilder-agent.service",
@@ -48,11 +51,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="builds with root's po
 
 @pytest.fixture(scope="session")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """TOOLS_BASE_IMAGE for the tests: Debian bookworm minbase from the archive, imported once."""
+    """TOOLS_BASE_IMAGE for the tests: Debian bookworm's Essential packages and apt, from the archive,
+    imported once."""
     with filelock.FileLock(tmp_path_factory.getbasetemp().parent / "osbuilder-test-base.lock"):
         if subprocess.run([PODMAN, "image", "exists", BASE]).returncode != 0:
             tar = tmp_path_factory.mktemp("base") / "base.tar"
-            subprocess.run(["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=tar", "bookworm",
+            subprocess.run(["mmdebstrap", "--mode=unshare", "--variant=apt", "--format=tar", "bookworm",
                             str(tar)], check=True, capture_output=True, timeout=900)
             subprocess.run([PODMAN, "import", str(tar), BASE], check=True, capture_output=True, timeout=600)
             tar.unlink()
