@@ -24,6 +24,7 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
+from typing import Any
 from urllib.error import HTTPError
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 from urllib.request import HTTPRedirectHandler, Request, build_opener
@@ -129,7 +130,8 @@ class LoginStaysHome(HTTPRedirectHandler):
         self.home = origin(home)
         self.login = login
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's
+    def redirect_request(self, req: Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> Request | None:
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is None:
             return None
