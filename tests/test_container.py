@@ -104,13 +104,15 @@ def engine_build(base_image: str, engine_only_path: Path) -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-build-", dir="/var/tmp"))
     home.chmod(0o755)
     workdir = home / "workdir"
-    for step_name in ("rootfs", "image"):
-        r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH)
-        assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
-        if step_name == "image":  # the tools image the rootfs step built is reused, not built again
-            assert "building the tools image" not in r.stderr
-    yield workdir
-    shutil.rmtree(home)
+    try:
+        for step_name in ("rootfs", "image"):
+            r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH)
+            assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
+            if step_name == "image":  # the tools image the rootfs step built is reused, not built again
+                assert "building the tools image" not in r.stderr
+        yield workdir
+    finally:
+        shutil.rmtree(home)
 
 
 pytestmark = [pytest.mark.xdist_group("container")]
