@@ -27,6 +27,7 @@ from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import IMAGE, INITRD, ROOTFS, VMLINUX, VMLINUZ, UserCache, Workdir
 from osbuilder.settings import TABLE, Settings
 from osbuilder.steps import Step, register
+from osbuilder.terminal import SafeFormatter, printable
 
 log = logging.getLogger("osbuilder")
 
@@ -509,6 +510,9 @@ def step_argv(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a value that is not UTF-8 is printed escaped, never a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -520,8 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         cli_values["DEBUG"] = "yes"
     try:
         s = settings_mod.load(cli_values, config=args.config)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(SafeFormatter("%(message)s"))
         level = logging.WARNING if args.quiet else logging.DEBUG if s.debug else logging.INFO
-        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+        logging.basicConfig(level=level, handlers=[handler])
         announce(s)
         if s.use_docker and step.in_container:  # the step locks, logs and reports inside the tools image
             from osbuilder import container
@@ -562,9 +568,10 @@ def announce(s: Settings) -> None:
 
 
 def report(e: OsbuilderError, exit_code: int | None = None) -> int:
-    print(f"osbuilder: error: {e.message}", file=sys.stderr)
+    """Print the error (one line, then the evidence), made inert for the terminal; return the exit code."""
+    print(f"osbuilder: error: {printable(e.message, lines=False)}", file=sys.stderr)
     if e.detail:
-        print(e.detail.rstrip(), file=sys.stderr)
+        print(printable(e.detail.rstrip()), file=sys.stderr)
     return e.exit_code if exit_code is None else exit_code
 
 

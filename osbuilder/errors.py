@@ -6,7 +6,8 @@
   broken accelerator); bisection maps it to "skip", never to "bad".
 
 Every error has a one-line message that names the setting or input at fault, and an optional
-multi-line detail (a command's stderr tail, the lines of a console log) printed after it.
+multi-line detail (a command's stderr tail, the lines of a console log) printed after it. Times in
+messages are written by `seconds()`, so a budget under a second is not "0s".
 """
 
 from __future__ import annotations
@@ -93,3 +94,6 @@ def from_os_error(error: OSError, doing: str) -> OsbuilderError:
     paths = " -> ".join(os.fsdecode(p) for p in (error.filename, error.filename2) if p is not None)
     what = f"{doing}: {paths + ': ' if paths else ''}{error.strerror or error}"
     return InfrastructureError(what) if out_of_space(error) else OsbuilderError(what)
+def seconds(value: float) -> str:
+    """A duration for a message: whole seconds from 10 s on, else two significant digits (0.25s, 7.5s)."""
+    return f"{value:.0f}s" if value >= 10 else f"{value:.2g}s"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import posixpath
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +31,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket"}
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` is not a regular file to read, in words for an error line ("does not exist", "is a
+    directory", "is a character device", ...); None when it is one (symlinks followed)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return f"is {KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a file"
+
+
 def file_hash(*paths: Path) -> str:
     """sha256 over files (and, recursively, directories) in a stable order."""
     h = hashlib.sha256()
@@ -43,21 +61,37 @@ def file_hash(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
-    """Resolve `rel` inside `root` as the guest would see it (absolute links stay inside root)."""
-    parts = [p for p in rel.split("/") if p]
-    path = root
-    for i, part in enumerate(parts):
-        candidate = path / part
+MAX_SYMLINK_HOPS = 40  # as Linux's path walk
+
+
+def resolve_in(root: Path, rel: str) -> Path | None:
+    """Resolve `rel` inside `root` as the guest would see it: every symlink (absolute or relative) and
+    every `..` is followed within the tree, never out of it and never through the host's own files.
+    The path of the entry it leads to (no symlink left in it below `root`), or None when there is none
+    (or the links loop)."""
+    pending = [p for p in rel.split("/") if p not in ("", ".")]
+    done: list[str] = []  # real (non-symlink) entries, from the top of the tree
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if done:
+                done.pop()  # a real directory's parent; at the top, `..` stays at the top
+            continue
+        candidate = root.joinpath(*done, part)
         if candidate.is_symlink():
-            if depth > 40:
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
                 return None
             target = os.readlink(candidate)
-            here = "" if target.startswith("/") else str(path.relative_to(root))
-            rest = "/".join(parts[i + 1:])
-            return resolve_in(root, posixpath.normpath(f"/{here}/{target}/{rest}"), depth + 1)
-        path = candidate
-    return path if path.exists() else None
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        if not os.path.lexists(candidate) or (pending and not candidate.is_dir()):
+            return None
+        done.append(part)
+    return root.joinpath(*done)
 
 
 def remove(path: Path) -> None:

@@ -41,6 +41,7 @@ from osbuilder.rootfs import distros
 from osbuilder.rootfs.build import METADATA_PATH, AgentChoice, check_agent_runs
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
+from osbuilder.terminal import shown
 from osbuilder.vm.attachments import MEMORY_HOTPLUG_UNIT
 
 MiB = 1024 * 1024
@@ -145,13 +146,13 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
         raise UsageError(f"rootfs: {rootfs}/sbin/init is missing; the guest kernel would have nothing to run")
     name = agent_name(rootfs, settings)
     agent_bin = resolve_in(rootfs, f"usr/bin/{name}")
-    if agent_bin is None:
+    if agent_bin is None or not agent_bin.is_file():
         raise UsageError(f"rootfs: agent {name} is missing from {rootfs}/usr/bin")
     if not os.access(agent_bin, os.X_OK):
         raise UsageError(f"rootfs: agent {agent_bin} is not executable")
     systemd = resolve_in(rootfs, "usr/lib/systemd/systemd")
     if settings.agent_init:
-        if init.resolve() != agent_bin.resolve():
+        if init != agent_bin:
             raise UsageError(f"rootfs: AGENT_INIT=yes but /sbin/init is {init.relative_to(rootfs)}, not the agent")
     elif systemd is None:
         raise UsageError(f"rootfs: systemd is missing ({rootfs}/usr/lib/systemd/systemd); "
@@ -160,14 +161,18 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
 
 
 def agent_name(rootfs: Path, settings: Settings) -> str:
-    """The agent recorded in the rootfs metadata, else the one the settings choose."""
-    meta = rootfs / METADATA_PATH
-    if meta.is_file():
-        try:
-            return yaml.safe_load(meta.read_text())["agent"]["name"]
-        except (yaml.YAMLError, KeyError, TypeError):
-            raise UsageError(f"rootfs: {meta} is not valid osbuilder metadata") from None
-    return AgentChoice.from_settings(settings).name
+    """The agent recorded in the rootfs metadata (read inside the tree), else the one the settings choose."""
+    meta = resolve_in(rootfs, METADATA_PATH)
+    if meta is None:
+        return AgentChoice.from_settings(settings).name
+    try:
+        name = yaml.safe_load(meta.read_text())["agent"]["name"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        raise UsageError(f"rootfs: {rootfs / METADATA_PATH} is not valid osbuilder metadata") from None
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise UsageError(f"rootfs: {rootfs / METADATA_PATH} names the agent {shown(str(name))}, which is not a "
+                         "file name in /usr/bin")
+    return name
 
 
 def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path | None = None) -> ImageLayout:
@@ -181,7 +186,7 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
     logfile = logfile or Workdir.of(settings).log("image")
     tmp = temp_beside(dest)
     try:
-        with full_disk_in(dest):
+        with full_disk_in(settings, dest):
             write_image(settings, rootfs, tmp, layout, logfile)
             publish(tmp, dest)
     finally:
@@ -189,10 +194,12 @@ def build_image(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path |
     return layout
 
 
-def full_disk_in(dest: Path) -> AbstractContextManager[None]:
-    """A full disk while making `dest` (an image or initrd in WORKDIR) is exit 125, naming the directory."""
-    return errors.disk_space("WORKDIR", f"in {dest.parent} while making {dest.name} (nothing was replaced)",
-                             dest.parent)
+def full_disk_in(settings: Settings, dest: Path) -> AbstractContextManager[None]:
+    """A full disk while making `dest` (an image or initrd in WORKDIR, or in its cache) is exit 125,
+    naming WORKDIR (or the directory, when `dest` is elsewhere)."""
+    workdir = Workdir.of(settings).root
+    where = workdir if dest.is_relative_to(workdir) else dest.parent
+    return errors.disk_space("WORKDIR", f"in {where} while making {dest.name} (nothing was replaced)", dest.parent)
 
 
 def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout, logfile: Path) -> None:

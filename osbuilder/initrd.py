@@ -76,7 +76,7 @@ def build_initrd(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path 
     archive = temp_beside(dest.with_name(dest.name + ".cpio"))
     tmp = temp_beside(dest)
     try:
-        with full_disk_in(dest):
+        with full_disk_in(settings, dest):
             write_archive(settings, rootfs, archive, logfile)
             if add_init:
                 mtime = settings.source_date_epoch if settings.source_date_epoch is not None else int(time.time())
@@ -93,10 +93,10 @@ def build_initrd(settings: Settings, rootfs: Path, dest: Path, *, logfile: Path 
 def needs_init_link(rootfs: Path) -> bool:
     """Whether the archive needs its own `/init` (the tree has none); an `/init` in the tree must be the agent."""
     own = rootfs / INIT
-    if not own.exists() and not own.is_symlink():
+    if not os.path.lexists(own):
         return True
     target, agent = resolve_in(rootfs, INIT), resolve_in(rootfs, INIT_TARGET)
-    if target is None or agent is None or target.resolve() != agent.resolve():
+    if target is None or agent is None or target != agent:
         raise UsageError(f"rootfs: {own} is not the agent; the kernel runs /init from an initramfs, "
                          "so remove it (osbuilder links /init to /sbin/init)")
     return False

@@ -27,6 +27,7 @@ import contextlib
 import difflib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import posixpath
@@ -40,7 +41,7 @@ from typing import Any
 
 from osbuilder import errors, fs, layout, runtimes
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
-from osbuilder.fs import discard, link_atomically, publish, sha256_file, temp_beside
+from osbuilder.fs import discard, link_atomically, not_a_file, publish, sha256_file, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.settings import Settings
 from osbuilder.vm import attachments
@@ -156,7 +157,8 @@ def runtime_config(settings: Settings) -> Config | None:
         if path.is_file():
             return Config(path, config_file(settings, path))
     if settings.runtime_config:
-        raise UsageError(f"RUNTIME_CONFIG: {destdir(settings, settings.runtime_config)} does not exist")
+        path = destdir(settings, settings.runtime_config)
+        raise UsageError(f"RUNTIME_CONFIG: {path} {not_a_file(path) or 'is not a file'}")
     return None
 
 
@@ -190,8 +192,9 @@ def install(settings: Settings, step: str, items: list[Item], key: str, lacks: L
             force: bool) -> list[Target]:
     """Check where everything goes, stage and gate the files, publish them, then point the config at them."""
     for item in items:
-        if not item.source.is_file():
-            raise UsageError(f"{step}: {item.source} does not exist; build it first")
+        why = not_a_file(item.source)
+        if why:
+            raise UsageError(f"{step}: {item.source} {why}; build it first")
     base = install_dir(settings)
     for item in items:
         check_replaceable(base / item.link_name, base)
@@ -205,6 +208,8 @@ def install(settings: Settings, step: str, items: list[Item], key: str, lacks: L
     if dry_run:
         targets = [target(base, item, sha256_file(item.source)) for item in items]
         gate(settings, step, items[0].source, targets[0], force, lacks)
+        for t in targets[1:]:
+            gate_companion(settings, step, targets[0], t, force)
         announce(targets)
         return targets
     targets = copy_in(settings, step, items, base, force, lacks, announce)
@@ -227,6 +232,8 @@ def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force:
             targets.append(target(base, item, copy_hashing(item.source, staged[-1])))
             if len(targets) == 1:
                 gate(settings, step, item.source, targets[0], force, lacks)
+            else:
+                gate_companion(settings, step, targets[0], targets[-1], force)
             check_replaceable(targets[-1].installed, base)
         announce(targets)
         for t, tmp in zip(targets, staged, strict=True):
@@ -260,6 +267,31 @@ def gate(settings: Settings, step: str, source: Path, t: Target, force: bool, la
         return
     todo = ", or use --force" if ";" in why else "; run `osbuilder boot --check` first, or use --force"
     raise UsageError(f"{step}: {source} has no {why} (sha256 {t.sha256[:12]}){todo}")
+
+
+def gate_companion(settings: Settings, step: str, gated: Target, t: Target, force: bool) -> None:
+    """A file installed along the gated one (vmlinux.container with vmlinuz.container) has a gate of its
+    own: the kernel build's record (kernel-metadata.json) must list it, with the content being installed,
+    as an output of the same build as the gated file's content."""
+    outputs = kernel_outputs(Workdir.of(settings).kernel.metadata)
+    if outputs.get(gated.link.name) == gated.sha256 and outputs.get(t.link.name) == t.sha256:
+        return
+    why = (f"record of being built with the boot-checked {gated.link.name} (sha256 {gated.sha256[:12]}): "
+           f"{Workdir.of(settings).kernel.metadata.name} lists other content")
+    if force:
+        log.warning("%s: --force: installing %s without a %s", step, t.source, why)
+        return
+    raise UsageError(f"{step}: {t.source} (sha256 {t.sha256[:12]}) has no {why}; rebuild the kernel with "
+                     "`osbuilder kernel` and boot-check it, or use --force")
+
+
+def kernel_outputs(metadata: Path) -> dict[str, str]:
+    """The output name -> sha256 a kernel build recorded ({} when there is no readable record)."""
+    try:
+        outputs = json.loads(metadata.read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return outputs if isinstance(outputs, dict) else {}
 
 
 # What the boot records of a content lack for installing it (None: nothing), given the attachments it passed
@@ -443,6 +475,10 @@ EXCLUSIVE = {"image": "initrd", "initrd": "image"}
 def point_config(text: str, key: str, value: str, where: Path) -> str:
     """Set `key = "value"` in the [hypervisor.*] section; comment out `initrd` when setting the image, and
     `image` when setting the initrd."""
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # the user's file, not osbuilder's edit: bad input
+        raise UsageError(f"RUNTIME_CONFIG: {where} is not valid TOML ({e}); not changed") from None
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if re.match(r"\s*\[hypervisor\.[^]]+\]", line)), None)
     if start is None:

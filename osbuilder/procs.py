@@ -11,7 +11,9 @@ signal to osbuilder's process group, as `timeout` or a CI runner sends it, does 
 reads registrations from a pipe whose write end only osbuilder holds. However osbuilder ends (normal
 exit, a signal, SIGKILL) the pipe reaches end of file, and the watchdog SIGKILLs every group still
 registered and every process whose environment carries this osbuilder's owner token: a child caught
-between its start and its registration, or a descendant that left its group.
+between its start and its registration, or a descendant that left its group. What is not a process
+of osbuilder's (a container the engine's daemon or conmon runs) is stopped by a command registered
+with `on_death()` (`podman stop NAME`), which the watchdog runs in between.
 
 `hold_lock()` takes a step's lock (flock) for the rest of the process, and every child inherits it:
 the lock of an osbuilder that died is free only once its last child is gone. `in_use()` tells the
@@ -22,6 +24,8 @@ only: the watchdog runs this file with `python -I -S`.
 from __future__ import annotations
 
 import fcntl
+import itertools
+import json
 import logging
 import os
 import secrets
@@ -50,6 +54,7 @@ class _State:
         self.token = ""
         self.children: dict[int, tuple[int, str]] = {}  # pid -> (pidfd, registration)
         self.held: list[int] = []
+        self.cleanups = itertools.count(1)
 
 
 _state = _State()
@@ -95,6 +100,23 @@ def spawn(argv: list[str], *, own_group: bool = True, env: dict[str, str] | None
         _tell(f"+{registration}\n")
         _state.children[proc.pid] = (_pidfd(proc.pid), registration)
     return proc
+
+
+def on_death(argv: list[str]) -> str:
+    """Have the watchdog run `argv` if osbuilder dies (SIGKILL) before `cancel(...)` of the id returned:
+    how to stop something that is not a process of osbuilder's (a container the engine runs)."""
+    with _state.lock:
+        _ensure_watchdog()
+        registration = f"c{next(_state.cleanups)}"
+        _tell(f"+{registration} {json.dumps(argv)}\n")
+    return registration
+
+
+def cancel(registration: str) -> None:
+    """Forget an `on_death()` command (what it would stop has ended)."""
+    with _state.lock:
+        if _state.pid == os.getpid():
+            _tell(f"-{registration}\n")
 
 
 def _pidfd(pid: int) -> int:
@@ -226,12 +248,25 @@ def _watch(token: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     live: set[str] = set()
+    cleanups: dict[str, list[str]] = {}
     for line in sys.stdin.buffer:
         op, registration = line[:1], line[1:].strip().decode()
-        if op == b"+":
+        registration, _, argv = registration.partition(" ")
+        if op == b"+" and registration.startswith("c"):
+            cleanups[registration] = json.loads(argv)
+        elif op == b"+":
             live.add(registration)
         elif op == b"-":
             live.discard(registration)
+            cleanups.pop(registration, None)
+    for registration in live:
+        _kill(registration)
+    for argv in cleanups.values():  # e.g. `podman stop`: the step in the container unwinds as on Ctrl-C
+        try:
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            pass
     for _ in range(5):  # again while killed processes' last forks show up
         for registration in live:
             _kill(registration)

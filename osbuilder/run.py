@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from osbuilder import procs
-from osbuilder.errors import OsbuilderError
+from osbuilder.errors import OsbuilderError, seconds
+from osbuilder.terminal import printable
 
 log = logging.getLogger("osbuilder")
 
@@ -38,14 +39,41 @@ def format_command(cmd: Sequence[str | os.PathLike]) -> str:
     return shlex.join(str(c) for c in cmd)
 
 
-_CREDENTIALS = r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@"  # scheme://user:password@
-_CREDENTIALS_TEXT = re.compile(_CREDENTIALS)
-_CREDENTIALS_BYTES = re.compile(_CREDENTIALS.encode())
+# The user information of a URL: from `://` to the last `@` before the next white space or the next
+# `://`, so a password with an unencoded `@` or `/` is hidden whole (http://user:p@ss@host/,
+# http://user:pa/ss@host/). Possessive quantifiers, and no segment crossing another `://`, keep it
+# linear: each character is looked at a bounded number of times, however long the line.
+_USERINFO = r"://(?:(?:[^\s@:]++|:(?!//))*+@)++"
+_USERINFO_TEXT = re.compile(_USERINFO)
+_USERINFO_BYTES = re.compile(_USERINFO.encode())
+REDACT_CHUNK = 1 << 16  # characters redacted per step; between steps, signals and other threads run
 
 
 def redact(text: str) -> str:
-    """`text` with the credentials of every URL in it replaced by *** (for what is shown or logged)."""
-    return _CREDENTIALS_TEXT.sub(r"\1***@", text)
+    """`text` with the credentials of every URL in it replaced by *** (for what is shown or logged).
+
+    Linear in the length of `text`, and done in pieces of about REDACT_CHUNK characters, so a huge
+    line neither takes long nor holds off a signal (or, in a reader thread, the main thread)."""
+    if "@" not in text or "://" not in text:
+        return text
+    return "".join(_redacted_pieces(text, _USERINFO_TEXT, "://***@", "://"))
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """`redact` for raw output (a tool's log lines)."""
+    if b"@" not in data or b"://" not in data:
+        return data
+    return b"".join(_redacted_pieces(data, _USERINFO_BYTES, b"://***@", b"://"))
+
+
+def _redacted_pieces(text, pattern, replacement, separator):
+    """Redact `text` piece by piece, each cut where no credential can span: before a `://`."""
+    start, end = 0, len(text)
+    while start < end:
+        stop = text.find(separator, start + REDACT_CHUNK)
+        stop = end if stop < 0 else stop
+        yield pattern.sub(replacement, text[start:stop])
+        start = stop
 
 
 @dataclass(frozen=True)
@@ -157,11 +185,11 @@ def _follow(proc: subprocess.Popen, command: Command, sink: BinaryIO | None) -> 
 
 def _pump_log(stream, sink, tail: deque, verbose: bool) -> None:
     for raw in iter(stream.readline, b""):
-        raw = _CREDENTIALS_BYTES.sub(rb"\1***@", raw)
+        raw = redact_bytes(raw)
         if sink:
             sink.write(raw)
             sink.flush()
-        text = raw.decode(errors="replace").rstrip()
+        text = printable(raw.decode(errors="replace").rstrip())  # shown in progress lines and errors
         tail.append(text)
         if verbose:
             print(f"  | {text}", file=sys.stderr, flush=True)
@@ -174,7 +202,7 @@ def _wait(proc: subprocess.Popen, command: Command, started: float, tail: deque[
             return
         now = time.monotonic()
         if command.timeout is not None and now - started > command.timeout:
-            raise OsbuilderError(f"{command.step}: `{command.argv[0]}` timed out after {command.timeout:.0f}s",
+            raise OsbuilderError(f"{command.step}: `{command.argv[0]}` timed out after {seconds(command.timeout)}",
                                  "\n".join(tail))
         if not command.verbose and now >= next_report:
             latest = tail[-1][:100] if tail else ""

@@ -20,6 +20,7 @@ import yaml
 
 from osbuilder.errors import UsageError
 from osbuilder.run import redact
+from osbuilder.terminal import printable, shown
 from osbuilder.urls import without_credentials  # noqa: F401 - settings.without_credentials, as before
 from osbuilder.vm.qemu import MAX_MEMORY_MIB as MAX_VM_MEMORY  # what QEMU's guest can address
 
@@ -37,17 +38,26 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw.strip()).expanduser()
 
 
-def _workdir(name: str, raw: str) -> Path:
-    """WORKDIR: any path but one with a double quote, which apt's configuration cannot hold (the rootfs
-    is built there)."""
-    if '"' in raw:
-        raise UsageError(f'{name}: {raw.strip()} has a double quote ("), which apt cannot handle; choose another '
-                         f"{name}")
-    return _path(name, raw)
-
-
 def _optional_path(name: str, raw: str) -> Path | None:
     return Path(raw.strip()).expanduser() if raw.strip() else None
+
+
+def _workdir(name: str, raw: str) -> Path:
+    return _apt_friendly(name, _path(name, raw))
+
+
+def _cache_dir(name: str, raw: str) -> Path | None:
+    path = _optional_path(name, raw)
+    return path if path is None else _apt_friendly(name, path)
+
+
+def _apt_friendly(name: str, path: Path) -> Path:
+    """WORKDIR and CACHE_DIR hold trees mmdebstrap builds (the rootfs, Debian's boot kernel), and apt's
+    configuration cannot hold a double quote: refused before anything runs."""
+    if '"' in str(path):
+        raise UsageError(f"{name}: {shown(str(path), 300)} has a double quote (\"), which apt cannot handle "
+                         f"(mmdebstrap builds there); choose another {name}")
+    return path
 
 
 def _yes_no(name: str, raw: str) -> bool:
@@ -56,7 +66,7 @@ def _yes_no(name: str, raw: str) -> bool:
         return True
     if value in ("no", "n", "false", "0", "off", ""):
         return False
-    raise UsageError(f"{name}: expected yes or no, got {raw!r}")
+    raise UsageError(f"{name}: expected yes or no, got {_short(raw)}")
 
 
 def _positive_int(name: str, raw: str) -> int:
@@ -70,7 +80,8 @@ def _positive_int(name: str, raw: str) -> int:
 
 
 def _short(text: str, limit: int = 40) -> str:
-    """A value as quoted in a one-line error: repr, cut to `limit` characters."""
+    """A value as quoted in a one-line error: repr (which escapes control characters and bytes that are
+    not UTF-8), cut to `limit` characters."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
@@ -160,12 +171,17 @@ def _repo_url(name: str, raw: str) -> str:
     value = raw.strip()
     if not value:
         return ""
-    shown = _short(redact(value))
+    shown = _short(redact(value))  # a password never reaches an error line, whatever it holds
+    authority, _, rest = value.partition("://")[2].partition("/")
+    if "@" in rest or re.search(r"[?#].*@", authority):  # http://user:pa/ss@host: the password ended the host
+        raise UsageError(f"{name}: {shown}: a '/', '?' or '#' in its user name or password must be written "
+                         "%2F, %3F, %23 (they end the host part of a URL; an '@' after it is refused)")
     try:
         url = urlsplit(value)
         url.port  # noqa: B018 - checks the port and a bracketed IPv6 host
-    except ValueError as e:
-        raise UsageError(f"{name}: {shown} is not a valid URL ({e})") from None
+    except ValueError as e:  # its text may quote a piece of the password (a "port"): not shown
+        why = "its port is not a number from 0 to 65535" if "port" in str(e).lower() else "its host is not valid"
+        raise UsageError(f"{name}: {shown} is not a valid URL ({why})") from None
     if url.scheme not in ("http", "https", "file") or not URL_CHARACTERS.match(value) \
             or not _brackets_only_around_ipv6(value, url):
         raise UsageError(f"{name}: expected a plain http://, https:// or file:// URL of a mirror "
@@ -193,7 +209,7 @@ def _package_list(name: str, raw: str) -> tuple[str, ...]:
     names = [p for p in re.split(r"[\s,]+", raw.strip()) if p]
     for pkg in names:
         if not PACKAGE_NAME.match(pkg):
-            raise UsageError(f"{name}: {pkg!r} is not a valid package name")
+            raise UsageError(f"{name}: {_short(pkg)} is not a valid package name")
     return tuple(names)
 
 
@@ -205,7 +221,7 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
         if value not in choices:
-            raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+            raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {_short(raw)}")
         return value
 
     return parse
@@ -231,7 +247,7 @@ def _distro(name: str, raw: str) -> str:
 def _block_size(name: str, raw: str) -> int:
     value = _positive_int(name, raw)
     if value not in (1024, 2048, 4096):
-        raise UsageError(f"{name}: expected 1024, 2048 or 4096, got {value}")
+        raise UsageError(f"{name}: expected 1024, 2048 or 4096, got {_number(value)}")
     return value
 
 
@@ -304,7 +320,7 @@ def _kernel_source(name: str, raw: str) -> str:
     """debian, a git URL, or an existing tarball or directory."""
     value = raw.strip() or "debian"
     if value != "debian" and not GIT_URL.match(value) and not Path(value).expanduser().exists():
-        raise UsageError(f"{name}: {_short(value)}: no such file or directory (give debian, a tarball, a git tree "
+        raise UsageError(f"{name}: {shown(value, 300)}: no such file or directory (give debian, a tarball, a git tree "
                          "or a git URL)")
     return value
 
@@ -315,9 +331,9 @@ def _install_text(name: str, raw: str) -> str:
     try:
         text.encode()
     except UnicodeEncodeError:
-        raise UsageError(f"{name}: must be valid UTF-8, got {raw!r}") from None
+        raise UsageError(f"{name}: must be valid UTF-8, got {_short(raw)}") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise UsageError(f"{name}: must not contain control characters, got {raw!r}")
+        raise UsageError(f"{name}: must not contain control characters, got {_short(raw)}")
     return os.path.expanduser(text) if text else ""
 
 
@@ -328,9 +344,9 @@ def _target_path(name: str, raw: str) -> str:
     if not path:
         return ""
     if not path.startswith("/"):
-        raise UsageError(f"{name}: must be an absolute path (a path on the installed system), got {raw!r}")
+        raise UsageError(f"{name}: must be an absolute path (a path on the installed system), got {_short(raw)}")
     if ".." in path.split("/"):
-        raise UsageError(f"{name}: must not contain '..' (it would leave DESTDIR), got {raw!r}")
+        raise UsageError(f"{name}: must not contain '..' (it would leave DESTDIR), got {_short(raw)}")
     return "/" + os.path.normpath(path).lstrip("/")
 
 
@@ -392,11 +408,12 @@ TABLE: tuple[Setting, ...] = (
     Setting("USE_DOCKER", "no", "run each step (rootfs, image, initrd, kernel-src, kernel, boot) in a tools container, so the host needs only Python and CONTAINER_ENGINE (yes/no)", _yes_no),
     Setting("CONTAINER_ENGINE", "auto", "engine for USE_DOCKER: auto (the first of podman, docker that can run a container), podman, docker", _choice("auto", "podman", "docker")),
     Setting("TOOLS_BASE_IMAGE", "debian:bookworm", "Debian image the USE_DOCKER tools image is built on (a local image, e.g. one made with mmdebstrap and `podman import`, or one to pull)", _image_reference),
-    Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR", _optional_path, empty="$XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder"),
+    Setting("CACHE_DIR", "", "per-user cache shared by every WORKDIR", _cache_dir, empty="$XDG_CACHE_HOME/osbuilder, else ~/.cache/osbuilder"),
     # rootfs
     Setting("DISTRO", "debian", "distribution of the rootfs (a plugin in osbuilder/rootfs/: {choices})", _distro, "rootfs", choices=_distros),
     Setting("OS_VERSION", "", "release of the distribution ({choices})", _optional_release, "rootfs", choices=_releases, empty="the distribution's default release: debian's bookworm"),
     Setting("REPO_URL", "", "package mirror, an http(s):// or file:// URL", _repo_url, "rootfs", empty="the distribution's standard public mirror"),
+    Setting("SECURITY_UPDATES", "yes", "install the release's security and stable updates (<release>-security, <release>-updates) over it; no: the release alone, as published (reproducible)", _yes_no, "rootfs"),
     Setting("EXTRA_PKGS", "", "extra packages for the rootfs, separated by spaces or commas", _package_list, "rootfs"),
     Setting("AGENT_SOURCE_BIN", "", "install this agent binary (the runtime's own agent) instead of osbuilder's", _optional_path, "rootfs", empty="osbuilder's own agent"),
     Setting("AGENT_SERVICE", "", "systemd unit name for AGENT_SOURCE_BIN", _text, "rootfs", empty="<binary name>.service"),
@@ -449,6 +466,7 @@ class Settings:
     distro: str
     os_version: str
     repo_url: str
+    security_updates: bool
     extra_pkgs: tuple[str, ...]
     agent_source_bin: Path | None
     agent_service: str
@@ -498,20 +516,47 @@ class Settings:
         return Settings.from_values(_pin_workdir(values), raw, sources, self.profile, self.notices)
 
 
+MAX_PROFILE_BYTES = 1 << 20  # a profile holds a few dozen settings; this is thousands of times that
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` (and `<<: *name`) would let a few hundred bytes stand for
+    gigabytes once expanded (the "billion laughs"), and a profile of settings has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a profile",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_profile(path: Path) -> dict[str, str]:
-    """Read a YAML profile: a mapping of setting keys (any case) to scalars or lists."""
+    """Read a YAML profile: a mapping of setting keys (any case) to scalars or lists of scalars."""
     try:
-        text = path.read_bytes().decode()
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
     except OSError as e:
         raise UsageError(f"{path}: cannot read the profile ({e.strerror})") from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise UsageError(f"{path}: a profile of more than {MAX_PROFILE_BYTES >> 20} MiB is not a list of settings")
+    try:
+        text = data.decode()
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    loader = _ProfileLoader(text)
+    loader.name = str(path)  # what its error messages call the text
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" (line {where.line + 1})" if where else ""
-        raise UsageError(f"{path}: malformed YAML{at}", str(e)) from None
+        problem = getattr(e, "problem", None) or "malformed YAML"
+        what = problem if "not allowed" in problem else f"malformed YAML{at}: {problem}"
+        raise UsageError(f"{path}: {shown(what, 200)}{at if what is problem else ''}",
+                         printable(str(e)[:2000])) from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -520,17 +565,28 @@ def read_profile(path: Path) -> dict[str, str]:
     for key, value in data.items():
         setting = BY_YAML.get(str(key).lower())
         if setting is None:
-            raise UsageError(f"{path}: unknown key {key!r}", f"known keys: {', '.join(sorted(BY_YAML))}")
-        if isinstance(value, list):
-            value = " ".join(str(v) for v in value)
-        elif isinstance(value, bool):
-            value = "yes" if value else "no"
-        elif value is None:
-            value = ""
-        elif isinstance(value, dict):
-            raise UsageError(f"{path}: {key}: expected a value or a list, got a mapping")
-        out[setting.name] = str(value)
+            raise UsageError(f"{path}: unknown key {_short(str(key))}", f"known keys: {', '.join(sorted(BY_YAML))}")
+        out[setting.name] = _profile_value(path, setting, value)
     return out
+
+
+def _profile_value(path: Path, setting: Setting, value: Any) -> str:
+    """A profile's value as the string the setting parses: a scalar, or a list of scalars joined by spaces."""
+    if isinstance(value, list):
+        nested = next((type(v).__name__ for v in value if isinstance(v, (list, dict))), None)
+        if nested:
+            raise UsageError(f"{path}: {setting.yaml_key}: expected a value or a list of values, got a list "
+                             f"holding a {'list' if nested == 'list' else 'mapping'}")
+        return " ".join(_scalar(v) for v in value)
+    if isinstance(value, dict):
+        raise UsageError(f"{path}: {setting.yaml_key}: expected a value or a list, got a mapping")
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "" if value is None else str(value)
 
 
 def load(
@@ -645,13 +701,15 @@ def as_json(settings: Settings) -> list[dict[str, str]]:
     return [{"name": s.name, "value": redact(settings.raw[s.name]), "from": settings.sources[s.name],
              "default": s.default, "empty_means": s.empty, "yaml_key": s.yaml_key, "flag": s.flag,
              "group": s.group, "description": s.help} for s in TABLE]
+DESCRIBED_VALUE = 200  # characters of a value `osbuilder help` shows (the table stays readable)
 
 
 def describe(settings: Settings) -> str:
     """The `osbuilder help` table: name, current value, source, default, description."""
     rows = [("SETTING", "VALUE", "FROM", "DEFAULT", "DESCRIPTION")]
     for s in TABLE:
-        rows.append((s.name, redact(settings.raw[s.name]) or "''", settings.sources[s.name], s.shown_default, s.help))
+        value = shown(redact(settings.raw[s.name]), DESCRIBED_VALUE)  # cut, printable, no credentials
+        rows.append((s.name, value or "''", settings.sources[s.name], s.shown_default, s.help))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for r in rows:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
+
+from osbuilder.fs import sha256_file
 
 KATA_TOML = """\
 [hypervisor.qemu]
@@ -53,3 +56,10 @@ def workdir_entries(wd: Path) -> list[str]:
                     continue
                 names.append(f"cache/{kind.name}/" + ("<entry>" if (entry / "manifest.json").is_file() else entry.name))
     return names
+def record_kernel_build(workdir: Path) -> Path:
+    """kernel-metadata.json as `osbuilder kernel` writes it for the WORKDIR's vmlinuz and vmlinux: the
+    record that ties the two (install-kernel's gate of vmlinux)."""
+    outputs = {name: sha256_file(workdir / name) for name in ("vmlinuz.container", "vmlinux.container")}
+    path = workdir / "kernel-metadata.json"
+    path.write_text(json.dumps({"outputs": outputs}))
+    return path

@@ -75,3 +75,56 @@ def test_choose_accel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     accel.save_verdict(UserCache.of(s).accel_verdict, True, "probe passed")
     assert accel.choose(s.with_values(ACCEL="auto"), kernel).name == "kvm"
 
+
+
+def test_accel_kvm_on_a_kvm_that_runs_nothing_is_an_infrastructure_failure(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACCEL=kvm proves KVM with the probe ACCEL=auto uses: KVM that runs no code is the machine's fault
+    (exit 125, bisection's skip), not the artifact's; the verdict is kept, so the next boot asks no probe."""
+    kernel = BootKernel(tmp_path / "k", None, "debian")
+    s = load_settings(tmp_path, ACCEL="kvm")
+    probes = []
+
+    def probe(k: BootKernel, log_dir: Path) -> tuple[bool, str]:
+        probes.append(log_dir)
+        return False, "the kernel did not reach its init within 15s under KVM (no console output)"
+
+    monkeypatch.setattr(accel, "kvm_usable", lambda: None)
+    monkeypatch.setattr(accel, "probe_kvm", probe)
+    for _ in range(2):
+        with pytest.raises(InfrastructureError, match=r"^ACCEL=kvm: KVM does not run guests on this host \(probe: the "
+                                                      r"kernel did not reach its init .*\); use ACCEL=auto") as e:
+            accel.choose(s, kernel)
+        assert e.value.exit_code == 125
+    assert len(probes) == 1
+    assert accel.choose(s.with_values(ACCEL="auto"), kernel).name == "tcg"
+
+
+@pytest.mark.parametrize("under_tcg,verdict", [(True, False), (False, None)], ids=["kvm-broken", "kernel-broken"])
+def test_a_kernel_under_test_that_fails_the_probe_is_booted_under_tcg_too(tmp_path: Path, under_tcg: bool,
+                                                                          verdict: bool | None,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built kernel (one a bisection tests) that does not reach its init under KVM is tried under TCG:
+    if it fails there too, the kernel is at fault and KVM is not blamed (no verdict kept; ACCEL=kvm boots
+    it under KVM, and the boot fails as the kernel's)."""
+    runs = []
+
+    def fake_probe(kernel: BootKernel, log_dir: Path, how: str, timeout: float) -> tuple[bool, str]:
+        runs.append(how)
+        return (how == "tcg" and under_tcg), f"{how} result"
+
+    monkeypatch.setattr(accel, "_probe", fake_probe)
+    ok, _ = accel.probe_kvm(BootKernel(tmp_path / "k", None, "built"), tmp_path)
+    assert (ok, runs) == (verdict, ["kvm", "tcg"])
+    runs.clear()
+    assert accel.probe_kvm(BootKernel(tmp_path / "k", None, "debian"), tmp_path)[0] is False and runs == ["kvm"]
+    monkeypatch.setattr(accel, "kvm_usable", lambda: None)
+    s = load_settings(tmp_path, ACCEL="kvm")
+    chosen = None
+    try:
+        chosen = accel.choose(s, BootKernel(tmp_path / "k", None, "built"))
+    except InfrastructureError:
+        assert under_tcg
+    else:
+        assert not under_tcg and chosen.name == "kvm"
+        assert not UserCache.of(s).accel_verdict.exists()  # inconclusive: nothing kept

@@ -86,9 +86,14 @@ def test_metadata_matches_settings(osbuilder_image, osbuilder_settings, tmp_path
     meta = yaml.safe_load(read_file(osbuilder_image.path, "/" + METADATA_PATH))
     assert meta["osbuilder"]["version"] == importlib.metadata.version("osbuilder")  # pyproject.toml's
     mirror = osbuilder_settings.repo_url or "http://deb.debian.org/debian"
-    assert meta["distro"] == {"name": "debian", "version": osbuilder_settings.os_version, "mirror": mirror}
+    release = osbuilder_settings.os_version
+    suites = [release] + ([f"{release}-updates", f"{release}-security"] if osbuilder_settings.security_updates else [])
+    assert {k: v for k, v in meta["distro"].items() if k != "suites"} == {"name": "debian", "version": release,
+                                                                        "mirror": mirror}
+    assert [s["suite"] for s in meta["distro"]["suites"]] == suites
     sources = read_file(osbuilder_image.path, "/etc/apt/sources.list").decode()
-    assert f"deb {mirror} {osbuilder_settings.os_version} main" in sources, sources  # what mmdebstrap used
+    for entry in meta["distro"]["suites"]:  # what mmdebstrap used
+        assert f"{entry['mirror']} {entry['suite']} main" in sources, sources
     installed = dpkg_status(read_file(osbuilder_image.path, "/var/lib/dpkg/status").decode())
     listed = meta["packages"]["default"] + meta["packages"]["extra"]
     assert set(listed) <= set(installed) and BASE_PACKAGES | SYSTEMD_PACKAGES <= set(listed)

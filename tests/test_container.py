@@ -1,6 +1,7 @@
 """USE_DOCKER=yes for real: podman runs `osbuilder rootfs`, `image` and `boot --check` inside the tools
-image, from a PATH that holds only Python and the engine, and the result is the host build's: the same
-files with the same owners and modes, the same package versions, the same agent.
+image, from a PATH that holds only Python and the engine, and the result is the host build's: with one
+SOURCE_DATE_EPOCH, the same tree path for path (type, mode, owner, link target, device, content hash:
+issue 20 item 11), the same package versions, the same agent. A killed osbuilder's container stops.
 
 No registry is reachable here, so the base image is made from the Debian archive (mmdebstrap to a
 tarball, `podman import`) and kept between runs, like the tools image built on it (tagged by a hash of
@@ -13,14 +14,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import filelock
 import pytest
+from trees import listing, package_versions
 
 from osbuilder import settings as settings_mod
 from osbuilder.container import engine as engine_mod
@@ -29,16 +33,17 @@ from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.readback import read_file, read_layout, stat_path
 
 PODMAN = shutil.which("podman")
-BASE = "localhost/osbuilder-test-base:bookworm"
+# The leanest Debian image (Essential packages and apt): the tools image must bring every tool itself.
+# (On a base without `mount` the tools image had none, and mmdebstrap, which only recommends it, went on
+# without mounting the chroot's /dev and /proc: issue 20, item 11.)
+BASE = "localhost/osbuilder-test-base-apt:bookworm"
 # Paths whose owner and mode matter most (the agent, the shadow file, units osbuilder enables).
 CHECKED = ["/etc/shadow", "/root", "/usr/bin/osbuilder-agent", "/var/lib/osbuilder/osbuilder.yaml",
            "/etc/ssh/sshd_config.d/osbuilder.conf", "/usr/lib/systemd/system/osbuilder-agent.service",
            "/var/log/journal", "/usr/bin/passwd",
            "/etc/systemd/system/multi-user.target.wants/osbuilder-slirp-network.service"]
 
-# mmdebstrap copies these two from the machine it runs on, with their modes: the host's, or the
-# container's (which the engine writes 0644); they are not the build's doing.
-BUILDER_FILES = ("/etc/hostname", "/etc/resolv.conf")
+EPOCH = "1700000000"  # both builds: a tree's contents then depend on its inputs alone
 
 needs_podman = pytest.mark.skipif(PODMAN is None, reason="needs podman (.ci/install-deps installs it)")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="builds with root's podman, as CI does")
@@ -46,11 +51,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="builds with root's po
 
 @pytest.fixture(scope="session")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """TOOLS_BASE_IMAGE for the tests: Debian bookworm minbase from the archive, imported once."""
+    """TOOLS_BASE_IMAGE for the tests: Debian bookworm's Essential packages and apt, from the archive,
+    imported once."""
     with filelock.FileLock(tmp_path_factory.getbasetemp().parent / "osbuilder-test-base.lock"):
         if subprocess.run([PODMAN, "image", "exists", BASE]).returncode != 0:
             tar = tmp_path_factory.mktemp("base") / "base.tar"
-            subprocess.run(["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=tar", "bookworm",
+            subprocess.run(["mmdebstrap", "--mode=unshare", "--variant=apt", "--format=tar", "bookworm",
                             str(tar)], check=True, capture_output=True, timeout=900)
             subprocess.run([PODMAN, "import", str(tar), BASE], check=True, capture_output=True, timeout=600)
             tar.unlink()
@@ -69,14 +75,18 @@ def engine_only_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def osb(bindir: Path, *args: str, cwd: Path, **settings: str) -> subprocess.CompletedProcess:
     """`osbuilder ARGS` with USE_DOCKER=yes and only `bindir` on PATH."""
+    return subprocess.run([sys.executable, "-m", "osbuilder", *args], env=engine_env(bindir, **settings), cwd=cwd,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def engine_env(bindir: Path, **settings: str) -> dict[str, str]:
     env = {"PATH": str(bindir), "HOME": os.environ.get("HOME", "/root"), "LC_ALL": "C.UTF-8", "USE_DOCKER": "yes",
            "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": BASE}
     for name in ("PYTEST_XDIST_WORKER_COUNT", "CACHE_DIR", "XDG_CACHE_HOME"):
         if name in os.environ:
             env[name] = os.environ[name]
     env.update(settings)
-    return subprocess.run([sys.executable, "-m", "osbuilder", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=1800)
+    return env
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -94,32 +104,15 @@ def engine_build(base_image: str, engine_only_path: Path) -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-build-", dir="/var/tmp"))
     home.chmod(0o755)
     workdir = home / "workdir"
-    for step_name in ("rootfs", "image"):
-        r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home)
-        assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
-        if step_name == "image":  # the tools image the rootfs step built is reused, not built again
-            assert "building the tools image" not in r.stderr
-    yield workdir
-    shutil.rmtree(home)
-
-
-def tree(root: Path) -> dict[str, tuple]:
-    """Every path of a tree with its type, owner, mode and symlink target (not times or contents)."""
-    out = {}
-    for path in [root, *root.rglob("*")]:
-        st = path.lstat()
-        out["/" + str(path.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid,
-                                                  os.readlink(path) if path.is_symlink() else None)
-    return out
-
-
-def package_versions(dpkg_status: str) -> dict[str, str]:
-    versions = {}
-    for block in dpkg_status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line[0].isspace())
-        if fields.get("Status") == "install ok installed":
-            versions[fields["Package"]] = fields["Version"]
-    return versions
+    try:
+        for step_name in ("rootfs", "image"):
+            r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH)
+            assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
+            if step_name == "image":  # the tools image the rootfs step built is reused, not built again
+                assert "building the tools image" not in r.stderr
+        yield workdir
+    finally:
+        shutil.rmtree(home)
 
 
 pytestmark = [pytest.mark.xdist_group("container")]
@@ -128,17 +121,20 @@ pytestmark = [pytest.mark.xdist_group("container")]
 @pytest.mark.build
 @needs_podman
 @needs_root
-def test_rootfs_and_image_in_the_container_match_a_host_build(engine_build: Path, osbuilder_rootfs, osbuilder_image):
-    """Same file list, owners, modes and symlinks; same package versions; the same agent, byte for byte."""
-    ours, theirs = tree(engine_build / "rootfs"), tree(osbuilder_rootfs.path)
+def test_rootfs_and_image_in_the_container_match_a_host_build(engine_build: Path, osbuilder_settings,
+                                                            osbuilder_artifacts, osbuilder_image):
+    """The whole tree: every path with its type, mode, owner, symlink target, device and content (no
+    exception: nothing of the machine that builds reaches the tree); the same package versions; the
+    image's layout and the owners and modes in it."""
+    rootfs = osbuilder_artifacts.rootfs(osbuilder_settings.with_values(SOURCE_DATE_EPOCH=EPOCH))
+    ours, theirs = listing(engine_build / "rootfs"), listing(rootfs.path)
     assert sorted(set(ours) ^ set(theirs)) == []
-    differing = {p: (ours[p], theirs[p]) for p in ours if ours[p] != theirs[p] and p not in BUILDER_FILES}
-    assert differing == {}
+    assert {p: (ours[p], theirs[p]) for p in ours if ours[p] != theirs[p]} == {}
     status = "var/lib/dpkg/status"
     assert package_versions((engine_build / "rootfs" / status).read_text()) == \
-        package_versions((osbuilder_rootfs.path / status).read_text())
+        package_versions((rootfs.path / status).read_text())
     agent = "usr/bin/osbuilder-agent"
-    assert (engine_build / "rootfs" / agent).read_bytes() == (osbuilder_rootfs.path / agent).read_bytes()
+    assert (engine_build / "rootfs" / agent).read_bytes() == (rootfs.path / agent).read_bytes()
 
     built = engine_build / "container.img"
     check = subprocess.run(["e2fsck", "-fn", read_layout(built).fs_spec(built)], capture_output=True, text=True)
@@ -160,6 +156,41 @@ def test_boot_check_passes_in_the_container(engine_build: Path, engine_only_path
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"boot check PASSED: {engine_build / 'container.img'}" in r.stdout + r.stderr
     assert list((engine_build / "boot-records").glob("*.json")), "no boot record: install-image would refuse"
+
+
+@pytest.mark.build
+@needs_podman
+@needs_root
+def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_path: Path):
+    """SIGKILL cannot be caught, and the engine's client dying does not stop a container: osbuilder's
+    watchdog stops it (the step inside unwinds as on Ctrl-C and removes its temporaries)."""
+    home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-kill-", dir="/var/tmp"))
+    home.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(home / "wd")], cwd=home,
+                            env=engine_env(engine_only_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pattern = f"^osbuilder-rootfs-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 900  # the tools image may be built first
+        while not containers(pattern) or not list((home / "wd").glob(".rootfs.tmp-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the step's container never ran mmdebstrap"
+            time.sleep(1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while containers(pattern) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert containers(pattern) == [], "the container outlived the osbuilder that started it"
+        assert [p.name for p in (home / "wd").iterdir() if ".tmp-" in p.name] == []
+    finally:
+        for name in containers(pattern):
+            subprocess.run([PODMAN, "rm", "--force", "--time", "0", name], capture_output=True)
+        shutil.rmtree(home)
+
+
+def containers(pattern: str) -> list[str]:
+    out = subprocess.run([PODMAN, "ps", "--all", "--filter", f"name={pattern}", "--format", "{{.Names}}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
 
 
 @pytest.mark.build
@@ -246,11 +277,9 @@ def test_settings_reach_the_container_by_name_and_paths_at_their_place(tmp_path:
                           env={"REPO_URL": "http://user:s3cret@mirror.example/debian", "USE_DOCKER": "yes"},
                           cwd=tmp_path)
 
-    class Args:
-        command, check, boot_kernel_path = "boot", True, None
-
     cmd = step.container_command(engine_mod.Engine("podman", "/usr/bin/podman", ("--ulimit=nofile=1:1",)),
-                                 "localhost/osbuilder-tools:x", s, Args(), "name", False)
+                                 "localhost/osbuilder-tools:x", s, step.Invocation("boot", ("--check",)), "name",
+                                 False)
     assert "s3cret" not in " ".join(cmd)
     env = step.environment(s)
     assert env["REPO_URL"] == "http://user:s3cret@mirror.example/debian" and env["USE_DOCKER"] == "no"
@@ -266,17 +295,19 @@ def test_settings_reach_the_container_by_name_and_paths_at_their_place(tmp_path:
 
 
 def test_the_tools_image_tag_follows_its_inputs(tmp_path: Path):
-    """A changed file of osbuilder or another base image gives another tag; the same inputs the same."""
+    """A changed file of osbuilder, another base image or another package set gives another tag; the same
+    inputs the same."""
     copy = tmp_path / "osbuilder"
     shutil.copytree(tools_image.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    same = tools_image.digest(BASE, "id1", copy)
-    assert same == tools_image.digest(BASE, "id1", tools_image.PACKAGE_DIR)
-    assert tools_image.digest(BASE, "id2", copy) != same
+    packages = tools_image.system_packages(settings_mod.load({}, env={"WORKDIR": str(tmp_path / "wd")}, cwd=tmp_path))
+    assert {"mmdebstrap", "e2fsprogs", "qemu-system-x86", "python3"} <= set(packages)
+    same = tools_image.digest(BASE, "id1", packages, copy)
+    assert same == tools_image.digest(BASE, "id1", packages, tools_image.PACKAGE_DIR)
+    assert tools_image.digest(BASE, "id2", packages, copy) != same
+    assert tools_image.digest(BASE, "id1", [*packages, "vim"], copy) != same
     with (copy / "agent" / "agent.c").open("a") as f:
         f.write("\n")
-    assert tools_image.digest(BASE, "id1", copy) != same
-    packages = tools_image.system_packages()
-    assert {"mmdebstrap", "e2fsprogs", "qemu-system-x86", "python3"} <= set(packages)
+    assert tools_image.digest(BASE, "id1", packages, copy) != same
 
 
 @needs_podman

@@ -22,7 +22,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fakes import make_tree
+from fakes import make_tree, workdir_entries
 
 from osbuilder import cache as cache_mod
 from osbuilder import readback
@@ -173,7 +173,7 @@ def test_a_touched_but_intact_entry_is_a_hit_read_once(tmp_path: Path, monkeypat
 def test_an_entry_is_on_disk_before_it_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     events: list[str] = []
     monkeypatch.setattr(cache_mod, "_sync_filesystem", lambda path: events.append(f"sync {Path(path).name}"))
-    monkeypatch.setattr(cache_mod, "_fsync_dir", lambda path: events.append(f"fsync {Path(path).name}"))
+    monkeypatch.setattr(cache_mod.fs, "fsync_dir", lambda path: events.append(f"fsync {Path(path).name}"))
     real_publish = cache_mod.publish
 
     def publish(tmp: Path, dest: Path) -> None:
@@ -232,12 +232,12 @@ build.build_rootfs = fake_build_rootfs
 """
 
 INNER_TESTS = """
-def test_one(rootfs):
-    assert (rootfs.path / "marker").is_file()
+def test_one(osbuilder_rootfs):
+    assert (osbuilder_rootfs.path / "marker").is_file()
 
 
-def test_two(rootfs):
-    assert (rootfs.path / "marker").is_file()
+def test_two(osbuilder_rootfs):
+    assert (osbuilder_rootfs.path / "marker").is_file()
 """
 
 
@@ -279,9 +279,11 @@ def archive(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
     root = tmp_path / "mirror"
     release = root / "debian" / "dists" / "bookworm" / "InRelease"
-    release.parent.mkdir(parents=True)
-    release.write_text("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nOrigin: Debian\n"
-                       "Codename: bookworm\nDate: Sat, 10 Jan 2026 10:00:00 UTC\nMD5Sum:\n")
+    for path in (release, root / "debian/dists/bookworm-updates/InRelease",
+                 root / "debian-security/dists/bookworm-security/InRelease"):
+        path.parent.mkdir(parents=True)
+        path.write_text("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nOrigin: Debian\n"
+                        "Codename: bookworm\nDate: Sat, 10 Jan 2026 10:00:00 UTC\nMD5Sum:\n")
 
     class Quiet(SimpleHTTPRequestHandler):
         def __init__(self, *args, **kw) -> None:
@@ -319,6 +321,27 @@ def test_rootfs_key_follows_the_archives_release(tmp_path: Path, archive, caplog
     assert rootfs_build.manifest(s).inputs["archive_date"] == second.inputs["archive_date"]
     assert any("keying the cached rootfs on the archive state last seen: Sat, 17 Jan" in r.getMessage()
                for r in caplog.records)
+
+
+def test_rootfs_key_follows_the_security_and_updates_suites(tmp_path: Path, archive):
+    """A security update (a new bookworm-security Release) makes a new rootfs, and the miss says which
+    suite moved; with SECURITY_UPDATES=no only the release counts."""
+    from osbuilder.rootfs import inputs
+
+    url, release = archive
+    security = release.parents[3] / "debian-security/dists/bookworm-security/InRelease"
+    s = key_settings(tmp_path, REPO_URL=url)
+    first = rootfs_build.manifest(s)
+    assert first.inputs["archive_updates"] == ("bookworm-updates Sat, 10 Jan 2026 10:00:00 UTC; "
+                                               "bookworm-security Sat, 10 Jan 2026 10:00:00 UTC")
+    assert first.inputs["suites"] == f"bookworm@{url} bookworm-updates@{url} bookworm-security@{url}-security"
+    pinned = rootfs_build.manifest(s.with_values(SECURITY_UPDATES="no"))
+    assert pinned.inputs["archive_updates"] == "none" and pinned.key != first.key
+    security.write_text(security.read_text().replace("10 Jan", "12 Jan"))  # a DSA was published
+    inputs._SEEN.clear()
+    second = rootfs_build.manifest(s)
+    assert second.key != first.key and "bookworm-security Sat, 12 Jan" in second.inputs["archive_updates"]
+    assert rootfs_build.manifest(s.with_values(SECURITY_UPDATES="no")).key == pinned.key
 
 
 def test_rootfs_key_follows_the_distribution_plugins_code(tmp_path: Path, archive,
@@ -366,7 +389,7 @@ def test_rootfs_key_follows_the_agents_toolchain(tmp_path: Path, archive, monkey
     agent = tmp_path / "kata-agent"  # a binary of the user's: the host's toolchain plays no part
     agent.write_text("#!/bin/sh\n")
     agent.chmod(0o755)
-    own = key_settings(tmp_path, REPO_URL=archive[0], AGENT_SOURCE_BIN=str(agent))
+    own = key_settings(tmp_path, REPO_URL=archive[0], AGENT_SOURCE_BIN=str(agent), AGENT_PROTOCOL="kata1")
     before = rootfs_build.manifest(own).inputs
     compiler("gcc 99")
     assert rootfs_build.manifest(own).inputs["agent_toolchain"] == before["agent_toolchain"]
@@ -413,7 +436,7 @@ def test_image_on_a_full_workdir_fails_cleanly(tmp_path: Path, small_workdir: Pa
                       "container.img (nothing was replaced)"]
     assert "Traceback" not in out.stderr
     assert earlier.read_bytes() == b"the earlier image"
-    assert sorted(p.name for p in small_workdir.iterdir()) == sorted({*before, "logs"})  # no temporary left
+    assert workdir_entries(small_workdir) == sorted({*before, "logs"})  # no temporary left, in the cache neither
 
 
 def test_a_cache_fill_on_a_full_workdir_fails_cleanly(tmp_path: Path, small_workdir: Path):
@@ -425,7 +448,7 @@ def test_a_cache_fill_on_a_full_workdir_fails_cleanly(tmp_path: Path, small_work
     rootfs = Artifact(big_tree(tmp_path / "tree"), Manifest("rootfs", {"a": "tree"}))
     with pytest.raises(InfrastructureError) as e:
         Artifacts(cache).image(s, rootfs)
-    assert e.value.message.startswith(f"WORKDIR: no space left on device in {small_workdir}/cache/image/")
+    assert e.value.message.startswith(f"WORKDIR: no space left on device in {small_workdir} while making")
 
     def python_fill(tmp: Path) -> None:  # a build step that writes itself (OSError, not a tool's output)
         (tmp / "big").write_bytes(os.urandom(40 * MiB))

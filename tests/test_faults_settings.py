@@ -305,12 +305,15 @@ def test_the_profile_read_is_named_on_stderr(tmp_path: Path):
     assert "profile" not in osb("help", cwd=tmp_path).stderr
 
 
-def test_workdir_with_a_double_quote_is_refused_for_the_rootfs(tmp_path: Path):
-    """apt's configuration cannot hold a path with a double quote, so mmdebstrap would refuse one: the
-    setting is refused before anything runs (no agent compiled, nothing written)."""
-    wd = tmp_path / 'work "dir"'
-    result = osb("rootfs", "--workdir", str(wd))
+@pytest.mark.parametrize("name", ["WORKDIR", "CACHE_DIR"])
+def test_a_double_quote_in_workdir_is_refused_before_anything_runs(tmp_path: Path, name: str):
+    """apt's configuration cannot hold a path with a double quote, so mmdebstrap refuses one: say so
+    before anything runs (issue 20, 12: it was said after the agent was compiled)."""
+    where = tmp_path / 'work "dir"'
+    result = osb("rootfs", f"--{name.lower().replace('_', '-')}", str(where), "--workdir" if name != "WORKDIR"
+                 else "--cache-dir", str(tmp_path / "other"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert error_line(result) == \
-        f'osbuilder: error: WORKDIR: {wd} has a double quote ("), which apt cannot handle; choose another WORKDIR'
-    assert not wd.exists() and "agent" not in result.stderr
+    assert error_line(result) == (f'osbuilder: error: {name}: {where} has a double quote ("), which apt cannot '
+                                  f"handle (mmdebstrap builds there); choose another {name}")
+    assert "gcc" not in result.stderr and "agent:" not in result.stderr  # nothing was compiled
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was written

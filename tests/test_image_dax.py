@@ -234,8 +234,8 @@ def test_dax_image_both_views_and_the_helpers(tmp_path: Path) -> None:
     back = readback.read_layout(dest)
     assert (back.fs_offset, back.fs_bytes, back.block_size, back.dax_offset) == (3 * MiB, part["size"] * 512, 4096,
                                                                                  2 * MiB)
-    assert image.read_file(dest, "/etc/hostname") == b"guest\n"
-    assert image.stat_path(dest, "/usr/bin/osbuilder-agent").kind == "regular"
+    assert readback.read_file(dest, "/etc/hostname") == b"guest\n"
+    assert readback.stat_path(dest, "/usr/bin/osbuilder-agent").kind == "regular"
     header = subprocess.run(["dumpe2fs", "-h", back.fs_spec(dest)], capture_output=True, text=True, check=True).stdout
     assert "inline_data" not in header  # ext4 refuses DAX on a filesystem that may hold inline data
     assert subprocess.run(["e2fsck", "-fn", back.fs_spec(dest)], capture_output=True).returncode == 0

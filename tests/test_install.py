@@ -5,7 +5,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from fakes import KATA_TOML
+from fakes import KATA_TOML, record_kernel_build
 
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
@@ -76,7 +76,17 @@ def test_a_config_without_hypervisor_section_is_refused():
 
 
 def test_an_edit_that_would_break_the_toml_is_refused():
-    with pytest.raises(OsbuilderError, match="would leave invalid TOML"):
+    """A valid file the line edit would break (a multi-line string ending on a line that looks like
+    `image = `) is left alone: osbuilder's failure, exit 1."""
+    text = '[hypervisor.qemu]\nkernel_params = """\nimage = """\n'
+    with pytest.raises(OsbuilderError, match="would leave invalid TOML") as e:
+        point_config(text, "image", "/y", Path("c.toml"))
+    assert not isinstance(e.value, UsageError)
+
+
+def test_an_invalid_config_is_bad_input():
+    """A configuration.toml that is not TOML to begin with is the user's input: a usage error (exit 2)."""
+    with pytest.raises(UsageError, match=r"^RUNTIME_CONFIG: c.toml is not valid TOML \(.*line 3.*\); not changed"):
         point_config('[hypervisor.qemu]\nimage = "a"\n[broken\n', "image", "/y", Path("c.toml"))
 
 
@@ -124,6 +134,7 @@ def test_the_gate_wants_the_runtimes_own_boot(staged):
     settings, wd, dest, config = staged
     image, kernel = wd / "container.img", wd / "vmlinuz.container"
     kernel.write_bytes(os.urandom(4096))
+    record_kernel_build(wd)
     records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
                           extra={"attachment": "virtio-blk", "profile": "systemd", "agent": {"protocol": "kata1"}})
     with pytest.raises(UsageError, match=r"attached as the kata runtime attaches it \(nvdimm\)"):
@@ -165,3 +176,23 @@ def test_install_is_honest_about_agents(staged, runtime, protocol, refused):
     assert "AGENT_SOURCE_BIN=" in e.value.message and e.value.message.endswith("or use --force")
     assert "\n" not in e.value.message
     install_image(settings, force=True)
+def test_vmlinux_has_a_gate_of_its_own(staged):
+    """vmlinux.container is installed only as the output of the build whose vmlinuz passed the boot check
+    (kernel-metadata.json lists both); another file in its place is refused, as the issue found it was not."""
+    from osbuilder.vm import records
+
+    settings, wd, dest, config = staged
+    image, kernel = wd / "container.img", wd / "vmlinuz.container"
+    record_kernel_build(wd)
+    records.write_records(wd, image, kernel, passed=True, kernel={}, timings={},
+                          extra={"attachment": "nvdimm", "profile": "nvdimm-dax"})
+    (wd / "vmlinux.container").write_bytes(os.urandom(2048))  # not what that build made
+    with pytest.raises(UsageError, match=r"install-kernel: .*vmlinux.container \(sha256 \w+\) has no record of being "
+                                         r"built with the boot-checked vmlinuz.container"):
+        install_kernel(settings)
+    assert not (dest / "usr/share/kata-containers").exists()
+    install_kernel(settings, force=True)  # --force overrides, saying so
+    record_kernel_build(wd)
+    install_kernel(settings)
+    installed = dest / "usr/share/kata-containers/vmlinux.container"
+    assert installed.read_bytes() == (wd / "vmlinux.container").read_bytes()

@@ -13,11 +13,13 @@ from osbuilder import settings as S
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.rootfs.build import AgentChoice, manifest, pack_overlay, packages, stage_overlay
 from osbuilder.rootfs.debian import classify_failure, hook_word, mirror_access
+from osbuilder.rootfs.distro import Suite
 from osbuilder.rootfs.distros import get
 
 
 def settings(tmp_path: Path, **env) -> S.Settings:
-    return S.load({}, env={"WORKDIR": str(tmp_path / "wd"), **env}, cwd=tmp_path)
+    """Settings for a rootfs; a stand-in agent speaks osbuilder's protocol (auto cannot tell from a script)."""
+    return S.load({}, env={"WORKDIR": str(tmp_path / "wd"), "AGENT_PROTOCOL": "osbuilder", **env}, cwd=tmp_path)
 
 
 def test_default_packages_follow_the_original_list(tmp_path: Path):
@@ -60,7 +62,7 @@ def test_staged_overlay_for_a_user_agent(tmp_path: Path):
     stage_overlay(s, AgentChoice.from_settings(s), packages(s), overlay, tmp_path / "log")
     assert os.access(overlay / "usr/bin/kata-agent", os.X_OK)
     unit = (overlay / "usr/lib/systemd/system/kata-agent.service").read_text()
-    assert "ExecStart=/usr/bin/kata-agent" in unit
+    assert 'ExecStart="/usr/bin/kata-agent"' in unit
     link = overlay / "etc/systemd/system/multi-user.target.wants/kata-agent.service"
     assert os.readlink(link) == "/usr/lib/systemd/system/kata-agent.service"
     # osbuilder's own units are enabled too: every staged unit that asks for multi-user.target, and
@@ -132,16 +134,36 @@ def failure(detail: str) -> OsbuilderError:
     return OsbuilderError("rootfs: `mmdebstrap` failed (exit 1)", detail)
 
 
+BOOKWORM = [Suite("http://deb.debian.org/debian", "bookworm"),
+            Suite("http://deb.debian.org/debian", "bookworm-updates"),
+            Suite("http://deb.debian.org/debian-security", "bookworm-security")]
+
+
 def test_missing_package_is_blamed_on_extra_pkgs():
     e = classify_failure(failure("E: Unable to locate package no-such-pkg\nE: apt-get failed"),
-                         "bookworm", "http://deb.debian.org/debian", ["systemd", "no-such-pkg"])
-    assert isinstance(e, UsageError) and e.message == "EXTRA_PKGS: package(s) not found in bookworm: no-such-pkg"
+                         BOOKWORM, ["systemd", "no-such-pkg"], ["no-such-pkg"])
+    assert isinstance(e, UsageError)
+    assert e.message == "EXTRA_PKGS: package(s) not found in bookworm, bookworm-updates, bookworm-security: no-such-pkg"
+
+
+def test_a_missing_default_package_is_blamed_on_the_release():
+    e = classify_failure(failure("E: Package 'iptables' has no installation candidate"), BOOKWORM[:1],
+                         ["systemd", "iptables", "vim"], ["vim"])
+    assert isinstance(e, UsageError) and e.message.startswith("OS_VERSION: bookworm has no package iptables")
+
+
+def test_a_mirror_without_the_updates_suites_names_security_updates():
+    e = classify_failure(failure("E: The repository 'http://deb.debian.org/debian-security bookworm-security Release' "
+                                 "does not have a Release file."), BOOKWORM, ["systemd"], [])
+    assert isinstance(e, UsageError) and e.message.startswith(
+        "SECURITY_UPDATES: http://deb.debian.org/debian-security has no suite bookworm-security")
+    assert "SECURITY_UPDATES=no" in e.message
 
 
 def test_unreachable_mirror_is_an_infrastructure_failure():
     e = classify_failure(failure("Err:1 http://127.0.0.1:9/debian bookworm InRelease\n"
                                  "  Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)"),
-                         "bookworm", "http://127.0.0.1:9/debian", [])
+                         [Suite("http://127.0.0.1:9/debian", "bookworm")], [], [])
     assert isinstance(e, InfrastructureError) and e.message.startswith("REPO_URL: mirror http://127.0.0.1:9/debian")
 
 
@@ -167,11 +189,14 @@ def test_mirror_credentials_reach_only_a_private_auth_file(tmp_path: Path):
     scratch = tmp_path / "work dir's" / "auth"
     scratch.parent.mkdir()
     with pytest.raises(UsageError, match="^REPO_URL: apt cannot use a user name or password containing white"):
-        with mirror_access("https://user:p%20w@m.example/debian", scratch):
+        with mirror_access(["https://user:p%20w@m.example/debian"], scratch):
             pass
-    with mirror_access("https://us%40er:pw@m.example:8443/debian", scratch) as (url, hooks):
-        assert url == "https://m.example:8443/debian"
-        assert scratch.read_text() == "machine https://m.example:8443/debian\nlogin us@er\npassword pw\n"
+    with mirror_access(["https://us%40er:pw@m.example:8443/debian", "https://us%40er:pw@m.example:8443/debian-security",
+                        "http://other.example/debian"], scratch) as (urls, hooks):
+        assert urls == ["https://m.example:8443/debian", "https://m.example:8443/debian-security",
+                        "http://other.example/debian"]
+        assert scratch.read_text() == ("machine https://m.example:8443/debian\nlogin us@er\npassword pw\n"
+                                       "machine https://m.example:8443/debian-security\nlogin us@er\npassword pw\n")
         assert stat.S_IMODE(scratch.stat().st_mode) == 0o600
         assert not any("pw" in hook for hook in hooks)
         tree = tmp_path / "tree"
@@ -187,5 +212,29 @@ def test_mirror_credentials_reach_only_a_private_auth_file(tmp_path: Path):
         subprocess.run(["sh", "-c", customize, "exec", str(tree)], check=True)
         assert not (tree / "etc/apt/auth.conf").exists()
     assert not scratch.exists()
-    with mirror_access("http://m.example/debian", scratch) as plain:
-        assert plain == ("http://m.example/debian", []) and not scratch.exists()
+    with mirror_access(["http://m.example/debian"], scratch) as plain:
+        assert plain == (["http://m.example/debian"], []) and not scratch.exists()
+
+
+def test_a_chroot_without_dev_and_proc_fails_the_build(tmp_path: Path):
+    """mmdebstrap goes on when it cannot mount the chroot's /dev and /proc, and the package scripts then
+    leave /dev/null a regular file and create nothing with systemd-tmpfiles: the customize hook (run while
+    the mounts stand) and the check of the finished tree stop such a build (exit 125)."""
+    from osbuilder.rootfs.debian import MOUNTS_HOOK, check_dev
+
+    tree = tmp_path / "tree"
+    (tree / "dev").mkdir(parents=True)
+    (tree / "dev/null").write_text("")  # what `> /dev/null` leaves without the device
+    hook = subprocess.run(["sh", "-c", MOUNTS_HOOK, "exec", str(tree)], capture_output=True, text=True)
+    assert hook.returncode == 1 and "the chroot had no /dev/null device or no /proc" in hook.stderr
+    e = classify_failure(failure(hook.stderr), BOOKWORM, ["systemd"], [])
+    assert isinstance(e, InfrastructureError) and e.message.startswith("rootfs: mmdebstrap could not mount /dev")
+    with pytest.raises(OsbuilderError, match=r"^rootfs: mmdebstrap left /dev/null in the tree"):
+        check_dev(tree)
+    (tree / "dev/null").unlink()
+    check_dev(tree)  # an empty /dev is what mmdebstrap leaves
+    if os.geteuid() == 0:  # the device, as mmdebstrap bind-mounts it, and a /proc
+        os.mknod(tree / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (tree / "proc/self").mkdir(parents=True)
+        (tree / "proc/self/mounts").write_text("")
+        assert subprocess.run(["sh", "-c", MOUNTS_HOOK, "exec", str(tree)]).returncode == 0

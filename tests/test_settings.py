@@ -52,7 +52,7 @@ def test_defaults_match_the_makefile_era():
     ("OS_VERSION", "-bookworm", "OS_VERSION: '-bookworm' is not a release name"),
     ("OS_VERSION", "bookworm main", "OS_VERSION: 'bookworm main' is not a release name"),
     ("OS_VERSION", "jammy", "OS_VERSION: unknown debian release 'jammy'"),  # Ubuntu's, not Debian's
-    ("KERNEL_SOURCE", "/no/such/linux.tar.xz", "KERNEL_SOURCE: '/no/such/linux.tar.xz': no such file or directory"),
+    ("KERNEL_SOURCE", "/no/such/linux.tar.xz", "KERNEL_SOURCE: /no/such/linux.tar.xz: no such file or directory"),
     ("REPO_URL", "deb http://deb.debian.org/debian bookworm main", "REPO_URL: expected a plain http://"),
     ("REPO_URL", "http://u:pw@h/debian [trusted=yes]", "REPO_URL: expected a plain http://, https:// or "
                                                        "file:// URL of a mirror (no spaces, no [options]), "
@@ -101,7 +101,7 @@ SAMPLES = {
     "KERNEL_CONFIG": "/srv/config",
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
     "DESTDIR": "/tmp/stage", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
-    "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12",
+    "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12", "SECURITY_UPDATES": "no",
 }
 
 

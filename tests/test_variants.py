@@ -154,7 +154,7 @@ class ToyDistro(Distro):
     def default_packages(self, agent_init: bool) -> list[str]:
         return ["toy-base"]
 
-    def build(self, release, mirror, packages, overlay, dest, *, logfile, verbose, source_date_epoch) -> None:
+    def build(self, suites, packages, overlay, dest, *, logfile, verbose, source_date_epoch) -> None:
         for rel, text in (("etc/ssh/ssh_host_ed25519_key", "a secret every image would share"),
                           ("usr/share/doc/toy-base/README", "docs"), ("usr/share/doc/toy-base/copyright", "MIT"),
                           ("usr/share/man/man1/toy.1", "a page"), ("usr/sbin/init", "#!/bin/sh\n")):
@@ -200,7 +200,7 @@ def test_a_plugin_cannot_drop_the_image_policy(tmp_path: Path) -> None:
     overlay = tmp_path / "overlay.tar"
     with tarfile.open(overlay, "w") as tar:
         tar.addfile(tarfile.TarInfo("empty"), io.BytesIO(b""))
-    ToyDistro().build("one", "", [], overlay, tree, logfile=tmp_path / "log", verbose=False, source_date_epoch=None)
+    ToyDistro().build([], [], overlay, tree, logfile=tmp_path / "log", verbose=False, source_date_epoch=None)
     assert sorted(policy.violations(tree)) == ["/etc/ssh/ssh_host_ed25519_key", "/usr/share/doc/toy-base/README",
                                                "/usr/share/man/man1/toy.1"]
     with pytest.raises(Exception, match="breaks osbuilder's image policy: /etc/ssh/ssh_host_ed25519_key"):

@@ -8,6 +8,7 @@ The settings the user gave (flag, environment) reach the container as environmen
 the settings table, passed by name (`-e NAME`), so no value (a REPO_URL password) is on a command
 line; a YAML profile is read again inside from the same path. /dev/kvm is passed through unless
 ACCEL=tcg or it cannot be opened. Inside, the step locks, logs and caches as it does on the host.
+Ctrl-C, SIGTERM or SIGHUP stop the container; so does osbuilder's watchdog when osbuilder is killed.
 """
 
 from __future__ import annotations
@@ -133,23 +134,32 @@ def run_step(engine: Engine, settings: Settings, invocation: Invocation) -> int:
     env = {**os.environ, **environment(settings)}
     log.info("%s: + %s", invocation.command, redact(format_command(cmd)))
     procs.terminate_as_interrupt()  # so the container is stopped too
-    proc = procs.spawn(cmd, env=env, own_group=not interactive,
-                       stdin=None if interactive else subprocess.DEVNULL)
+    # the engine's client going away would leave the container running: if osbuilder is killed, its
+    # watchdog stops it (SIGTERM: the step inside removes its temporaries), as a Ctrl-C here does
+    cleanup = procs.on_death(stop_command(engine, name))
     try:
-        while not procs.wait(proc, 1.0):
-            pass
-    except KeyboardInterrupt:
-        stop(engine, name)  # the engine's client going away would leave the container running
-        raise
+        proc = procs.spawn(cmd, env=env, own_group=not interactive,
+                           stdin=None if interactive else subprocess.DEVNULL)
+        try:
+            while not procs.wait(proc, 1.0):
+                pass
+        except KeyboardInterrupt:
+            stop(engine, name)
+            raise
+        finally:
+            code = procs.finish(proc)
     finally:
-        code = procs.finish(proc)
+        procs.cancel(cleanup)
     if code in ENGINE_FAILURES:
         raise InfrastructureError(f"CONTAINER_ENGINE: {engine.name} could not run the tools container "
                                   f"(exit {code}; its message is above)")
     return code
 
 
+def stop_command(engine: Engine, name: str) -> list[str]:
+    """How to stop the step's container like a Ctrl-C on the host: SIGTERM, then SIGKILL."""
+    return engine.command("stop", "--time", str(STOP_SECONDS), name)
+
+
 def stop(engine: Engine, name: str) -> None:
-    """Stop the step's container like a Ctrl-C on the host: SIGTERM, then SIGKILL."""
-    run(engine.command("stop", "--time", str(STOP_SECONDS), name), step="container", capture=True,
-        check=False, timeout=STOP_SECONDS + 30)
+    run(stop_command(engine, name), step="container", capture=True, check=False, timeout=STOP_SECONDS + 30)

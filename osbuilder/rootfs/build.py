@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import tarfile
 import time
@@ -25,9 +26,10 @@ from osbuilder.errors import UsageError
 from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
 from osbuilder.layout import Workdir
 from osbuilder.rootfs import distros, inputs, policy
-from osbuilder.rootfs.distro import Distro
+from osbuilder.rootfs.distro import Distro, Suite
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
+from osbuilder.terminal import shown
 from osbuilder.urls import without_credentials
 
 OVERLAY_DIR = Path(__file__).parent / "overlay"
@@ -53,16 +55,16 @@ class AgentChoice:
             chosen = settings.agent_protocol if settings.agent_protocol != "auto" else protocol.OSBUILDER.name
             return cls(None, agent.AGENT_NAME, agent.SERVICE_NAME, agent.AGENT_VERSION, chosen)
         if not src.is_file():
-            raise UsageError(f"AGENT_SOURCE_BIN: {src} is not a file")
+            raise UsageError(f"AGENT_SOURCE_BIN: {shown(str(src))} is not a file")
         if not os.access(src, os.X_OK):
-            raise UsageError(f"AGENT_SOURCE_BIN: {src} is not executable")
+            raise UsageError(f"AGENT_SOURCE_BIN: {shown(str(src))} is not executable")
+        check_program_name(src.name)
         try:
             check_machine(elf.read_elf(src), src.name)  # before any build: the libraries need the tree
         except elf.NotElf:
             pass
-        service = settings.agent_service or f"{src.name}.service"
-        if not service.endswith(".service") or "/" in service:
-            raise UsageError(f"AGENT_SERVICE: {service!r} must be a unit name ending in .service")
+        service = settings.agent_service or f"{unit_name_escape(src.name)}.service"
+        check_unit_name(service)
         return cls(src, src.name, service, "custom:" + file_hash(src)[:16], agent_protocol(settings, src))
 
 
@@ -82,20 +84,60 @@ def agent_protocol(settings: Settings, binary: Path) -> str:
                      f"{settings.runtime} speaks {', '.join(spoken)}); set AGENT_PROTOCOL")
 
 
+# A unit name: systemd's characters (no `@`: a template needs an instance), at most 255 of them.
+UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]{1,247}\.service$")
+# What systemd refuses in a program's name (`Executable name contains special characters`), and what
+# cannot be written in a unit file at all.
+UNSTARTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\"'\\\udc80-\udcff]")
+
+
+def check_program_name(name: str) -> None:
+    """AGENT_SOURCE_BIN's file name becomes /usr/bin/<name> and the unit's ExecStart: spaces, `%`, `$`,
+    `;` and non-ASCII letters are written so that systemd runs exactly that file; control characters
+    (a new line would start a directive of its own), quotes, backslashes and bytes that are not UTF-8
+    are refused, since systemd would not start such a program."""
+    bad = UNSTARTABLE.search(name)
+    if bad:
+        raise UsageError(f"AGENT_SOURCE_BIN: the file name {shown(name)} has {shown(bad.group())}, which systemd "
+                         "does not allow in a program's name (control characters, quotes, backslashes, bytes "
+                         "that are not UTF-8); rename the binary")
+
+
+def check_unit_name(service: str) -> None:
+    if not UNIT_NAME.match(service):
+        raise UsageError(f"AGENT_SERVICE: {shown(service)} is not a systemd service name (letters, digits and "
+                         ":_.-\\ , at most 255 characters, ending in .service; no @ template)")
+
+
+def unit_name_escape(name: str) -> str:
+    """`name` as the start of a unit name: every byte outside systemd's unit-name characters written
+    \\xNN, as `systemd-escape` does (`my agent` -> `my\\x20agent`)."""
+    return "".join(c if re.match(r"[A-Za-z0-9:_.-]", c) else "".join(f"\\x{b:02x}" for b in c.encode())
+                   for c in name)
+
+
 def packages(settings: Settings) -> list[str]:
     """The full package list: the distro's defaults, then EXTRA_PKGS, without duplicates."""
     d = distros.get(settings.distro)
     return list(dict.fromkeys([*d.default_packages(settings.agent_init), *settings.extra_pkgs]))
 
 
+def suites(settings: Settings) -> list[Suite]:
+    """The suites the rootfs is installed from: OS_VERSION, and its updates unless SECURITY_UPDATES=no."""
+    d = distros.get(settings.distro)
+    return d.suites(settings.os_version, settings.repo_url or d.default_mirror, settings.security_updates)
+
+
 def manifest(settings: Settings) -> Manifest:
     """Every input that shapes the rootfs, for the artifact cache."""
     d = distros.get(settings.distro)
     choice = AgentChoice.from_settings(settings)
+    release, *updates = suites(settings)
     return Manifest("rootfs", {
         "distro": settings.distro,
         "os_version": settings.os_version,
         "repo_url": without_credentials(settings.repo_url or d.default_mirror),  # the manifest is stored
+        "suites": " ".join(f"{s.name}@{without_credentials(s.mirror)}" for s in (release, *updates)),
         "packages": " ".join(packages(settings)),
         "agent": choice.version if choice.binary else "osbuilder:" + agent.source_hash(),
         "agent_service": choice.service,
@@ -108,8 +150,10 @@ def manifest(settings: Settings) -> Manifest:
         "distro_code": inputs.plugin_code(d),
         "arch": d.architecture(platform.machine()),
         "agent_toolchain": inputs.agent_toolchain() if choice.binary is None else "AGENT_SOURCE_BIN",
-        # a new Release (point release, updates of a moving suite) makes a new rootfs
-        "archive_date": inputs.archive_date(settings, d, settings.repo_url or d.default_mirror),
+        # a new Release (point release, updates of a moving suite) makes a new rootfs; so does a
+        # security or stable update (SECURITY_UPDATES)
+        "archive_date": inputs.archive_date(settings, d, release.mirror, release.name),
+        "archive_updates": inputs.archive_state(settings, d, updates),
     })
 
 
@@ -119,6 +163,7 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
     d.check_release(settings.os_version)
     choice = AgentChoice.from_settings(settings)
     pkgs = packages(settings)
+    sources = suites(settings)  # every setting checked before anything is built
     dest = dest.absolute()
     logfile = logfile or Workdir.of(settings).log("rootfs")
     if userns.rootless():
@@ -130,8 +175,8 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
     try:
         stage_overlay(settings, choice, pkgs, overlay, logfile)
         pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
-        d.build(settings.os_version, settings.repo_url or d.default_mirror, pkgs, overlay_tar, tmp,
-                logfile=logfile, verbose=settings.debug, source_date_epoch=settings.source_date_epoch)
+        d.build(sources, pkgs, overlay_tar, tmp, logfile=logfile, verbose=settings.debug,
+                source_date_epoch=settings.source_date_epoch)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
         check_agent_runs(tmp, choice.name, d)
@@ -225,8 +270,12 @@ def pack_overlay(overlay: Path, tar_path: Path, epoch: int | None) -> None:
 
 
 def generic_unit(choice: AgentChoice) -> str:
-    return (f"[Unit]\nDescription=Container agent ({choice.name})\n\n"
-            f"[Service]\nExecStart=/usr/bin/{choice.name}\nRestart=always\n\n"
+    """The unit of a user's agent. Its name is quoted in ExecStart (a space stays part of the name) and
+    its `%` doubled everywhere (systemd's specifiers); check_program_name refused what cannot be written."""
+    check_program_name(choice.name)
+    name = choice.name.replace("%", "%%")
+    return (f"[Unit]\nDescription=Container agent ({name})\n\n"
+            f'[Service]\nExecStart="/usr/bin/{name}"\nRestart=always\n\n'
             f"[Install]\nWantedBy=multi-user.target\n")
 
 
@@ -239,7 +288,8 @@ def metadata(settings: Settings, choice: AgentChoice, pkgs: list[str]) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "architecture": d.architecture(platform.machine()),
         "distro": {"name": d.name, "version": settings.os_version,
-                   "mirror": without_credentials(settings.repo_url or d.default_mirror)},
+                   "mirror": without_credentials(settings.repo_url or d.default_mirror),
+                   "suites": [{"suite": s.name, "mirror": without_credentials(s.mirror)} for s in suites(settings)]},
         "packages": {"default": defaults, "extra": [p for p in pkgs if p not in defaults]},
         "agent": {"name": choice.name, "version": choice.version, "service": choice.service,
                   "protocol": choice.protocol, "init": settings.agent_init},

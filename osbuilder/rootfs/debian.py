@@ -4,12 +4,20 @@ mmdebstrap runs in `unshare` mode: its own user and mount namespaces, no loop de
 on the host. apt verifies every package against the archive keyring. Settings reach mmdebstrap as
 positionals after `--` or quoted in its hooks; credentials in the mirror URL reach only apt, through
 an auth.conf that exists in the tree while mmdebstrap runs (`mirror_access`).
+
+The rootfs is installed from the release and, unless SECURITY_UPDATES=no, from its `-updates` suite
+and the security archive's `-security` suite (beside the mirror: `.../debian-security`), so it carries
+the fixes published since the last point release. Before anything is downloaded beyond the package
+lists, apt checks that every package can be installed (`check_packages_hook`), so a misspelt
+EXTRA_PKGS fails in seconds. The tree carries nothing of the machine that built it: mmdebstrap's
+copies of the host's /etc/hostname and /etc/resolv.conf are replaced (`HOST_INDEPENDENT_HOOK`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,13 +28,28 @@ from osbuilder import errors
 from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, temp_beside
-from osbuilder.rootfs.distro import Distro
-from osbuilder.run import run
+from osbuilder.rootfs.distro import Distro, Suite
+from osbuilder.run import redact, run
 from osbuilder.urls import read_head, without_credentials
 
 # Documentation, manual pages and translations are not needed in a container guest.
 EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*",
             "/usr/share/lintian/*")
+ROLLING = ("sid", "unstable")  # updated in place: no -updates or -security suite
+# /etc/hostname: `localhost`, whoever builds (the runtime names the sandbox; systemd's fallback is the
+# same). /etc/resolv.conf: an empty file, which a runtime's agent bind-mounts the sandbox's DNS
+# configuration onto (Kata's agent does); a guest without one falls back to a resolver on localhost.
+# Both written before any package is installed, so a package that manages them (systemd-resolved)
+# still may, and never with the host's modes.
+HOST_INDEPENDENT_HOOK = ('rm -f "$1/etc/hostname" "$1/etc/resolv.conf" && echo localhost > "$1/etc/hostname" '
+                         '&& : > "$1/etc/resolv.conf" && chmod 0644 "$1/etc/hostname" "$1/etc/resolv.conf"')
+APT_OUTSIDE = 'env --chdir="$1" APT_CONFIG="$MMDEBSTRAP_APT_CONFIG"'  # apt on the chroot's lists, as
+# mmdebstrap's own setup hooks run it (/usr/share/mmdebstrap/hooks/maybe-merged-usr)
+# Package scripts need the chroot's /dev and /proc: without them (mmdebstrap skips mounting when it
+# cannot mount) `> /dev/null` leaves a regular file and systemd-tmpfiles creates nothing (/etc/mtab,
+# /var/lib/private, ...), silently (`|| true`). While the mounts still stand, after the packages:
+MOUNTS_HOOK = ('if ! [ -c "$1/dev/null" ] || ! [ -e "$1/proc/self/mounts" ]; then echo "E: osbuilder: the chroot had '
+               'no /dev/null device or no /proc while packages were installed" >&2; exit 1; fi')
 
 
 RELEASE_HEAD_BYTES = 4096  # the Date field is in the first lines of InRelease
@@ -40,6 +63,9 @@ class Debian(Distro):
     tools = (
         Tool("mmdebstrap", "mmdebstrap", "creates the Debian rootfs without mounts or loop devices"),
         Tool("gpgv", "gpgv", "checks the archive's signatures"),
+        # mmdebstrap only recommends it, and without it silently skips mounting the chroot's /dev and
+        # /proc: package scripts then leave /dev/null a file and systemd-tmpfiles creates nothing
+        Tool("mount", "mount", "mounts /dev and /proc in mmdebstrap's chroot for the package scripts"),
     )
     packages = ("debian-archive-keyring", "ca-certificates")
     architectures = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x"}
@@ -50,23 +76,39 @@ class Debian(Distro):
             return base
         return ["systemd", "systemd-sysv", "udev", *base, "openssh-server"]
 
-    def build(self, release, mirror, packages, overlay, dest, *, logfile, verbose, source_date_epoch):
-        if '"' in str(dest):  # mmdebstrap refuses it: apt's configuration cannot hold one
+    def suites(self, release: str, mirror: str, updates: bool) -> list[Suite]:
+        if not updates or release in ROLLING:
+            return [Suite(mirror, release)]
+        return [Suite(mirror, release), Suite(mirror, f"{release}-updates"),
+                Suite(security_mirror(mirror), f"{release}-security")]
+
+    def build(self, suites, packages, overlay, dest, *, logfile, verbose, source_date_epoch):
+        if '"' in str(dest):  # mmdebstrap refuses it: apt's configuration cannot hold one (settings check it)
             raise UsageError(f"WORKDIR: {dest.parent} has a double quote (\"), which apt cannot handle; "
                              "choose another WORKDIR")
         cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
                "--include=" + ",".join(packages)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
         cmd += ["--dpkgopt=path-include=/usr/share/doc/*/copyright",
+                f"--customize-hook={MOUNTS_HOOK}",
                 f"--customize-hook=tar-in {hook_word(str(overlay))} /"]
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
-        with mirror_access(mirror, temp_beside(dest.parent / "apt-auth.conf")) as (url, hooks):
+        mirrors = [s.mirror for s in suites]
+        with mirror_access(mirrors, temp_beside(dest.parent / "apt-auth.conf")) as (urls, hooks):
+            hooks = [*hooks, f"--setup-hook={HOST_INDEPENDENT_HOOK}", f"--setup-hook={check_packages_hook(packages)}"]
+            sources = [urls[0], *(f"deb {url} {s.name} main" for s, url in zip(suites[1:], urls[1:], strict=True))]
             try:
-                run([*cmd, *hooks, "--", release, str(dest), url], step="rootfs", logfile=logfile, env=env,
-                    verbose=verbose)
+                run([*cmd, *hooks, "--", suites[0].name, str(dest), *sources], step="rootfs", logfile=logfile,
+                    env=env, verbose=verbose)
             except OsbuilderError as e:
-                raise classify_failure(e, release, url, packages) from None
+                bare = [Suite(url, s.name) for s, url in zip(suites, urls, strict=True)]
+                raise classify_failure(e, bare, packages, self.extra(packages)) from None
+        check_dev(dest)
 
+    def extra(self, packages: list[str]) -> list[str]:
+        """The packages that are not one of the plugin's defaults (those EXTRA_PKGS asked for)."""
+        defaults = {*self.default_packages(True), *self.default_packages(False)}
+        return [p for p in packages if p not in defaults]
 
     def archive_state(self, mirror: str, release: str) -> str:
         """The `Date:` of the suite's InRelease, read from its first bytes."""
@@ -83,7 +125,6 @@ class Debian(Distro):
             return [line for line in candidate.read_text().splitlines() if line and line != "/."]
         return []
 
-
     def package_of(self, filename: str) -> str | None:
         """The host's dpkg database, asked which package ships `*/filename` (the guest's archive ships
         the same package names); None where the host has no dpkg or no such file."""
@@ -96,6 +137,37 @@ class Debian(Distro):
         return first if first and "," not in first and " " not in first else None
 
 
+def check_dev(tree: Path) -> None:
+    """mmdebstrap leaves /dev empty (each boot's devtmpfs fills it); anything else there is a bind-mount
+    target it could not undo, or what a package script wrote while /dev was missing."""
+    dev = tree / "dev"
+    left = sorted(p.name for p in dev.iterdir() if not p.is_dir() or p.is_symlink()) if dev.is_dir() else []
+    if left:
+        raise OsbuilderError(f"rootfs: mmdebstrap left {', '.join('/dev/' + n for n in left)} in the tree (a mount "
+                             "it could not undo, or package scripts that ran without /dev); not publishing it")
+
+
+def security_mirror(mirror: str) -> str:
+    """Where the security archive is, beside `mirror`: `<parent>/debian-security` (deb.debian.org's
+    layout, which Debian's mirrors and apt proxies follow), with the mirror's credentials."""
+    url = urlsplit(mirror)
+    parent, _, last = url.path.rstrip("/").rpartition("/")
+    if last != "debian":
+        raise UsageError(f"SECURITY_UPDATES: REPO_URL {redact(mirror)} does not end in /debian, so where its "
+                         "security archive (.../debian-security) is cannot be told; mirror it there, or set "
+                         "SECURITY_UPDATES=no to build from the release alone")
+    return urlunsplit(url._replace(path=f"{parent}/debian-security"))
+
+
+def check_packages_hook(packages: list[str]) -> str:
+    """A setup hook that asks apt, right after the package lists arrive, whether every package can be
+    installed: a name that is not in the archive fails the build in seconds, not after the essential
+    set was installed (mmdebstrap's own update then finds the lists current)."""
+    names = " ".join(shlex.quote(p) for p in packages)
+    return (f"{APT_OUTSIDE} apt-get update -q --error-on=any > /dev/null && "
+            f"{APT_OUTSIDE} apt-get install --simulate -q --no-install-recommends {names} > /dev/null")
+
+
 def hook_word(text: str) -> str:
     """`text` as one word of an mmdebstrap special hook (`tar-in`, `upload`, ...), which mmdebstrap
     splits like a shell (Perl's shellwords): every character but a few safe ones is backslash-escaped."""
@@ -103,25 +175,31 @@ def hook_word(text: str) -> str:
 
 
 @contextmanager
-def mirror_access(mirror: str, scratch: Path) -> Iterator[tuple[str, list[str]]]:
-    """The mirror URL to give mmdebstrap, and the hooks that let apt log in to it.
+def mirror_access(mirrors: list[str], scratch: Path) -> Iterator[tuple[list[str], list[str]]]:
+    """The mirror URLs to give mmdebstrap (without credentials), and the hooks that let apt log in.
 
-    Credentials in `mirror` (http://user:password@host/...) stay out of the command line, the log,
+    Credentials in a mirror (http://user:password@host/...) stay out of the command line, the log,
     the tree's sources.list and the finished tree: they are written to `scratch` (mode 0600), which
     mmdebstrap itself reads (`upload`: a rootless build's namespace could not) into the tree's
-    /etc/apt/auth.conf (made 0600 first) for apt, and a customize hook removes it.
+    /etc/apt/auth.conf (made 0600 first) for apt, one `machine` entry per mirror, and a customize hook
+    removes it.
     """
-    url = urlsplit(mirror)
-    if "@" not in url.netloc:
-        yield mirror, []
+    bare = [_without_userinfo(m) for m in mirrors]
+    logins = {}
+    for mirror, url in zip(mirrors, bare, strict=True):
+        parts = urlsplit(mirror)
+        if "@" in parts.netloc:
+            login, password = unquote(parts.username or ""), unquote(parts.password or "")
+            if re.search(r"\s", login + password):
+                raise UsageError("REPO_URL: apt cannot use a user name or password containing white space")
+            logins[url] = (login, password)
+    if not logins:
+        yield bare, []
         return
-    bare = urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[2]))
-    login, password = unquote(url.username or ""), unquote(url.password or "")
-    if re.search(r"\s", login + password):
-        raise UsageError("REPO_URL: apt cannot use a user name or password containing white space")
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"machine {bare}\nlogin {login}\npassword {password}\n")
+        for url, (login, password) in logins.items():
+            f.write(f"machine {url}\nlogin {login}\npassword {password}\n")
     try:
         yield bare, ['--setup-hook=umask 077 && : > "$1/etc/apt/auth.conf"',
                      f"--setup-hook=upload {hook_word(str(scratch))} /etc/apt/auth.conf",
@@ -130,23 +208,55 @@ def mirror_access(mirror: str, scratch: Path) -> Iterator[tuple[str, list[str]]]
         discard(scratch)
 
 
-def classify_failure(error: OsbuilderError, release: str, mirror: str, packages: list[str]) -> OsbuilderError:
-    """Turn mmdebstrap's output into a one-line error naming the setting at fault."""
+def _without_userinfo(mirror: str) -> str:
+    url = urlsplit(mirror)
+    return urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[2])) if "@" in url.netloc else mirror
+
+
+def classify_failure(error: OsbuilderError, suites: list[Suite], packages: list[str],
+                     extra: list[str]) -> OsbuilderError:
+    """Turn mmdebstrap's output into a one-line error naming the setting at fault. `suites` are the
+    suites as given to apt (no credentials), the release first; `extra` the packages EXTRA_PKGS asked for."""
     text = error.detail
+    release, mirror = suites[0].name, suites[0].mirror
     missing = re.findall(r"Unable to locate package (\S+)", text)
     missing += re.findall(r"Package '?(\S+?)'? has no installation candidate", text)
     if missing:
-        return UsageError(f"EXTRA_PKGS: package(s) not found in {release}: {', '.join(dict.fromkeys(missing))}",
+        missing = list(dict.fromkeys(missing))
+        ours = [p for p in missing if p not in extra]
+        where = ", ".join(s.name for s in suites)
+        if ours:
+            return UsageError(f"OS_VERSION: {release} has no package {', '.join(ours)} (one osbuilder installs "
+                              f"by default; looked in {where})", error.detail)
+        return UsageError(f"EXTRA_PKGS: package(s) not found in {where}: {', '.join(missing)}", error.detail)
+    unavailable = _missing_suite(text, suites)
+    if unavailable is not None and unavailable is not suites[0]:
+        return UsageError(f"SECURITY_UPDATES: {unavailable.mirror} has no suite {unavailable.name} (the release's "
+                          f"updates); mirror it, or set SECURITY_UPDATES=no to build from {release} alone",
                           error.detail)
     if re.search(r"Could not resolve|Failed to fetch|Could not connect|Connection failed|"
                  r"Temporary failure resolving|Unable to connect", text):
-        if re.search(r"dists/\S+/(In)?Release\s+404|does not have a Release file|404\s+Not Found", text):
+        if unavailable is not None or re.search(r"dists/\S+/(In)?Release\s+404", text):
             return UsageError(f"OS_VERSION: release {release!r} not found at {mirror}", error.detail)
         return InfrastructureError(f"REPO_URL: mirror {mirror} is unreachable", error.detail)
-    if re.search(r"does not have a Release file|404\s+Not Found", text):
+    if unavailable is not None or re.search(r"does not have a Release file|404\s+Not Found", text):
         return UsageError(f"OS_VERSION: release {release!r} not found at {mirror} (check REPO_URL and OS_VERSION)",
                           error.detail)
     if errors.out_of_space(error):
         return errors.full_disk("WORKDIR", "while building the rootfs", error)
+    if "osbuilder: the chroot had no /dev/null" in text:
+        return InfrastructureError("rootfs: mmdebstrap could not mount /dev and /proc in the chroot (see its "
+                                   "warnings below: is `mount` installed?); package scripts would run without "
+                                   "them and leave a damaged tree", error.detail)
     return error
 
+
+def _missing_suite(text: str, suites: list[Suite]) -> Suite | None:
+    """The suite apt says has no Release file (`The repository 'URL SUITE Release' does not have a
+    Release file`, or a 404 for its dists/SUITE/InRelease), if any."""
+    for suite in suites:
+        named = re.escape(f"{suite.mirror.rstrip('/')} {suite.name} Release")
+        fetched = re.escape(f"{suite.mirror.rstrip('/')}/dists/{suite.name}/") + r"(?:In)?Release\s+404"
+        if re.search(rf"{named}'? does not have a Release file|{fetched}", text):
+            return suite
+    return None

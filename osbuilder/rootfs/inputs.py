@@ -1,10 +1,15 @@
 """Inputs of a rootfs that are not settings: the archive's state, the agent's toolchain, the plugin's code.
 
 They are part of the rootfs cache key (`build.manifest`), so a cached rootfs is rebuilt when the
-archive publishes a new Release (a point release, or any update of a moving suite), when the host's
-compiler or static C library changes under osbuilder's agent, or when the distribution plugin's code
-does. Each is cheap: one ranged HTTP request for the first bytes of the suite's InRelease per process,
-two compiler invocations, a hash of two source files.
+archive publishes a new Release of a suite the rootfs is built from (a point release, a security or
+stable update, any update of a moving suite), when the host's compiler or static C library changes
+under osbuilder's agent, or when the distribution plugin's code does. Each is cheap: one ranged HTTP
+request for the first bytes of each suite's InRelease per process, two compiler invocations, a hash
+of two source files.
+
+The request logs in to a mirror whose URL carries credentials, and the login goes nowhere else: a
+redirect to another scheme, host or port is followed without it, and one from https to plain http is
+refused (as apt does).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from osbuilder.fs import file_hash, sha256_file, write_atomically
 from osbuilder.layout import UserCache
-from osbuilder.rootfs.distro import Distro
+from osbuilder.rootfs.distro import Distro, Suite
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
 from osbuilder.urls import without_credentials
@@ -56,28 +61,35 @@ def _hash_once(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return sha256_file(Path(path))
 
 
-def archive_date(settings: Settings, distro: Distro, mirror: str) -> str:
-    """The state of `mirror`'s archive for OS_VERSION, as the distribution reads it (asked once per
-    process): for Debian, the Date of the suite's Release file.
+def archive_date(settings: Settings, distro: Distro, mirror: str, suite: str | None = None) -> str:
+    """The state of `mirror`'s archive for `suite` (default: OS_VERSION), as the distribution reads it
+    (asked once per process): for Debian, the Date of the suite's Release file.
 
     When the mirror cannot be asked, the state last seen (kept in the per-user cache) stands in, and a
     warning says so: a warm cache keeps working offline."""
+    suite = suite or settings.os_version
     bare = without_credentials(mirror)
-    key = (bare, settings.os_version)
+    key = (bare, suite)
     if key not in _SEEN:
         remembered = UserCache.of(settings).archive_dates
         known = _read(remembered)
-        name = f"{bare} {settings.os_version}"
+        name = f"{bare} {suite}"
         try:
-            _SEEN[key] = distro.archive_state(mirror, settings.os_version)
+            _SEEN[key] = distro.archive_state(mirror, suite)
         except (OSError, ValueError) as e:
             _SEEN[key] = known.get(name, "unknown")
             log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
-                        "the archive state last seen: %s", settings.os_version, bare, e, _SEEN[key])
+                        "the archive state last seen: %s", suite, bare, e, _SEEN[key])
         else:
             if known.get(name) != _SEEN[key]:
                 _remember(remembered, {**known, name: _SEEN[key]})
     return _SEEN[key]
+
+
+def archive_state(settings: Settings, distro: Distro, suites: list[Suite]) -> str:
+    """The states of `suites` (the release's updates and security suites), one `suite state` each, for
+    the cache key; 'none' without any."""
+    return "; ".join(f"{s.name} {archive_date(settings, distro, s.mirror, s.name)}" for s in suites) or "none"
 
 
 def _read(path: Path) -> dict[str, str]:

@@ -1,11 +1,18 @@
 """Which accelerator boots run under: KVM only after a probe proved a guest really runs, else TCG.
 
 Nested KVM on these hosts is unreliable (plain `-cpu host` aborts; guests sometimes die with
-"KVM internal error"), so ACCEL=auto boots the check kernel under KVM for a few seconds and
-requires it to reach its init. The verdict does not depend on the WORKDIR: it lives in the per-user
-cache (`UserCache.accel_verdict`), keyed by the host (kernel release and boot id, QEMU version, CPU
-model), for PROBE_TTL seconds, under a file lock so parallel workers probe once. A fresh WORKDIR on
-the same host reuses it. A KVM failure during a real boot marks the verdict bad (`distrust_kvm`).
+"KVM internal error", or run no code at all), so before a boot under KVM the check kernel is booted
+under KVM for a few seconds and must reach its init. The verdict does not depend on the WORKDIR: it
+lives in the per-user cache (`UserCache.accel_verdict`), keyed by the host (kernel release and boot
+id, QEMU version, CPU model), for PROBE_TTL seconds, under a file lock so parallel workers probe once.
+A fresh WORKDIR on the same host reuses it. A KVM failure during a real boot marks the verdict bad
+(`distrust_kvm`).
+
+ACCEL=auto falls back to TCG when the probe fails. ACCEL=kvm insists on KVM, so a failed probe is an
+infrastructure failure (exit 125: bisection's "skip"), never the artifact's: a kernel that cannot
+run because KVM runs nothing is not a bad kernel. A probe kernel that is not Debian's (one under
+test) that fails under KVM is booted once more under TCG: if it cannot reach its init there either,
+the kernel is at fault, KVM is not blamed and no verdict is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ log = logging.getLogger("osbuilder")
 
 PROBE_TTL = 3600.0
 PROBE_TIMEOUT = 15.0  # seconds for the probe kernel to reach its init under KVM (~1 s when KVM works)
+CONTROL_TIMEOUT = 90.0  # ... under TCG, for the control boot of a kernel that failed the probe
 PROBE_SETTLE = 2.0  # and then keep running without an internal error
 
 
@@ -98,32 +106,43 @@ def _lock(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock")
 
 
-def probe_kvm(kernel: BootKernel, log_dir: Path) -> tuple[bool, str]:
-    """Boot `kernel` under KVM briefly; (works, one-line detail)."""
-    spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd, cmdline="console=ttyS0 panic=-1", accel="kvm",
+def probe_kvm(kernel: BootKernel, log_dir: Path) -> tuple[bool | None, str]:
+    """Boot `kernel` under KVM briefly; (works, one-line detail). Works is None when the kernel does
+    not reach its init under TCG either: that says nothing about KVM."""
+    ok, detail = _probe(kernel, log_dir, "kvm", PROBE_TIMEOUT)
+    if ok or kernel.name == "debian":
+        return ok, detail
+    control_ok, control = _probe(kernel, log_dir / "tcg-control", "tcg", CONTROL_TIMEOUT)
+    if control_ok:
+        return False, f"{detail}; under TCG {control}"
+    return None, f"{detail}, and under TCG too ({control}): the kernel does not boot, KVM is not to blame"
+
+
+def _probe(kernel: BootKernel, log_dir: Path, accel: str, timeout: float) -> tuple[bool, str]:
+    spec = VmSpec(kernel=kernel.kernel, initrd=kernel.initrd, cmdline="console=ttyS0 panic=-1", accel=accel,
                   memory=512, serial_ports=(), network=False)
     started = time.monotonic()
     try:
         with Vm(spec, log_dir, start_timeout=15) as vm:
             try:
-                failure = _watch_probe(vm)
+                failure = _watch_probe(vm, accel, timeout)
             finally:
                 vm.stop(graceful=0)
         if failure:
             return False, failure
     except OsbuilderError as e:
         return False, e.message
-    return True, f"a kernel reached its init under KVM in {time.monotonic() - started:.1f}s"
+    return True, f"a kernel reached its init under {accel.upper()} in {time.monotonic() - started:.1f}s"
 
 
-def _watch_probe(vm: Vm) -> str | None:
-    vm.console.wait(lambda: _probe_done(vm), PROBE_TIMEOUT)
+def _watch_probe(vm: Vm, accel: str, timeout: float) -> str | None:
+    vm.console.wait(lambda: _probe_done(vm), timeout)
     if "init_started" in vm.console.milestones:
         vm.console.wait(lambda: _probe_failed(vm) is not None, PROBE_SETTLE)
     failure = _probe_failed(vm)
     if failure is None and "init_started" not in vm.console.milestones:
         seen = "no console output" if "first_byte" not in vm.console.milestones else "console output stopped"
-        failure = f"the kernel did not reach its init within {PROBE_TIMEOUT:g}s under KVM ({seen})"
+        failure = f"the kernel did not reach its init within {timeout:g}s under {accel.upper()} ({seen})"
     return failure
 
 
@@ -141,32 +160,43 @@ def _probe_failed(vm: Vm) -> str | None:
 
 
 def choose(settings: Settings, kernel: BootKernel) -> Accel:
-    """The accelerator for boots under these settings (probing KVM for ACCEL=auto)."""
+    """The accelerator for boots under these settings: TCG for ACCEL=tcg; KVM once the probe proved it
+    runs a guest (ACCEL=auto: else TCG, with a notice; ACCEL=kvm: else an InfrastructureError)."""
     if settings.accel == "tcg":
         return Accel("tcg", "ACCEL=tcg", False)
-    if settings.accel == "kvm":
-        why = kvm_usable()
-        if why:
-            raise InfrastructureError(f"ACCEL=kvm: {why}")
-        return Accel("kvm", "ACCEL=kvm", False)
+    forced = settings.accel == "kvm"
     why = kvm_usable()
     if why:
+        if forced:
+            raise InfrastructureError(f"ACCEL=kvm: {why}")
         return _tcg_notice(why)
+    verdict = probed_verdict(settings, kernel)
+    if verdict["kvm"] is None and forced:  # the probe could not tell: KVM, as asked
+        return Accel("kvm", f"ACCEL=kvm ({verdict['detail']})", False)
+    if verdict["kvm"]:
+        return Accel("kvm", f"{'ACCEL=kvm; ' if forced else ''}KVM probe passed: {verdict['detail']}", not forced)
+    if forced:
+        raise InfrastructureError(f"ACCEL=kvm: KVM does not run guests on this host (probe: {verdict['detail']}); "
+                                  "use ACCEL=auto (TCG when KVM fails) or ACCEL=tcg")
+    return _tcg_notice(f"KVM probe {'failed' if verdict['kvm'] is False else 'inconclusive'}: {verdict['detail']}")
+
+
+def probed_verdict(settings: Settings, kernel: BootKernel) -> dict[str, Any]:
+    """The KVM verdict for this host: the cached one, or a probe's (kept unless inconclusive)."""
     path = verdict_path(settings)
     with _lock(path):
         verdict = cached_verdict(path)
-        if verdict is None:
-            boot_logs = Workdir.of(settings).boot_logs
-            boot_logs.mkdir(parents=True, exist_ok=True)
-            log_dir = Path(tempfile.mkdtemp(prefix="accel-probe-", dir=boot_logs))
-            ok, detail = probe_kvm(kernel, log_dir)
+        if verdict is not None:
+            return verdict
+        boot_logs = Workdir.of(settings).boot_logs
+        boot_logs.mkdir(parents=True, exist_ok=True)
+        log_dir = Path(tempfile.mkdtemp(prefix="accel-probe-", dir=boot_logs))
+        ok, detail = probe_kvm(kernel, log_dir)
+        if ok is not None:
             save_verdict(path, ok, detail)
-            if ok:
-                shutil.rmtree(log_dir, ignore_errors=True)
-            verdict = {"kvm": ok, "detail": detail + ("" if ok else f" (logs: {log_dir})")}
-    if verdict["kvm"]:
-        return Accel("kvm", f"KVM probe passed: {verdict['detail']}", True)
-    return _tcg_notice(f"KVM probe failed: {verdict['detail']}")
+        if ok:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        return {"kvm": ok, "detail": detail + ("" if ok else f" (logs: {log_dir})")}
 
 
 def _tcg_notice(why: str) -> Accel:

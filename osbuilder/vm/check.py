@@ -64,9 +64,12 @@ def boot_image(settings: Settings, attachment: Attachment | None = None) -> Path
     wd = Workdir.of(settings)
     initrd = (attachment or profiles.attachment_for(settings)).boots_initrd
     image = (settings.boot_image or (wd.initrd if initrd else wd.image)).absolute()
-    if not image.is_file():
+    why = fs.not_a_file(image)
+    if why == "does not exist" and settings.boot_image is None:
         build = "osbuilder rootfs && osbuilder initrd" if initrd else "osbuilder rootfs && osbuilder image"
         raise UsageError(f"BOOT_IMAGE: {image} does not exist; run `{build}` first")
+    if why:
+        raise UsageError(f"BOOT_IMAGE: {image} {why}; give an image file")
     return image
 
 
@@ -79,8 +82,9 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
     if path is None and choice not in ("auto", "built", "debian"):
         path = Path(choice).expanduser()
     if path is not None:
-        if not path.is_file():
-            raise UsageError(f"BOOT_KERNEL: {path} is not a file")
+        why = fs.not_a_file(path)
+        if why:
+            raise UsageError(f"BOOT_KERNEL: {path} {why}")
         return BootKernel(path.absolute(), None, "path")
     built = built or Workdir.of(settings).kernel.vmlinuz
     if choice == "built" or (choice == "auto" and built.is_file()):

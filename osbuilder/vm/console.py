@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from osbuilder.terminal import printable
+
 TAIL_LINES = 40
 LINE_CAP = 4096  # bytes kept of one console line (the kernel's are under 1 KiB)
 LOG_CAP = 16 << 20  # bytes kept of a console log
@@ -100,12 +102,11 @@ def match_milestones(line: str) -> list[str]:
     return [name for name, rx in MILESTONES.items() if rx.search(line)]
 
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
-
-
 def clean(raw: bytes) -> str:
-    """A console line without colour codes and carriage returns."""
-    return ANSI.sub("", raw.decode(errors="replace")).rstrip()
+    """A console line as it may be shown and matched: without escape sequences (colours, but also a
+    guest's window titles, clipboard writes and other terminal commands) and carriage returns, other
+    control characters shown as \\xNN (terminal.printable)."""
+    return printable(raw.decode(errors="replace")).rstrip()
 
 
 class LineSplitter:
@@ -265,5 +266,6 @@ class ConsoleWatcher:
 
 
 def format_tail(lines: Iterable[str], title: str = "console tail") -> str:
-    body = "\n".join(f"  | {line}" for line in lines)
+    """Lines of evidence (a guest's, QEMU's) under a title, each made printable (one line each)."""
+    body = "\n".join(f"  | {printable(line, lines=False)}" for line in lines)
     return f"{title}:\n{body}" if body else f"{title}: (empty)"

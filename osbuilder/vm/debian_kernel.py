@@ -79,7 +79,7 @@ def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None
            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
            f"--customize-hook={HOOK}"]
     try:
-        with mirror_access(mirror(settings), out / "apt-auth.conf") as (url, hooks):
+        with mirror_access([mirror(settings)], out / "apt-auth.conf") as ([url], hooks):
             run([*cmd, *hooks, "--", settings.os_version, str(chroot), url], step="debian-kernel",
                 logfile=logfile, verbose=settings.debug)
         extract(chroot / "boot", out)

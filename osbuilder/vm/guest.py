@@ -29,7 +29,7 @@ import paramiko
 from osbuilder import fs
 from osbuilder.agent.client import AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
 from osbuilder.agent.protocol import AgentProtocol, Ready
-from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.errors import InfrastructureError, OsbuilderError, seconds
 from osbuilder.layout import Workdir
 from osbuilder.vm import records
 from osbuilder.vm import ssh as ssh_mod
@@ -257,7 +257,7 @@ class Guest:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self.fail(phase, f"timed out after {budget:.0f}s waiting for {what}")
+                raise self.fail(phase, f"timed out after {seconds(budget)} waiting for {what}")
             console.wait(lambda: done() or console.fatal is not None, min(1.0, left))
 
     @property

@@ -33,7 +33,7 @@ import paramiko
 
 from osbuilder.agent import AGENT_VERSION
 from osbuilder.agent.client import AgentClient, AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
-from osbuilder.errors import OsbuilderError
+from osbuilder.errors import OsbuilderError, seconds
 from osbuilder.vm import ssh as ssh_mod
 from osbuilder.vm.console import format_tail
 from osbuilder.vm.guest import BootFailure, BootInfrastructureError, Guest
@@ -92,7 +92,7 @@ def agent(guest: Guest) -> str:
         left = deadline - time.monotonic()
         if left <= 0:
             raise guest.fail("agent", f"no answer from the agent over the {protocol.name} protocol within "
-                             f"{b.agent:.0f}s ({where(guest)})", _agent_diagnostics(guest))
+                             f"{seconds(b.agent)} ({where(guest)})", _agent_diagnostics(guest))
         try:
             ready = protocol.wait_ready(client, min(1.0, left))
             break
@@ -221,7 +221,7 @@ def running(guest: Guest) -> str:
         units, journal = failed_units(guest)
         raise guest.fail("running", f"systemd is degraded; failed units: {', '.join(units) or '(none listed)'}",
                          journal)
-    reason = f"systemd state {state!r}" if state else f"systemd did not finish starting within {b.running:.0f}s"
+    reason = f"systemd state {state!r}" if state else f"systemd did not finish starting within {seconds(b.running)}"
     raise guest.fail("running", reason)
 
 
@@ -343,7 +343,7 @@ def powerdown(guest: Guest) -> dict[str, Any]:
         raise guest.fail("powerdown", f"the agent refused to power off: {e}")
     if event is None:
         guest.guard("powerdown")
-        raise guest.fail("powerdown", f"no SHUTDOWN within {b.powerdown:.0f}s of {how}")
+        raise guest.fail("powerdown", f"no SHUTDOWN within {seconds(b.powerdown)} of {how}")
     data = event.get("data", {})
     if not data.get("guest") or data.get("reason") != "guest-shutdown":
         raise guest.fail("powerdown", f"unexpected shutdown: {data}")
