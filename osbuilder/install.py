@@ -201,7 +201,13 @@ def change_config(placement: Placement, change: Change, record: Record, record_p
     if not change.changes:
         return
     if change.drop_in:
-        write_drop_in(change)
+        try:
+            write_drop_in(change)
+        except BaseException:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+            raise
     else:
         backup = write_config(change.target, change.new)
         entry.backups[placement.system(backup)] = install_record.sha256_bytes(change.old) or ""
@@ -378,10 +384,14 @@ def write_drop_in(change: Change) -> None:
     """Write osbuilder's drop-in with the configuration file's mode and owner, staged beside that file: the
     runtime reads every entry of config.d, a half-written or left-over temp file there included."""
     try:
-        write_like(change.target, change.new, change.located.file.stat(),
-                   staged=change.located.file.parent / f"{DROP_IN_DIR}-{change.target.name}")
+        write_like(change.target, change.new, change.located.file.stat(), staged=drop_in_staging(change.target))
     except OSError as e:
         raise write_error("RUNTIME_CONFIG", f"writing {change.target}", e)
+
+
+def drop_in_staging(drop_in: Path) -> Path:
+    """Where a drop-in's temp file goes: beside its config.d (same filesystem), not in it."""
+    return drop_in.parent.parent / f"{DROP_IN_DIR}-{drop_in.name}"
 
 
 def write_like(dest: Path, data: bytes, st: os.stat_result, *, backup: bool = False,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from osbuilder import fs, install_record, runtime_config
 from osbuilder.errors import OsbuilderError, UsageError
-from osbuilder.install import config_lock, write_error, write_like
+from osbuilder.install import config_lock, drop_in_staging, write_error, write_like
 from osbuilder.install_record import ConfigEntry, Record, sha256_bytes
-from osbuilder.placement import DROP_IN_DIR, Placement, place
+from osbuilder.placement import Placement, place
 from osbuilder.settings import Settings
 
 log = logging.getLogger("osbuilder")
@@ -176,8 +176,7 @@ def current_content(path: Path) -> bytes | None:
 def rewrite(path: Path, data: bytes, *, drop_in: bool = False) -> None:
     """`path` with `data`, its mode and owner kept; a drop-in staged outside config.d (the runtime reads all of it)."""
     try:
-        staged = path.parent.parent / f"{DROP_IN_DIR}-{path.name}" if drop_in else None
-        write_like(path, data, path.stat(), staged=staged)
+        write_like(path, data, path.stat(), staged=drop_in_staging(path) if drop_in else None)
     except OSError as e:
         raise write_error("RUNTIME_CONFIG", f"restoring {path}", e)
 

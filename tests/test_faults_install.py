@@ -383,3 +383,32 @@ def test_an_artifact_replaced_after_the_gate_is_not_installed(tmp_path: Path, mo
     digest = hashlib.sha256(installed).hexdigest()
     assert (dest / PREFIX_DIR / "container.img").resolve().name == f"osbuilder-{digest[:12]}.img"
     assert json.loads(Workdir(wd).boot_record(digest).read_text())["passed"] is True
+
+
+def test_a_failed_drop_in_write_leaves_no_config_d_and_can_be_undone(tmp_path: Path, monkeypatch, capsys):
+    """The disk fills up as the drop-in is written: exit 125 in one line, no config.d made for nothing, no
+    temp file; the install record lets `uninstall` take the installed files out again."""
+    import errno
+
+    from osbuilder import cli
+
+    settings, wd, dest = stage(tmp_path)
+    before = everything_under(dest)
+    real = inst.write_like
+
+    def full(dest_path: Path, data: bytes, st: os.stat_result, **kw) -> Path:
+        if dest_path.name == "50-osbuilder.toml":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest_path))
+        return real(dest_path, data, st, **kw)
+
+    monkeypatch.setattr(inst, "write_like", full)
+    argv = ["install-image", "--force", "--workdir", str(wd), "--destdir", str(dest)]
+    assert cli.main(argv) == 125
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("osbuilder: error: RUNTIME_CONFIG: writing ")
+    assert "No space left on device" in err.splitlines()[0]
+    assert not (dest / CONFIG).with_name("config.d").exists() and not temp_files(dest)
+    assert (dest / CONFIG).read_text() == KATA_TOML
+    monkeypatch.setattr(inst, "write_like", real)
+    assert cli.main(["uninstall", "--workdir", str(wd), "--destdir", str(dest)]) == 0, capsys.readouterr().err
+    assert everything_under(dest) == before
