@@ -169,6 +169,12 @@ def cmd_install_kernel(s: Settings, args: argparse.Namespace) -> None:
     install.install_kernel(s, dry_run=args.dry_run, force=args.force, source=args.artifact)
 
 
+def cmd_uninstall(s: Settings, args: argparse.Namespace) -> None:
+    from osbuilder import uninstall
+
+    uninstall.uninstall(s, dry_run=args.dry_run)
+
+
 def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
     if s.use_docker:  # the steps' tools are in the tools image: the host needs only the engine
         table = deps.engine_table(s.container_engine)
@@ -329,6 +335,10 @@ def install_arguments(what: str) -> Callable[[argparse.ArgumentParser], None]:
     return add
 
 
+def dry_run_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed or restored, change nothing")
+
+
 def check_deps_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("steps", nargs="*", default=[], metavar="STEP", help="only these steps (default: every subcommand)")
     p.add_argument("--install", action="store_true", help="apt-get install what is missing (root)")
@@ -403,6 +413,8 @@ for _step in (
          arguments=install_arguments("kernel"), reads=("install",)),
     Step("install-initrd", cmd_install_initrd, "install the boot-checked initrd into the runtime's directory",
          arguments=install_arguments("initrd"), reads=("install",)),
+    Step("uninstall", cmd_uninstall, "take out what the install steps put in PREFIX and the runtime's "
+         "configuration, as PREFIX's install record says", arguments=dry_run_argument, reads=("install",)),
     Step("check-deps", cmd_check_deps, "list the programs each step needs; --install installs them",
          arguments=check_deps_arguments, timed=False, reads=("rootfs",)),
     Step("help", cmd_help, "show every setting: value, where it came from, default, description",

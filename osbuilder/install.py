@@ -1,5 +1,5 @@
 """`osbuilder install-image` / `install-initrd` / `install-kernel`: put boot-checked artifacts where a runtime
-finds them.
+finds them, and point the runtime at them.
 
 An artifact is installable once a boot check passed for that exact content (same sha256); `--force`
 overrides and says so. The artifact is hashed once, as it is copied into a temp file in the install
@@ -9,40 +9,43 @@ content-named file with a stable symlink to it (`container.img`, `container-init
 `vmlinuz.container`, `vmlinux.container`). A failed or interrupted install removes its temp files (a
 killed one's are swept by the next run, see fs.temp_beside).
 
-The runtime's configuration.toml is pointed at the symlink (`image =` / `kernel =` in its
-[hypervisor.*] section, as an escaped TOML string that must read back as exactly that path; `initrd =`
-for an initrd, which comments out `image =`, and the reverse). It is
-rewritten with its mode and owner, fsync'd with its directory, after a backup that never replaces an
-earlier one (`.bak`, then `.bak.1`, ...).
+The runtime is pointed at the stable link in the configuration it loads (placement.py finds it as the
+runtime does; runtime_config.py plans the change and reads it back with the runtime's precedence): a
+drop-in, config.d/50-osbuilder.toml, for a runtime that reads them (the package's file is not
+touched), else the file itself, edited with its comments kept, with its mode and owner, fsync'd with its
+directory, after a backup that never replaces an earlier one (`.bak`, then `.bak.1`, ...). The drop-in
+is staged beside the configuration file, not in config.d, which the runtime reads whole. What was done
+goes into PREFIX's install record (install_record.py) first, so `osbuilder uninstall` can undo it.
+Installs and uninstalls of one configuration take turns (a lock on its directory).
 
-Symlinks: nothing is written outside the install root (DESTDIR, else /). configuration.toml may be a
-symlink (Kata's packages link it to configuration-qemu.toml) only when it resolves inside the
-runtime's own directories; the file it points to is then edited and the link kept. An existing stable
-link or content-named file is replaced only when it resolves inside PREFIX.
+Symlinks: nothing is written outside the install root (DESTDIR, else /), nor, for the configuration,
+outside the runtime's own directories (placement.py). An existing stable link or content-named file is
+replaced only when it resolves inside PREFIX.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
 import posixpath
-import re
 import stat
-import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from osbuilder import errors, fs, layout, runtimes
+from osbuilder import errors, fs, install_record, layout, runtime_config, runtimes
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, link_atomically, not_a_file, publish, sha256_file, temp_beside
+from osbuilder.install_record import Record
 from osbuilder.layout import Workdir
+from osbuilder.placement import DROP_IN_DIR, Placement, check_replaceable, place
+from osbuilder.runtime_config import Change
 from osbuilder.settings import Settings
 from osbuilder.vm import attachments
 from osbuilder.vm.records import passed_attachments, passing_record_of
@@ -73,11 +76,13 @@ class Item:
 
 
 @dataclass(frozen=True)
-class Config:
-    """The runtime's configuration.toml: its path, and the file to rewrite (the path, or its symlink's target)."""
+class Placed:
+    """A target as published: whether osbuilder made the content-named file, and where the link pointed
+    before (None: nowhere)."""
 
-    path: Path
-    file: Path
+    target: Target
+    made: bool
+    previous: str | None
 
 
 def install_image(settings: Settings, *, dry_run: bool = False, force: bool = False,
@@ -89,7 +94,7 @@ def install_image(settings: Settings, *, dry_run: bool = False, force: bool = Fa
 
 def install_initrd(settings: Settings, *, dry_run: bool = False, force: bool = False,
                    source: Path | None = None) -> list[Target]:
-    """The initrd (`osbuilder initrd`, or `source`), pointed at by `initrd =`; `image =` is commented out."""
+    """The initrd (`osbuilder initrd`, or `source`), pointed at by `initrd =`; the image is unset."""
     items = [Item(source or Workdir.of(settings).initrd, "osbuilder-initrd-{}.img", layout.INITRD)]
     return install(settings, "install-initrd", items, "initrd", initrd_lacks, dry_run=dry_run, force=force)
 
@@ -106,123 +111,119 @@ def install_kernel(settings: Settings, *, dry_run: bool = False, force: bool = F
     return install(settings, "install-kernel", items, "kernel", kernel_lacks, dry_run=dry_run, force=force)
 
 
-# -- where things go ------------------------------------------------------------------------
-
-
-def install_root(settings: Settings) -> Path:
-    """The installed system's `/`: DESTDIR (absolute, symlinks resolved), else /."""
-    return Path(os.path.realpath(settings.destdir)) if settings.destdir else Path("/")
-
-
-def destdir(settings: Settings, path: str) -> Path:
-    """`path` on the installed system, under DESTDIR."""
-    return install_root(settings) / path.lstrip("/")
-
-
-def prefix(settings: Settings) -> str:
-    return settings.prefix or runtimes.get(settings.runtime).prefix
-
-
-def runtime_dirs(settings: Settings) -> list[Path]:
-    """The runtime's own directories: PREFIX, its default one, those of its configuration files."""
-    runtime = runtimes.get(settings.runtime)
-    dirs = [prefix(settings), runtime.prefix, *(posixpath.dirname(c) for c in runtime.configs)]
-    if settings.runtime_config:
-        dirs.append(posixpath.dirname(settings.runtime_config))
-    return [destdir(settings, d) for d in dirs]
-
-
-def inside(path: Path, base: Path) -> bool:
-    return path == base or base in path.parents
-
-
-def install_dir(settings: Settings) -> Path:
-    """PREFIX under DESTDIR; refused if the part of it that exists leads (by a symlink) out of DESTDIR."""
-    root, base = install_root(settings), destdir(settings, prefix(settings))
-    existing = base
-    while existing != root and not os.path.lexists(existing):
-        existing = existing.parent
-    real = Path(os.path.realpath(existing))
-    if not inside(real, root):
-        raise UsageError(f"PREFIX: {existing} leads to {real}, outside DESTDIR {root}; "
-                         "refusing to write through that symlink")
-    return base
-
-
-def runtime_config(settings: Settings) -> Config | None:
-    """The runtime's configuration.toml, if there is one (RUNTIME_CONFIG must exist)."""
-    candidates = [settings.runtime_config] if settings.runtime_config else runtimes.get(settings.runtime).configs
-    for c in candidates:
-        path = destdir(settings, c)
-        if path.is_file():
-            return Config(path, config_file(settings, path))
-    if settings.runtime_config:
-        path = destdir(settings, settings.runtime_config)
-        raise UsageError(f"RUNTIME_CONFIG: {path} {not_a_file(path) or 'is not a file'}")
-    return None
-
-
-def config_file(settings: Settings, path: Path) -> Path:
-    """The file to rewrite for `path`: itself, or where its symlinks lead if that is the runtime's own."""
-    real = Path(os.path.realpath(path))
-    if real == path:
-        return path
-    dirs = runtime_dirs(settings)
-    if any(inside(real, d) for d in dirs):
-        return real
-    raise UsageError(f"RUNTIME_CONFIG: {path} is a symlink to {real}, outside the runtime's own directories; "
-                     "refusing to write through it",
-                     f"the runtime's directories: {', '.join(map(str, dict.fromkeys(dirs)))}; "
-                     f"set RUNTIME_CONFIG={real} to edit that file")
-
-
-def check_replaceable(path: Path, base: Path) -> None:
-    """An existing entry osbuilder replaces must be its own: not a symlink that resolves outside PREFIX."""
-    if path.is_symlink():
-        real = Path(os.path.realpath(path))
-        if not inside(real, Path(os.path.realpath(base))):
-            raise UsageError(f"PREFIX: {path} is a symlink to {real}, outside {base}; not replacing it",
-                             "remove it, or choose another PREFIX")
-
-
 # -- the steps --------------------------------------------------------------------------------
 
 
 def install(settings: Settings, step: str, items: list[Item], key: str, lacks: Lacks, *, dry_run: bool,
             force: bool) -> list[Target]:
-    """Check where everything goes, stage and gate the files, publish them, then point the config at them."""
+    """Check where everything goes and plan the configuration's change, stage and gate the files, publish
+    them, record what was done, then change the configuration."""
     for item in items:
         why = not_a_file(item.source)
         if why:
             raise UsageError(f"{step}: {item.source} {why}; build it first")
-    base = install_dir(settings)
+    placement = place(settings)
+    base = placement.install_dir
     for item in items:
         check_replaceable(base / item.link_name, base)
-    config = runtime_config(settings)
-    runtime_path = posixpath.join(prefix(settings), items[0].link_name)
-    old, new = planned_config(config, key, runtime_path)
+    runtime_path = posixpath.join(placement.prefix, items[0].link_name)
+    with config_lock(placement, step, exclusive=not dry_run):
+        change = None
+        if placement.config is not None:
+            change = runtime_config.plan(placement.config, runtime_config.keys_for(key, runtime_path))
+            warn_other_hypervisor(step, placement, change)
 
-    def announce(targets: list[Target]) -> None:
-        report(settings.runtime, targets, config, (old, new), key, runtime_path, dry_run=dry_run)
+        def announce(targets: list[Target]) -> None:
+            report(placement, targets, change, key, runtime_path, dry_run=dry_run)
 
-    if dry_run:
-        targets = [target(base, item, sha256_file(item.source)) for item in items]
-        gate(settings, step, items[0].source, targets[0], force, lacks)
-        for t in targets[1:]:
-            gate_companion(settings, step, targets[0], t, force)
-        announce(targets)
-        return targets
-    targets = copy_in(settings, step, items, base, force, lacks, announce)
-    if config is not None and new != old:
-        write_config(config.file, new)
-    return targets
+        if dry_run:
+            targets = [target(base, item, sha256_file(item.source)) for item in items]
+            gate(settings, step, items[0].source, targets[0], force, lacks)
+            for t in targets[1:]:
+                gate_companion(settings, step, targets[0], t, force)
+            announce(targets)
+            return targets
+        record_path = base / install_record.NAME
+        record = install_record.load(record_path) or Record(settings.runtime, placement.prefix)
+        placed, made = copy_in(settings, step, items, base, force, lacks, announce)
+        note_files(record, placement, placed, made)
+        if change is None:
+            install_record.save(record, record_path)
+        else:
+            change_config(placement, change, record, record_path)
+        print(f"`osbuilder uninstall` undoes it (record: {record_path})")
+    return [p.target for p in placed]
+
+
+@contextlib.contextmanager
+def config_lock(placement: Placement, step: str, *, exclusive: bool = True) -> Iterator[None]:
+    """Hold a lock on the configuration's directory (its flock, which creates nothing there): installs and
+    uninstalls of one configuration take turns, so neither loses what the other wrote."""
+    if placement.config is None or not exclusive:
+        yield
+        return
+    where = placement.config.file.parent
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: waiting for another osbuilder install or uninstall of %s to finish", step, where)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def warn_other_hypervisor(step: str, placement: Placement, change: Change) -> None:
+    if change.section != placement.runtime.hypervisor:
+        log.warning("%s: %s configures the %s hypervisor; osbuilder's boot checks prove the guest under %s",
+                    step, change.located.shown, change.section, placement.runtime.hypervisor)
+
+
+def note_files(record: Record, placement: Placement, placed: list[Placed], made: list[Path]) -> None:
+    """Add what copy_in published to the record (a file or link already in it keeps its first state)."""
+    for p in placed:
+        installed, link = placement.system(p.target.installed), placement.system(p.target.link)
+        made_before = record.files[installed].made if installed in record.files else p.made
+        record.files[installed] = install_record.FileEntry(p.target.sha256, made_before)
+        previous = record.links[link].previous if link in record.links else p.previous
+        record.links[link] = install_record.LinkEntry(p.target.installed.name, previous)
+    record.made_dirs += [placement.system(d) for d in made if placement.system(d) not in record.made_dirs]
+
+
+def change_config(placement: Placement, change: Change, record: Record, record_path: Path) -> None:
+    """Record the change, then make it: the drop-in written (its directory made if need be), or the file
+    edited after a backup."""
+    made: list[Path] = []
+    if change.changes and change.drop_in and not change.target.parent.is_dir():
+        made = make_dirs(change.target.parent, "RUNTIME_CONFIG")
+    entry = record.note_config(placement.system(change.target), drop_in=change.drop_in, section=change.section,
+                               keys=change.keys, old=change.old, new=change.new,
+                               made_dirs=[placement.system(d) for d in made])
+    install_record.save(record, record_path)
+    if not change.changes:
+        return
+    if change.drop_in:
+        try:
+            write_drop_in(change)
+        except BaseException:
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+            raise
+    else:
+        backup = write_config(change.target, change.new)
+        entry.backups[placement.system(backup)] = install_record.sha256_bytes(change.old) or ""
+        install_record.save(record, record_path)
 
 
 def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force: bool, lacks: Lacks,
-            announce: Callable[[list[Target]], None]) -> list[Target]:
+            announce: Callable[[list[Target]], None]) -> tuple[list[Placed], list[Path]]:
     """Copy every item into a temp file in `base`, hashing it; gate the first item on that hash; then
-    publish them all. On any failure nothing is left: no temp file, no directory made for nothing."""
-    created = make_dirs(base)
+    publish them all; return them, and the directories made. On any failure nothing is left: no temp
+    file, no directory made for nothing."""
+    created = make_dirs(base, "PREFIX")
     staged: list[Path] = []
     done = False
     try:
@@ -236,12 +237,15 @@ def copy_in(settings: Settings, step: str, items: list[Item], base: Path, force:
                 gate_companion(settings, step, targets[0], targets[-1], force)
             check_replaceable(targets[-1].installed, base)
         announce(targets)
+        placed = []
         for t, tmp in zip(targets, staged, strict=True):
+            previous = os.readlink(t.link) if t.link.is_symlink() else None
+            placed.append(Placed(t, not os.path.lexists(t.installed), previous))
             publish(tmp, t.installed)
             link_atomically(t.installed.name, t.link)
             fs.fsync_dir(base)
         done = True
-        return targets
+        return placed, created
     except OSError as e:
         raise write_error("PREFIX", f"installing into {base}", e)
     finally:
@@ -338,36 +342,30 @@ def kernel_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
             "runtime boots it) or initrd")
 
 
-def planned_config(config: Config | None, key: str, runtime_path: str) -> tuple[str, str]:
-    """The configuration's text now and after pointing `key` at `runtime_path` ('' and '' without one)."""
-    if config is None:
-        return "", ""
-    try:
-        old = config.file.read_bytes().decode()
-    except UnicodeDecodeError:
-        raise UsageError(f"RUNTIME_CONFIG: {config.file} is not UTF-8 text") from None
-    except OSError as e:
-        raise OsbuilderError(f"RUNTIME_CONFIG: cannot read {config.file}: {e.strerror}") from None
-    return old, point_config(old, key, runtime_path, config.file)
-
-
-def report(runtime: str, targets: list[Target], config: Config | None, texts: tuple[str, str], key: str,
-           runtime_path: str, *, dry_run: bool) -> None:
-    old, new = texts
+def report(placement: Placement, targets: list[Target], change: Change | None, key: str, runtime_path: str, *,
+           dry_run: bool) -> None:
     for t in targets:
         print(f"{'would install' if dry_run else 'install'} {t.source} -> {t.installed} (link {t.link.name})")
-    if config is None:
-        print(f"no {runtime} configuration.toml found; point the runtime's `{key}` at {runtime_path}")
+    if change is None:
+        print(f"no {placement.runtime.name} configuration file found (looked for "
+              f"{', '.join(placement.runtime.configs)}); point the runtime's `{key}` at {runtime_path}")
         return
-    shown = str(config.path) if config.file == config.path else f"{config.path} -> {config.file}"
-    diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), shown, shown))
-    print(diff or f"{shown}: already points {key} at {runtime_path}")
+    located = change.located
+    if not change.changes:
+        print(f"{change.target}: already points {key} at {runtime_path}")
+        return
+    would = "would " if dry_run else ""
+    if change.drop_in:
+        print(f"{would}write the drop-in {change.target} for {located.shown} (which is not changed):")
+    else:
+        print(f"{would}edit {located.shown}:")
+    print(change.diff(), end="")
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def make_dirs(path: Path) -> list[Path]:
+def make_dirs(path: Path, setting: str) -> list[Path]:
     """Create `path` and its missing parents with mode 0755 whatever the umask (the runtime reads them);
     return the directories created."""
     missing = []
@@ -379,7 +377,7 @@ def make_dirs(path: Path) -> list[Path]:
             d.mkdir()
             d.chmod(0o755)
     except OSError as e:
-        raise write_error("PREFIX", f"creating {missing[0]}", e)
+        raise write_error(setting, f"creating {missing[0]}", e)
     return missing[::-1]
 
 
@@ -401,21 +399,38 @@ def copy_hashing(source: Path, tmp: Path) -> str:
     return h.hexdigest()
 
 
-def write_config(file: Path, text: str) -> None:
-    """Rewrite `file` with `text`, keeping its mode and owner; a backup first, both fsync'd."""
+def write_config(file: Path, data: bytes) -> Path:
+    """Rewrite `file` with `data`, keeping its mode and owner; a backup first, both fsync'd; the backup."""
     try:
         st = file.stat()
         backup = write_like(file, file.read_bytes(), st, backup=True)
         print(f"backup: {backup}")
-        write_like(file, text.encode(), st)
+        write_like(file, data, st)
+        return backup
     except OSError as e:
         raise write_error("RUNTIME_CONFIG", f"rewriting {file}", e)
 
 
-def write_like(dest: Path, data: bytes, st: os.stat_result, *, backup: bool = False) -> Path:
+def write_drop_in(change: Change) -> None:
+    """Write osbuilder's drop-in with the configuration file's mode and owner, staged beside that file: the
+    runtime reads every entry of config.d, a half-written or left-over temp file there included."""
+    try:
+        write_like(change.target, change.new, change.located.file.stat(), staged=drop_in_staging(change.target))
+    except OSError as e:
+        raise write_error("RUNTIME_CONFIG", f"writing {change.target}", e)
+
+
+def drop_in_staging(drop_in: Path) -> Path:
+    """Where a drop-in's temp file goes: beside its config.d (same filesystem), not in it."""
+    return drop_in.parent.parent / f"{DROP_IN_DIR}-{drop_in.name}"
+
+
+def write_like(dest: Path, data: bytes, st: os.stat_result, *, backup: bool = False,
+               staged: Path | None = None) -> Path:
     """Write `data` with the mode and owner in `st`, fsync it, and publish it as `dest` (atomically); or, with
-    `backup`, as the first free name of dest.bak, dest.bak.1, ... (never replacing one)."""
-    tmp = temp_beside(dest)
+    `backup`, as the first free name of dest.bak, dest.bak.1, ... (never replacing one). The temp file is
+    beside `staged` (default: `dest`), on the same filesystem."""
+    tmp = temp_beside(staged or dest)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -431,6 +446,8 @@ def write_like(dest: Path, data: bytes, st: os.stat_result, *, backup: bool = Fa
         else:
             publish(tmp, dest)
         fs.fsync_dir(dest.parent)
+        if tmp.parent != dest.parent:
+            fs.fsync_dir(tmp.parent)
     finally:
         discard(tmp)
     return dest
@@ -455,50 +472,3 @@ def write_error(setting: str, doing: str, e: OSError) -> OsbuilderError:
     return cls(f"{setting}: {doing} failed ({cause})")
 
 
-# -- the configuration ----------------------------------------------------------------------------
-
-
-def toml_string(value: str) -> str:
-    """`value` as a TOML basic string: quotes, backslashes and control characters escaped."""
-    def char(c: str) -> str:
-        if c in '"\\':
-            return "\\" + c
-        return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
-
-    return '"' + "".join(map(char, value)) + '"'
-
-
-# A runtime boots either an image or an initrd: setting one comments the other out.
-EXCLUSIVE = {"image": "initrd", "initrd": "image"}
-
-
-def point_config(text: str, key: str, value: str, where: Path) -> str:
-    """Set `key = "value"` in the [hypervisor.*] section; comment out `initrd` when setting the image, and
-    `image` when setting the initrd."""
-    try:
-        tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:  # the user's file, not osbuilder's edit: bad input
-        raise UsageError(f"RUNTIME_CONFIG: {where} is not valid TOML ({e}); not changed") from None
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if re.match(r"\s*\[hypervisor\.[^]]+\]", line)), None)
-    if start is None:
-        raise UsageError(f"RUNTIME_CONFIG: {where} has no [hypervisor.*] section")
-    end = next((i for i in range(start + 1, len(lines)) if re.match(r"\s*\[", lines[i])), len(lines))
-    setting = f"{key} = {toml_string(value)}\n"
-    found = False
-    for i in range(start + 1, end):
-        if re.match(rf"\s*{key}\s*=", lines[i]) and not found:
-            lines[i], found = setting, True
-        elif key in EXCLUSIVE and re.match(rf"\s*{EXCLUSIVE[key]}\s*=", lines[i]):
-            lines[i] = "# " + lines[i]  # a runtime boots either an image or an initrd
-    if not found:
-        lines.insert(start + 1, setting)
-    result = "".join(lines)
-    try:
-        parsed = tomllib.loads(result)
-    except tomllib.TOMLDecodeError as e:
-        raise OsbuilderError(f"RUNTIME_CONFIG: editing {where} would leave invalid TOML ({e}); not changed")
-    tables = parsed.get("hypervisor", {})
-    if not any(isinstance(t, dict) and t.get(key) == value for t in tables.values()):
-        raise OsbuilderError(f"RUNTIME_CONFIG: editing {where} would not set {key} to {value!r}; not changed")
-    return result

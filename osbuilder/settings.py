@@ -441,6 +441,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("RUNTIME", "kata", "runtime to install for and boot as (osbuilder/runtimes.py): {choices}", _runtime, "general", choices=_runtimes),
     Setting("PREFIX", "", "install directory", _target_path, "install", empty="the runtime's, e.g. /usr/share/kata-containers"),
     Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files", _target_path, "install", empty="the runtime's"),
+    Setting("DROP_IN", "auto", "point the runtime at the installed files with a drop-in, config.d/50-osbuilder.toml beside its configuration file, instead of editing that file: auto (yes for a runtime that reads drop-ins: Kata 2.5 and later), yes, no (edit it: Kata before 2.5)", _auto_yes_no, "install"),
     Setting("DESTDIR", "", "staging root prepended to every installed path (packaging, tests)", _destdir, "install"),
 )
 
@@ -490,6 +491,7 @@ class Settings:
     runtime: str
     prefix: str
     runtime_config: str
+    drop_in: bool | None
     destdir: str
     raw: Mapping[str, str] = field(repr=False)
     sources: Mapping[str, str] = field(repr=False)

@@ -1,9 +1,13 @@
-"""Small stand-ins the unit tests share: the smallest tree `osbuilder image` accepts, a runtime's TOML."""
+"""Small stand-ins the unit tests share: the smallest tree `osbuilder image` accepts, a runtime's TOML, and
+Kata's way of reading its configuration (written here from Kata's description, not from osbuilder's code)."""
 
 from __future__ import annotations
 
 import json
+import os
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -63,3 +67,42 @@ def record_kernel_build(workdir: Path) -> Path:
     path = workdir / "kernel-metadata.json"
     path.write_text(json.dumps({"outputs": outputs}))
     return path
+
+
+def kata_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = kata_merge(merged[key], value) if both_tables else value
+    return merged
+
+
+def kata_reads(config: Path) -> dict[str, Any]:
+    """What Kata (2.5+, katautils.decodeConfig) ends up with when told to load `config`: the file its
+    symlinks lead to, then every file in config.d/ beside that file in lexical order, each overriding the
+    keys it sets."""
+    real = Path(os.path.realpath(config))
+    result = tomllib.loads(real.read_text())
+    drop_ins = real.parent / "config.d"
+    for name in sorted(os.listdir(drop_ins)) if drop_ins.is_dir() else []:
+        result = kata_merge(result, tomllib.loads((drop_ins / name).read_text()))
+    return result
+
+
+def kata_qemu(config: Path) -> dict[str, Any]:
+    """Kata's [hypervisor.qemu] table, as it reads `config` and its drop-ins."""
+    return kata_reads(config)["hypervisor"]["qemu"]
+
+
+def tree_state(root: Path) -> dict[str, Any]:
+    """Every entry under `root`: a file's bytes and mode, a link's target, a directory's mode."""
+    state: dict[str, Any] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            state[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            state[rel] = ("dir", path.stat().st_mode)
+        else:
+            state[rel] = ("file", path.read_bytes(), path.stat().st_mode, path.stat().st_uid, path.stat().st_gid)
+    return state

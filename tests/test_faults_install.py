@@ -13,13 +13,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fakes import KATA_TOML
+from fakes import KATA_TOML, kata_qemu
 
 from osbuilder import install as inst
 from osbuilder import settings as S
 from osbuilder.errors import InfrastructureError, UsageError
 from osbuilder.install import install_image, install_kernel
 from osbuilder.layout import Workdir
+from osbuilder.runtime_config import point_config
 
 PREFIX_DIR = "usr/share/kata-containers"
 CONFIG = "usr/share/defaults/kata-containers/configuration.toml"
@@ -92,6 +93,10 @@ def test_quotes_and_backslashes_in_prefix_round_trip_through_the_toml(tmp_path: 
     weird = '/opt/we"ird\\dir = "x" # \'k\' \\u0041'
     settings, wd, dest = stage(tmp_path, PREFIX=weird)
     install_image(settings, force=True)
+    qemu = kata_qemu(dest / CONFIG)
+    assert qemu["image"] == weird + "/container.img"
+    assert set(qemu) == {"path", "kernel", "image", "initrd", "machine_type"}
+    install_image(settings.with_values(DROP_IN="no"), force=True)  # the same through an edit
     parsed = tomllib.loads((dest / CONFIG).read_text())
     assert parsed["hypervisor"]["qemu"]["image"] == weird + "/container.img"
     assert set(parsed["hypervisor"]["qemu"]) == {"path", "kernel", "image", "machine_type"}
@@ -101,7 +106,7 @@ def test_quotes_and_backslashes_in_prefix_round_trip_through_the_toml(tmp_path: 
 
 def test_point_config_escapes_what_it_writes():
     for value in ['a"b', "a\\b", "tab\there", "del\x7f", "naïve/ünïcode"]:
-        text = inst.point_config("[hypervisor.qemu]\n", "image", value, Path("c.toml"))
+        text = point_config("[hypervisor.qemu]\n", "image", value, Path("c.toml"))
         assert tomllib.loads(text)["hypervisor"]["qemu"]["image"] == value
 
 
@@ -110,7 +115,7 @@ def test_point_config_escapes_what_it_writes():
 
 @root_only
 def test_the_config_keeps_its_mode_and_owner(tmp_path: Path):
-    settings, wd, dest = stage(tmp_path)
+    settings, wd, dest = stage(tmp_path, DROP_IN="no")
     config = dest / CONFIG
     gid = grp.getgrnam("nogroup").gr_gid  # stands for the runtime's group (root:kata 0640)
     os.chown(config, 0, gid)
@@ -120,6 +125,19 @@ def test_the_config_keeps_its_mode_and_owner(tmp_path: Path):
     assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == (oct(0o640), 0, gid)
     bak = config.with_name("configuration.toml.bak").stat()
     assert (oct(bak.st_mode & 0o7777), bak.st_uid, bak.st_gid) == (oct(0o640), 0, gid)
+
+
+@root_only
+def test_the_drop_in_has_the_configs_mode_and_owner(tmp_path: Path):
+    settings, wd, dest = stage(tmp_path)
+    config = dest / CONFIG
+    gid = grp.getgrnam("nogroup").gr_gid
+    os.chown(config, 0, gid)
+    config.chmod(0o640)
+    install_image(settings, force=True)
+    st = (config.parent / "config.d/50-osbuilder.toml").stat()
+    assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid) == (oct(0o640), 0, gid)
+    assert (oct(config.stat().st_mode & 0o7777), config.read_text()) == (oct(0o640), KATA_TOML)
 
 
 def test_a_restrictive_umask_does_not_make_the_config_unreadable(tmp_path: Path):
@@ -137,7 +155,7 @@ def test_a_restrictive_umask_does_not_make_the_config_unreadable(tmp_path: Path)
 
 
 def test_file_and_directory_are_fsynced_before_and_after_the_rename(tmp_path: Path, monkeypatch):
-    settings, wd, dest = stage(tmp_path)
+    settings, wd, dest = stage(tmp_path, DROP_IN="no")
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -154,8 +172,31 @@ def test_file_and_directory_are_fsynced_before_and_after_the_rename(tmp_path: Pa
     assert str(dest / PREFIX_DIR) in synced
 
 
-def test_the_first_backup_is_never_overwritten(tmp_path: Path):
+def test_the_drop_in_is_staged_outside_config_d_and_fsynced(tmp_path: Path, monkeypatch):
+    """Kata reads every entry of config.d: a half-written temp file there would be read as a drop-in. The
+    drop-in is written beside the configuration file, fsync'd, and renamed into config.d."""
     settings, wd, dest = stage(tmp_path)
+    config_dir = (dest / CONFIG).parent
+    synced: list[str] = []
+    seen_in_config_d: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if (config_dir / "config.d").is_dir():
+            seen_in_config_d.append(sorted(os.listdir(config_dir / "config.d")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    install_image(settings, force=True)
+    assert any(s.startswith(f"{config_dir}/.config.d-50-osbuilder.toml.tmp-") for s in synced), synced
+    assert str(config_dir / "config.d") in synced and str(config_dir) in synced
+    assert all(names in ([], ["50-osbuilder.toml"]) for names in seen_in_config_d), seen_in_config_d
+    assert sorted(os.listdir(config_dir / "config.d")) == ["50-osbuilder.toml"]
+
+
+def test_the_first_backup_is_never_overwritten(tmp_path: Path):
+    settings, wd, dest = stage(tmp_path, DROP_IN="no")
     config = dest / CONFIG
     install_image(settings, force=True)
     after_image = config.read_text()
@@ -171,7 +212,7 @@ def test_the_first_backup_is_never_overwritten(tmp_path: Path):
 
 
 def test_a_config_symlink_inside_the_runtime_dirs_is_followed_and_kept(tmp_path: Path):
-    settings, wd, dest = stage(tmp_path)
+    settings, wd, dest = stage(tmp_path, DROP_IN="no")
     config = dest / CONFIG
     qemu = config.with_name("configuration-qemu.toml")
     config.rename(qemu)
@@ -182,17 +223,50 @@ def test_a_config_symlink_inside_the_runtime_dirs_is_followed_and_kept(tmp_path:
     assert qemu.with_name("configuration-qemu.toml.bak").read_text() == KATA_TOML
 
 
+def test_the_drop_in_goes_beside_the_file_the_link_leads_to(tmp_path: Path):
+    """Kata resolves configuration.toml's symlinks first and reads config.d beside the file it ends at: an
+    /etc/kata-containers/configuration.toml linked (absolutely) to /opt/kata's configuration-qemu.toml
+    gets its drop-in in /opt/kata, read inside DESTDIR as on the installed system."""
+    settings, wd, dest = stage(tmp_path)
+    (dest / CONFIG).unlink()
+    opt = dest / "opt/kata/share/defaults/kata-containers"
+    opt.mkdir(parents=True)
+    (opt / "configuration-qemu.toml").write_text(KATA_TOML)
+    etc = dest / "etc/kata-containers/configuration.toml"
+    etc.parent.mkdir(parents=True)
+    etc.symlink_to("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")  # absolute, in DESTDIR
+    install_image(settings, force=True)
+    assert (opt / "config.d/50-osbuilder.toml").is_file() and not (etc.parent / "config.d").exists()
+    assert kata_qemu(opt / "configuration-qemu.toml")["image"] == "/opt/kata/share/kata-containers/container.img"
+    assert (dest / "opt/kata/share/kata-containers/container.img").is_file()
+    assert etc.is_symlink() and (opt / "configuration-qemu.toml").read_text() == KATA_TOML
+
+
 def test_a_config_symlink_to_elsewhere_is_refused(tmp_path: Path):
     settings, wd, dest = stage(tmp_path)
     config = dest / CONFIG
-    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere = dest / "home/admin/elsewhere.toml"
+    elsewhere.parent.mkdir(parents=True)
     config.rename(elsewhere)
-    config.symlink_to(elsewhere)
+    config.symlink_to("/home/admin/elsewhere.toml")  # on the installed system: DESTDIR/home/admin/...
     with pytest.raises(UsageError, match=r"^RUNTIME_CONFIG: .*configuration.toml is a symlink to .*elsewhere.toml, "
                                          r"outside the runtime's own directories"):
         install_image(settings, force=True)
     assert elsewhere.read_text() == KATA_TOML and config.is_symlink()
-    assert not (dest / PREFIX_DIR).exists()
+    assert not (dest / PREFIX_DIR).exists() and not (elsewhere.parent / "config.d").exists()
+
+
+def test_a_config_symlink_out_of_destdir_is_read_inside_it(tmp_path: Path):
+    """An absolute link names a path of the installed system: one to a file that exists only on this host
+    is dangling there, so the runtime would not load it, and osbuilder writes nothing through it."""
+    settings, wd, dest = stage(tmp_path)
+    config = dest / CONFIG
+    host_file = tmp_path / "host-only.toml"
+    config.rename(host_file)
+    config.symlink_to(host_file)
+    install_image(settings, force=True)
+    assert host_file.read_text() == KATA_TOML and not (tmp_path / "config.d").exists()
+    assert not (config.parent / "config.d").exists()
 
 
 def test_a_prefix_that_leads_out_of_destdir_is_refused(tmp_path: Path):
@@ -309,3 +383,32 @@ def test_an_artifact_replaced_after_the_gate_is_not_installed(tmp_path: Path, mo
     digest = hashlib.sha256(installed).hexdigest()
     assert (dest / PREFIX_DIR / "container.img").resolve().name == f"osbuilder-{digest[:12]}.img"
     assert json.loads(Workdir(wd).boot_record(digest).read_text())["passed"] is True
+
+
+def test_a_failed_drop_in_write_leaves_no_config_d_and_can_be_undone(tmp_path: Path, monkeypatch, capsys):
+    """The disk fills up as the drop-in is written: exit 125 in one line, no config.d made for nothing, no
+    temp file; the install record lets `uninstall` take the installed files out again."""
+    import errno
+
+    from osbuilder import cli
+
+    settings, wd, dest = stage(tmp_path)
+    before = everything_under(dest)
+    real = inst.write_like
+
+    def full(dest_path: Path, data: bytes, st: os.stat_result, **kw) -> Path:
+        if dest_path.name == "50-osbuilder.toml":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest_path))
+        return real(dest_path, data, st, **kw)
+
+    monkeypatch.setattr(inst, "write_like", full)
+    argv = ["install-image", "--force", "--workdir", str(wd), "--destdir", str(dest)]
+    assert cli.main(argv) == 125
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("osbuilder: error: RUNTIME_CONFIG: writing ")
+    assert "No space left on device" in err.splitlines()[0]
+    assert not (dest / CONFIG).with_name("config.d").exists() and not temp_files(dest)
+    assert (dest / CONFIG).read_text() == KATA_TOML
+    monkeypatch.setattr(inst, "write_like", real)
+    assert cli.main(["uninstall", "--workdir", str(wd), "--destdir", str(dest)]) == 0, capsys.readouterr().err
+    assert everything_under(dest) == before

@@ -1,17 +1,19 @@
-"""install-initrd into a DESTDIR: the boot gate, the content-named file and its link, and the runtime's TOML
-pointed at the initrd with `image =` commented out (the reverse of install-image)."""
+"""install-initrd into a DESTDIR: the boot gate, the content-named file and its link, and the runtime pointed
+at the initrd with the image unset (Kata: `image = ""` in its drop-in; an edited file: `image =` commented
+out), the reverse of install-image."""
 
 import os
 import tomllib
 from pathlib import Path
 
 import pytest
-from fakes import KATA_TOML
+from fakes import KATA_TOML, kata_qemu
 
 import osbuilder.cli  # noqa: F401 - registers the subcommands
 from osbuilder import settings as S
 from osbuilder.errors import UsageError
-from osbuilder.install import install_image, install_initrd, point_config
+from osbuilder.install import install_image, install_initrd
+from osbuilder.runtime_config import point_config
 from osbuilder.steps import STEPS as COMMANDS
 
 INSTALLED = "/usr/share/kata-containers/container-initrd.img"
@@ -67,11 +69,10 @@ def test_installs_content_named_with_a_stable_link_and_points_initrd_at_it(stage
     link = base / "container-initrd.img"
     assert link.is_symlink() and os.readlink(link) == f"osbuilder-initrd-{target.sha256[:12]}.img"
     assert link.read_bytes() == initrd.read_bytes() and target.installed.stat().st_mode & 0o777 == 0o644
-    qemu = tomllib.loads(config.read_text())["hypervisor"]["qemu"]
-    assert qemu["initrd"] == INSTALLED and "image" not in qemu  # image = commented out: the runtime boots the initrd
-    assert '# image = "/usr/share/kata-containers/kata-containers.img"' in config.read_text()
+    qemu = kata_qemu(config)
+    assert qemu["initrd"] == INSTALLED and qemu["image"] == ""  # "": Kata boots the initrd, never both
     assert qemu["kernel"] == "/usr/share/kata-containers/vmlinux.container" and qemu["machine_type"] == "q35"
-    assert (config.parent / "configuration.toml.bak").read_text() == KATA_TOML
+    assert config.read_text() == KATA_TOML
     initrd.write_bytes(os.urandom(4096))  # another initrd: the record does not cover it
     with pytest.raises(UsageError, match="no passing boot check"):
         install_initrd(settings)
@@ -98,9 +99,18 @@ def test_the_hash_gated_is_the_hash_of_the_copy(staged, monkeypatch):
     assert [p.name for p in (dest / "usr/share/defaults/kata-containers").iterdir()] == ["configuration.toml"]
 
 
-def test_dry_run_shows_the_diff_and_changes_nothing(staged, capsys):
+def test_dry_run_shows_the_drop_in_and_changes_nothing(staged, capsys):
     settings, wd, dest, config = staged
     install_initrd(settings, force=True, dry_run=True)
+    out = capsys.readouterr().out
+    assert f'+initrd = "{INSTALLED}"' in out and '+image = ""' in out
+    assert config.read_text() == KATA_TOML and not (dest / "usr/share/kata-containers").exists()
+    assert not (config.parent / "config.d").exists()
+
+
+def test_dry_run_of_an_edit_shows_the_image_commented_out(staged, capsys):
+    settings, wd, dest, config = staged
+    install_initrd(settings.with_values(DROP_IN="no"), force=True, dry_run=True)
     out = capsys.readouterr().out
     assert f'+initrd = "{INSTALLED}"' in out
     assert '+# image = "/usr/share/kata-containers/kata-containers.img"' in out
@@ -115,8 +125,22 @@ def test_force_says_so(staged, caplog):
 
 
 def test_image_and_initrd_take_turns(staged):
-    """Each install comments out the other: the runtime boots whichever was installed last."""
+    """Each install unsets the other: the runtime boots whichever was installed last."""
     settings, wd, dest, config = staged
+    install_initrd(settings, force=True)
+    install_image(settings, force=True)
+    qemu = kata_qemu(config)
+    assert qemu["image"] == "/usr/share/kata-containers/container.img" and qemu["initrd"] == ""
+    install_initrd(settings, force=True)
+    qemu = kata_qemu(config)
+    assert qemu["initrd"] == INSTALLED and qemu["image"] == ""
+    assert config.read_text() == KATA_TOML
+
+
+def test_image_and_initrd_take_turns_in_an_edited_file(staged):
+    """The same when the file itself is edited (DROP_IN=no): each install comments out the other."""
+    settings, wd, dest, config = staged
+    settings = settings.with_values(DROP_IN="no")
     install_initrd(settings, force=True)
     install_image(settings, force=True)
     qemu = tomllib.loads(config.read_text())["hypervisor"]["qemu"]

@@ -100,7 +100,7 @@ SAMPLES = {
     "KERNEL_SOURCE": "https://git.example/linux.git#v6.1", "KERNEL_FRAGMENTS": "/srv/a.config",
     "KERNEL_CONFIG": "/srv/config",
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
-    "DESTDIR": "/tmp/stage", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
+    "DESTDIR": "/tmp/stage", "DROP_IN": "no", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
     "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12", "SECURITY_UPDATES": "no",
 }
 
