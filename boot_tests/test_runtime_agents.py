@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_tests.agent_peers import CC_AGENT, KATA_AGENT, KATA_AGENT_VERSION, KEEPALIVE_INTERVAL, RecordingStream, peer
+from boot_tests.agent_peers import CC_AGENT, KATA_AGENT, KATA_AGENT_VERSION, KEEPALIVE_INTERVAL, peer
 from osbuilder import install
 from osbuilder.agent import PORT_NAME
 from osbuilder.agent.protocols import hyperstart
@@ -28,7 +28,7 @@ from osbuilder.agent.protocols.transport import connect_unix
 from osbuilder.fs import sha256_file
 from osbuilder.pytest_plugin import note_guest, note_logs
 from osbuilder.settings import Settings
-from osbuilder.vm import check, phases
+from osbuilder.vm import check, phases, profiles
 from osbuilder.vm.guest import BootFailure, Guest
 
 pytestmark = pytest.mark.boot
@@ -86,7 +86,7 @@ def kata(kata_booted: tuple[Guest, Path], request: pytest.FixtureRequest) -> Gue
 
 
 def test_the_kata_agent_passes_the_check_over_kata1(kata: Guest) -> None:
-    assert all(kata.profile.counts(p, kata.phases.get(p)) for p in phases.READY[:-1]), kata.phases
+    assert all(kata.profile.counts(p, kata.phases.get(p)) for p in profiles.READY), kata.phases
     info = kata.record()["agent"]
     assert info == {"protocol": "kata1", "name": "kata-agent", "service": "kata-agent.service", "commands": "ssh",
                     "version": KATA_AGENT_VERSION, "proof": "grpc.Health/Check SERVING"}
@@ -121,9 +121,11 @@ def test_kata1_answers_with_keepalive_off_on_both_sides(kata: Guest) -> None:
     assert kata.agent.ping(10) < 5
 
 
-def test_kata1_a_json_line_breaks_the_session_and_the_client_recovers(kata: Guest) -> None:
-    """osbuilder's own JSON protocol on the port is a yamux protocol error for this agent: no JSON
-    reply; it drops the session (and its port) and serves a fresh one, which a new client reaches."""
+def test_kata1_a_json_line_gets_no_json_answer(kata: Guest) -> None:
+    """osbuilder's own JSON protocol on the port is a yamux protocol error for this agent: no JSON reply
+    (why the protocol is chosen before the first byte is sent). The agent drops the session; the bytes
+    of the line it did not read stay in the port and break the next session too, so no recovery is
+    expected on this guest (the install test below needs only its power-off, by ACPI)."""
     kata.agent.close()
     raw = connect_unix(kata.vm.paths.agent, 10)
     raw.send(b'{"id":1,"cmd":"ping"}\n', time.monotonic() + 5)
@@ -133,16 +135,7 @@ def test_kata1_a_json_line_breaks_the_session_and_the_client_recovers(kata: Gues
         answer = b""
     raw.close()
     assert not answer.startswith(b"{"), answer
-    recorded: list[RecordingStream] = []
-
-    def connect(timeout: float) -> RecordingStream:
-        recorded.append(RecordingStream(connect_unix(kata.vm.paths.agent, timeout)))
-        return recorded[-1]
-
-    kata.agent = Kata1Client(connect)
-    kata.agent.wait_ready(30, try_timeout=1.0)
-    assert kata.agent.version(10)[1] == KATA_AGENT_VERSION
-    (kata.log_dir / "kata1-agent-answers.bin").write_bytes(bytes(recorded[-1].received))  # for replay tests
+    kata.agent = None
 
 
 def test_the_kata_image_installs_for_kata_without_force(kata: Guest, kata_booted, kata_settings,
@@ -174,7 +167,7 @@ def cc(cc_booted: tuple[Guest, Path], request: pytest.FixtureRequest) -> Guest:
 
 
 def test_the_cc_agent_passes_the_check_as_clear_containers_attaches_it(cc: Guest) -> None:
-    assert all(cc.profile.counts(p, cc.phases.get(p)) for p in phases.READY[:-1]), cc.phases
+    assert all(cc.profile.counts(p, cc.phases.get(p)) for p in profiles.READY), cc.phases
     assert cc.profile.attach.name == "nvdimm" and cc.record()["agent"] == {
         "protocol": "hyperstart", "name": "cc-agent", "service": "cc-agent.service", "commands": "ssh",
         "version": "", "proof": "READY, PING/ACK"}

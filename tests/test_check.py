@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,3 +124,21 @@ def test_format_timings() -> None:
                     "  systemd-analyze: kernel 1.25s, total 17.60s\n"
                     "  logs: /l")
 
+
+
+def test_a_vsock_agent_needs_the_hosts_vhost_vsock() -> None:
+    """The `kata` protocol (Kata 2.x/3.x, vsock port 1024) gets a guest address only where the host can give
+    one; elsewhere its boot check is the machine's failure (exit 125), not the image's."""
+    from osbuilder.agent import protocol
+    from osbuilder.errors import InfrastructureError
+    from osbuilder.vm import check
+
+    assert check.vsock_cid(protocol.get("kata1")) is None  # a virtio-serial protocol needs no vsock
+    if os.access("/dev/vhost-vsock", os.R_OK | os.W_OK):
+        cid = check.vsock_cid(protocol.get("kata"))
+        assert cid is not None and 3 <= cid < 2**31
+        return
+    with pytest.raises(InfrastructureError, match=r"^AGENT_PROTOCOL=kata: the agent listens on vsock port 1024, "
+                                                  r"and this host has no usable /dev/vhost-vsock") as e:
+        check.vsock_cid(protocol.get("kata"))
+    assert e.value.exit_code == 125

@@ -91,3 +91,22 @@ def test_a_failure_names_the_boot_logs(tmp_path: Path) -> None:
     assert result.returncode == 1
     section = result.stdout.split("boot logs", 1)[1]
     assert "boot-logs/my-guest" in section.splitlines()[1]
+
+
+def test_the_agent_bin_option_builds_with_the_users_agent(tmp_path: Path) -> None:
+    """--osbuilder-agent-bin is AGENT_SOURCE_BIN for the session's fixtures (the boot tests then prove that
+    agent over the protocol it records); a missing file is a usage error before anything runs."""
+    agent = tmp_path / "bin" / "kata-agent"
+    agent.parent.mkdir()
+    agent.write_bytes(b"#!/bin/sh\n")
+    agent.chmod(0o755)
+    source = ("def test_settings(osbuilder_settings):\n"
+              "    print('AGENT', osbuilder_settings.agent_source_bin, osbuilder_settings.agent_protocol)\n")
+    result = inner_pytest(tmp_path, source, "-s", f"--osbuilder-agent-bin={agent}", env={"AGENT_PROTOCOL": "kata1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"AGENT {agent} kata1" in result.stdout
+    missing = inner_pytest(tmp_path, "def test_build(osbuilder_image):\n    pass\n",
+                           f"--osbuilder-agent-bin={tmp_path / 'nope'}")
+    assert missing.returncode == 4, missing.stdout + missing.stderr
+    assert f"--osbuilder-agent-bin: {tmp_path / 'nope'}: no such file" in missing.stderr
+    assert not (tmp_path / "workdir").exists()
