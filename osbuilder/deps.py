@@ -63,6 +63,12 @@ STEPS: dict[str, tuple[Tool, ...]] = {
         Tool("qemu-system-x86_64", "qemu-system-x86", "boots the image for the boot checks"),
         Tool("qemu-img", "qemu-utils", "makes throw-away copy-on-write overlays"),
         Tool("ssh-keygen", "openssh-client", "makes the per-session SSH key"),
+        Tool("as", "binutils", "assembles the KVM probe guest"),
+        Tool("ld", "binutils", "links the KVM probe guest into a firmware image"),
+        Tool("apt-get", "apt", "downloads Debian's boot kernel package, verified against the archive keyring"),
+        Tool("dpkg-deb", "dpkg", "unpacks Debian's boot kernel package"),
+        Tool("depmod", "kmod", "lists the dependencies of the boot kernel's modules (modules.dep)"),
+        Tool("cc", "gcc", "compiles the boot kernel initrd's init"),
     ),
 }
 

@@ -269,13 +269,10 @@ def boot_kernel(osbuilder_settings: Settings, osbuilder_kernel_config: KernelCon
 
 
 @pytest.fixture(scope="session")
-def boot_accel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> accel_mod.Accel:
-    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG. A property of the host:
-    with --kernel-config the probe boots BOOT_KERNEL's kernel, so that tests which boot a kernel of
-    their own (`kernel`'s) are not repeated per config."""
-    if kernel_configs(request.config):
-        return accel_mod.choose(osbuilder_settings, settings_kernel(osbuilder_settings, request))
-    return accel_mod.choose(osbuilder_settings, request.getfixturevalue("boot_kernel"))
+def boot_accel(osbuilder_settings: Settings) -> accel_mod.Accel:
+    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG. A property of the host
+    (the probe runs a guest of its own, no kernel), so it is not repeated per --kernel-config."""
+    return accel_mod.choose(osbuilder_settings)
 
 
 @pytest.fixture(scope="session")

@@ -202,7 +202,7 @@ def run_boot_check(settings: Settings, image: Path, kernel: BootKernel,
     key_dir = fs.pid_tempdir("osbkey-", Path(tempfile.gettempdir()))  # swept if we are SIGKILLed
     try:
         key = ssh.make_session_key(key_dir)
-        opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
+        opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings),
                              name=name, ssh_key=key)
         return with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
     finally:
@@ -226,7 +226,7 @@ def format_timings(record: dict[str, Any]) -> str:
 
 def boot_interactive(settings: Settings, image: Path, kernel: BootKernel) -> int:
     """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits); QEMU's exit code."""
-    chosen = accel.choose(settings, kernel)
+    chosen = accel.choose(settings)
     profile = image_profile(settings, image)
     size = 0
     if profile.attach.name == "nvdimm":
