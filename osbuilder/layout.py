@@ -217,6 +217,10 @@ class UserCache:
         """The Debian packages the tools image's build downloaded, kept for its next build."""
         return self.root / "apt-archives"
 
+    def apt(self, name: str) -> Path:
+        """A private apt state (apt.py: configuration, lists, caches) for one suite of one mirror."""
+        return self.root / "apt" / name
+
     @property
     def logs(self) -> Path:
         return self.root / "logs"

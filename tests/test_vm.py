@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from osbuilder import apt
 from osbuilder import settings as settings_mod
 from osbuilder.cache import Cache
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import UserCache, Workdir
-from osbuilder.vm import accel, check, console, debian_kernel, phases, profiles, qemu, records, systemd
+from osbuilder.vm import accel, boot_initrd, check, console, debian_kernel, phases, profiles, qemu, records, systemd
 from osbuilder.vm import guest as guest_module
 from osbuilder.vm.guest import BOOT_JSON, BootFailure, Guest
 from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budgets
@@ -392,6 +393,20 @@ def test_missing_init_fails_in_init_phase(tmp_path: Path) -> None:
             phases.init(guest)
         assert info.value.phase == "init" and "no init to run" in info.value.message and line in info.value.detail
         assert guest.phases["init"] == Outcome.failed("no init to run")
+
+
+def test_a_failure_right_after_the_root_is_mounted_is_the_next_phases(tmp_path: Path) -> None:
+    """An initrd's init mounts the root and fails at once (no /sbin/init): both lines may reach the host
+    before the root phase looks. The root phase passed; the init phase fails, with the cause."""
+    guest = stub_guest(tmp_path, SYSTEMD, console_line="[    4.5] EXT4-fs (vda1): mounted filesystem with ordered data")
+    guest.vm.console.feed("osbuilder-init: error: no init to run: the root filesystem doesn't have requested "
+                          "/sbin/init (No such file or directory)")
+    phases.root(guest)
+    assert guest.phases["root"] == Outcome.passed()
+    with pytest.raises(BootFailure) as info:
+        phases.init(guest)
+    assert info.value.phase == "init" and info.value.reason == "no init to run"
+    assert "doesn't have requested /sbin/init" in info.value.detail
 
 
 @pytest.mark.parametrize("profile, phase", [(SYSTEMD, "agent"), (AGENT_INIT, "init")])
@@ -789,57 +804,33 @@ def test_format_timings() -> None:
 
 # -- the Debian boot kernel -----------------------------------------------------------------
 
-FAKE_CHROOT = """#!{python}
-import os, sys
-root, argv = sys.argv[1], sys.argv[2:]
-if argv[0] == "find":
-    os.execvp("find", ["find", root + argv[1], *argv[2:]])
-with open(os.path.join(root, "calls"), "a") as f:
-    f.write(" ".join(argv) + "\\n")
-if argv[0] == "dpkg-query":
-    print("6.1.99-1", end="")
-"""
-
-
-def test_initrd_hook_lists_the_kernels_virtio_modules(tmp_path: Path) -> None:
-    """The hook lists every module the guest needs that this kernel has as a module (and no other),
-    regenerates the initrd and notes the package version."""
-    root = tmp_path / "chroot"
-    (root / "etc/initramfs-tools").mkdir(parents=True)
-    (root / "boot").mkdir()
-    drivers = root / "lib/modules/6.1.0-9-cloud-amd64/kernel/drivers"
-    drivers.mkdir(parents=True)
-    built_in = {"virtio_pmem", "nd_pmem"}  # as if compiled into this kernel: no .ko, nothing to load
-    for module in set(debian_kernel.INITRD_MODULES) - built_in:
-        (drivers / f"{module}.ko.xz").write_bytes(b"")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "chroot").write_text(FAKE_CHROOT.format(python=sys.executable))
-    (bin_dir / "chroot").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    subprocess.run(["sh", "-c", debian_kernel.HOOK, "sh", str(root)], env=env, check=True, timeout=60)
-    listed = (root / "etc/initramfs-tools/modules").read_text().split()
-    assert {"virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "vsock", "ext4", "button"} <= set(listed)
-    assert listed == [m for m in debian_kernel.INITRD_MODULES if m not in built_in]
-    assert "update-initramfs -u -k all" in (root / "calls").read_text()
-    assert (root / "boot/osbuilder-kernel-version").read_text() == "6.1.99-1"
-
-
-def test_extract_takes_the_one_kernel_and_its_initrd(tmp_path: Path) -> None:
-    boot, out = tmp_path / "boot", tmp_path / "out"
-    boot.mkdir()
-    out.mkdir()
+def test_the_kernel_package_gives_its_one_kernel_and_its_modules(tmp_path: Path) -> None:
+    """An unpacked package: its one vmlinuz and modules directory, in /lib/modules (bookworm) or
+    /usr/lib/modules (trixie, linked from /lib where depmod looks)."""
     release = "6.1.0-9-cloud-amd64"
-    for name, data in ((f"vmlinuz-{release}", b"kernel"), (f"initrd.img-{release}", b"initrd"),
-                       (f"config-{release}", b"CONFIG_X=y\n"), ("osbuilder-kernel-version", b"6.1.27-1\n")):
-        (boot / name).write_bytes(data)
-    debian_kernel.extract(boot, out)
-    assert (out / debian_kernel.KERNEL_NAME).read_bytes() == b"kernel"
-    assert (out / debian_kernel.INITRD_NAME).read_bytes() == b"initrd"
-    assert (out / debian_kernel.VERSION_NAME).read_text() == f"{release} linux-image-cloud-amd64 6.1.27-1\n"
-    (boot / "vmlinuz-6.1.0-10-cloud-amd64").write_bytes(b"another")
-    with pytest.raises(OsbuilderError, match="expected one kernel .* found 2"):
-        debian_kernel.extract(boot, out)
+    old, new = tmp_path / "bookworm", tmp_path / "trixie"
+    for tree, modules in ((old, "lib/modules"), (new, "usr/lib/modules")):
+        (tree / "boot").mkdir(parents=True)
+        (tree / "boot" / f"vmlinuz-{release}").write_bytes(b"kernel")
+        (tree / modules / release / "kernel").mkdir(parents=True)
+    for tree in (old, new):
+        vmlinuz, modules_dir = debian_kernel.locate(tree)
+        assert vmlinuz == tree / "boot" / f"vmlinuz-{release}" and modules_dir.name == release
+        assert (modules_dir / "kernel").is_dir() and modules_dir == tree / "lib/modules" / release
+    assert (new / "lib").is_symlink() and not (old / "lib").is_symlink()
+    (new / "boot/vmlinuz-6.1.0-10-cloud-amd64").write_bytes(b"another")
+    with pytest.raises(OsbuilderError, match="expected one kernel in the package's /boot, found 2"):
+        debian_kernel.locate(new)
+
+
+def test_a_kernel_package_is_read_from_its_metapackage() -> None:
+    fields = apt.parse_control("Package: linux-image-cloud-amd64\nVersion: 6.1.176-1\n"
+                               "Depends: linux-image-6.1.0-50-cloud-amd64 (= 6.1.176-1)\nDescription: x\n more\n\n"
+                               "Package: other\n")
+    assert fields["Version"] == "6.1.176-1" and fields["Description"] == "x\nmore"
+    assert apt.first_dependency(fields["Depends"]) == "linux-image-6.1.0-50-cloud-amd64"
+    assert apt.first_dependency("linux-image-6.12.117+deb13-cloud-amd64 (= 6.12.117-1) | b, c") == \
+        "linux-image-6.12.117+deb13-cloud-amd64"
 
 
 def test_debian_kernel_is_built_once_for_every_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1032,4 +1023,4 @@ def test_the_pmem_root_mount_is_watched_from_the_first_line(tmp_path: Path) -> N
 
 def test_debian_initrd_loads_the_nvdimm_stack() -> None:
     for module in ("nfit", "libnvdimm", "nd_pmem"):
-        assert module in debian_kernel.INITRD_MODULES
+        assert module in boot_initrd.INITRD_MODULES

@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
 
+from osbuilder.apt import auth_entry
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, temp_beside
 from osbuilder.rootfs.distro import Distro
@@ -29,6 +29,7 @@ class Debian(Distro):
     name = "debian"
     releases = ("bookworm", "trixie", "forky", "sid", "stable", "testing", "unstable")
     default_mirror = "http://deb.debian.org/debian"
+    keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")  # debian-archive-keyring
     tool = "mmdebstrap"
 
     def default_packages(self, agent_init: bool) -> list[str]:
@@ -72,17 +73,13 @@ def mirror_access(mirror: str, scratch: Path) -> Iterator[tuple[str, list[str]]]
     mmdebstrap itself reads (`upload`: a rootless build's namespace could not) into the tree's
     /etc/apt/auth.conf (made 0600 first) for apt, and a customize hook removes it.
     """
-    url = urlsplit(mirror)
-    if "@" not in url.netloc:
+    bare, entry = auth_entry(mirror)
+    if entry is None:
         yield mirror, []
         return
-    bare = urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[2]))
-    login, password = unquote(url.username or ""), unquote(url.password or "")
-    if re.search(r"\s", login + password):
-        raise UsageError("REPO_URL: apt cannot use a user name or password containing white space")
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(f"machine {bare}\nlogin {login}\npassword {password}\n")
+        f.write(entry)
     try:
         yield bare, ['--setup-hook=umask 077 && : > "$1/etc/apt/auth.conf"',
                      f"--setup-hook=upload {hook_word(str(scratch))} /etc/apt/auth.conf",
