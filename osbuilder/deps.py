@@ -68,6 +68,7 @@ STEPS: dict[str, tuple[Tool, ...]] = {
         Tool("apt-get", "apt", "downloads Debian's boot kernel package, verified against the archive keyring"),
         Tool("dpkg-deb", "dpkg", "unpacks Debian's boot kernel package"),
         Tool("depmod", "kmod", "lists the dependencies of the boot kernel's modules (modules.dep)"),
+        Tool("zstd", "zstd", "decompresses the boot kernel's .ko.zst modules (releases that ship them)"),
         Tool("cc", "gcc", "compiles the boot kernel initrd's init"),
     ),
 }

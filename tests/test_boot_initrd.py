@@ -107,9 +107,8 @@ def test_the_initrd_holds_the_init_the_console_and_the_modules_in_load_order(tmp
     console device for its first lines, mount points, the modules numbered so that name order is load
     order; read back as the kernel reads it."""
     dest = tmp_path / "initrd.img"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    order = boot_initrd.make_initrd(dest, modules_dir(tmp_path, ".ko.xz"), scratch)
+    init_binary = boot_initrd.build_init(tmp_path / "scratch/init")
+    order = boot_initrd.make_initrd(dest, modules_dir(tmp_path, ".ko.xz"), init_binary)
     assert order[:2] == ["virtio", "virtio_ring"] and "nd_pmem" in order and "not_wanted" not in order
     data = dest.read_bytes()
     assert len(data) % 512 == 0
@@ -128,7 +127,7 @@ def test_the_initrd_holds_the_init_the_console_and_the_modules_in_load_order(tmp
                              check=True).stdout
     assert "INTERP" not in headers  # static
     again = tmp_path / "again.img"
-    boot_initrd.make_initrd(again, modules_dir(tmp_path, ".ko.xz"), scratch)
+    boot_initrd.make_initrd(again, modules_dir(tmp_path, ".ko.xz"), init_binary)
     assert again.read_bytes() == data  # the same inputs, the same bytes
 
 

@@ -137,11 +137,10 @@ def initrd_entries(init: Path, index: ModuleIndex, order: list[str]) -> list[Ent
     return entries
 
 
-def make_initrd(dest: Path, modules_dir: Path, scratch: Path, *, logfile: Path | None = None) -> list[str]:
-    """Write the initrd for the kernel whose modules (with depmod's modules.dep) are in `modules_dir`;
-    `scratch` is a directory for the compiled init. Returns the modules it loads, in order."""
+def make_initrd(dest: Path, modules_dir: Path, init: Path) -> list[str]:
+    """Write the initrd for the kernel whose modules (with depmod's modules.dep) are in `modules_dir`,
+    with `init` (build_init's) as /init. Returns the modules it loads, in order."""
     index = ModuleIndex.read(modules_dir)
     order = index.load_order(INITRD_MODULES)
-    init = build_init(scratch / "init", logfile=logfile)
     write_newc(dest, initrd_entries(init, index, order))
     return order

@@ -19,6 +19,7 @@ import os
 import shlex
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from osbuilder.apt import PrivateApt, first_dependency
@@ -73,14 +74,16 @@ def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None
     work = out / "work"
     started = time.monotonic()
     try:
-        version, deb = fetch(settings, work / "download", logfile)
-        tree = work / "tree"
-        run(["dpkg-deb", "-x", str(deb), str(tree)], step=STEP, logfile=logfile)
-        deb.unlink()
-        vmlinuz, modules_dir = locate(tree)
-        release = modules_dir.name
-        run(["depmod", "-b", str(tree), release], step=STEP, logfile=logfile)
-        loaded = boot_initrd.make_initrd(out / INITRD_NAME, modules_dir, work, logfile=logfile)
+        with ThreadPoolExecutor(max_workers=1) as compiler:  # the init compiles while apt downloads
+            init = compiler.submit(boot_initrd.build_init, work / "init", logfile=logfile)
+            version, deb = fetch(settings, work / "download", logfile)
+            tree = work / "tree"
+            run(["dpkg-deb", "-x", str(deb), str(tree)], step=STEP, logfile=logfile)
+            deb.unlink()
+            vmlinuz, modules_dir = locate(tree)
+            release = modules_dir.name
+            run(["depmod", "-b", str(tree), release], step=STEP, logfile=logfile)
+            loaded = boot_initrd.make_initrd(out / INITRD_NAME, modules_dir, init.result())
         shutil.copyfile(vmlinuz, out / KERNEL_NAME)
         config = tree / "boot" / f"config-{release}"
         if config.is_file():
