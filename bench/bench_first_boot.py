@@ -42,7 +42,9 @@ from osbuilder.vm import debian_kernel
 s = settings.load({})
 started = time.monotonic()
 k = debian_kernel.debian_kernel(s)
-print(json.dumps({"seconds": time.monotonic() - started, "initrd": k.initrd.stat().st_size}))
+import osbuilder
+print(json.dumps({"seconds": time.monotonic() - started, "initrd": k.initrd.stat().st_size,
+                  "code": osbuilder.__file__}))
 """
 
 PROBE = """
@@ -66,10 +68,11 @@ print(json.dumps(result))
 
 
 def python(source: Path, code: str, env: dict[str, str], *args: str) -> dict:
-    """Run `code` with osbuilder imported from `source`; its JSON output."""
+    """Run `code` with osbuilder imported from `source` (run from the WORKDIR: the current directory comes
+    first in Python's path); its JSON output."""
     full_env = {**os.environ, **env, "PYTHONPATH": str(source)}
     out = subprocess.run([sys.executable, "-c", code, *args], env=full_env, check=True, capture_output=True,
-                         text=True, timeout=1800).stdout
+                         text=True, timeout=1800, cwd=env["WORKDIR"]).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -88,7 +91,7 @@ def first_boot(source: Path, env: dict[str, str], image: Path) -> dict:
     full_env = {**os.environ, **env, "PYTHONPATH": str(source)}
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "osbuilder", "boot", "--check"], env=full_env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800, cwd=workdir)
     total = time.monotonic() - started
     record = json.loads((workdir / "boot-logs/osbuilder-boot-check/boot.json").read_text())
     boot = max(record["timings"].values())
@@ -110,6 +113,8 @@ def main() -> int:
             for name, source in versions.items():
                 env = fresh(tmp, f"{name}-{r}-kernel")
                 kernel = python(source, KERNEL, env)
+                if not Path(kernel["code"]).is_relative_to(source):
+                    raise SystemExit(f"{name}: osbuilder came from {kernel['code']}, not {source}")
                 probe = python(source, PROBE, env, str(tmp / f"{name}-{r}-probe"))
                 boot = first_boot(source, fresh(tmp, f"{name}-{r}-boot"), args.image)
                 for key, value in (("kernel", kernel), ("probe", probe), ("boot", boot)):

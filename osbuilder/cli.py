@@ -131,12 +131,12 @@ def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
     from osbuilder.vm import check
 
     image = check.boot_image(s)
-    kernel = check.boot_kernel(s, path=args.boot_kernel_path)
+    kernel, chosen = check.kernel_and_accel(s, path=args.boot_kernel_path)
     if args.check:
-        record = check.run_boot_check(s, image, kernel)
+        record = check.run_boot_check(s, image, kernel, chosen=chosen)
         print(check.format_timings(record))
         return 0
-    return check.boot_interactive(s, image, kernel)
+    return check.boot_interactive(s, image, kernel, chosen)
 
 
 def cmd_install_image(s: Settings, args: argparse.Namespace) -> None:

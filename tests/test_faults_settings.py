@@ -12,10 +12,12 @@ import dataclasses
 import errno
 import http.server
 import logging
+import lzma
 import os
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,6 +253,34 @@ def test_debian_boot_kernel_from_a_mirror_with_a_password(tmp_path: Path, auth_m
     for path in (tmp_path / "cache").rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert secret not in path.read_bytes(), path
+
+
+def local_mirror(root: Path, upstream: str, release: str = "bookworm") -> Path:
+    """A file:// Debian mirror of `release` holding just the signed InRelease, main's Packages.xz and the
+    cloud kernel package, copied from `upstream` (apt checks them against the keyring as ever)."""
+    def fetch(path: str) -> bytes:
+        with urllib.request.urlopen(f"{upstream}/{path}", timeout=120) as response:
+            data = response.read()
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+        return data
+
+    fetch(f"dists/{release}/InRelease")
+    packages = lzma.decompress(fetch(f"dists/{release}/main/binary-amd64/Packages.xz")).decode()
+    stanzas = {apt_mod.parse_control(p).get("Package"): apt_mod.parse_control(p) for p in packages.split("\n\n")}
+    kernel = stanzas[apt_mod.first_dependency(stanzas["linux-image-cloud-amd64"]["Depends"])]
+    fetch(kernel["Filename"])
+    return root
+
+
+@pytest.mark.build
+def test_debian_boot_kernel_from_a_file_mirror(tmp_path: Path):
+    mirror = local_mirror(tmp_path / "mirror", os.environ.get("REPO_URL") or "http://deb.debian.org/debian")
+    s = S.load({}, env={"WORKDIR": str(tmp_path / "wd"), "CACHE_DIR": str(tmp_path / "cache"),
+                        "REPO_URL": f"file://{mirror}"}, cwd=tmp_path)
+    kernel = debian_kernel.debian_kernel(s)
+    assert kernel.kernel.is_file() and kernel.initrd is not None and kernel.initrd.is_file()
+    assert f"file:{mirror} bookworm/main amd64 linux-image-" in (tmp_path / "cache/logs/debian-kernel.log").read_text()
 
 
 # --- one-line errors instead of tracebacks ------------------------------------------------------------

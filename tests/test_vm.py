@@ -785,6 +785,31 @@ def test_boot_kernel_and_image_selection(tmp_path: Path) -> None:
         check.boot_kernel(s, tmp_path / "nope")
 
 
+def test_the_kvm_probe_runs_while_the_kernel_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fresh machine `osbuilder boot` needs both Debian's boot kernel and the KVM verdict: neither waits
+    for the other. A kernel that cannot be had is still the error reported."""
+    s = load_settings(tmp_path, BOOT_KERNEL="debian", ACCEL="auto")
+    overlap = {"probing": False, "seen": False}
+
+    def choose(settings: settings_mod.Settings) -> Accel:
+        overlap["probing"] = True
+        time.sleep(0.5)
+        overlap["probing"] = False
+        return Accel("tcg", "probe failed", True)
+
+    def make_kernel(settings: settings_mod.Settings) -> BootKernel:
+        time.sleep(0.2)
+        overlap["seen"] = overlap["probing"]
+        return BootKernel(tmp_path / "vmlinuz", tmp_path / "initrd.img", "debian")
+
+    monkeypatch.setattr(accel, "choose", choose)
+    monkeypatch.setattr(check, "debian_kernel", make_kernel)
+    kernel, chosen = check.kernel_and_accel(s)
+    assert kernel.name == "debian" and chosen.reason == "probe failed" and overlap["seen"]
+    with pytest.raises(UsageError, match="BOOT_KERNEL: .* is not a file"):
+        check.kernel_and_accel(s, tmp_path / "no-such-kernel")
+
+
 def test_format_timings() -> None:
     text = check.format_timings({"passed": True, "image": "/i", "log_dir": "/l",
                                  "kernel": {"kind": "debian", "version": "6.1", "path": "/k"},

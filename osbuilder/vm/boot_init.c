@@ -87,10 +87,11 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static void mount_api(const char *type, const char *dir)
+/* As the booted system mounts them itself: it keeps them (switch_root moves them into its root). */
+static void mount_api(const char *type, const char *dir, unsigned long flags)
 {
     mkdir(dir, 0755);
-    if (mount(type, dir, type, MS_NOSUID | MS_NOEXEC, NULL) != 0 && errno != EBUSY)
+    if (mount(type, dir, type, flags, NULL) != 0 && errno != EBUSY)
         fail("cannot mount %s on %s: %s", type, dir, strerror(errno));
 }
 
@@ -281,9 +282,9 @@ int main(int argc, char **argv)
     static char cmdline[MAX_CMDLINE];
     struct boot_params p = {.init = DEFAULT_INIT, .read_only = 1, .root_delay = DEFAULT_ROOT_DELAY};
 
-    mount_api("devtmpfs", "/dev");
+    mount_api("devtmpfs", "/dev", MS_NOSUID);
     console_stdio();
-    mount_api("proc", "/proc");
+    mount_api("proc", "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC);
     read_cmdline(&p, cmdline, sizeof cmdline);
     load_modules();
     wait_for_root(&p);

@@ -21,6 +21,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +75,15 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
         return BootKernel(built.absolute(), None, "built")
     refuse_debian_kernel(profiles.for_settings(settings), choice)
     return debian_kernel(settings)
+
+
+def kernel_and_accel(settings: Settings, path: Path | None = None) -> tuple[BootKernel, Accel]:
+    """`boot_kernel(settings, path)` and `accel.choose(settings)`, side by side: on a fresh machine the
+    KVM probe runs while Debian's boot kernel is fetched and built."""
+    with ThreadPoolExecutor(max_workers=1) as prober:
+        chosen = prober.submit(accel.choose, settings)
+        kernel = boot_kernel(settings, path)
+        return kernel, chosen.result()
 
 
 def refuse_debian_kernel(profile: profiles.Profile, choice: str = "debian") -> None:
@@ -196,13 +206,14 @@ def booted(opts: BootOptions, settings: Settings) -> Iterator[Guest]:
 # -- `osbuilder boot` ---------------------------------------------------------------------------
 
 def run_boot_check(settings: Settings, image: Path, kernel: BootKernel,
-                   name: str = "osbuilder-boot-check") -> dict[str, Any]:
-    """The full boot check of `image` with `kernel` (`osbuilder boot --check`), with a throw-away
-    session SSH key; writes boot records when it passes. Returns the boot record."""
+                   name: str = "osbuilder-boot-check", chosen: Accel | None = None) -> dict[str, Any]:
+    """The full boot check of `image` with `kernel` (`osbuilder boot --check`) under `chosen` (default:
+    `accel.choose`), with a throw-away session SSH key; writes boot records when it passes. Returns
+    the boot record."""
     key_dir = fs.pid_tempdir("osbkey-", Path(tempfile.gettempdir()))  # swept if we are SIGKILLed
     try:
         key = ssh.make_session_key(key_dir)
-        opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings),
+        opts = guest_options(settings, image=image, kernel=kernel, accel=chosen or accel.choose(settings),
                              name=name, ssh_key=key)
         return with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
     finally:
@@ -224,9 +235,10 @@ def format_timings(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def boot_interactive(settings: Settings, image: Path, kernel: BootKernel) -> int:
-    """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits); QEMU's exit code."""
-    chosen = accel.choose(settings)
+def boot_interactive(settings: Settings, image: Path, kernel: BootKernel, chosen: Accel | None = None) -> int:
+    """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits) under `chosen`
+    (default: `accel.choose`); QEMU's exit code."""
+    chosen = chosen or accel.choose(settings)
     profile = image_profile(settings, image)
     size = 0
     if profile.attach.name == "nvdimm":

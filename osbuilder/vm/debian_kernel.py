@@ -24,7 +24,7 @@ from pathlib import Path
 
 from osbuilder.apt import PrivateApt, first_dependency
 from osbuilder.cache import Cache, Manifest
-from osbuilder.errors import OsbuilderError, UsageError
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash
 from osbuilder.layout import UserCache
 from osbuilder.rootfs.debian import Debian, classify_failure
@@ -91,6 +91,11 @@ def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None
         (out / VERSION_NAME).write_text(f"{release} {PACKAGE} {version}\n")
         for name in (KERNEL_NAME, INITRD_NAME, VERSION_NAME):
             os.chmod(out / name, 0o644)
+    except OsbuilderError as e:
+        if "No space left on device" not in e.detail:
+            raise
+        raise InfrastructureError(f"CACHE_DIR: no space left on device in {UserCache.of(settings).root} while "
+                                  "making Debian's boot kernel (nothing was kept)", e.detail) from None
     finally:
         discard(work)
     log.info("%s: %s %s with an initrd loading %s (%.1fs)", STEP, PACKAGE, version, " ".join(loaded),
