@@ -7,7 +7,8 @@ kernel booted under KVM, up to 15 s to reach its init; now: a 64 KiB guest, at m
 way is the code before the change, run from a copy of it (`--baseline`), the new way this checkout's;
 each measurement runs in its own process with an empty CACHE_DIR and a fresh WORKDIR:
 
-  kernel    the Debian boot kernel + initrd, cold (apt lists, package, build)
+  kernel    the Debian boot kernel + initrd, cold (apt lists, package, build): wall and CPU time (the
+            CPU time, of every process it ran, says what a machine less busy than this shared one waits)
   probe     the KVM probe alone (the old one boots the kernel built above); and the new probe's guest
             under TCG, the work it stands for
   boot      `osbuilder boot --check` of a copy of --image (ACCEL=auto, BOOT_KERNEL=debian): the total,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -67,13 +69,20 @@ print(json.dumps(result))
 """
 
 
+def cpu_seconds() -> float:
+    """User and system CPU time of this process's children that ended (and theirs), so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def python(source: Path, code: str, env: dict[str, str], *args: str) -> dict:
     """Run `code` with osbuilder imported from `source` (run from the WORKDIR: the current directory comes
-    first in Python's path); its JSON output."""
+    first in Python's path); its JSON output, with the CPU time it took ("cpu")."""
     full_env = {**os.environ, **env, "PYTHONPATH": str(source)}
+    before = cpu_seconds()
     out = subprocess.run([sys.executable, "-c", code, *args], env=full_env, check=True, capture_output=True,
                          text=True, timeout=1800, cwd=env["WORKDIR"]).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "cpu": cpu_seconds() - before}
 
 
 def fresh(tmp: Path, name: str) -> dict[str, str]:
@@ -120,7 +129,8 @@ def main() -> int:
                 for key, value in (("kernel", kernel), ("probe", probe), ("boot", boot)):
                     results[name][key].append(value)
                 tcg = f", its guest under TCG {probe['tcg_seconds']:.2f} s" if probe.get("tcg_seconds") else ""
-                print(f"round {r + 1} {name}: kernel {kernel['seconds']:6.1f} s (initrd {kernel['initrd'] >> 10} KiB)"
+                print(f"round {r + 1} {name}: kernel {kernel['seconds']:6.1f} s, {kernel['cpu']:5.1f} s CPU "
+                      f"(initrd {kernel['initrd'] >> 10} KiB)"
                       f" | probe {probe['seconds']:5.2f} s, KVM {'works' if probe['kvm'] else 'refused'}{tcg}"
                       f" | first boot --check {boot['seconds']:6.1f} s = preparation {boot['preparation']:5.1f} s"
                       f" + boot {boot['boot']:5.1f} s ({boot['accel']})", flush=True)
@@ -131,7 +141,8 @@ def main() -> int:
 
     for name in versions:
         prep, boot = median(name, "boot", "preparation"), median(name, "boot", "boot")
-        print(f"median {name}: kernel {median(name, 'kernel'):6.1f} s | probe {median(name, 'probe'):5.2f} s | "
+        print(f"median {name}: kernel {median(name, 'kernel'):6.1f} s, {median(name, 'kernel', 'cpu'):5.1f} s CPU | "
+              f"probe {median(name, 'probe'):5.2f} s | "
               f"first boot --check {median(name, 'boot'):6.1f} s (preparation {prep:5.1f} s, boot {boot:5.1f} s)")
     print(f"new/old: kernel {median('new', 'kernel') / median('old', 'kernel'):.2f}, "
           f"probe {median('new', 'probe') / median('old', 'probe'):.2f}, "
