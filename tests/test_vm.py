@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from osbuilder import apt
 from osbuilder import settings as settings_mod
 from osbuilder.cache import Cache
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
@@ -846,16 +845,6 @@ def test_the_kernel_package_gives_its_one_kernel_and_its_modules(tmp_path: Path)
     (new / "boot/vmlinuz-6.1.0-10-cloud-amd64").write_bytes(b"another")
     with pytest.raises(OsbuilderError, match="expected one kernel in the package's /boot, found 2"):
         debian_kernel.locate(new)
-
-
-def test_a_kernel_package_is_read_from_its_metapackage() -> None:
-    fields = apt.parse_control("Package: linux-image-cloud-amd64\nVersion: 6.1.176-1\n"
-                               "Depends: linux-image-6.1.0-50-cloud-amd64 (= 6.1.176-1)\nDescription: x\n more\n\n"
-                               "Package: other\n")
-    assert fields["Version"] == "6.1.176-1" and fields["Description"] == "x\nmore"
-    assert apt.first_dependency(fields["Depends"]) == "linux-image-6.1.0-50-cloud-amd64"
-    assert apt.first_dependency("linux-image-6.12.117+deb13-cloud-amd64 (= 6.12.117-1) | b, c") == \
-        "linux-image-6.12.117+deb13-cloud-amd64"
 
 
 def test_debian_kernel_is_built_once_for_every_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
