@@ -98,7 +98,7 @@ def main() -> None:
     debian = debian_kernel(settings)
     built_path = Workdir.of(settings).kernel.vmlinuz
     built = BootKernel(built_path.absolute(), None, "built") if built_path.is_file() else None
-    accel = accel_mod.choose(settings, debian)
+    accel = accel_mod.choose(settings)
     print(f"image {image} ({image.stat().st_size >> 20} MiB); accelerator {accel.name} ({accel.reason})")
     results: dict[str, list[tuple[float, float]]] = {"plain": [], "osbuilder": [], "built": []}
     with tempfile.TemporaryDirectory(prefix="osb-bench-") as tmpdir:

@@ -48,7 +48,7 @@ def test_the_image_boots_as_the_runtimes_nvdimm(kind, nvdimm_settings, osbuilder
                                                 request):
     boot_kernel = kernel_for(kind, nvdimm_settings, request)
     opts = check.guest_options(nvdimm_settings, image=osbuilder_image.path, kernel=boot_kernel,
-                               accel=accel.choose(nvdimm_settings, boot_kernel), name=f"nvdimm-{kind}",
+                               accel=accel.choose(nvdimm_settings), name=f"nvdimm-{kind}",
                                ssh_key=osbuilder_ssh_key)
     note_logs(request.node, opts.log_dir)
     dax = wants_dax(osbuilder_settings)
@@ -91,7 +91,7 @@ def test_a_namespace_without_dax_fails_fast_with_the_console_evidence(nvdimm_set
         f.write(b"\x01")
     boot_kernel = kernel_for("built", nvdimm_settings, request)
     opts = check.guest_options(nvdimm_settings, image=damaged, kernel=boot_kernel,
-                               accel=accel.choose(nvdimm_settings, boot_kernel), name="nvdimm-no-pfn",
+                               accel=accel.choose(nvdimm_settings), name="nvdimm-no-pfn",
                                profile=profiles.NVDIMM_DAX_SYSTEMD)
     note_logs(request.node, opts.log_dir)
     with Guest.start(opts) as guest, pytest.raises(BootFailure) as failure:

@@ -143,12 +143,12 @@ def cmd_bisect_run(s: Settings, args: argparse.Namespace) -> int:
 def cmd_boot(s: Settings, args: argparse.Namespace) -> int:
     from osbuilder.vm import check
 
-    image, kernel, profile = check.plan(s, kernel_path=args.boot_kernel_path)
+    image, kernel, profile, chosen = check.plan(s, kernel_path=args.boot_kernel_path)
     if args.check:
-        record = check.run_boot_check(s, image, kernel, profile)
+        record = check.run_boot_check(s, image, kernel, profile, chosen=chosen)
         print(json.dumps(record, indent=2) if args.json else check.format_timings(record))
         return 0
-    return check.boot_interactive(s, image, kernel, profile)
+    return check.boot_interactive(s, image, kernel, profile, chosen)
 
 
 def cmd_install_image(s: Settings, args: argparse.Namespace) -> None:
@@ -301,7 +301,15 @@ BOOT_TOOLS = (
     Tool("qemu-system-x86_64", "qemu-system-x86", "boots the image for the boot checks"),
     Tool("qemu-img", "qemu-utils", "makes throw-away copy-on-write overlays"),
     Tool("ssh-keygen", "openssh-client", "makes the per-session SSH key"),
+    Tool("as", "binutils", "assembles the KVM probe guest"),
+    Tool("ld", "binutils", "links the KVM probe guest into a firmware image"),
+    Tool("apt-get", "apt", "downloads Debian's boot kernel package, verified against the archive keyring"),
+    Tool("dpkg-deb", "dpkg", "unpacks Debian's boot kernel package"),
+    Tool("depmod", "kmod", "lists the dependencies of the boot kernel's modules (modules.dep)"),
+    Tool("zstd", "zstd", "decompresses the boot kernel's .ko.zst modules (releases that ship them)"),
+    Tool("cc", "gcc", "compiles the boot kernel initrd's init"),
 )
+BOOT_PACKAGES = ("libc6-dev", "debian-archive-keyring", "ca-certificates")  # static init; apt's keyring and TLS
 
 
 def rootfs_tools(s: Settings) -> tuple[Tool, ...]:
@@ -405,7 +413,8 @@ for _step in (
          usage_exit=128, reads=("kernel", "boot", "rootfs")),  # git bisect run: 128 stops, 2 would mark it bad
     # one boot check at a time per WORKDIR (they share the boot logs and records); an interactive boot locks nothing
     Step("boot", cmd_boot, "boot the image under QEMU (interactive console, or --check)", arguments=boot_arguments,
-         tools=BOOT_TOOLS, in_container=True, console=lambda args: not args.check, reads=("boot", "rootfs"),
+         tools=BOOT_TOOLS, packages=BOOT_PACKAGES, in_container=True, console=lambda args: not args.check,
+         reads=("boot", "rootfs"),
          locks=lambda wd, s, args: (wd.log("boot"),) if args.check else ()),
     Step("install-image", cmd_install_image, "install the boot-checked image into the runtime's directory",
          arguments=install_arguments("image"), reads=("install",)),

@@ -130,6 +130,7 @@ class Entry:
     gid: int
     mtime: int
     data: bytes
+    rdev: int = 0  # a device node's number (os.makedev)
 
     @property
     def kind(self) -> str:
@@ -144,13 +145,23 @@ def _pad4(n: int) -> bytes:
 def encode_entry(entry: Entry, ino: int = 0, nlink: int = 1) -> bytes:
     """`entry` as a newc header, name and data, each padded to 4 bytes."""
     name = entry.name.encode() + b"\0"
-    fields = (ino, entry.mode, entry.uid, entry.gid, nlink, entry.mtime, len(entry.data), 0, 0, 0, 0, len(name), 0)
+    fields = (ino, entry.mode, entry.uid, entry.gid, nlink, entry.mtime, len(entry.data), 0, 0,
+              os.major(entry.rdev), os.minor(entry.rdev), len(name), 0)
     head = NEWC_MAGIC + b"".join(b"%08X" % f for f in fields) + name
     return head + _pad4(len(head)) + entry.data + _pad4(len(entry.data))
 
 
 def symlink_entry(name: str, target: str, mtime: int) -> Entry:
     return Entry(name, 0o120777, 0, 0, mtime, target.encode())
+
+
+def write_newc(archive: Path, entries: list[Entry]) -> None:
+    """A newc archive of `entries` (in their order) and its trailer, padded to whole blocks, as cpio writes."""
+    with open(archive, "wb") as f:
+        for entry in entries:
+            f.write(encode_entry(entry))
+        f.write(encode_entry(Entry(TRAILER, 0, 0, 0, 0, b"")))
+        f.write(bytes(-f.tell() % BLOCK))
 
 
 def append_entries(archive: Path, entries: list[Entry]) -> None:

@@ -7,8 +7,9 @@ Two roots:
   fixtures, logs, boot logs and boot records.
 - `UserCache` (CACHE_DIR, default $XDG_CACHE_HOME/osbuilder or ~/.cache/osbuilder): what does not
   depend on the WORKDIR and is shared by every one of them: the accelerator verdict (keyed by host
-  kernel, QEMU and CPU), Debian's boot kernel and initrd, ccache, and unpacked kernel sources keyed
-  by their origin. Removing it is always safe (`rm -rf`); the next run rebuilds what it needs.
+  kernel, QEMU and CPU), Debian's boot kernel and initrd (and the apt lists it comes from), ccache,
+  and unpacked kernel sources keyed by their origin. Removing it is always safe (`rm -rf`); the next
+  run rebuilds what it needs.
 
 Steps take paths from here; none of them spells `workdir / "..."` itself.
 """
@@ -220,6 +221,10 @@ class UserCache:
     def apt_archives(self) -> Path:
         """The Debian packages the tools image's build downloaded, kept for its next build."""
         return self.root / "apt-archives"
+
+    def apt(self, name: str) -> Path:
+        """A private apt state (apt.py: configuration, lists, caches) for one suite of one mirror."""
+        return self.root / "apt" / name
 
     @property
     def logs(self) -> Path:

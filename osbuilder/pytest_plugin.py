@@ -277,13 +277,10 @@ def osbuilder_boot_kernel(osbuilder_settings: Settings, osbuilder_kernel_config:
 
 
 @pytest.fixture(scope="session")
-def osbuilder_accel(osbuilder_settings: Settings, request: pytest.FixtureRequest) -> accel_mod.Accel:
-    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG. A property of the host:
-    with --osbuilder-kernel-config the probe boots BOOT_KERNEL's kernel, so that tests which boot a kernel
-    of their own (`osbuilder_kernel`'s) are not repeated per config."""
-    if kernel_configs(request.config):
-        return accel_mod.choose(osbuilder_settings, settings_kernel(osbuilder_settings, request))
-    return accel_mod.choose(osbuilder_settings, request.getfixturevalue("osbuilder_boot_kernel"))
+def osbuilder_accel(osbuilder_settings: Settings) -> accel_mod.Accel:
+    """KVM if ACCEL says so and (for auto) the probe proved it works; else TCG. A property of the host
+    (the probe runs a guest of its own, no kernel), so it is not repeated per --osbuilder-kernel-config."""
+    return accel_mod.choose(osbuilder_settings)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ initrd with `zstd -dc` and a newc reader, a cache entry through its content reco
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +81,13 @@ def read_newc(data: bytes) -> list[Entry]:
             raise ValueError(f"not a newc header at offset {pos}")
         f = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
         mode, uid, gid, mtime, filesize, namesize = f[1], f[2], f[3], f[5], f[6], f[11]
+        rdev = os.makedev(f[9], f[10])
         name_at = pos + NEWC_HEADER
         name = data[name_at:name_at + namesize - 1].decode(errors="surrogateescape")
         data_at = name_at + namesize + (-(NEWC_HEADER + namesize) % 4)
         pos = data_at + filesize + (-filesize % 4)
         if name != TRAILER:
-            out.append(Entry(name, mode, uid, gid, mtime, data[data_at:data_at + filesize]))
+            out.append(Entry(name, mode, uid, gid, mtime, data[data_at:data_at + filesize], rdev))
     return out
 
 

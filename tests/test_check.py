@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,9 +15,10 @@ from vmstubs import (
     stub_guest,
 )
 
+from osbuilder import settings as settings_mod
 from osbuilder.errors import InfrastructureError, UsageError
 from osbuilder.layout import UserCache, Workdir
-from osbuilder.vm import attachments, check, phases, profiles
+from osbuilder.vm import accel, attachments, check, phases, profiles
 from osbuilder.vm.guest import Guest
 from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budgets
 from osbuilder.vm.profiles import AGENT_INIT, SYSTEMD, Outcome, Pid1, Profile
@@ -142,3 +144,28 @@ def test_a_vsock_agent_needs_the_hosts_vhost_vsock() -> None:
                                                   r"and this host has no usable /dev/vhost-vsock") as e:
         check.vsock_cid(protocol.get("kata"))
     assert e.value.exit_code == 125
+
+
+def test_the_kvm_probe_runs_while_the_kernel_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fresh machine `osbuilder boot` needs both Debian's boot kernel and the KVM verdict: neither waits
+    for the other. A kernel that cannot be had is still the error reported."""
+    s = load_settings(tmp_path, BOOT_KERNEL="debian", ACCEL="auto")
+    overlap = {"probing": False, "seen": False}
+
+    def choose(settings: settings_mod.Settings) -> Accel:
+        overlap["probing"] = True
+        time.sleep(0.5)
+        overlap["probing"] = False
+        return Accel("tcg", "probe failed", True)
+
+    def make_kernel(settings: settings_mod.Settings) -> BootKernel:
+        time.sleep(0.2)
+        overlap["seen"] = overlap["probing"]
+        return BootKernel(tmp_path / "vmlinuz", tmp_path / "initrd.img", "debian")
+
+    monkeypatch.setattr(accel, "choose", choose)
+    monkeypatch.setattr(check, "debian_kernel", make_kernel)
+    kernel, chosen = check.kernel_and_accel(s)
+    assert kernel.name == "debian" and chosen.reason == "probe failed" and overlap["seen"]
+    with pytest.raises(UsageError, match="BOOT_KERNEL: .*/no-such-kernel does not exist"):
+        check.kernel_and_accel(s, tmp_path / "no-such-kernel")

@@ -111,6 +111,21 @@ def test_unreachable_mirror(tmp_path: Path):
     assert workdir_entries(wd) == ["logs"]
 
 
+def test_unreachable_mirror_for_debians_boot_kernel(tmp_path: Path):
+    """The first boot check fetches Debian's boot kernel from REPO_URL: a mirror that does not answer is the
+    machine's fault (125), in one line, and leaves no cache entry behind."""
+    image = tmp_path / "container.img"
+    image.write_bytes(bytes(1 << 20))
+    cache = tmp_path / "cache"
+    result = osb("boot", "--check", "--workdir", str(tmp_path / "wd"), "--repo-url", "http://127.0.0.1:9/debian",
+                 env={"BOOT_IMAGE": str(image), "BOOT_KERNEL": "debian", "BOOT_PROFILE": "virtio-blk",
+                      "CACHE_DIR": str(cache), "ACCEL": "tcg"})
+    assert result.returncode == 125, result.stderr
+    assert first_error_line(result) == "osbuilder: error: REPO_URL: mirror http://127.0.0.1:9/debian is unreachable"
+    assert "Could not connect to 127.0.0.1:9" in result.stderr  # the evidence follows the line
+    assert [p.name for p in (cache / "artifacts/debian-kernel").iterdir() if not p.name.endswith(".lock")] == []
+
+
 @pytest.mark.build
 def test_interrupted_rootfs_keeps_the_old_one_and_runs_again(tmp_path: Path):
     wd = tmp_path / "wd"

@@ -460,3 +460,20 @@ def test_a_cache_fill_on_a_full_workdir_fails_cleanly(tmp_path: Path, small_work
     entries = sorted(p.name for p in (small_workdir / "cache" / "image").iterdir() if not p.name.endswith(".lock"))
     assert entries == [earlier.name]  # no temporary, no half-written entry
     assert readback.cache_entry(cache, Manifest("image", {"an": "earlier image"})) == earlier  # intact
+
+
+def test_debians_boot_kernel_on_a_full_cache_dir_fails_cleanly(tmp_path: Path, small_workdir: Path):
+    """Debian's boot kernel is made in CACHE_DIR: apt's lists alone outgrow a 32 MiB one. One line naming
+    CACHE_DIR (exit 125), and neither an entry nor a temporary left."""
+    image = tmp_path / "container.img"
+    image.write_bytes(bytes(1 << 20))
+    env = {**os.environ, "CACHE_DIR": str(small_workdir), "WORKDIR": str(tmp_path / "wd"), "BOOT_IMAGE": str(image),
+           "BOOT_KERNEL": "debian", "BOOT_PROFILE": "virtio-blk", "ACCEL": "tcg"}
+    out = subprocess.run([sys.executable, "-m", "osbuilder", "boot", "--check"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env=env)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("osbuilder: error:")]
+    assert out.returncode == 125, out.stderr
+    assert errors == [f"osbuilder: error: CACHE_DIR: no space left on device in {small_workdir} while making "
+                      "Debian's boot kernel (nothing was kept)"], out.stderr
+    entries = small_workdir / "artifacts/debian-kernel"
+    assert [p.name for p in entries.iterdir() if not p.name.endswith(".lock")] == []

@@ -12,10 +12,12 @@ import dataclasses
 import errno
 import http.server
 import logging
+import lzma
 import os
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import pytest
 import yaml
 from fakes import workdir_entries
 
+from osbuilder import apt as apt_mod
 from osbuilder import cli, steps
 from osbuilder import settings as S
 from osbuilder.errors import OsbuilderError, UsageError
@@ -63,16 +66,23 @@ def test_os_version_that_looks_like_an_option_is_refused(tmp_path: Path, command
     assert not (tmp_path / "pwned").exists()
 
 
-def test_debian_boot_kernel_checks_the_release_and_ends_mmdebstrap_options(tmp_path: Path, monkeypatch):
-    """The boot check's Debian kernel refuses an unknown release before running anything, and puts
-    its positionals (release, target, mirror) after `--`; the mirror's credentials are not in argv."""
+def test_debian_boot_kernel_checks_the_release_and_keeps_the_credentials_for_apt(tmp_path: Path, monkeypatch):
+    """The boot check's Debian kernel refuses an unknown release before running anything; apt gets the
+    mirror without its credentials in its sources.list and argv, and the credentials in a 0600
+    auth.conf that exists only while apt runs."""
     calls: list[list[str]] = []
+    seen: dict[str, object] = {}
 
     def fake_run(cmd, **kwargs):
         calls.append([str(c) for c in cmd])
-        raise OsbuilderError("debian-kernel: `mmdebstrap` failed (exit 1)", "stopped by the test")
+        apt = debian_kernel.apt_state(s)
+        seen["auth"] = apt.auth.read_text()
+        seen["mode"] = apt.auth.stat().st_mode & 0o777
+        seen["sources"] = (apt.etc / "sources.list").read_text()
+        seen["env"] = kwargs.get("env") or {}
+        raise OsbuilderError("debian-kernel: `apt-get` failed (exit 100)", "stopped by the test")
 
-    monkeypatch.setattr(debian_kernel, "run", fake_run)
+    monkeypatch.setattr(apt_mod, "run", fake_run)
     s = S.load({}, env={"WORKDIR": str(tmp_path / "wd"), "CACHE_DIR": str(tmp_path / "cache"),
                         "REPO_URL": CREDENTIALED}, cwd=tmp_path)
     injected = dataclasses.replace(s, os_version="--customize-hook=touch /tmp/pwned")  # past the settings check
@@ -83,10 +93,13 @@ def test_debian_boot_kernel_checks_the_release_and_ends_mmdebstrap_options(tmp_p
     with pytest.raises(OsbuilderError, match="stopped by the test"):
         debian_kernel.build(s, tmp_path / "out")
     [cmd] = calls
-    assert cmd[cmd.index("--") + 1:] == ["bookworm", str(tmp_path / "out/chroot"), "http://mirror.example:8080/debian"]
-    assert not any(PASSWORD in arg for arg in cmd)
-    assert any(arg.startswith("--setup-hook=") and "/etc/apt/auth.conf" in arg for arg in cmd)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # the credentials file is gone
+    assert cmd[:2] == ["apt-get", "update"] and not any(PASSWORD in arg for arg in cmd)
+    assert seen["auth"] == f"machine http://mirror.example:8080/debian\nlogin osbuser\npassword {PASSWORD}\n"
+    assert seen["mode"] == 0o600
+    assert "http://mirror.example:8080/debian bookworm main" in seen["sources"] and PASSWORD not in seen["sources"]
+    assert seen["env"]["APT_CONFIG"] == str(debian_kernel.apt_state(s).config)
+    assert not debian_kernel.apt_state(s).auth.exists()  # gone once apt is done
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # nothing half-made
 
 
 # --- REPO_URL: a plain URL, nothing that reaches apt as an option ------------------------------------
@@ -225,6 +238,50 @@ def test_rootfs_in_a_workdir_with_a_space_and_a_quote_from_a_mirror_with_a_passw
     for path in [*wd.rglob("*")]:
         if path.is_file() and not path.is_symlink():
             assert secret not in path.read_bytes(), path
+
+
+@pytest.mark.build
+def test_debian_boot_kernel_from_a_mirror_with_a_password(tmp_path: Path, auth_mirror):
+    """apt logs in with the credentials; no file of the per-user cache, no log line keeps them."""
+    bare = f"http://127.0.0.1:{auth_mirror.server_address[1]}/debian"
+    url = bare.replace("http://", f"http://osbuser:{PASSWORD}@")
+    s = S.load({}, env={"WORKDIR": str(tmp_path / "wd"), "CACHE_DIR": str(tmp_path / "cache"), "REPO_URL": url},
+               cwd=tmp_path)
+    kernel = debian_kernel.debian_kernel(s)
+    assert kernel.kernel.is_file() and kernel.initrd is not None and kernel.initrd.is_file()
+    assert auth_mirror.served > 0 and auth_mirror.refused == 0  # every request of apt carried them
+    secret = PASSWORD.encode()
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert secret not in path.read_bytes(), path
+
+
+def local_mirror(root: Path, upstream: str, release: str = "bookworm") -> Path:
+    """A file:// Debian mirror of `release` holding just the signed InRelease, main's Packages.xz and the
+    cloud kernel package, copied from `upstream` (apt checks them against the keyring as ever)."""
+    def fetch(path: str) -> bytes:
+        with urllib.request.urlopen(f"{upstream}/{path}", timeout=120) as response:
+            data = response.read()
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+        return data
+
+    fetch(f"dists/{release}/InRelease")
+    packages = lzma.decompress(fetch(f"dists/{release}/main/binary-amd64/Packages.xz")).decode()
+    stanzas = {apt_mod.parse_control(p).get("Package"): apt_mod.parse_control(p) for p in packages.split("\n\n")}
+    kernel = stanzas[apt_mod.first_dependency(stanzas["linux-image-cloud-amd64"]["Depends"])]
+    fetch(kernel["Filename"])
+    return root
+
+
+@pytest.mark.build
+def test_debian_boot_kernel_from_a_file_mirror(tmp_path: Path):
+    mirror = local_mirror(tmp_path / "mirror", os.environ.get("REPO_URL") or "http://deb.debian.org/debian")
+    s = S.load({}, env={"WORKDIR": str(tmp_path / "wd"), "CACHE_DIR": str(tmp_path / "cache"),
+                        "REPO_URL": f"file://{mirror}"}, cwd=tmp_path)
+    kernel = debian_kernel.debian_kernel(s)
+    assert kernel.kernel.is_file() and kernel.initrd is not None and kernel.initrd.is_file()
+    assert f"file:{mirror} bookworm/main amd64 linux-image-" in (tmp_path / "cache/logs/debian-kernel.log").read_text()
 
 
 # --- one-line errors instead of tracebacks ------------------------------------------------------------

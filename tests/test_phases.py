@@ -171,3 +171,16 @@ def test_no_dax_check_where_the_attachment_has_no_dax(tmp_path: Path) -> None:
     phases.run(guest, "exec")
     assert not any("queue/dax" in c for c in agent.calls) and guest.root_mount == {}
 
+
+def test_a_failure_right_after_the_root_is_mounted_is_the_next_phases(tmp_path: Path) -> None:
+    """An initrd's init mounts the root and fails at once (no /sbin/init): both lines may reach the host
+    before the root phase looks. The root phase passed; the init phase fails, with the cause."""
+    guest = stub_guest(tmp_path, SYSTEMD, console_line="[    4.5] EXT4-fs (vda1): mounted filesystem with ordered data")
+    guest.vm.console.feed("osbuilder-init: error: no init to run: the root filesystem doesn't have requested "
+                          "/sbin/init (No such file or directory)")
+    phases.root(guest)
+    assert guest.phases["root"] == Outcome.passed()
+    with pytest.raises(BootFailure) as info:
+        phases.init(guest)
+    assert info.value.phase == "init" and info.value.reason == "no init to run"
+    assert "doesn't have requested /sbin/init" in info.value.detail

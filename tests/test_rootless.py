@@ -10,6 +10,7 @@ its two pure-Python dependencies: the test's own interpreter may live where the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import re
@@ -148,3 +149,35 @@ def test_unreachable_workdir_is_named(home: Path):
     r = as_user(home, "rootfs", private / "workdir")
     assert r.returncode == 2, r.stderr
     assert f"WORKDIR: {private} is not searchable by other users (mode 700)" in r.stderr
+
+
+def test_debian_boot_kernel_without_root(home: Path):
+    """Debian's boot kernel and initrd need no root: apt (its own configuration and state in the
+    user's cache), dpkg-deb -x, depmod and the compiler run as the user, and what they make is the
+    user's."""
+    cache = home / "cache"
+    vm_deps = home / "python-vm"  # osbuilder.vm imports paramiko (ssh.py): a copy the user can import
+    pw = pwd.getpwnam(USER)
+    for name in ("paramiko", "cryptography", "bcrypt", "nacl", "cffi", "_cffi_backend", "pycparser"):
+        origin = Path(importlib.util.find_spec(name).origin)
+        source = origin.parent if origin.name == "__init__.py" else origin
+        copy = shutil.copytree if source.is_dir() else shutil.copy2
+        copy(source, vm_deps / source.name)
+        for info in source.parent.glob(f"{'pynacl' if name == 'nacl' else name}-*.dist-info"):
+            shutil.copytree(info, vm_deps / info.name)  # paramiko asks for its own version
+    for path in [vm_deps, *vm_deps.rglob("*")]:
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+    code = ("from osbuilder import settings; from osbuilder.vm.debian_kernel import debian_kernel; "
+            "k = debian_kernel(settings.load({})); print(k.kernel, k.initrd)")
+    env = ["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", f"HOME={home}",
+           f"PYTHONPATH={home / 'python'}:{vm_deps}", "LC_ALL=C.UTF-8", f"CACHE_DIR={cache}",
+           f"WORKDIR={home / 'kernel-workdir'}"]
+    r = subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *env, str(SYSTEM_PYTHON), "-c", code],
+                       cwd=home, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    kernel, initrd = (Path(p) for p in r.stdout.split())
+    uid = pw.pw_uid
+    for path in (kernel, initrd):
+        assert path.is_relative_to(cache) and path.stat().st_uid == uid and path.stat().st_size > 1 << 20
+    commands = (cache / "logs/debian-kernel.log").read_text()
+    assert "+ apt-get download linux-image-" in commands and "+ dpkg-deb -x" in commands

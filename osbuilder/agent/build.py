@@ -1,4 +1,5 @@
-"""Compile the guest agent into a static, stripped, reproducible binary with the host's C compiler."""
+"""Compile the guest agent (and other guest C programs) into static, stripped, reproducible binaries
+with the host's C compiler."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
-from osbuilder.agent import AGENT_NAME, AGENT_SOURCE, SOURCE_DIR
+from osbuilder.agent import AGENT_NAME, AGENT_SOURCE
 from osbuilder.fs import discard, publish, temp_beside
 from osbuilder.run import run
 
@@ -16,26 +17,24 @@ CFLAGS = ["-static", "-Os", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-s"]
 def build_agent(out_dir: Path, *, logfile: Path | None = None) -> Path:
     """Build `out_dir/osbuilder-agent` from agent.c and return its path.
 
-    The compiler is `$CC` (default `gcc`). The binary is written under a temporary name and
-    renamed into place, so a failed or interrupted build never leaves a partial binary.
     Raises OsbuilderError (step "agent") when compilation fails.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / AGENT_NAME
+    return compile_static(AGENT_SOURCE, Path(out_dir) / AGENT_NAME, step="agent", logfile=logfile)
+
+
+def compile_static(source: Path, target: Path, *, step: str, logfile: Path | None = None) -> Path:
+    """Compile one C file into a static, stripped, reproducible executable `target`.
+
+    The compiler is `$CC` (default `gcc`). The binary is written under a temporary name and
+    renamed into place, so a failed or interrupted build never leaves a partial binary.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_beside(target)
     cc = shlex.split(os.environ.get("CC") or "gcc")  # "ccache gcc" works too
-    cmd = [
-        *cc,
-        *CFLAGS,
-        f"-ffile-prefix-map={SOURCE_DIR}=.",
-        "-o",
-        str(tmp),
-        str(AGENT_SOURCE),
-    ]
+    cmd = [*cc, *CFLAGS, f"-ffile-prefix-map={source.parent}=.", "-o", str(tmp), str(source)]
     try:
         # SOURCE_DATE_EPOCH pins __DATE__/__TIME__ should they ever be used.
-        run(cmd, step="agent", logfile=logfile, env={"SOURCE_DATE_EPOCH": "0", "LC_ALL": "C"})
+        run(cmd, step=step, logfile=logfile, env={"SOURCE_DATE_EPOCH": "0", "LC_ALL": "C"})
         os.chmod(tmp, 0o755)
         publish(tmp, target)
     finally:

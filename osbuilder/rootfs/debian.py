@@ -22,9 +22,10 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from osbuilder import errors
+from osbuilder.apt import auth_entry
 from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, temp_beside
@@ -68,6 +69,7 @@ class Debian(Distro):
         Tool("mount", "mount", "mounts /dev and /proc in mmdebstrap's chroot for the package scripts"),
     )
     packages = ("debian-archive-keyring", "ca-certificates")
+    keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")  # debian-archive-keyring
     architectures = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x"}
 
     def default_packages(self, agent_init: bool) -> list[str]:
@@ -184,33 +186,21 @@ def mirror_access(mirrors: list[str], scratch: Path) -> Iterator[tuple[list[str]
     /etc/apt/auth.conf (made 0600 first) for apt, one `machine` entry per mirror, and a customize hook
     removes it.
     """
-    bare = [_without_userinfo(m) for m in mirrors]
-    logins = {}
-    for mirror, url in zip(mirrors, bare, strict=True):
-        parts = urlsplit(mirror)
-        if "@" in parts.netloc:
-            login, password = unquote(parts.username or ""), unquote(parts.password or "")
-            if re.search(r"\s", login + password):
-                raise UsageError("REPO_URL: apt cannot use a user name or password containing white space")
-            logins[url] = (login, password)
-    if not logins:
+    pairs = [auth_entry(m) for m in mirrors]
+    bare = [url for url, _ in pairs]
+    entries = list(dict.fromkeys(entry for _, entry in pairs if entry is not None))  # one per mirror
+    if not entries:
         yield bare, []
         return
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        for url, (login, password) in logins.items():
-            f.write(f"machine {url}\nlogin {login}\npassword {password}\n")
+        f.write("".join(entries))
     try:
         yield bare, ['--setup-hook=umask 077 && : > "$1/etc/apt/auth.conf"',
                      f"--setup-hook=upload {hook_word(str(scratch))} /etc/apt/auth.conf",
                      '--customize-hook=rm -f "$1/etc/apt/auth.conf"']
     finally:
         discard(scratch)
-
-
-def _without_userinfo(mirror: str) -> str:
-    url = urlsplit(mirror)
-    return urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[2])) if "@" in url.netloc else mirror
 
 
 def classify_failure(error: OsbuilderError, suites: list[Suite], packages: list[str],

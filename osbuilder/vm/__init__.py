@@ -9,8 +9,9 @@ From the bottom up (each module imports only those above it in this list):
     profiles.py       boot profiles (which phases apply, how the image is attached, who is PID 1),
                       phase Outcomes
     options.py        BootKernel, Accel, Budgets, BootOptions: what one boot runs with
-    accel.py          KVM or TCG (the probe verdict lives in the per-user cache)
-    debian_kernel.py  Debian's cloud kernel + initrd for boot checks (per-user cache)
+    accel.py          KVM or TCG: the probe runs kvm_probe.S's guest (the verdict lives in the per-user cache)
+    boot_initrd.py    the initrd for Debian's kernel: its modules in dependency order and boot_init.c's init
+    debian_kernel.py  Debian's cloud kernel from its package + that initrd, for boot checks (per-user cache)
     records.py        boot records, which the install commands require
     guest.py          a started guest: lifecycle, guard/wait/fail, evidence, boot.json
     phases.py         one function per phase: kernel root init agent running exec ssh powerdown

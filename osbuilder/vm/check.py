@@ -1,8 +1,8 @@
 """Run a boot profile: the boot check, the guests the fixtures hand out, and `osbuilder boot`.
 
-    image, kernel, profile = plan(settings)
-    opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
-                         name="my-boot", ssh_key=key, profile=profile)
+    image, kernel, profile, chosen = plan(settings)
+    opts = guest_options(settings, image=image, kernel=kernel, accel=chosen, name="my-boot", ssh_key=key,
+                         profile=profile)
     record = with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
 
 `run_check` boots through every phase of the profile and writes the boot records when all passed;
@@ -24,6 +24,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,13 +50,13 @@ T = TypeVar("T")
 
 # -- what to boot -------------------------------------------------------------------------------
 
-def plan(settings: Settings, kernel_path: Path | None = None) -> tuple[Path, BootKernel, profiles.Profile]:
-    """What `osbuilder boot` boots under these settings: the artifact, the kernel and the profile, with
-    BOOT_PROFILE resolved once."""
+def plan(settings: Settings, kernel_path: Path | None = None) -> tuple[Path, BootKernel, profiles.Profile, Accel]:
+    """What `osbuilder boot` boots under these settings: the artifact, the kernel, the profile (BOOT_PROFILE
+    resolved once) and the accelerator (probed while the kernel is made)."""
     attachment = profiles.attachment_for(settings)
     image = boot_image(settings, attachment)
-    kernel = boot_kernel(settings, path=kernel_path, attachment=attachment)
-    return image, kernel, image_profile(settings, image, attachment)
+    kernel, chosen = kernel_and_accel(settings, kernel_path, attachment)
+    return image, kernel, image_profile(settings, image, attachment), chosen
 
 
 def boot_image(settings: Settings, attachment: Attachment | None = None) -> Path:
@@ -93,6 +94,16 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
         return BootKernel(built.absolute(), None, "built")
     refuse_debian_kernel(attachment or profiles.attachment_for(settings), choice)
     return debian_kernel(settings)
+
+
+def kernel_and_accel(settings: Settings, path: Path | None = None,
+                     attachment: Attachment | None = None) -> tuple[BootKernel, Accel]:
+    """`boot_kernel(settings, path)` and `accel.choose(settings)`, side by side: on a fresh machine the
+    KVM probe runs while Debian's boot kernel is fetched and built."""
+    with ThreadPoolExecutor(max_workers=1) as prober:
+        chosen = prober.submit(accel.choose, settings)
+        kernel = boot_kernel(settings, path, attachment=attachment)
+        return kernel, chosen.result()
 
 
 def refuse_debian_kernel(attachment: Attachment, choice: str = "debian") -> None:
@@ -232,14 +243,14 @@ def booted(opts: BootOptions, settings: Settings) -> Iterator[Guest]:
 # -- `osbuilder boot` ---------------------------------------------------------------------------
 
 def run_boot_check(settings: Settings, image: Path, kernel: BootKernel, profile: profiles.Profile | None = None,
-                   name: str = "osbuilder-boot-check") -> dict[str, Any]:
+                   name: str = "osbuilder-boot-check", chosen: Accel | None = None) -> dict[str, Any]:
     """The full boot check of `image` with `kernel` (`osbuilder boot --check`; `profile`, else the
-    settings' for the image), with a throw-away session SSH key; writes boot records when it passes.
-    Returns the boot record."""
+    settings' for the image) under `chosen` (default: `accel.choose`), with a throw-away session SSH
+    key; writes boot records when it passes. Returns the boot record."""
     key_dir = fs.pid_tempdir("osbkey-", Path(tempfile.gettempdir()))  # swept if we are SIGKILLed
     try:
         key = ssh.make_session_key(key_dir)
-        opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
+        opts = guest_options(settings, image=image, kernel=kernel, accel=chosen or accel.choose(settings),
                              name=name, ssh_key=key, profile=profile)
         return with_kvm_fallback(opts, settings, lambda o: run_check(o, settings))
     finally:
@@ -261,8 +272,10 @@ def format_timings(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def boot_interactive(settings: Settings, image: Path, kernel: BootKernel, profile: profiles.Profile) -> int:
-    """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits); QEMU's exit code."""
-    opts = guest_options(settings, image=image, kernel=kernel, accel=accel.choose(settings, kernel),
+def boot_interactive(settings: Settings, image: Path, kernel: BootKernel, profile: profiles.Profile,
+                     chosen: Accel | None = None) -> int:
+    """`osbuilder boot`: the image on the terminal (serial on stdio; Ctrl-A X quits) under `chosen`
+    (default: `accel.choose`); QEMU's exit code."""
+    opts = guest_options(settings, image=image, kernel=kernel, accel=chosen or accel.choose(settings),
                          name="osbuilder-boot", profile=profile)
     return run_interactive(opts.spec(interactive=True))

@@ -3,9 +3,9 @@
 A `ConsoleWatcher` reads a stream (the console chardev's UNIX socket, or QEMU's stderr) in a
 thread, appends every byte to a log file, splits lines and matches each against:
 
-* FATAL patterns (kernel panic, emergency mode, an initramfs shell, no init, systemd freezing,
-  KVM internal error): the first match is kept, with its line, so a boot fails within seconds
-  with the evidence instead of waiting for a timeout;
+* FATAL patterns (kernel panic, emergency mode, an initramfs shell, the error lines of the init of
+  osbuilder's initrd, no init, systemd freezing, KVM internal error): the first match is kept, with
+  its line, so a boot fails within seconds with the evidence instead of waiting for a timeout;
 * MILESTONES (first byte, "Linux version", init started, systemd, the agent starting as PID 1,
   multi-user): the host time of the first occurrence, for the boot's phase timings and the waits
   in `phases`.
@@ -52,6 +52,12 @@ def _fatal(pattern: str, reason: str, infrastructure: bool = False) -> FatalPatt
 # found" or "...: VFS: Unable to mount root fs", and that line should name the cause, not just "panic".
 FATAL: tuple[FatalPattern, ...] = (
     _fatal(r"KVM internal error", "KVM internal error (the host's nested KVM failed)", True),
+    # the init of osbuilder's initrd for Debian's kernel (boot_init.c) names why it stops the boot
+    _fatal(r"osbuilder-init: error: root device \S+ did not appear",
+           "root filesystem not found (the initrd gave up waiting for root=)"),
+    _fatal(r"osbuilder-init: error: (?:no init to run|cannot run )", "no init to run"),
+    _fatal(r"osbuilder-init: error: cannot mount root device", "the initrd cannot mount the root filesystem"),
+    _fatal(r"osbuilder-init: error: ", "the initrd's init failed"),
     # without an initrd, a missing /sbin/init makes the kernel try its fallbacks, ending in a shell
     _fatal(r"No working init found|Requested init \S+ failed|No init found|"
            r"Target filesystem doesn't have requested|Run /(?:etc/init|bin/init|bin/sh) as init process",

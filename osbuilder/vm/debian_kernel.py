@@ -1,59 +1,59 @@
-"""Debian's cloud kernel and an initrd that loads the virtio and NVDIMM drivers, for boot checks only.
+"""Debian's cloud kernel and a small initrd that loads its virtio and NVDIMM drivers, for boot checks only.
 
-Debian's linux-image-cloud-amd64 builds virtio_pci, virtio_blk, virtio_console, virtio_net, vsock,
-the NVDIMM stack (nfit, libnvdimm, nd_pmem) and ext4 as modules, and our images carry no
-/lib/modules. So the initrd must load them: it is regenerated (in a throw-away mmdebstrap chroot)
-with those modules listed in /etc/initramfs-tools/modules. Modules loaded in the initramfs stay
-loaded after switch_root, so the guest gets its disk or NVDIMM, agent port and network. The result
-(vmlinuz + initrd.img) does not depend on the WORKDIR: it lives in the per-user cache
-(`UserCache.artifacts`, keyed by the release, mirror and package list), is built once for every
-WORKDIR, and is NEVER installed into the image.
+The kernel is taken from its package, without a chroot and without root: apt, with a private
+configuration in the per-user cache (apt.py), fetches the linux-image-*-cloud-amd64 package that
+OS_VERSION's metapackage linux-image-cloud-amd64 depends on, verified against the archive keyring;
+`dpkg-deb -x` unpacks it and depmod writes its modules.dep. vmlinuz is used as it is; the initrd is
+osbuilder's own (boot_initrd.py: the modules the boot needs and a tiny static init), because our
+images carry no /lib/modules. The result (vmlinuz, initrd.img, config, version.txt) does not depend
+on the WORKDIR: it lives in the per-user cache (`UserCache.artifacts`, keyed by the release, the
+mirror, the package and this code), is built once for every WORKDIR, and is NEVER installed into
+the image.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shlex
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from osbuilder.apt import PrivateApt, first_dependency
 from osbuilder.cache import Cache, Manifest
-from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash
 from osbuilder.layout import UserCache
-from osbuilder.rootfs.debian import Debian, mirror_access
+from osbuilder.rootfs.debian import Debian, classify_failure
+from osbuilder.rootfs.distro import Suite
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
 from osbuilder.urls import without_credentials
+from osbuilder.vm import boot_initrd
 from osbuilder.vm.options import BootKernel
 
-PACKAGE = "linux-image-cloud-amd64"
-PACKAGES = (PACKAGE, "initramfs-tools", "zstd")
-# Loaded by the initrd; each is added only when the kernel has it as a module. `button` and
-# `evdev` deliver the ACPI power button to systemd-logind, so `system_powerdown` works. The NVDIMM
-# boot needs `nfit` (the ACPI NFIT: QEMU's NVDIMM becomes a region), `libnvdimm` (with the pfn
-# support that reads the DAX header) and `nd_pmem` (/dev/pmem0); `nd_btt` and `dax_pmem` are the
-# namespace's other personalities.
-INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "vsock",
-                  "vmw_vsock_virtio_transport", "virtio_pmem", "nfit", "libnvdimm", "nd_pmem", "nd_btt",
-                  "dax_pmem", "ext4", "button", "evdev")
+log = logging.getLogger("osbuilder")
+
+STEP = "debian-kernel"
+PACKAGE = "linux-image-cloud-amd64"  # the metapackage: it depends on the release's current cloud kernel
 KERNEL_NAME = "vmlinuz"
 INITRD_NAME = "initrd.img"
+CONFIG_NAME = "config"
 VERSION_NAME = "version.txt"
-
-# Runs as an mmdebstrap customize hook: $1 is the chroot.
-HOOK = """set -e
-for m in {modules}; do
-  if chroot "$1" find /lib/modules -name "$m.ko*" | grep -q .; then
-    echo "$m" >> "$1/etc/initramfs-tools/modules"
-  fi
-done
-chroot "$1" update-initramfs -u -k all
-chroot "$1" dpkg-query -W -f '${{Version}}' {package} > "$1/boot/osbuilder-kernel-version"
-""".format(modules=" ".join(INITRD_MODULES), package=PACKAGE)
 
 
 def mirror(settings: Settings) -> str:
     return settings.repo_url or Debian.default_mirror
+
+
+def apt_state(settings: Settings) -> PrivateApt:
+    """The private apt of this release of this mirror, in the per-user cache."""
+    bare = without_credentials(mirror(settings))
+    name = f"{settings.os_version}-{hashlib.sha256(bare.encode()).hexdigest()[:12]}"
+    return PrivateApt(UserCache.of(settings).apt(name))
 
 
 def manifest(settings: Settings) -> Manifest:
@@ -62,52 +62,84 @@ def manifest(settings: Settings) -> Manifest:
     return Manifest("debian-kernel", {
         "release": settings.os_version,
         "mirror": without_credentials(mirror(settings)),
-        "packages": " ".join(PACKAGES),
-        "hook": HOOK,
-        "code": file_hash(Path(__file__)),
-        "mmdebstrap": tool_version("mmdebstrap"),
+        "package": PACKAGE,
+        "modules": " ".join(boot_initrd.INITRD_MODULES),
+        "code": file_hash(Path(__file__), Path(boot_initrd.__file__), boot_initrd.INIT_SOURCE),
+        "cc": tool_version(shlex.split(os.environ.get("CC") or "gcc")[0]),
     })
 
 
 def build(settings: Settings, out: Path, *, logfile: Path | None = None) -> None:
-    """Fill `out` with vmlinuz, initrd.img and version.txt taken from a temporary chroot."""
+    """Fill `out` with vmlinuz, initrd.img, config and version.txt from the kernel package."""
     Debian().check_release(settings.os_version)
-    logfile = logfile or UserCache.of(settings).log("debian-kernel")
-    chroot = out / "chroot"
-    cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
-           "--include=" + ",".join(PACKAGES),
-           "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-           f"--customize-hook={HOOK}"]
+    logfile = logfile or UserCache.of(settings).log(STEP)
+    work = out / "work"
+    started = time.monotonic()
     try:
-        with mirror_access([mirror(settings)], out / "apt-auth.conf") as ([url], hooks):
-            run([*cmd, *hooks, "--", settings.os_version, str(chroot), url], step="debian-kernel",
-                logfile=logfile, verbose=settings.debug)
-        extract(chroot / "boot", out)
+        with ThreadPoolExecutor(max_workers=1) as compiler:  # the init compiles while apt downloads
+            init = compiler.submit(boot_initrd.build_init, work / "init", logfile=logfile)
+            version, deb = fetch(settings, work / "download", logfile)
+            tree = work / "tree"
+            run(["dpkg-deb", "-x", str(deb), str(tree)], step=STEP, logfile=logfile)
+            deb.unlink()
+            vmlinuz, modules_dir = locate(tree)
+            release = modules_dir.name
+            run(["depmod", "-b", str(tree), release], step=STEP, logfile=logfile)
+            loaded = boot_initrd.make_initrd(out / INITRD_NAME, modules_dir, init.result())
+        shutil.copyfile(vmlinuz, out / KERNEL_NAME)
+        config = tree / "boot" / f"config-{release}"
+        if config.is_file():
+            shutil.copyfile(config, out / CONFIG_NAME)
+        (out / VERSION_NAME).write_text(f"{release} {PACKAGE} {version}\n")
+        for name in (KERNEL_NAME, INITRD_NAME, VERSION_NAME):
+            os.chmod(out / name, 0o644)
     except OsbuilderError as e:
-        if "Failed to fetch" in e.detail or "Could not resolve" in e.detail:
-            raise InfrastructureError("debian-kernel: the Debian mirror is unreachable", e.detail) from None
-        raise
+        if "No space left on device" not in e.detail:
+            raise
+        raise InfrastructureError(f"CACHE_DIR: no space left on device in {UserCache.of(settings).root} while "
+                                  "making Debian's boot kernel (nothing was kept)", e.detail) from None
     finally:
-        discard(chroot)
+        discard(work)
+    log.info("%s: %s %s with an initrd loading %s (%.1fs)", STEP, PACKAGE, version, " ".join(loaded),
+             time.monotonic() - started)
 
 
-def extract(boot: Path, out: Path) -> None:
-    """Copy the one vmlinuz-* and its initrd.img-* out of the chroot's /boot."""
-    kernels = sorted(boot.glob("vmlinuz-*"))
+def fetch(settings: Settings, dest: Path, logfile: Path) -> tuple[str, Path]:
+    """(the metapackage's version, the kernel package it depends on), downloaded into `dest` by apt."""
+    url, release = mirror(settings), settings.os_version
+    apt = apt_state(settings)
+    log.info("%s: fetching %s of %s from %s", STEP, PACKAGE, release, without_credentials(url))
+    try:
+        with apt.lock():
+            apt.configure(url, release, Debian.keyring)
+            with apt.access(url):
+                apt.update(step=STEP, logfile=logfile, verbose=settings.debug)
+                fields = apt.show(PACKAGE, step=STEP, logfile=logfile)
+                if "Depends" not in fields:
+                    raise UsageError(f"REPO_URL: {without_credentials(url)} has no {PACKAGE} in {release} "
+                                     "(Debian's boot kernel)")
+                deb = apt.download(first_dependency(fields["Depends"]), dest, step=STEP, logfile=logfile,
+                                   verbose=settings.debug)
+    except UsageError:
+        raise
+    except OsbuilderError as e:
+        raise classify_failure(e, [Suite(without_credentials(url), release)], [], []) from None
+    return fields.get("Version", "?"), deb
+
+
+def locate(tree: Path) -> tuple[Path, Path]:
+    """(vmlinuz, the modules directory) of an unpacked kernel package. A release that keeps its modules
+    in /usr/lib/modules gets a /lib link, which is where depmod looks."""
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
-        raise OsbuilderError(f"debian-kernel: expected one kernel in {boot}, found {len(kernels)}")
+        raise OsbuilderError(f"{STEP}: expected one kernel in the package's /boot, found {len(kernels)}")
     release = kernels[0].name.removeprefix("vmlinuz-")
-    initrd = boot / f"initrd.img-{release}"
-    if not initrd.is_file():
-        raise OsbuilderError(f"debian-kernel: {initrd.name} was not generated")
-    shutil.copyfile(kernels[0], out / KERNEL_NAME)
-    shutil.copyfile(initrd, out / INITRD_NAME)
-    if (boot / f"config-{release}").is_file():
-        shutil.copyfile(boot / f"config-{release}", out / "config")
-    version = (boot / "osbuilder-kernel-version").read_text().strip()
-    (out / VERSION_NAME).write_text(f"{release} {PACKAGE} {version}\n")
-    for name in (KERNEL_NAME, INITRD_NAME, VERSION_NAME):
-        os.chmod(out / name, 0o644)
+    if not (tree / "lib").exists() and (tree / "usr/lib/modules").is_dir():
+        (tree / "lib").symlink_to("usr/lib")
+    modules_dir = tree / "lib/modules" / release
+    if not modules_dir.is_dir():
+        raise OsbuilderError(f"{STEP}: the package has no modules for {release}")
+    return kernels[0], modules_dir
 
 
 def debian_kernel(settings: Settings, cache: Cache | None = None, rebuild: bool = False) -> BootKernel:

@@ -248,13 +248,15 @@ class Guest:
         self.guard(phase)
 
     def wait_until(self, phase: str, done: Callable[[], bool], budget: float, what: str) -> None:
-        """Wait for `done()` while guarding; BootFailure naming the phase on timeout."""
+        """Wait for `done()` while guarding; BootFailure naming the phase on timeout. Once `done()`, the
+        phase has passed: a fatal line that came after what it waited for (an initrd's init failing
+        right after the root was mounted) belongs to the next phase, whose guard reports it."""
         console = self.vm.console
         deadline = time.monotonic() + budget
         while True:
-            self.guard(phase)
             if done():
                 return
+            self.guard(phase)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise self.fail(phase, f"timed out after {seconds(budget)} waiting for {what}")
