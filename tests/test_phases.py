@@ -184,3 +184,21 @@ def test_a_failure_right_after_the_root_is_mounted_is_the_next_phases(tmp_path: 
         phases.init(guest)
     assert info.value.phase == "init" and info.value.reason == "no init to run"
     assert "doesn't have requested /sbin/init" in info.value.detail
+
+
+def test_an_agent_that_opened_its_port_and_stays_silent_fails_after_the_grace(tmp_path: Path) -> None:
+    """The agent phase gives up SPEAK_GRACE seconds after the guest opened the agent's port, naming the unit
+    and the protocol it did not speak, and notes when it gave up (before the diagnostics, which take
+    seconds over SSH)."""
+    guest = stub_guest(tmp_path, SYSTEMD)
+    port = guest.protocol.serial_ports[0]
+    guest.vm.ports_opened[port] = guest.now() - phases.SPEAK_GRACE + 2
+    phases._check_agent_speaks(guest)  # still within its grace
+    assert "agent_gave_up" not in guest.timings
+    guest.vm.ports_opened[port] = guest.now() - phases.SPEAK_GRACE - 0.5
+    with pytest.raises(BootFailure) as info:
+        phases._check_agent_speaks(guest)
+    assert info.value.phase == "agent"
+    assert f"(osbuilder-agent.service, /usr/bin/osbuilder-agent) opened {port}" in info.value.reason
+    assert "did not answer over the osbuilder protocol within 8s" in info.value.reason
+    assert guest.now() - guest.timings["agent_gave_up"] < 1

@@ -129,6 +129,7 @@ def _check_agent_speaks(guest: Guest) -> None:
     ports = guest.protocol.serial_ports
     opened = guest.vm.port_opened_at(ports[0]) if ports else None
     if opened is not None and guest.now() - opened > SPEAK_GRACE:
+        guest.timings["agent_gave_up"] = guest.now()  # before the diagnostics, which take seconds over SSH
         a = guest.opts.agent
         raise guest.fail("agent", f"the agent ({a.service}, /usr/bin/{a.name}) opened {ports[0]} at {opened:.1f}s "
                          f"but did not answer over the {guest.protocol.name} protocol within {SPEAK_GRACE:.0f}s "
