@@ -10,8 +10,11 @@ inputs that differ from the closest readable entry of the same kind.
 
 The manifest also records the entry's content: every file's size, mtime and sha256, every link's
 target. The filesystem is synced before the rename that publishes an entry, and a hit is checked
-against the record (a walk of the tree, no reads unless a file's mtime moved), so an entry torn by
-a power loss, a full disk or a stray edit is rebuilt, with one line saying why.
+against the record: a walk of the tree comparing types, sizes and link targets, reading a file only
+when its mtime moved, so an entry torn by a power loss, a full disk or a stray edit is rebuilt, with one
+line saying why. Bytes changed in place under the same size and mtime are not seen by a hit: `full`
+checks (`osbuilder cache verify`, cache_admin.py) hash every file. Whoever removes an entry takes its
+lock (`Cache.lock`) and renames it away (`evict`), so a lookup finds the whole entry or none.
 With `rebuild` and a `session` (pytest's `--osbuilder-rebuild`: the test run's id, shared by its xdist
 workers), an entry is rebuilt once per session: the ones this session made are hits.
 """
@@ -61,6 +64,11 @@ class Cache:
     def entry(self, manifest: Manifest) -> Path:
         return self.root / manifest.kind / manifest.key
 
+    @staticmethod
+    def lock(entry: Path, timeout: float = -1) -> FileLock:
+        """The lock every lookup, build and removal of `entry` holds (timeout 0: fail at once if held)."""
+        return FileLock(str(entry) + ".lock", timeout=timeout)
+
     def get_or_build(self, manifest: Manifest, build: Callable[[Path], object], rebuild: bool = False,
                      session: str | None = None) -> Path:
         """Return the entry directory for `manifest`, calling `build(tmpdir)` to fill it on a miss.
@@ -70,7 +78,7 @@ class Cache:
         entry = self.entry(manifest)
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(entry) + ".lock"):
+            with self.lock(entry):
                 if self._usable(entry, manifest, rebuild, session):
                     return entry
                 self._fill(entry, manifest, build, session)
@@ -166,11 +174,12 @@ def describe_tree(root: Path) -> dict[str, str]:
     return {rel: _describe(path, st) for rel, path, st in _walk(root)}
 
 
-def check_tree(root: Path, contents: dict[str, str]) -> tuple[str | None, bool]:
+def check_tree(root: Path, contents: dict[str, str], full: bool = False) -> tuple[str | None, bool]:
     """(what is wrong with `root` against its record or None, whether `contents` was updated).
 
     Sizes, types and link targets are compared for every path; a file is read only when its mtime
-    moved, and then its new mtime is put in `contents` if its content is still the recorded one."""
+    moved (`full`: every file is read and hashed), and a file whose mtime moved gets its new mtime in
+    `contents` if its content is still the recorded one."""
     seen: set[str] = set()
     refreshed = False
     for rel, path, st in _walk(root):
@@ -178,7 +187,7 @@ def check_tree(root: Path, contents: dict[str, str]) -> tuple[str | None, bool]:
         want = contents.get(rel)
         if want is None:
             return f"{rel}: not in its content record", False
-        problem, updated = _compare(path, st, want)
+        problem, updated = _compare(path, st, want, full)
         if problem:
             return f"{rel}: {problem}", False
         if updated:
@@ -230,8 +239,9 @@ def _hash(path: str) -> str:
         return "?"
 
 
-def _compare(path: str, st: os.stat_result, want: str) -> tuple[str | None, str | None]:
-    """(problem, updated record) of one path against its record."""
+def _compare(path: str, st: os.stat_result, want: str, full: bool = False) -> tuple[str | None, str | None]:
+    """(problem, updated record) of one path against its record (`full`: a file's content is hashed even
+    when its mtime did not move)."""
     kind, _, rest = want.partition(":")
     have = _describe_type(st)
     if have != kind:
@@ -245,11 +255,12 @@ def _compare(path: str, st: os.stat_result, want: str) -> tuple[str | None, str 
     size, mtime, digest = rest.split(":", 2)
     if st.st_size != int(size):
         return f"{st.st_size} bytes, recorded {size}", None
-    if st.st_mtime_ns == int(mtime):
+    moved = st.st_mtime_ns != int(mtime)
+    if not moved and not full:
         return None, None
     if digest != "?" and _hash(path) != digest:
-        return "content changed", None
-    return None, f"f:{size}:{st.st_mtime_ns}:{digest}"
+        return "content changed" if moved else "content changed (same size and mtime)", None
+    return None, (f"f:{size}:{st.st_mtime_ns}:{digest}" if moved else None)
 
 
 _NAMES = {"d": "directory", "l": "symlink", "f": "file", "o": "special file"}
@@ -275,9 +286,10 @@ def _read_record(entry: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def inspect_entry(entry: Path, manifest: Manifest) -> tuple[dict[str, Any] | None, str | None]:
+def inspect_entry(entry: Path, manifest: Manifest,
+                  full: bool = False) -> tuple[dict[str, Any] | None, str | None]:
     """(the entry's manifest, what is wrong with the entry): (None, None) when there is no entry.
-    A manifest whose content record was refreshed carries "refreshed": True."""
+    A manifest whose content record was refreshed carries "refreshed": True. `full`: check_tree's."""
     if not entry.is_dir():
         return None, None
     record = _read_record(entry)
@@ -289,12 +301,42 @@ def inspect_entry(entry: Path, manifest: Manifest) -> tuple[dict[str, Any] | Non
     if not isinstance(contents, dict):
         return record, "no content record (made by an older osbuilder)"
     try:
-        problem, refreshed = check_tree(entry, contents)
+        problem, refreshed = check_tree(entry, contents, full)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         return record, f"cannot check it: {e}"
     if refreshed:
         record["refreshed"] = True
     return record, problem
+
+
+def check_entry(entry: Path, full: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """inspect_entry for an entry found on disk rather than looked up: checked against the manifest it
+    holds, which must name the entry's kind and key (its directory)."""
+    if not entry.is_dir():
+        return None, None
+    record = _read_record(entry)
+    if record is None:
+        return None, f"{MANIFEST} is missing or unreadable"
+    kind, inputs = record.get("kind"), record.get("inputs")
+    if not isinstance(kind, str) or not isinstance(inputs, dict):
+        return record, f"{MANIFEST} names no kind or inputs"
+    manifest = Manifest(kind, inputs)
+    if kind != entry.parent.name or manifest.key != entry.name:
+        return record, f"{MANIFEST} describes another entry ({kind} {manifest.key})"
+    return inspect_entry(entry, manifest, full)
+
+
+def evict(entry: Path) -> Path:
+    """Rename `entry` away (the caller holds `Cache.lock(entry)`): a lookup then finds no entry, never a
+    part of one. Returns the new name, a hidden directory beside it for the caller to delete (after the
+    lock is released: deleting a rootfs takes a while)."""
+    trash = entry.with_name(f".{entry.name}.{EVICTED}{os.getpid()}-{os.urandom(4).hex()}")
+    os.rename(entry, trash)
+    fs.fsync_dir(entry.parent)
+    return trash
+
+
+EVICTED = "removed-"  # evict's names: .<key>.removed-<pid>-<random>
 
 
 def _dump(record: dict[str, Any]) -> str:
