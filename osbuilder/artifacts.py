@@ -129,6 +129,31 @@ def _record(wd: Workdir, artifact: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def published_entries(wd: Workdir) -> dict[tuple[str, str], list[str]]:
+    """(kind, key) of each cache entry WORKDIR's published records name -> the artifacts it is published as
+    (whether or not WORKDIR's copy was edited since: the record still names the entry)."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for artifact in PUBLISHED_AS:
+        record = _record(wd, artifact)
+        if record is not None and isinstance(record.get("kind"), str) and isinstance(record.get("key"), str):
+            found.setdefault((record["kind"], record["key"]), []).append(artifact)
+    return found
+
+
+def unpublish(wd: Workdir, artifact: str) -> None:
+    """Forget which cache entry WORKDIR's `artifact` is (`cache verify --remove` removed that entry as corrupt,
+    and WORKDIR's hard links are the same bytes): its step then builds and publishes it again instead of
+    saying "up to date"."""
+    record = wd.published(artifact)
+    with FileLock(str(record) + ".lock"):
+        record.unlink(missing_ok=True)
+
+
+def published_files(wd: Workdir) -> list[Path]:
+    """The files WORKDIR publishes as hard links to a cache entry's (everything but the rootfs tree)."""
+    return [path for artifact, paths in PUBLISHED_AS.items() if artifact != "rootfs" for path in paths(wd).values()]
+
+
 def _current(wd: Workdir, artifact: str, paths: dict[str, Path], key: str | None = None) -> dict[str, Any] | None:
     """WORKDIR's published record of `artifact` when `paths` (name -> path) are still what it published
     (and it is the entry `key`, when given)."""

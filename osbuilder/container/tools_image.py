@@ -6,6 +6,8 @@ one of them changes; the engine's layer cache keeps the Debian packages when onl
 changed. Builds take a lock in the per-user cache, so parallel runs build it once, and (podman)
 keep apt's downloads there for the next build. Progress shows while it builds; the log is
 CACHE_DIR/logs/tools-image.log.
+Every build leaves an image of REPOSITORY behind; `osbuilder cache list` shows them (`local_images`),
+`osbuilder cache prune` removes those other than the current settings' tag (`current_tag`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 import shutil
 import ssl
 import tempfile
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from filelock import FileLock
@@ -170,3 +174,62 @@ def ca_bundle() -> Path | None:
     named = [os.environ.get(v, "") for v in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")]
     named += [ssl.get_default_verify_paths().cafile or "", "/etc/ssl/certs/ca-certificates.crt"]
     return next((Path(p) for p in named if p and Path(p).is_file()), None)
+
+
+# -- the images builds left behind (osbuilder cache list, prune) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """One tag of REPOSITORY in an engine's store."""
+
+    ref: str  # REPOSITORY:tag
+    id: str
+    size: int  # bytes, as the engine counts them (layers shared with other images included)
+    created: float | None  # seconds since the epoch
+
+
+def local_images(engine: Engine, step: str = "cache") -> list[LocalImage]:
+    """The tools images `engine` holds, newest first (the same commands on podman and docker).
+    An OsbuilderError when the engine does not answer (a Docker daemon that is down)."""
+    listed = run(engine.command("images", "--format", "{{.Repository}}:{{.Tag}}", REPOSITORY), step=step,
+                 capture=True, timeout=60)
+    refs = sorted({line.strip() for line in listed.stdout.decode(errors="replace").splitlines()
+                   if line.strip().startswith(REPOSITORY + ":") and "<none>" not in line})
+    if not refs:
+        return []
+    inspected = run(engine.command("image", "inspect", "--format", "{{.Id}}\t{{.Size}}\t{{.Created}}", *refs),
+                    step=step, capture=True, timeout=60)
+    found = []
+    for ref, line in zip(refs, inspected.stdout.decode(errors="replace").splitlines(), strict=False):
+        ident, _, rest = line.partition("\t")
+        size, _, created = rest.partition("\t")
+        found.append(LocalImage(ref, ident.strip(), int(size) if size.strip().isdigit() else 0,
+                                parse_created(created)))
+    return sorted(found, key=lambda image: image.created or 0.0, reverse=True)
+
+
+def parse_created(text: str) -> float | None:
+    """An engine's creation time: podman's `2026-01-02 15:04:05.123 +0000 UTC`, docker's
+    `2026-01-02T15:04:05.123Z`; None when it is neither."""
+    found = re.match(r"\s*(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(?:\.\d+)?\s*(Z|[+-]\d\d:?\d\d)?", text)
+    if not found:
+        return None
+    offset = (found.group(3) or "Z").replace("Z", "+0000").replace(":", "")
+    return datetime.strptime(f"{found.group(1)} {found.group(2)} {offset}", "%Y-%m-%d %H:%M:%S %z").timestamp()
+
+
+def current_tag(engine: Engine, settings: Settings) -> str | None:
+    """The tag these settings' steps would run in, or None when it cannot be told without pulling or building
+    (TOOLS_BASE_IMAGE is not a local image, osbuilder is not installed as a package)."""
+    try:
+        return tag_for(engine, settings, pull=False)
+    except OsbuilderError as e:
+        log.debug("container: the current tools image's tag is unknown: %s", e.message)
+        return None
+
+
+def remove_image(engine: Engine, ref: str, step: str = "cache") -> None:
+    """Untag `ref` (the image goes with its last tag); an OsbuilderError with the engine's words when it
+    refuses (a container still uses the image)."""
+    run(engine.command("rmi", ref), step=step, capture=True, timeout=120)
