@@ -175,6 +175,13 @@ def cmd_uninstall(s: Settings, args: argparse.Namespace) -> None:
     uninstall.uninstall(s, dry_run=args.dry_run)
 
 
+def cmd_cache(s: Settings, args: argparse.Namespace) -> int:
+    from osbuilder import cache_admin
+
+    return cache_admin.command(s, args.action, as_json=args.json, remove=args.remove, older_than=args.older_than,
+                               everything=args.all, dry_run=args.dry_run)
+
+
 def cmd_check_deps(s: Settings, args: argparse.Namespace) -> int:
     if s.use_docker:  # the steps' tools are in the tools image: the host needs only the engine
         table = deps.engine_table(s.container_engine)
@@ -368,6 +375,19 @@ def bisect_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="the Linux git checkout (default: the current directory)")
 
 
+def cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "verify", "prune"],
+                   help="list: entries, sizes, what WORKDIR publishes, tools images; verify: hash every file of "
+                        "every entry; prune: remove entries not used for DAYS and stale tools images")
+    p.add_argument("--json", action="store_true", help="list: print JSON")
+    p.add_argument("--remove", action="store_true", help="verify: remove the corrupt entries (the next use rebuilds)")
+    p.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="prune: entries not used for DAYS days (default: 30)")
+    p.add_argument("--all", action="store_true",
+                   help="prune: every entry, whatever its age (never one WORKDIR publishes or another process uses)")
+    p.add_argument("--dry-run", action="store_true", help="prune: say what would be removed, remove nothing")
+
+
 def add_kconfig_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show", "diff", "bisect"],
                    help="show: resolved fragments and option origins; diff GOOD BAD; bisect --good GOOD --bad BAD")
@@ -424,6 +444,9 @@ for _step in (
          arguments=install_arguments("initrd"), reads=("install",)),
     Step("uninstall", cmd_uninstall, "take out what the install steps put in PREFIX and the runtime's "
          "configuration, as PREFIX's install record says", arguments=dry_run_argument, reads=("install",)),
+    Step("cache", cmd_cache, "the artifact caches (WORKDIR's and CACHE_DIR's) and the tools images: `list`, "
+         "`verify` (hash every file), `prune` (remove what was not used for --older-than DAYS)",
+         arguments=cache_arguments, timed=False, reads=("rootfs",)),
     Step("check-deps", cmd_check_deps, "list the programs each step needs; --install installs them",
          arguments=check_deps_arguments, timed=False, reads=("rootfs",)),
     Step("help", cmd_help, "show every setting: value, where it came from, default, description",
