@@ -218,10 +218,12 @@ def workdir_inodes(wd: Workdir) -> frozenset[tuple[int, int]]:
 
 
 def scan(settings: Settings, check: bool = True) -> list[tuple[Cache, list[Entry]]]:
+    """Each artifact cache with its entries and temporaries (`check`: describe's)."""
     wd = Workdir.of(settings)
     published, inodes = artifacts.published_entries(wd), workdir_inodes(wd)
-    return [(cache, [describe(cache, path, published, inodes, check) for path in entry_dirs(cache)])
-            for cache in caches(settings)]
+    found = [(cache, [describe(cache, path, published, inodes, check) for path in entry_dirs(cache)])
+             for cache in caches(settings)]
+    return [(cache, [e for e in entries if e.state != "gone"]) for cache, entries in found]
 
 
 def other_parts(settings: Settings) -> dict[str, Path]:
