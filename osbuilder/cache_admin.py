@@ -2,7 +2,7 @@
 
 Two artifact caches (cache.py): WORKDIR/cache (the steps' and the fixtures' artifacts) and
 CACHE_DIR/artifacts (Debian's boot kernel, shared by every WORKDIR). The per-user cache also holds
-ccache, unpacked kernel sources, apt's downloads and logs; the container engine holds the USE_DOCKER
+ccache, unpacked kernel sources, private apt lists, apt's downloads and logs; the container engine holds the USE_DOCKER
 tools images, one per set of inputs.
 
 - `list`: every entry: its size, when it was made and last used (its manifest's mtime: a hit touches
@@ -229,8 +229,8 @@ def scan(settings: Settings, check: bool = True) -> list[tuple[Cache, list[Entry
 def other_parts(settings: Settings) -> dict[str, Path]:
     """The per-user cache's parts besides its artifact cache."""
     user = UserCache.of(settings)
-    return {"ccache": user.ccache, "kernel-src": user.kernel_sources, "apt-archives": user.apt_archives,
-            "logs": user.logs}
+    return {"ccache": user.ccache, "kernel-src": user.kernel_sources, "apt": user.apt_states,
+            "apt-archives": user.apt_archives, "logs": user.logs}
 
 
 @dataclass(frozen=True)

@@ -222,9 +222,14 @@ class UserCache:
         """The Debian packages the tools image's build downloaded, kept for its next build."""
         return self.root / "apt-archives"
 
+    @property
+    def apt_states(self) -> Path:
+        """Where the private apt states are (`apt`)."""
+        return self.root / "apt"
+
     def apt(self, name: str) -> Path:
         """A private apt state (apt.py: configuration, lists, caches) for one suite of one mirror."""
-        return self.root / "apt" / name
+        return self.apt_states / name
 
     @property
     def logs(self) -> Path:
