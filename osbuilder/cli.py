@@ -47,7 +47,7 @@ def cmd_image(s: Settings, args: argparse.Namespace) -> None:
     if not wd.rootfs.is_dir():
         raise UsageError(f"image: no rootfs at {wd.rootfs}; run `osbuilder rootfs` first")
     done = artifacts.publish_image(s, force=args.force)
-    print(f"image: {done.path} ({done.path.stat().st_size // 2**20} MiB, {state(done)})")
+    print(f"image: {wd.image} ({wd.image.stat().st_size // 2**20} MiB, {state(done)})")
 
 
 def cmd_initrd(s: Settings, args: argparse.Namespace) -> None:
@@ -58,7 +58,7 @@ def cmd_initrd(s: Settings, args: argparse.Namespace) -> None:
     if not wd.rootfs.is_dir():
         raise UsageError(f"initrd: no rootfs at {wd.rootfs}; run `AGENT_INIT=yes osbuilder rootfs` first")
     done = artifacts.publish_initrd(s, force=args.force)
-    print(f"initrd: {done.path} ({done.path.stat().st_size / 2**20:.1f} MiB, zstd-compressed newc cpio, /init is "
+    print(f"initrd: {wd.initrd} ({wd.initrd.stat().st_size / 2**20:.1f} MiB, zstd-compressed newc cpio, /init is "
           f"the agent; {state(done)})")
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import workdir_entries
+from fakes import make_tree, workdir_entries
 
 
 def osb(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -99,7 +99,8 @@ def test_missing_package_from_the_real_archive(tmp_path: Path):
     result = osb("rootfs", "--workdir", str(wd), "--extra-pkgs", "osbuilder-no-such-package")
     assert result.returncode == 2, result.stderr
     assert first_error_line(result) == \
-        "osbuilder: error: EXTRA_PKGS: package(s) not found in bookworm: osbuilder-no-such-package"
+        "osbuilder: error: EXTRA_PKGS: package(s) not found in bookworm, bookworm-updates, bookworm-security: " \
+        "osbuilder-no-such-package"
     assert workdir_entries(wd) == ["logs"]
 
 
@@ -146,3 +147,19 @@ def test_interrupted_rootfs_keeps_the_old_one_and_runs_again(tmp_path: Path):
     assert (wd / "rootfs" / "usr/lib/systemd/systemd").is_file()
     assert not (wd / "rootfs" / "earlier-build").exists()
     assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]
+
+
+def test_image_says_what_it_made_and_then_that_it_is_up_to_date(tmp_path: Path):
+    """The line names WORKDIR's container.img and its size; a second run with nothing changed says "up to
+    date" and names the same cache entry."""
+    wd = tmp_path / "wd"
+    make_tree(wd / "rootfs")
+    first = osb("image", "--workdir", str(wd))
+    assert first.returncode == 0, first.stderr
+    size = (wd / "container.img").stat().st_size // 2**20
+    assert size > 0
+    key = first.stdout.split("cache entry ")[1].split(")")[0]
+    assert first.stdout.strip() == f"image: {wd / 'container.img'} ({size} MiB, built, cache entry {key})"
+    again = osb("image", "--workdir", str(wd))
+    assert again.stdout.strip() == \
+        f"image: {wd / 'container.img'} ({size} MiB, up to date, cache entry {key}; -f rebuilds)", again.stderr

@@ -299,6 +299,8 @@ def test_the_tools_image_tag_follows_its_inputs(tmp_path: Path):
     inputs the same."""
     copy = tmp_path / "osbuilder"
     shutil.copytree(tools_image.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    import osbuilder.cli  # noqa: F401 - registers the steps' records, whose packages the image holds
+
     packages = tools_image.system_packages(settings_mod.load({}, env={"WORKDIR": str(tmp_path / "wd")}, cwd=tmp_path))
     assert {"mmdebstrap", "e2fsprogs", "qemu-system-x86", "python3"} <= set(packages)
     same = tools_image.digest(BASE, "id1", packages, copy)
