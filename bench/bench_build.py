@@ -61,10 +61,10 @@ def osbuilder_cold(work: Path) -> tuple[float, Path]:
 
 
 def warm_session(work: Path, wd: Path) -> tuple[float, float]:
-    """(pytest session asking for `image` from a warm cache, empty pytest session) wall times."""
+    """(pytest session asking for `osbuilder_image` from a warm cache, empty pytest session) wall times."""
     tests = work / "warm"
     tests.mkdir(exist_ok=True)
-    (tests / "test_warm.py").write_text("def test_image(image):\n    assert image.path.is_file()\n")
+    (tests / "test_warm.py").write_text("def test_image(osbuilder_image):\n    assert osbuilder_image.path.is_file()\n")
     (tests / "test_empty.py").write_text("def test_nothing():\n    assert 1 + 1 == 2\n")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--osbuilder-workdir={wd}"]
     subprocess.run([*cmd, str(tests / "test_warm.py")], check=True, capture_output=True)  # fill the cache

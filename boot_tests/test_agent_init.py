@@ -44,7 +44,7 @@ def agent_init_guest(agent_init_settings, osbuilder_artifacts, osbuilder_boot_ke
 
 
 @pytest.fixture
-def guest(agent_init_guest: Guest, request: pytest.FixtureRequest) -> Guest:
+def osbuilder_guest(agent_init_guest: Guest, request: pytest.FixtureRequest) -> Guest:
     note_logs(request.node, agent_init_guest.log_dir)
     return agent_init_guest
 

@@ -48,7 +48,7 @@ from osbuilder.pytest_plugin import Artifact
 
 
 @pytest.fixture(scope="session")
-def image():
+def osbuilder_image():
     path = Path(os.environ["GATE_IMAGE"])
     return Artifact(path, Manifest("image", {"given": str(path)}))
 '''

@@ -16,8 +16,8 @@ from osbuilder.vm import check, phases
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("debian-kernel")]
 
 
-def test_a_release_that_compresses_its_modules_boots_the_image(osbuilder_settings, image, boot_accel,
-                                                               ssh_session_key, request):
+def test_a_release_that_compresses_its_modules_boots_the_image(osbuilder_settings, osbuilder_image, osbuilder_accel,
+                                                               osbuilder_ssh_key, request):
     settings = osbuilder_settings.with_values(OS_VERSION="trixie", BOOT_KERNEL="debian")
     kernel = check.boot_kernel(settings)
     assert kernel.name == "debian" and kernel.initrd is not None
@@ -28,8 +28,8 @@ def test_a_release_that_compresses_its_modules_boots_the_image(osbuilder_setting
     assert modules and all(e.name.endswith(".ko") and e.data.startswith(b"\x7fELF") for e in modules)
     in_initrd = {e.name.rpartition("/")[2].split("-", 1)[1].removesuffix(".ko") for e in modules}
     assert {"virtio_blk", "nd_pmem"} <= in_initrd, in_initrd
-    opts = check.guest_options(osbuilder_settings, image=image.path, kernel=kernel, accel=boot_accel,
-                               name="debian-kernel-trixie", ssh_key=ssh_session_key)
+    opts = check.guest_options(osbuilder_settings, image=osbuilder_image.path, kernel=kernel, accel=osbuilder_accel,
+                               name="debian-kernel-trixie", ssh_key=osbuilder_ssh_key)
     note_logs(request.node, opts.log_dir)
     with check.start_guest(opts) as guest:
         check.boot_to_ready(guest)

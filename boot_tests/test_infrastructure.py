@@ -33,9 +33,9 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm: ACCEL=kvm is refused before any boot")
-def test_accel_kvm_on_a_kvm_that_runs_no_code_is_an_infrastructure_failure(tmp_path: Path, image):
+def test_accel_kvm_on_a_kvm_that_runs_no_code_is_an_infrastructure_failure(tmp_path: Path, osbuilder_image):
     wd = tmp_path / "wd"
-    result = osb("boot", "--check", env={"ACCEL": "kvm", "WORKDIR": str(wd), "BOOT_IMAGE": str(image.path)},
+    result = osb("boot", "--check", env={"ACCEL": "kvm", "WORKDIR": str(wd), "BOOT_IMAGE": str(osbuilder_image.path)},
                  cwd=tmp_path)
     if result.returncode == 0:
         pytest.skip("KVM runs guests on this host: there is no broken KVM to classify")
@@ -47,10 +47,10 @@ def test_accel_kvm_on_a_kvm_that_runs_no_code_is_an_infrastructure_failure(tmp_p
         assert json.loads(boot_json.read_text())["passed"] is not False, boot_json
 
 
-def test_a_budget_under_a_second_is_not_zero_seconds(tmp_path: Path, image):
+def test_a_budget_under_a_second_is_not_zero_seconds(tmp_path: Path, osbuilder_image):
     """BOOT_TIMEOUT=1 gives the kernel a quarter of a second: the failure says 0.25s."""
     result = osb("boot", "--check", env={"ACCEL": "tcg", "BOOT_TIMEOUT": "1", "WORKDIR": str(tmp_path / "wd"),
-                                         "BOOT_IMAGE": str(image.path)}, cwd=tmp_path)
+                                         "BOOT_IMAGE": str(osbuilder_image.path)}, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert error_line(result).startswith("osbuilder: error: boot check failed in phase 'kernel': timed out after "
                                          "0.25s waiting for the kernel's 'Linux version' banner")

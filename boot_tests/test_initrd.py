@@ -38,7 +38,7 @@ def initrd_guest(osbuilder_settings, osbuilder_initrd, osbuilder_kernel, osbuild
 
 
 @pytest.fixture
-def guest(initrd_guest: Guest, request: pytest.FixtureRequest) -> Guest:
+def osbuilder_guest(initrd_guest: Guest, request: pytest.FixtureRequest) -> Guest:
     note_logs(request.node, initrd_guest.log_dir)
     return initrd_guest
 

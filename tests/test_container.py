@@ -166,12 +166,14 @@ def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_pat
     watchdog stops it (the step inside unwinds as on Ctrl-C and removes its temporaries)."""
     home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-kill-", dir="/var/tmp"))
     home.chmod(0o755)
+    cache = home / "cache"  # its own cache: a rootfs another test built is not built again
     proc = subprocess.Popen([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(home / "wd")], cwd=home,
-                            env=engine_env(engine_only_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=engine_env(engine_only_path, CACHE_DIR=str(cache)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pattern = f"^osbuilder-rootfs-{proc.pid}-"
     try:
         deadline = time.monotonic() + 900  # the tools image may be built first
-        while not containers(pattern) or not list((home / "wd").glob(".rootfs.tmp-*")):
+        while not containers(pattern) or not list(cache.glob("rootfs/.*.tmp-*/.rootfs.tmp-*")):
             assert proc.poll() is None and time.monotonic() < deadline, "the step's container never ran mmdebstrap"
             time.sleep(1)
         proc.send_signal(signal.SIGKILL)
@@ -181,6 +183,7 @@ def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_pat
             time.sleep(1)
         assert containers(pattern) == [], "the container outlived the osbuilder that started it"
         assert [p.name for p in (home / "wd").iterdir() if ".tmp-" in p.name] == []
+        assert list(cache.glob("rootfs/.*.tmp-*")) == []
     finally:
         for name in containers(pattern):
             subprocess.run([PODMAN, "rm", "--force", "--time", "0", name], capture_output=True)

@@ -170,7 +170,7 @@ def test_full_disk_is_reported_as_such(osbuilder_settings, tmp_path, monkeypatch
         raise OsbuilderError("kernel: `make` failed (exit 2)", "No space left on device")
 
     monkeypatch.setattr(build, "run", fake_run)
-    with pytest.raises(InfrastructureError, match="^kernel: no space left on device while building in "):
+    with pytest.raises(InfrastructureError, match="^WORKDIR: no space left on device while building the kernel in "):
         build._make(osbuilder_settings, ["make"], tmp_path, log, {})
 
 

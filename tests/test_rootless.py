@@ -62,14 +62,14 @@ def home() -> Iterator[Path]:
     shutil.rmtree(base)  # as root: the namespace's files too
 
 
-def as_user(home: Path, step: str, workdir: Path | None = None, path_first: Path | None = None
-            ) -> subprocess.CompletedProcess:
+def as_user(home: Path, step: str, workdir: Path | None = None, path_first: Path | None = None,
+            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`osbuilder <step>` run by USER (WORKDIR defaults to home/workdir; `path_first` goes first in PATH)."""
     path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
     env = [f"PATH={path_first}:{path}" if path_first else f"PATH={path}", f"HOME={home}",
            f"PYTHONPATH={home / 'python'}", "LC_ALL=C.UTF-8"]
     return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *env, str(SYSTEM_PYTHON), "-m", "osbuilder",
-                           step, "--workdir", str(workdir or home / "workdir")],
+                           step, *flags, "--workdir", str(workdir or home / "workdir")],
                           cwd=home, capture_output=True, text=True, timeout=900)
 
 
@@ -111,7 +111,10 @@ def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, osbui
 
 def test_a_rebuild_replaces_the_tree_and_leaves_nothing_behind(rootless_build: Path, home: Path):
     before = (rootless_build / "rootfs").stat().st_ino
-    r = as_user(home, "rootfs")
+    r = as_user(home, "rootfs")  # nothing changed: up to date, the tree stays
+    assert r.returncode == 0 and "up to date" in r.stdout + r.stderr, r.stderr[-4000:]
+    assert (rootless_build / "rootfs").stat().st_ino == before
+    r = as_user(home, "rootfs", flags=("--force",))
     assert r.returncode == 0, r.stderr[-4000:]
     assert (rootless_build / "rootfs").stat().st_ino != before
     leftovers = [p.name for p in rootless_build.iterdir() if p.name.startswith(".")]
