@@ -81,7 +81,8 @@ class Artifacts:
     def rootfs(self, settings: Settings) -> Artifact:
         """The rootfs directory for these settings."""
         m = rootfs_step.manifest(settings)
-        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(settings, tmp / layout.ROOTFS))
+        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(
+            settings, tmp / layout.ROOTFS, rebuild=self.rebuild, session=self.session))
         return Artifact(entry / layout.ROOTFS, m)
 
     def image(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
