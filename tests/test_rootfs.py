@@ -130,6 +130,38 @@ def test_manifest_changes_with_every_input(tmp_path: Path):
     assert manifest(settings(tmp_path, AGENT_SOURCE_BIN=str(agent))).key not in keys
 
 
+def test_the_base_tree_is_keyed_by_what_shapes_it_and_not_by_the_agent(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """Rootfs that differ only in osbuilder's files share a base tree; one that differs in anything the
+    distribution's packages make does not, nor does one of another builder (root, an ordinary user's ids)."""
+    from osbuilder.rootfs import base
+
+    agent = tmp_path / "kata-agent"
+    agent.write_text("#!/bin/sh\n")
+    agent.chmod(0o755)
+    shared = base.manifest(settings(tmp_path)).key
+    rootfs_keys = {manifest(settings(tmp_path)).key}
+    for env in ({"AGENT_SOURCE_BIN": str(agent)}, {"AGENT_SOURCE_BIN": str(agent), "AGENT_SERVICE": "my.service"},
+                {"AGENT_PROTOCOL": "kata1"}):
+        assert base.manifest(settings(tmp_path, **env)).key == shared, env
+        rootfs_keys.add(manifest(settings(tmp_path, **env)).key)
+    assert len(rootfs_keys) == 4  # four rootfs, one base
+    for env in ({"RUNTIME": "clear-containers"}, {"WORKDIR": str(tmp_path / "other")},
+                {"CACHE_DIR": str(tmp_path / "cache")}):
+        assert base.manifest(settings(tmp_path, **env)).key == shared, env
+    keys = {shared}
+    for env in ({"EXTRA_PKGS": "vim"}, {"OS_VERSION": "trixie"}, {"AGENT_INIT": "yes"}, {"SECURITY_UPDATES": "no"},
+                {"REPO_URL": "http://mirror.example/debian"}, {"SOURCE_DATE_EPOCH": "1700000000"}):
+        key = base.manifest(settings(tmp_path, **env)).key
+        assert key not in keys, env
+        keys.add(key)
+    secret = base.manifest(settings(tmp_path, REPO_URL="http://user:s3cret@mirror.example/debian"))
+    assert "s3cret" not in str(secret.inputs)
+    assert base.manifest(settings(tmp_path)).inputs["owners"] == "root" or os.geteuid() != 0
+    monkeypatch.setattr("osbuilder.userns.rootless", lambda: True)  # the same inputs, built by an ordinary user
+    assert base.manifest(settings(tmp_path)).key not in keys
+
+
 def failure(detail: str) -> OsbuilderError:
     return OsbuilderError("rootfs: `mmdebstrap` failed (exit 1)", detail)
 
