@@ -106,7 +106,9 @@ def engine_build(base_image: str, engine_only_path: Path) -> Iterator[Path]:
     workdir = home / "workdir"
     try:
         for step_name in ("rootfs", "image"):
-            r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH)
+            # a CACHE_DIR of its own: the host build's base tree there would make the container's rootfs a copy of it
+            r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH,
+                    CACHE_DIR=str(home / "cache"))
             assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
             if step_name == "image":  # the tools image the rootfs step built is reused, not built again
                 assert "building the tools image" not in r.stderr
@@ -167,7 +169,8 @@ def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_pat
     home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-kill-", dir="/var/tmp"))
     home.chmod(0o755)
     proc = subprocess.Popen([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(home / "wd")], cwd=home,
-                            env=engine_env(engine_only_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=engine_env(engine_only_path, CACHE_DIR=str(home / "cache")),  # no base tree yet
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pattern = f"^osbuilder-rootfs-{proc.pid}-"
     try:
         deadline = time.monotonic() + 900  # the tools image may be built first

@@ -229,3 +229,13 @@ def test_debian_boot_kernel_without_root(home: Path):
         assert path.is_relative_to(cache) and path.stat().st_uid == uid and path.stat().st_size > 1 << 20
     commands = (cache / "logs/debian-kernel.log").read_text()
     assert "+ apt-get download linux-image-" in commands and "+ dpkg-deb -x" in commands
+
+
+def test_cache_prune_removes_the_users_base_trees(rootless_build: Path, home: Path):
+    """The user's base trees belong to subordinate ids, which the user's own `rm -rf` cannot remove:
+    `osbuilder cache prune --all` removes them, in the namespace (run last: it empties the user's caches)."""
+    cache = home / ".cache/osbuilder"
+    assert base_entries(cache)
+    r = as_user(home, "cache", flags=("prune", "--all"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert base_entries(cache) == []  # no entry, no temporary, none renamed away

@@ -90,8 +90,8 @@ class Debian(Distro):
 
     def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch):
         if '"' in str(dest):  # mmdebstrap refuses it: apt's configuration cannot hold one (settings check it)
-            raise UsageError(f"WORKDIR: {dest.parent} has a double quote (\"), which apt cannot handle; "
-                             "choose another WORKDIR")
+            raise UsageError(f"rootfs: {dest.parent} has a double quote (\"), which apt cannot handle (WORKDIR and "
+                             "CACHE_DIR may not have one)")
         cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
                "--include=" + ",".join(packages)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
