@@ -270,3 +270,26 @@ def test_a_chroot_without_dev_and_proc_fails_the_build(tmp_path: Path):
         (tree / "proc/self").mkdir(parents=True)
         (tree / "proc/self/mounts").write_text("")
         assert subprocess.run(["sh", "-c", MOUNTS_HOOK, "exec", str(tree)]).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives directories to another user: needs root (an ordinary user's "
+                                              "trees are done in the namespace, see test_rootless.py)")
+def test_apts_download_directories_are_apts_wherever_the_tree_was_built(tmp_path: Path):
+    """mmdebstrap leaves them root's where _apt could not reach the tree (root's 0700 home, where the base tree
+    is cached): they are given to _apt, as where it could; a tree without an _apt user is left alone."""
+    from osbuilder.rootfs.debian import APT_PARTIAL, give_apt_its_partial_dirs
+
+    tree = tmp_path / "tree"
+    for d in APT_PARTIAL:
+        (tree / d).mkdir(parents=True, mode=0o755)
+    (tree / "etc").mkdir()
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n_apt:x:42:65534::/nonexistent:/usr/sbin/nologin\n")
+    give_apt_its_partial_dirs(tree, tmp_path / "log")
+    for d in APT_PARTIAL:
+        st = (tree / d).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (42, 0, 0o700), d
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    for d in APT_PARTIAL:
+        os.chown(tree / d, 0, 0)
+    give_apt_its_partial_dirs(tree, tmp_path / "log")
+    assert {(tree / d).stat().st_uid for d in APT_PARTIAL} == {0}

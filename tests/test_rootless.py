@@ -11,6 +11,7 @@ its two pure-Python dependencies: the test's own interpreter may live where the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pwd
 import re
@@ -111,12 +112,21 @@ def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, osbui
 
 
 def test_a_rebuild_replaces_the_tree_and_leaves_nothing_behind(rootless_build: Path, home: Path):
-    before = (rootless_build / "rootfs").stat().st_ino
-    r = as_user(home, "rootfs", flags=("-f",))  # without -f: "up to date", nothing replaced
+    """`rootfs -f` builds the rootfs and its base tree again (without -f: "up to date") and replaces their cache
+    entries; the old ones, owned by subordinate ids, are removed in the namespace: nothing is left behind.
+    (WORKDIR/rootfs itself stays: it is already the rebuilt entry's content.)"""
+    runs = mmdebstrap_runs(rootless_build)
+    entries = [rootless_build / "cache/rootfs", home / ".cache/osbuilder/artifacts/rootfs-base"]
+    created = {p: json.loads((p / "manifest.json").read_text())["created"] for kind in entries
+               for p in kind.iterdir() if not p.name.endswith(".lock")}
+    assert len(created) == 2
+    r = as_user(home, "rootfs", flags=("-f",))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert (rootless_build / "rootfs").stat().st_ino != before
-    leftovers = [p.name for p in rootless_build.iterdir() if p.name.startswith(".")]
-    assert leftovers == []
+    assert mmdebstrap_runs(rootless_build) == runs + 1
+    for entry, before in created.items():
+        assert json.loads((entry / "manifest.json").read_text())["created"] > before, entry
+    for directory in (rootless_build, *entries):
+        assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == [], directory
 
 
 def test_no_other_user_can_write_the_image_while_mke2fs_fills_it(rootless_build: Path, home: Path):

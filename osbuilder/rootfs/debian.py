@@ -153,11 +153,11 @@ def give_apt_its_partial_dirs(tree: Path, logfile: Path) -> None:
     by _apt (group root, mode 0700). mmdebstrap lets apt download as _apt only when _apt can reach the
     tree, else as root, which leaves them root's: so that the tree does not depend on where it was built
     (a cache below root's 0700 home, a WORKDIR others can reach), they are given to _apt either way."""
-    uid = next((fields[2] for line in (tree / "etc/passwd").read_text().splitlines()
-                if len(fields := line.split(":")) > 2 and fields[0] == "_apt"), None) \
-        if (tree / "etc/passwd").is_file() else None
+    passwd = tree / "etc/passwd"
+    lines = passwd.read_text().splitlines() if passwd.is_file() and not passwd.is_symlink() else []
+    uid = next((fields[2] for line in lines if len(fields := line.split(":")) > 2 and fields[0] == "_apt"), None)
     dirs = [str(tree / d) for d in APT_PARTIAL if (tree / d).is_dir() and not (tree / d).is_symlink()]
-    if uid is None or not dirs:
+    if uid is None or not uid.isdigit() or not dirs:
         return
     run(userns.in_tree_namespace(["chown", "--no-dereference", f"{uid}:0", "--", *dirs]), step="rootfs",
         logfile=logfile)
