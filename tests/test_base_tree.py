@@ -273,6 +273,22 @@ def test_a_full_workdir_while_copying_the_base_leaves_nothing(tmp_path: Path, sm
     assert (entry / "rootfs/usr/lib/data").stat().st_size == 48 * MiB
 
 
+def test_a_full_cache_dir_while_building_the_base_leaves_nothing(tmp_path: Path, small_workdir: Path,
+                                                                 pydistro: PythonDistro,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    """The base (48 MiB) does not fit in CACHE_DIR: one line naming CACHE_DIR (exit 125), neither an entry nor a
+    temporary in it, no rootfs in WORKDIR."""
+    pydistro.big = 48
+    wd = tmp_path / "wd"
+    assert cli.main(rootfs_argv(wd, small_workdir)) == 125
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("osbuilder: error:")] == [
+        f"osbuilder: error: CACHE_DIR: no space left on device in {small_workdir} while building the base tree "
+        "(nothing was kept)"], err
+    assert [p.name for p in (small_workdir / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")] == []
+    assert workdir_entries(wd) == ["logs"]
+
+
 def _build_rootfs(argv: list[str]) -> None:
     sys.exit(cli.main(argv))
 

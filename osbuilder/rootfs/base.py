@@ -76,11 +76,12 @@ def cache(settings: Settings) -> Cache:
     return Cache(UserCache.of(settings).artifacts, setting="CACHE_DIR")
 
 
-def build(settings: Settings, dest: Path, logfile: Path, setting: str) -> None:
+def build(settings: Settings, dest: Path, logfile: Path, setting: str, place: Path) -> None:
     """The plugin's tree at `dest` (which must not exist), with the image policy applied. A full disk is
-    one line naming `setting`, the place `dest` is in (CACHE_DIR, or WORKDIR for an unshared base)."""
+    one line naming `setting` and its directory `place` that `dest` is in (CACHE_DIR, or WORKDIR for a
+    base that is not shared)."""
     d = distros.get(settings.distro)
-    with errors.disk_space(setting, f"in {dest.parent} while building the base tree", dest.parent):
+    with errors.disk_space(setting, f"in {place} while building the base tree (nothing was kept)", dest.parent):
         d.build(suites(settings), packages(settings), dest, logfile=logfile, verbose=settings.debug,
                 source_date_epoch=settings.source_date_epoch)
         policy.apply(dest, logfile)
@@ -100,12 +101,12 @@ def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False
                     "not searchable by other users (mode %o), and a rootless build's namespace must pass it; "
                     "`chmod o+x %s`, or another CACHE_DIR, to share it", blocked, blocked.stat().st_mode & 0o777,
                     blocked)
-        build(settings, dest, logfile, "WORKDIR")
+        build(settings, dest, logfile, "WORKDIR", Workdir.of(settings).root)
         return
 
     def fill(tmp: Path) -> None:
         tmp.chmod(0o755)  # the tree's namespace (and apt's _apt) must pass it, whatever the umask
-        build(settings, tmp / ROOTFS, logfile, "CACHE_DIR")
+        build(settings, tmp / ROOTFS, logfile, "CACHE_DIR", UserCache.of(settings).root)
 
     with shared.held(m, fill, rebuild, session) as entry:
         log.info("rootfs: copying the base tree %s", entry / ROOTFS)
