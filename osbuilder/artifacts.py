@@ -81,7 +81,8 @@ class Artifacts:
     def rootfs(self, settings: Settings) -> Artifact:
         """The rootfs directory for these settings."""
         m = rootfs_step.manifest(settings)
-        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(settings, tmp / layout.ROOTFS))
+        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(
+            settings, tmp / layout.ROOTFS, rebuild=self.rebuild, session=self.session))
         return Artifact(entry / layout.ROOTFS, m)
 
     def image(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
@@ -215,7 +216,7 @@ def publish(settings: Settings, name: str, artifact: Artifact) -> Published:
             if name == "rootfs":
                 tmp = temp_beside(dest)
                 try:
-                    copy_tree(source / file, tmp, wd.log("rootfs"))
+                    userns.copy_tree(source / file, tmp, wd.log("rootfs"))
                     publish_path(tmp, dest)
                 finally:
                     discard(tmp)
@@ -240,18 +241,6 @@ def publish_rootfs(settings: Settings, force: bool = False) -> Published:
     """`osbuilder rootfs`: the cached rootfs for these settings, as WORKDIR/rootfs."""
     return build_and_publish(settings, "rootfs", rootfs_step.manifest(settings),
                              lambda artifacts: artifacts.rootfs(settings), force)
-
-
-def copy_tree(source: Path, dest: Path, logfile: Path) -> None:
-    """Copy a rootfs tree with its owners, modes and times, where its owners are the real ones (a rootless
-    tree's belong to subordinate ids: the copy is made in its namespace, into a directory lent to it)."""
-    dest.mkdir(mode=0o700)
-    image_step.lend_to_tree_namespace(dest, logfile)
-    run(userns.in_tree_namespace(["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(dest)]), step="rootfs",
-        logfile=logfile)
-    run(userns.in_tree_namespace(["chmod", f"--reference={source}", "--", str(dest)]), step="rootfs", logfile=logfile)
-    if not userns.rootless():
-        run(["chown", f"--reference={source}", "--", str(dest)], step="rootfs", logfile=logfile)
 
 
 def workdir_rootfs(settings: Settings) -> Artifact:

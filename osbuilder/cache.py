@@ -29,6 +29,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,19 +76,37 @@ class Cache:
 
         `rebuild`: build again, except (with `session`) an entry this session built already.
         A full disk is an InfrastructureError naming `setting`; nothing half-written is left."""
+        with self.held(manifest, build, rebuild, session) as entry:
+            return entry
+
+    @contextmanager
+    def held(self, manifest: Manifest, build: Callable[[Path], object], rebuild: bool = False,
+             session: str | None = None) -> Iterator[Path]:
+        """get_or_build, the entry's lock held inside the `with` block: no other process rebuilds or
+        replaces the entry while the block reads it (a copy of a base tree)."""
         entry = self.entry(manifest)
-        try:
+        with self._room(manifest):
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with self.lock(entry):
-                if self._usable(entry, manifest, rebuild, session):
-                    return entry
-                self._fill(entry, manifest, build, session)
+            lock = self.lock(entry)
+            lock.acquire()
+        try:
+            with self._room(manifest):
+                if not self._usable(entry, manifest, rebuild, session):
+                    self._fill(entry, manifest, build, session)
+            yield entry
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _room(self, manifest: Manifest) -> Iterator[None]:
+        """An OSError for a full disk becomes the one-line InfrastructureError naming `setting`."""
+        try:
+            yield
         except OSError as e:
             if not errors.out_of_space(e):
                 raise
             raise errors.full_disk(self.setting, f"in {self.root} while caching {manifest.kind} {manifest.key}",
                                    e) from None
-        return entry
 
     def _usable(self, entry: Path, manifest: Manifest, rebuild: bool, session: str | None) -> bool:
         """Whether `entry` is a hit (under the entry's lock); logs why not."""

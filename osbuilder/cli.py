@@ -227,8 +227,9 @@ def cmd_help(s: Settings, args: argparse.Namespace) -> None:
     print(settings_mod.describe(s))
     print(f"\nYAML profile: {s.profile or f'none ({settings_mod.PROFILE_NAME} in the current directory, or --config)'}")
     user_cache = UserCache.of(s).root
-    print(f"Per-user cache (CACHE_DIR): {user_cache} — the KVM verdict, Debian's boot kernel, ccache and "
-          f"unpacked kernel sources, shared by every WORKDIR; clear it with `rm -rf {user_cache}`")
+    print(f"Per-user cache (CACHE_DIR): {user_cache} — the KVM verdict, Debian's boot kernel, ccache, "
+          f"unpacked kernel sources and the rootfs base trees, shared by every WORKDIR; clear it with "
+          f"`rm -rf {user_cache}`")
     from osbuilder import container
 
     print(container.describe(s))
@@ -273,6 +274,7 @@ complete -F _osbuilder osbuilder"""
 CC = Tool("cc", "gcc", "compiles osbuilder's agent")
 UNSHARE = Tool("unshare", "util-linux", "runs the rootfs build in its own namespaces")
 NEWUIDMAP = Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user")
+TAR = Tool("tar", "tar", "unpacks osbuilder's files over the copy of the base tree")
 FIND = Tool("find", "findutils", "lists the tree and clamps its timestamps for reproducible artifacts")
 IMAGE_TOOLS = (
     Tool("sfdisk", "fdisk", "writes and reads the partition table of the image file"),
@@ -322,7 +324,7 @@ BOOT_PACKAGES = ("libc6-dev", "debian-archive-keyring", "ca-certificates")  # st
 def rootfs_tools(s: Settings) -> tuple[Tool, ...]:
     from osbuilder.rootfs import distros
 
-    return (*distros.get(s.distro).tools, CC, UNSHARE, NEWUIDMAP)
+    return (*distros.get(s.distro).tools, CC, UNSHARE, NEWUIDMAP, TAR)
 
 
 def rootfs_packages(s: Settings) -> tuple[str, ...]:

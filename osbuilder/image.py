@@ -42,6 +42,7 @@ from osbuilder.rootfs.build import METADATA_PATH, AgentChoice, check_agent_runs
 from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
 from osbuilder.terminal import shown
+from osbuilder.userns import lend_to_tree_namespace, take_back_from_tree_namespace
 from osbuilder.vm.attachments import MEMORY_HOTPLUG_UNIT
 
 MiB = 1024 * 1024
@@ -341,32 +342,6 @@ def read_dax_header(image: Path) -> PfnInfo | None:
         return None
     info = PfnInfo.unpack(block)
     return info if info.checksum == pfn_checksum(block) else None
-
-
-def lend_to_tree_namespace(path: Path, logfile: Path) -> None:
-    """Let the tree's namespace write the user's file `path` (mode 0600) without letting anyone else:
-    as an ordinary user, give it to that namespace's root (the user's first subordinate ids, so still
-    the user's); as root there is nothing to do."""
-    if userns.rootless():
-        _chown_to_tree_ids(path, "1:1", logfile)
-
-
-def take_back_from_tree_namespace(path: Path, logfile: Path) -> None:
-    """Give `path` back to the user (undoing lend_to_tree_namespace) and make it readable, mode 0644."""
-    if userns.rootless() and path.stat().st_uid != os.getuid():
-        _chown_to_tree_ids(path, "0:0", logfile)
-    path.chmod(0o644)
-
-
-def _chown_to_tree_ids(path: Path, owner: str, logfile: Path) -> None:
-    """chown `path` to `owner` in a user namespace where 0:0 is the user and 1:1 is the tree namespace's
-    root (as mmdebstrap hands its target directory over): newuidmap lets a user map both."""
-    maps = run(userns.in_tree_namespace(["grep", "-H", "", "/proc/self/uid_map", "/proc/self/gid_map"]),
-               step="image", capture=True, logfile=logfile).stdout.decode()
-    root = dict(re.findall(r"^/proc/self/(\w)id_map:\s*0\s+(\d+)\s", maps, re.M))  # inside 0 -> outside
-    uid, gid = root["u"], root["g"]
-    run(["unshare", "--map-user=0", "--map-group=0", f"--map-users={uid},1,1", f"--map-groups={gid},1,1",
-         "chown", owner, str(path)], step="image", logfile=logfile)
 
 
 def clamp_times(rootfs: Path, epoch: int, logfile: Path) -> None:

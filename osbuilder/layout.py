@@ -8,8 +8,8 @@ Two roots:
 - `UserCache` (CACHE_DIR, default $XDG_CACHE_HOME/osbuilder or ~/.cache/osbuilder): what does not
   depend on the WORKDIR and is shared by every one of them: the accelerator verdict (keyed by host
   kernel, QEMU and CPU), Debian's boot kernel and initrd (and the apt lists it comes from), ccache,
-  and unpacked kernel sources keyed by their origin. Removing it is always safe (`rm -rf`); the next
-  run rebuilds what it needs.
+  unpacked kernel sources keyed by their origin, and the rootfs base trees (rootfs/base.py). Removing
+  it is always safe (`rm -rf`); the next run rebuilds what it needs.
 
 Steps take paths from here; none of them spells `workdir / "..."` itself.
 """
@@ -185,7 +185,8 @@ class UserCache:
 
     @property
     def artifacts(self) -> Path:
-        """Content-addressed artifacts that do not depend on a WORKDIR (Debian's boot kernel)."""
+        """Content-addressed artifacts that do not depend on a WORKDIR (Debian's boot kernel, the rootfs base
+        trees)."""
         return self.root / "artifacts"
 
     @property

@@ -132,7 +132,8 @@ def test_interrupted_rootfs_keeps_the_old_one_and_runs_again(tmp_path: Path):
     wd = tmp_path / "wd"
     (wd / "rootfs").mkdir(parents=True)
     (wd / "rootfs" / "earlier-build").write_text("still here")
-    cmd = [sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(wd)]
+    # a CACHE_DIR of its own: with the base tree of this rootfs already there, mmdebstrap would not run
+    cmd = [sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(wd), "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     for line in proc.stderr:  # wait until mmdebstrap is at work
         if "rootfs: + mmdebstrap" in line:
@@ -142,10 +143,11 @@ def test_interrupted_rootfs_keeps_the_old_one_and_runs_again(tmp_path: Path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert (wd / "rootfs" / "earlier-build").read_text() == "still here"
-    again = osb("rootfs", "--workdir", str(wd))
+    again = osb("rootfs", "--workdir", str(wd), "--cache-dir", str(tmp_path / "cache"))
     assert again.returncode == 0, again.stderr
     assert (wd / "rootfs" / "usr/lib/systemd/systemd").is_file()
     assert not (wd / "rootfs" / "earlier-build").exists()
+    assert [p.name for p in (tmp_path / "cache/artifacts/rootfs-base").iterdir() if p.name.startswith(".")] == []
     assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]
 
 

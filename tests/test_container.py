@@ -106,7 +106,9 @@ def engine_build(base_image: str, engine_only_path: Path) -> Iterator[Path]:
     workdir = home / "workdir"
     try:
         for step_name in ("rootfs", "image"):
-            r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH)
+            # a CACHE_DIR of its own: the host build's base tree there would make the container's rootfs a copy of it
+            r = osb(engine_only_path, step_name, "--workdir", str(workdir), cwd=home, SOURCE_DATE_EPOCH=EPOCH,
+                    CACHE_DIR=str(home / "cache"))
             assert r.returncode == 0, f"osbuilder {step_name} in the container:\n{r.stderr[-4000:]}"
             if step_name == "image":  # the tools image the rootfs step built is reused, not built again
                 assert "building the tools image" not in r.stderr
@@ -166,14 +168,14 @@ def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_pat
     watchdog stops it (the step inside unwinds as on Ctrl-C and removes its temporaries)."""
     home = Path(tempfile.mkdtemp(prefix="osbuilder-engine-kill-", dir="/var/tmp"))
     home.chmod(0o755)
-    cache = home / "cache"  # its own cache: a rootfs another test built is not built again
     proc = subprocess.Popen([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(home / "wd")], cwd=home,
-                            env=engine_env(engine_only_path, CACHE_DIR=str(cache)),
+                            env=engine_env(engine_only_path, CACHE_DIR=str(home / "cache")),  # no base tree yet
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pattern = f"^osbuilder-rootfs-{proc.pid}-"
     try:
         deadline = time.monotonic() + 900  # the tools image may be built first
-        while not containers(pattern) or not list(cache.glob("rootfs/.*.tmp-*/.rootfs.tmp-*")):
+        base_dir = home / "cache/artifacts/rootfs-base"  # where mmdebstrap's tree is built, in a temporary
+        while not containers(pattern) or not list(base_dir.glob(".*.tmp-*")):
             assert proc.poll() is None and time.monotonic() < deadline, "the step's container never ran mmdebstrap"
             time.sleep(1)
         proc.send_signal(signal.SIGKILL)
@@ -183,7 +185,7 @@ def test_a_killed_osbuilder_stops_its_container(base_image: str, engine_only_pat
             time.sleep(1)
         assert containers(pattern) == [], "the container outlived the osbuilder that started it"
         assert [p.name for p in (home / "wd").iterdir() if ".tmp-" in p.name] == []
-        assert list(cache.glob("rootfs/.*.tmp-*")) == []
+        assert [p.name for p in base_dir.iterdir() if ".tmp-" in p.name] == []
     finally:
         for name in containers(pattern):
             subprocess.run([PODMAN, "rm", "--force", "--time", "0", name], capture_output=True)

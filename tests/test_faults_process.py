@@ -364,7 +364,8 @@ def test_sigkill_mid_rootfs(tmp_path: Path):
     osbuilder; the next run builds the rootfs and leaves no temporary behind."""
     wd, gate = tmp_path / "wd", tmp_path / "gate"
     gate_first(tmp_path / "bin", gate, "apt-get", '*" update "*')
-    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    # a CACHE_DIR of its own: with the base tree of this rootfs already there, mmdebstrap would not run
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "CACHE_DIR": str(tmp_path / "cache")}
     osb = Osbuilder("rootfs", "--workdir", str(wd), env=env)
     wait_for(lambda: (gate / "started").exists(), 600, "apt-get update under mmdebstrap", osb)
     assert in_session(osb.proc.pid, "mmdebstrap")
@@ -375,6 +376,8 @@ def test_sigkill_mid_rootfs(tmp_path: Path):
     assert again.finish(900) == 0, again.stderr
     assert (wd / "rootfs" / "usr/lib/systemd/systemd").is_file()
     assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]
+    base = tmp_path / "cache/artifacts/rootfs-base"  # the killed base build's temporary is gone too
+    assert [p.name for p in base.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.mark.build

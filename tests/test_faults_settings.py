@@ -223,11 +223,12 @@ def test_rootfs_in_a_workdir_with_a_space_and_a_quote_from_a_mirror_with_a_passw
     wd = tmp_path / "work dir's $HOME \\ `x`"
     bare = f"http://127.0.0.1:{auth_mirror.server_address[1]}/debian"
     url = bare.replace("http://", f"http://osbuser:{PASSWORD}@")
-    result = osb("rootfs", "--workdir", str(wd), "--repo-url", url)
+    cache = tmp_path / "cache"  # where the base tree is built (the mirror's port makes a new one each run)
+    result = osb("rootfs", "--workdir", str(wd), "--repo-url", url, "--cache-dir", str(cache))
     assert result.returncode == 0, result.stderr[-3000:]
     assert auth_mirror.served > 0  # apt logged in with the credentials
     rootfs = wd / "rootfs"
-    assert (rootfs / "usr/bin/osbuilder-agent").is_file()  # the overlay went in (tar-in of a quoted path)
+    assert (rootfs / "usr/bin/osbuilder-agent").is_file()  # the overlay went in (over a WORKDIR with quotes)
     assert f"deb {bare} bookworm main" in (rootfs / "etc/apt/sources.list").read_text()
     assert not (rootfs / "etc/apt/auth.conf").exists()
     meta = yaml.safe_load((rootfs / "var/lib/osbuilder/osbuilder.yaml").read_text())
@@ -235,7 +236,8 @@ def test_rootfs_in_a_workdir_with_a_space_and_a_quote_from_a_mirror_with_a_passw
     assert workdir_entries(wd) == ["cache/rootfs/<entry>", "logs", "published", "rootfs"]  # no credentials file
     assert PASSWORD not in result.stdout + result.stderr
     secret = PASSWORD.encode()
-    for path in [*wd.rglob("*")]:
+    assert list((cache / "artifacts/rootfs-base").glob("*/rootfs/etc/apt/sources.list"))  # the base, searched too
+    for path in [*wd.rglob("*"), *cache.rglob("*")]:
         if path.is_file() and not path.is_symlink():
             assert secret not in path.read_bytes(), path
 

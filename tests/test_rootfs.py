@@ -130,6 +130,38 @@ def test_manifest_changes_with_every_input(tmp_path: Path):
     assert manifest(settings(tmp_path, AGENT_SOURCE_BIN=str(agent))).key not in keys
 
 
+def test_the_base_tree_is_keyed_by_what_shapes_it_and_not_by_the_agent(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """Rootfs that differ only in osbuilder's files share a base tree; one that differs in anything the
+    distribution's packages make does not, nor does one of another builder (root, an ordinary user's ids)."""
+    from osbuilder.rootfs import base
+
+    agent = tmp_path / "kata-agent"
+    agent.write_text("#!/bin/sh\n")
+    agent.chmod(0o755)
+    shared = base.manifest(settings(tmp_path)).key
+    rootfs_keys = {manifest(settings(tmp_path)).key}
+    for env in ({"AGENT_SOURCE_BIN": str(agent)}, {"AGENT_SOURCE_BIN": str(agent), "AGENT_SERVICE": "my.service"},
+                {"AGENT_PROTOCOL": "kata1"}):
+        assert base.manifest(settings(tmp_path, **env)).key == shared, env
+        rootfs_keys.add(manifest(settings(tmp_path, **env)).key)
+    assert len(rootfs_keys) == 4  # four rootfs, one base
+    for env in ({"RUNTIME": "clear-containers"}, {"WORKDIR": str(tmp_path / "other")},
+                {"CACHE_DIR": str(tmp_path / "cache")}):
+        assert base.manifest(settings(tmp_path, **env)).key == shared, env
+    keys = {shared}
+    for env in ({"EXTRA_PKGS": "vim"}, {"OS_VERSION": "trixie"}, {"AGENT_INIT": "yes"}, {"SECURITY_UPDATES": "no"},
+                {"REPO_URL": "http://mirror.example/debian"}, {"SOURCE_DATE_EPOCH": "1700000000"}):
+        key = base.manifest(settings(tmp_path, **env)).key
+        assert key not in keys, env
+        keys.add(key)
+    secret = base.manifest(settings(tmp_path, REPO_URL="http://user:s3cret@mirror.example/debian"))
+    assert "s3cret" not in str(secret.inputs)
+    assert base.manifest(settings(tmp_path)).inputs["owners"] == "root" or os.geteuid() != 0
+    monkeypatch.setattr("osbuilder.userns.rootless", lambda: True)  # the same inputs, built by an ordinary user
+    assert base.manifest(settings(tmp_path)).key not in keys
+
+
 def failure(detail: str) -> OsbuilderError:
     return OsbuilderError("rootfs: `mmdebstrap` failed (exit 1)", detail)
 
@@ -238,3 +270,26 @@ def test_a_chroot_without_dev_and_proc_fails_the_build(tmp_path: Path):
         (tree / "proc/self").mkdir(parents=True)
         (tree / "proc/self/mounts").write_text("")
         assert subprocess.run(["sh", "-c", MOUNTS_HOOK, "exec", str(tree)]).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives directories to another user: needs root (an ordinary user's "
+                                              "trees are done in the namespace, see test_rootless.py)")
+def test_apts_download_directories_are_apts_wherever_the_tree_was_built(tmp_path: Path):
+    """mmdebstrap leaves them root's where _apt could not reach the tree (root's 0700 home, where the base tree
+    is cached): they are given to _apt, as where it could; a tree without an _apt user is left alone."""
+    from osbuilder.rootfs.debian import APT_PARTIAL, give_apt_its_partial_dirs
+
+    tree = tmp_path / "tree"
+    for d in APT_PARTIAL:
+        (tree / d).mkdir(parents=True, mode=0o755)
+    (tree / "etc").mkdir()
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n_apt:x:42:65534::/nonexistent:/usr/sbin/nologin\n")
+    give_apt_its_partial_dirs(tree, tmp_path / "log")
+    for d in APT_PARTIAL:
+        st = (tree / d).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (42, 0, 0o700), d
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    for d in APT_PARTIAL:
+        os.chown(tree / d, 0, 0)
+    give_apt_its_partial_dirs(tree, tmp_path / "log")
+    assert {(tree / d).stat().st_uid for d in APT_PARTIAL} == {0}

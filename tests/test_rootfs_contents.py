@@ -57,7 +57,9 @@ def builds() -> Iterator[tuple[Path, Path]]:
     trees = []
     for name, prefix in (("here", None), ("elsewhere", elsewhere)):
         wd = home / name
-        result = osb("rootfs", "--workdir", str(wd), env={"SOURCE_DATE_EPOCH": EPOCH}, prefix=prefix, cwd=home)
+        # each with a CACHE_DIR of its own: a shared one would give the second build the first's base tree
+        env = {"SOURCE_DATE_EPOCH": EPOCH, "CACHE_DIR": str(home / f"cache-{name}")}
+        result = osb("rootfs", "--workdir", str(wd), env=env, prefix=prefix, cwd=home)
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
         trees.append(wd / "rootfs")
     yield trees[0], trees[1]

@@ -11,6 +11,7 @@ its two pure-Python dependencies: the test's own interpreter may live where the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pwd
 import re
@@ -63,11 +64,12 @@ def home() -> Iterator[Path]:
 
 
 def as_user(home: Path, step: str, workdir: Path | None = None, path_first: Path | None = None,
-            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`osbuilder <step>` run by USER (WORKDIR defaults to home/workdir; `path_first` goes first in PATH)."""
+            settings: dict[str, str] | None = None, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`osbuilder <step> [flags]` run by USER (WORKDIR defaults to home/workdir; `path_first` goes first in PATH;
+    `settings` in the environment). The per-user cache is the default one, HOME/.cache/osbuilder."""
     path = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
     env = [f"PATH={path_first}:{path}" if path_first else f"PATH={path}", f"HOME={home}",
-           f"PYTHONPATH={home / 'python'}", "LC_ALL=C.UTF-8"]
+           f"PYTHONPATH={home / 'python'}", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (settings or {}).items())]
     return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *env, str(SYSTEM_PYTHON), "-m", "osbuilder",
                            step, *flags, "--workdir", str(workdir or home / "workdir")],
                           cwd=home, capture_output=True, text=True, timeout=900)
@@ -110,15 +112,21 @@ def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, osbui
 
 
 def test_a_rebuild_replaces_the_tree_and_leaves_nothing_behind(rootless_build: Path, home: Path):
-    before = (rootless_build / "rootfs").stat().st_ino
-    r = as_user(home, "rootfs")  # nothing changed: up to date, the tree stays
-    assert r.returncode == 0 and "up to date" in r.stdout + r.stderr, r.stderr[-4000:]
-    assert (rootless_build / "rootfs").stat().st_ino == before
-    r = as_user(home, "rootfs", flags=("--force",))
+    """`rootfs -f` builds the rootfs and its base tree again (without -f: "up to date") and replaces their cache
+    entries; the old ones, owned by subordinate ids, are removed in the namespace: nothing is left behind.
+    (WORKDIR/rootfs itself stays: it is already the rebuilt entry's content.)"""
+    runs = mmdebstrap_runs(rootless_build)
+    entries = [rootless_build / "cache/rootfs", home / ".cache/osbuilder/artifacts/rootfs-base"]
+    created = {p: json.loads((p / "manifest.json").read_text())["created"] for kind in entries
+               for p in kind.iterdir() if not p.name.endswith(".lock")}
+    assert len(created) == 2
+    r = as_user(home, "rootfs", flags=("-f",))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert (rootless_build / "rootfs").stat().st_ino != before
-    leftovers = [p.name for p in rootless_build.iterdir() if p.name.startswith(".")]
-    assert leftovers == []
+    assert mmdebstrap_runs(rootless_build) == runs + 1
+    for entry, before in created.items():
+        assert json.loads((entry / "manifest.json").read_text())["created"] > before, entry
+    for directory in (rootless_build, *entries):
+        assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == [], directory
 
 
 def test_no_other_user_can_write_the_image_while_mke2fs_fills_it(rootless_build: Path, home: Path):
@@ -143,6 +151,53 @@ def test_no_other_user_can_write_the_image_while_mke2fs_fills_it(rootless_build:
     image = (rootless_build / "container.img").stat()
     assert (image.st_uid, oct(image.st_mode & 0o777)) == (pwd.getpwnam(USER).pw_uid, oct(0o644))
     assert not [p.name for p in rootless_build.iterdir() if ".tmp-" in p.name]
+
+
+def mmdebstrap_runs(workdir: Path) -> int:
+    return len(re.findall(r"^\+ mmdebstrap --mode=unshare ", (workdir / "logs/rootfs.log").read_text(), re.M))
+
+
+def base_entries(cache: Path) -> list[Path]:
+    kind = cache / "artifacts/rootfs-base"
+    return [p for p in kind.iterdir() if not p.name.endswith(".lock")] if kind.is_dir() else []
+
+
+def test_a_second_agent_reuses_the_users_base_tree(rootless_build: Path, home: Path):
+    """The base tree the first rootfs built is in the user's cache, its files the user's subordinate ids'; a rootfs
+    with another agent in a fresh WORKDIR copies it in the namespace instead of running mmdebstrap."""
+    assert mmdebstrap_runs(rootless_build) >= 1  # the first build's base (and -f's rebuild of it)
+    [entry] = base_entries(home / ".cache/osbuilder")
+    shadow = (entry / "rootfs/etc/shadow").stat()
+    assert (shadow.st_uid, shadow.st_gid) == (first_subordinate_id("/etc/subuid"),
+                                              first_subordinate_id("/etc/subgid") + 42)
+    agent = home / "kata-agent"
+    agent.write_text("#!/bin/sh\nexec sleep infinity\n")
+    agent.chmod(0o755)
+    os.chown(agent, pwd.getpwnam(USER).pw_uid, -1)
+    second = home / "second"
+    r = as_user(home, "rootfs", second, settings={"AGENT_SOURCE_BIN": str(agent), "AGENT_PROTOCOL": "kata1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert mmdebstrap_runs(second) == 0 and base_entries(home / ".cache/osbuilder") == [entry]
+    copied = (second / "rootfs/etc/shadow").stat()
+    assert (copied.st_uid, copied.st_gid, copied.st_mode) == (shadow.st_uid, shadow.st_gid, shadow.st_mode)
+    unit = second / "rootfs/usr/lib/systemd/system/kata-agent.service"
+    assert unit.stat().st_uid == first_subordinate_id("/etc/subuid")  # the overlay's root is the namespace's
+
+
+def test_a_cache_the_namespace_cannot_reach_is_not_shared(home: Path):
+    """A CACHE_DIR below a directory others cannot search (a 0700 ~/.cache): the namespace could not copy from
+    it, so the base is built for the rootfs alone, with one warning saying how to share it."""
+    closed = home / "closed"
+    closed.mkdir(mode=0o700)
+    os.chown(closed, pwd.getpwnam(USER).pw_uid, -1)
+    workdir = home / "unshared"
+    r = as_user(home, "rootfs", workdir, settings={"CACHE_DIR": str(closed / "cache")})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (f"rootfs: the base tree is built for this rootfs alone, not shared through CACHE_DIR: {closed} is not "
+            "searchable by other users (mode 700)") in r.stderr
+    assert mmdebstrap_runs(workdir) == 1 and base_entries(closed / "cache") == []
+    assert (workdir / "rootfs/usr/bin/osbuilder-agent").is_file()
+    assert not [p.name for p in workdir.rglob(".*tmp-*")]
 
 
 def test_unreachable_workdir_is_named(home: Path):
@@ -184,3 +239,13 @@ def test_debian_boot_kernel_without_root(home: Path):
         assert path.is_relative_to(cache) and path.stat().st_uid == uid and path.stat().st_size > 1 << 20
     commands = (cache / "logs/debian-kernel.log").read_text()
     assert "+ apt-get download linux-image-" in commands and "+ dpkg-deb -x" in commands
+
+
+def test_cache_prune_removes_the_users_base_trees(rootless_build: Path, home: Path):
+    """The user's base trees belong to subordinate ids, which the user's own `rm -rf` cannot remove:
+    `osbuilder cache prune --all` removes them, in the namespace (run last: it empties the user's caches)."""
+    cache = home / ".cache/osbuilder"
+    assert base_entries(cache)
+    r = as_user(home, "cache", flags=("prune", "--all"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert base_entries(cache) == []  # no entry, no temporary, none renamed away

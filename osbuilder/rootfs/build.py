@@ -1,8 +1,10 @@
 """The rootfs step: a guest root filesystem directory with systemd (or the agent as init) and the agent.
 
-The distribution plugin installs the packages; this module decides the package set and stages the
-files osbuilder adds on top (the agent and its unit, SSH set up for a read-only root, and
-/var/lib/osbuilder/osbuilder.yaml describing the build).
+The distribution plugin installs the packages into a base tree that rootfs differing only in osbuilder's
+files share (`base.py`: cached per user); this module stages the files osbuilder adds on top (the agent
+and its unit, SSH set up for a read-only root, and /var/lib/osbuilder/osbuilder.yaml describing the
+build) as a root-owned tarball, unpacks it over a copy of the base as mmdebstrap's `tar-in` would, and
+applies the image policy.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from osbuilder.cache import Manifest
 from osbuilder.errors import UsageError
 from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
 from osbuilder.layout import Workdir
-from osbuilder.rootfs import distros, inputs, policy
-from osbuilder.rootfs.distro import Distro, Suite
-from osbuilder.run import tool_version
+from osbuilder.rootfs import base, distros, inputs, policy
+from osbuilder.rootfs.base import packages, suites
+from osbuilder.rootfs.distro import Distro
+from osbuilder.run import run, tool_version
 from osbuilder.settings import Settings
 from osbuilder.terminal import shown
 from osbuilder.urls import without_credentials
@@ -36,6 +39,11 @@ OVERLAY_DIR = Path(__file__).parent / "overlay"
 # units in OVERLAY_DIR that a systemd guest starts at boot (see the unit files for what they do)
 OVERLAY_UNITS = ("osbuilder-slirp-network.service", "osbuilder-power-button.service")
 METADATA_PATH = "var/lib/osbuilder/osbuilder.yaml"
+# How the overlay is unpacked over the base: mmdebstrap's `tar-in` (its hook helper's GNU tar), run as the
+# tree's root, so owners (root, from the tarball), modes and times are the tarball's, those of directories
+# that exist already too, exactly as when mmdebstrap unpacked it in a customize hook.
+TAR_IN = ("tar", "--numeric-owner", "--xattrs", "--format=pax",
+          "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime", "--xattrs-include=*")
 
 
 @dataclass(frozen=True)
@@ -116,54 +124,31 @@ def unit_name_escape(name: str) -> str:
                    for c in name)
 
 
-def packages(settings: Settings) -> list[str]:
-    """The full package list: the distro's defaults, then EXTRA_PKGS, without duplicates."""
-    d = distros.get(settings.distro)
-    return list(dict.fromkeys([*d.default_packages(settings.agent_init), *settings.extra_pkgs]))
-
-
-def suites(settings: Settings) -> list[Suite]:
-    """The suites the rootfs is installed from: OS_VERSION, and its updates unless SECURITY_UPDATES=no."""
-    d = distros.get(settings.distro)
-    return d.suites(settings.os_version, settings.repo_url or d.default_mirror, settings.security_updates)
-
-
 def manifest(settings: Settings) -> Manifest:
-    """Every input that shapes the rootfs, for the artifact cache."""
-    d = distros.get(settings.distro)
+    """Every input that shapes the rootfs, for the artifact cache: the base tree's, and osbuilder's files."""
     choice = AgentChoice.from_settings(settings)
-    release, *updates = suites(settings)
     return Manifest("rootfs", {
-        "distro": settings.distro,
-        "os_version": settings.os_version,
-        "repo_url": without_credentials(settings.repo_url or d.default_mirror),  # the manifest is stored
-        "suites": " ".join(f"{s.name}@{without_credentials(s.mirror)}" for s in (release, *updates)),
-        "packages": " ".join(packages(settings)),
+        **base.manifest(settings).inputs,
         "agent": choice.version if choice.binary else "osbuilder:" + agent.source_hash(),
         "agent_service": choice.service,
         "agent_protocol": choice.protocol,
         "agent_init": str(settings.agent_init),
         "overlay": file_hash(OVERLAY_DIR) + ":" + file_hash(Path(__file__), Path(policy.__file__)),
-        "source_date_epoch": str(settings.source_date_epoch),
-        "tool": "; ".join(tool_version(t.program) for t in d.tools),
-        "osbuilder": __version__,
-        "distro_code": inputs.plugin_code(d),
-        "arch": d.architecture(platform.machine()),
+        "overlay_tool": tool_version(TAR_IN[0]),
         "agent_toolchain": inputs.agent_toolchain() if choice.binary is None else "AGENT_SOURCE_BIN",
-        # a new Release (point release, updates of a moving suite) makes a new rootfs; so does a
-        # security or stable update (SECURITY_UPDATES)
-        "archive_date": inputs.archive_date(settings, d, release.mirror, release.name),
-        "archive_updates": inputs.archive_state(settings, d, updates),
     })
 
 
-def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None) -> Path:
-    """Build the rootfs into `dest`, replacing it only when the build completed."""
+def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None, rebuild: bool = False,
+                 session: str | None = None) -> Path:
+    """Build the rootfs into `dest`, replacing it only when the build completed: a copy of the base tree
+    (built first when the per-user cache has none; `rebuild` and `session` as for the cache) with
+    osbuilder's files over it."""
     d = distros.get(settings.distro)
     d.check_release(settings.os_version)
     choice = AgentChoice.from_settings(settings)
     pkgs = packages(settings)
-    sources = suites(settings)  # every setting checked before anything is built
+    suites(settings)  # every setting checked before anything is built
     dest = dest.absolute()
     logfile = logfile or Workdir.of(settings).log("rootfs")
     if userns.rootless():
@@ -175,8 +160,8 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
     try:
         stage_overlay(settings, choice, pkgs, overlay, logfile)
         pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
-        d.build(sources, pkgs, overlay_tar, tmp, logfile=logfile, verbose=settings.debug,
-                source_date_epoch=settings.source_date_epoch)
+        base.copy(settings, tmp, logfile, rebuild=rebuild, session=session)
+        unpack_overlay(overlay_tar, tmp, logfile)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
         check_agent_runs(tmp, choice.name, d)
@@ -186,6 +171,13 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None)
         discard(overlay)
         discard(overlay_tar)
     return dest
+
+
+def unpack_overlay(overlay_tar: Path, tree: Path, logfile: Path) -> None:
+    """Unpack the overlay tarball (`pack_overlay`) over `tree` as mmdebstrap's `tar-in` does: fed on
+    stdin (as mmdebstrap's helper feeds it) to GNU tar in the tree's namespace."""
+    run(userns.in_tree_namespace([*TAR_IN, "--directory", str(tree), "--extract", "--file", "-"]), step="rootfs",
+        logfile=logfile, input=overlay_tar.read_bytes())
 
 
 def check_agent_runs(tree: Path, name: str, distro: Distro) -> None:

@@ -10,7 +10,9 @@ and the security archive's `-security` suite (beside the mirror: `.../debian-sec
 the fixes published since the last point release. Before anything is downloaded beyond the package
 lists, apt checks that every package can be installed (`check_packages_hook`), so a misspelt
 EXTRA_PKGS fails in seconds. The tree carries nothing of the machine that built it: mmdebstrap's
-copies of the host's /etc/hostname and /etc/resolv.conf are replaced (`HOST_INDEPENDENT_HOOK`).
+copies of the host's /etc/hostname and /etc/resolv.conf are replaced (`HOST_INDEPENDENT_HOOK`); nor of
+where it was built: apt's download directories belong to _apt whoever could reach the tree
+(`give_apt_its_partial_dirs`). The tree is the base that osbuilder caches and copies for each rootfs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from osbuilder import errors
+from osbuilder import userns
 from osbuilder.apt import auth_entry
 from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
@@ -52,6 +54,8 @@ APT_OUTSIDE = 'env --chdir="$1" APT_CONFIG="$MMDEBSTRAP_APT_CONFIG"'  # apt on t
 MOUNTS_HOOK = ('if ! [ -c "$1/dev/null" ] || ! [ -e "$1/proc/self/mounts" ]; then echo "E: osbuilder: the chroot had '
                'no /dev/null device or no /proc while packages were installed" >&2; exit 1; fi')
 
+
+APT_PARTIAL = ("var/lib/apt/lists/partial", "var/cache/apt/archives/partial")  # apt's download directories
 
 RELEASE_HEAD_BYTES = 4096  # the Date field is in the first lines of InRelease
 
@@ -84,16 +88,15 @@ class Debian(Distro):
         return [Suite(mirror, release), Suite(mirror, f"{release}-updates"),
                 Suite(security_mirror(mirror), f"{release}-security")]
 
-    def build(self, suites, packages, overlay, dest, *, logfile, verbose, source_date_epoch):
+    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch):
         if '"' in str(dest):  # mmdebstrap refuses it: apt's configuration cannot hold one (settings check it)
-            raise UsageError(f"WORKDIR: {dest.parent} has a double quote (\"), which apt cannot handle; "
-                             "choose another WORKDIR")
+            raise UsageError(f"rootfs: {dest.parent} has a double quote (\"), which apt cannot handle (WORKDIR and "
+                             "CACHE_DIR may not have one)")
         cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
                "--include=" + ",".join(packages)]
         cmd += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
-        cmd += ["--dpkgopt=path-include=/usr/share/doc/*/copyright",
-                f"--customize-hook={MOUNTS_HOOK}",
-                f"--customize-hook=tar-in {hook_word(str(overlay))} /"]
+        cmd += ["--dpkgopt=path-include=/usr/share/doc/*/copyright"]
+        cmd += [f"--customize-hook={hook}" for hook in self.customize_hooks()]
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
         mirrors = [s.mirror for s in suites]
         with mirror_access(mirrors, temp_beside(dest.parent / "apt-auth.conf")) as (urls, hooks):
@@ -106,6 +109,12 @@ class Debian(Distro):
                 bare = [Suite(url, s.name) for s, url in zip(suites, urls, strict=True)]
                 raise classify_failure(e, bare, packages, self.extra(packages)) from None
         check_dev(dest)
+        give_apt_its_partial_dirs(dest, logfile)
+
+    def customize_hooks(self) -> list[str]:
+        """mmdebstrap's customize hooks, run in order after the packages are installed, while the chroot's
+        /dev and /proc are still mounted (a subclass may add its own after osbuilder's)."""
+        return [MOUNTS_HOOK]
 
     def extra(self, packages: list[str]) -> list[str]:
         """The packages that are not one of the plugin's defaults (those EXTRA_PKGS asked for)."""
@@ -137,6 +146,22 @@ class Debian(Distro):
             return None
         first = out.partition(":")[0].strip()
         return first if first and "," not in first and " " not in first else None
+
+
+def give_apt_its_partial_dirs(tree: Path, logfile: Path) -> None:
+    """apt's download directories as apt leaves them when it downloads as `_apt`, its sandbox user: owned
+    by _apt (group root, mode 0700). mmdebstrap lets apt download as _apt only when _apt can reach the
+    tree, else as root, which leaves them root's: so that the tree does not depend on where it was built
+    (a cache below root's 0700 home, a WORKDIR others can reach), they are given to _apt either way."""
+    passwd = tree / "etc/passwd"
+    lines = passwd.read_text().splitlines() if passwd.is_file() and not passwd.is_symlink() else []
+    uid = next((fields[2] for line in lines if len(fields := line.split(":")) > 2 and fields[0] == "_apt"), None)
+    dirs = [str(tree / d) for d in APT_PARTIAL if (tree / d).is_dir() and not (tree / d).is_symlink()]
+    if uid is None or not uid.isdigit() or not dirs:
+        return
+    run(userns.in_tree_namespace(["chown", "--no-dereference", f"{uid}:0", "--", *dirs]), step="rootfs",
+        logfile=logfile)
+    run(userns.in_tree_namespace(["chmod", "0700", "--", *dirs]), step="rootfs", logfile=logfile)
 
 
 def check_dev(tree: Path) -> None:
@@ -232,8 +257,6 @@ def classify_failure(error: OsbuilderError, suites: list[Suite], packages: list[
     if unavailable is not None or re.search(r"does not have a Release file|404\s+Not Found", text):
         return UsageError(f"OS_VERSION: release {release!r} not found at {mirror} (check REPO_URL and OS_VERSION)",
                           error.detail)
-    if errors.out_of_space(error):
-        return errors.full_disk("WORKDIR", "while building the rootfs", error)
     if "osbuilder: the chroot had no /dev/null" in text:
         return InfrastructureError("rootfs: mmdebstrap could not mount /dev and /proc in the chroot (see its "
                                    "warnings below: is `mount` installed?); package scripts would run without "

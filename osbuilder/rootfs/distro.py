@@ -4,8 +4,10 @@ A plugin owns every fact about its distribution: its releases and standard mirro
 runs (with the packages that provide them, for `check-deps` and the USE_DOCKER tools image), its
 names for the host's architectures, the packages a guest needs, how to read the state of its archive
 (for the rootfs cache key), how to list the files of an installed package, and how to populate a
-directory without mounts or loop devices. What every image must hold whatever made it (no SSH host
-keys, no documentation) is not the plugin's business: `policy.py` enforces it after the plugin ran.
+directory with the packages, without mounts or loop devices (the base tree, which osbuilder caches and
+copies for each rootfs before adding its own files). What every image must hold whatever made it (no
+SSH host keys, no documentation) is not the plugin's business: `policy.py` enforces it after the plugin
+ran.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ class Distro(ABC):
         return [Suite(mirror, release)]
 
     @abstractmethod
-    def build(self, suites: list[Suite], packages: list[str], overlay: Path, dest: Path,
+    def build(self, suites: list[Suite], packages: list[str], dest: Path,
               *, logfile: Path, verbose: bool, source_date_epoch: int | None) -> None:
-        """Create the rootfs at `dest` (which must not exist) from `suites` (`suites()`: the release
-        first, newer versions in the others win) and unpack `overlay` (a tarball whose entries belong
-        to root) over it, keeping the owners in the tarball. The tree must not depend on the machine
-        that builds it (its host name, its DNS configuration)."""
+        """Create the tree at `dest` (which must not exist) from `suites` (`suites()`: the release first,
+        newer versions in the others win) with `packages` installed, and nothing else: osbuilder copies it
+        for each rootfs and unpacks its own files over the copy (base.py), so one tree serves every agent.
+        The tree must not depend on the machine that builds it (its host name, its DNS configuration) nor
+        on where it is built (the directory, who can reach it): it is cached and shared."""
 
     @abstractmethod
     def archive_state(self, mirror: str, release: str) -> str:

@@ -1,0 +1,313 @@
+"""The base tree (issue 18): rootfs that differ only in osbuilder's files share one mmdebstrap run.
+
+Real builds against the Debian archive (marker `build`), with one SOURCE_DATE_EPOCH:
+
+- the rootfs `osbuilder rootfs` makes from a copy of the cached base is, path for path, the tree one
+  mmdebstrap run with the overlay's `tar-in` hook makes (how osbuilder built it before the base tree, kept
+  here as `one_run_rootfs`); the base is built in a CACHE_DIR below a 0700 directory (as root's own
+  ~/.cache is), which apt's _apt cannot reach, the one-run tree in a WORKDIR it can;
+- a second rootfs with another agent, in a fresh WORKDIR, reuses the base: one mmdebstrap run in all, and
+  the second takes seconds; the two trees differ only in the agent's files.
+
+Faults, with a distribution plugin that writes its tree in Python (no network): a torn base entry is
+rebuilt, a full WORKDIR while the base is copied leaves nothing behind, and two processes that need the
+same base build it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakes import workdir_entries
+from trees import listing
+
+from osbuilder import cli
+from osbuilder import settings as S
+from osbuilder.cache import MANIFEST, inspect_entry
+from osbuilder.deps import Tool
+from osbuilder.rootfs import base, distros, policy
+from osbuilder.rootfs.build import AgentChoice, pack_overlay, packages, stage_overlay, suites
+from osbuilder.rootfs.debian import Debian, hook_word
+from osbuilder.rootfs.distro import Distro
+
+EPOCH = "1700000000"
+MiB = 1 << 20
+MMDEBSTRAP_RUN = re.compile(r"^\+ mmdebstrap --mode=unshare ", re.M)
+
+
+# -- the one-run build: how osbuilder made a rootfs before the base tree -----------------------------
+
+
+class OneRunDebian(Debian):
+    """Debian, with the overlay unpacked by mmdebstrap's `tar-in` in a customize hook of the same run."""
+
+    def __init__(self, overlay_tar: Path) -> None:
+        self.overlay_tar = overlay_tar
+
+    def customize_hooks(self) -> list[str]:
+        return [*super().customize_hooks(), f"tar-in {hook_word(str(self.overlay_tar))} /"]
+
+
+def one_run_rootfs(settings: S.Settings, dest: Path, logfile: Path) -> Path:
+    """The rootfs as one mmdebstrap run made it: the overlay staged and packed as the rootfs step does, unpacked
+    by mmdebstrap's tar-in after the packages, then the image policy."""
+    choice = AgentChoice.from_settings(settings)
+    overlay, overlay_tar = dest.parent / "overlay", dest.parent / "overlay.tar"
+    stage_overlay(settings, choice, packages(settings), overlay, logfile)
+    pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
+    OneRunDebian(overlay_tar).build(suites(settings), packages(settings), dest, logfile=logfile, verbose=False,
+                                    source_date_epoch=settings.source_date_epoch)
+    policy.apply(dest, logfile)
+    policy.verify(dest)
+    return dest
+
+
+def osb(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in S.BY_NAME or k == "REPO_URL"}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "osbuilder", *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=1800)
+
+
+def mmdebstrap_runs(workdir: Path) -> int:
+    return len(MMDEBSTRAP_RUN.findall((workdir / "logs/rootfs.log").read_text()))
+
+
+@pytest.fixture(scope="module")
+def builds() -> Iterator[dict[str, Path]]:
+    """`osbuilder rootfs` twice, in two fresh WORKDIRs sharing one CACHE_DIR (osbuilder's agent, then a
+    script agent), and the one-run rootfs; every build with SOURCE_DATE_EPOCH. Also the seconds each took."""
+    home = Path(tempfile.mkdtemp(prefix="osbuilder-base-", dir="/var/tmp"))
+    home.chmod(0o755)  # searchable by apt's _apt user, as the fixtures' WORKDIR
+    private = home / "private"
+    private.mkdir(mode=0o700)  # ... but not the cache: as root's own ~/.cache (/root is 0700)
+    agent = home / "kata-agent"
+    agent.write_text("#!/bin/sh\nexec sleep infinity\n")
+    agent.chmod(0o755)
+    env = {"CACHE_DIR": str(private / "cache"), "SOURCE_DATE_EPOCH": EPOCH}
+    found: dict[str, Path] = {"home": home, "cache": private / "cache"}
+    try:
+        for name, extra in (("first", {}), ("second", {"AGENT_SOURCE_BIN": str(agent), "AGENT_PROTOCOL": "kata1"})):
+            started = time.monotonic()
+            result = osb("rootfs", "--workdir", str(home / name), env={**env, **extra}, cwd=home)
+            assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+            (home / f"{name}.seconds").write_text(f"{time.monotonic() - started:.1f}")
+            found[name] = home / name
+        one_run = home / "one-run"
+        one_run.mkdir()
+        s = S.load({}, env={"WORKDIR": str(one_run), "SOURCE_DATE_EPOCH": EPOCH,
+                            **({"REPO_URL": os.environ["REPO_URL"]} if os.environ.get("REPO_URL") else {})},
+                   cwd=home)
+        one_run_rootfs(s, one_run / "rootfs", one_run / "rootfs.log")
+        found["one-run"] = one_run
+        yield found
+    finally:
+        shutil.rmtree(home)
+
+
+@pytest.mark.build
+@pytest.mark.xdist_group("base-tree")
+def test_the_rootfs_is_the_tree_one_mmdebstrap_run_makes(builds):
+    """Every path with its type, mode, owner, link target, device and content: the copy of the base with the
+    overlay over it is the tree mmdebstrap made when it unpacked the overlay itself."""
+    ours, one_run = listing(builds["first"] / "rootfs"), listing(builds["one-run"] / "rootfs")
+    assert sorted(set(ours) ^ set(one_run)) == []
+    assert {p: (ours[p], one_run[p]) for p in ours if ours[p] != one_run[p]} == {}
+    # the base was built where _apt could not reach it (so apt downloaded as root), the one-run tree where it
+    # could: apt's download directories are _apt's in both
+    base_log = (builds["first"] / "logs/rootfs.log").read_text()
+    assert "Download is performed unsandboxed as root" in base_log
+    assert "Download is performed unsandboxed as root" not in (builds["one-run"] / "rootfs.log").read_text()
+    apt_uid = next(int(line.split(":")[2]) for line in (builds["first"] / "rootfs/etc/passwd").read_text().splitlines()
+                   if line.startswith("_apt:"))
+    for partial in ("/var/lib/apt/lists/partial", "/var/cache/apt/archives/partial"):
+        assert ours[partial][:3] == ("drwx------", apt_uid, 0), partial
+
+
+@pytest.mark.build
+@pytest.mark.xdist_group("base-tree")
+def test_a_second_agent_reuses_the_base_in_seconds(builds):
+    """A fresh WORKDIR, another AGENT_SOURCE_BIN: no mmdebstrap run, seconds instead of a minute, and a tree that
+    differs from the first only in the agent's files."""
+    assert mmdebstrap_runs(builds["first"]) == 1
+    assert mmdebstrap_runs(builds["second"]) == 0
+    first, second = (float((builds["home"] / f"{name}.seconds").read_text()) for name in ("first", "second"))
+    print(f"first rootfs (base built) {first:.1f}s, second (base reused) {second:.1f}s")
+    assert second < 30 and second < first / 2, (first, second)
+    one, two = listing(builds["first"] / "rootfs"), listing(builds["second"] / "rootfs")
+    wants = "/etc/systemd/system/multi-user.target.wants/"
+    units = "/usr/lib/systemd/system/"
+    agent_files = {"/usr/bin/osbuilder-agent", f"{units}osbuilder-agent.service", f"{wants}osbuilder-agent.service",
+                   "/usr/bin/kata-agent", f"{units}kata-agent.service", f"{wants}kata-agent.service",
+                   "/var/lib/osbuilder/osbuilder.yaml"}
+    differ = {p for p in set(one) | set(two) if one.get(p) != two.get(p)}
+    assert differ == agent_files
+    entries = [p for p in (builds["cache"] / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    assert len(entries) == 1 and (entries[0] / MANIFEST).is_file()
+    assert not list(entries[0].rglob("ssh_host_*"))  # the image policy holds in the cache too
+
+
+# -- faults, with a distribution written in Python ----------------------------------------------------
+
+
+class PythonDistro(Distro):
+    """A distribution whose packages are files written by Python: `big` MiB of random data in one, and each
+    build counted in the file the environment names (OSB_TEST_BUILDS)."""
+
+    name = "pydistro"
+    releases = ("one",)
+    default_release = "one"
+    default_mirror = "http://py.invalid/"
+    tools = (Tool("tar", "tar", "stands in for the installer"),)
+    architectures = {"x86_64": "py64", "aarch64": "pyarm"}
+    big = 0
+    pause = 0.0
+
+    def default_packages(self, agent_init: bool) -> list[str]:
+        return ["py-base"]
+
+    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch) -> None:
+        with open(os.environ["OSB_TEST_BUILDS"], "a") as f:
+            f.write("x")
+        time.sleep(self.pause)
+        for d in ("usr/sbin", "usr/bin", "usr/lib/systemd", "etc"):
+            (dest / d).mkdir(parents=True, exist_ok=True)
+        (dest / "usr/lib/systemd/systemd").write_bytes(b"\x7fELF systemd")
+        (dest / "usr/sbin/init").symlink_to("../lib/systemd/systemd")
+        (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (dest / "usr/lib/data").write_bytes(os.urandom(self.big * MiB))
+
+    def archive_state(self, mirror: str, release: str) -> str:
+        return "state 1"
+
+    def package_files(self, tree: Path, package: str) -> list[str]:
+        return []
+
+
+@pytest.fixture
+def pydistro(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PythonDistro]:
+    monkeypatch.setenv("OSB_TEST_BUILDS", str(tmp_path / "builds"))
+    (tmp_path / "builds").write_text("")
+    with distros.registered(PythonDistro()) as d:
+        yield d  # type: ignore[misc]
+
+
+def script_agent(path: Path) -> Path:
+    path.write_text("#!/bin/sh\nexec sleep infinity\n")
+    path.chmod(0o755)
+    return path
+
+
+def rootfs_argv(workdir: Path, cache: Path, agent: Path | None = None) -> list[str]:
+    argv = ["rootfs", "--distro", "pydistro", "--workdir", str(workdir), "--cache-dir", str(cache)]
+    return argv + (["--agent-source-bin", str(agent), "--agent-protocol", "osbuilder"] if agent else [])
+
+
+def builds_counted(tmp_path: Path) -> int:
+    return len((tmp_path / "builds").read_text())
+
+
+def test_a_torn_base_entry_is_rebuilt(tmp_path: Path, pydistro: PythonDistro, caplog: pytest.LogCaptureFixture):
+    cache = tmp_path / "cache"
+    assert cli.main(rootfs_argv(tmp_path / "a", cache)) == 0
+    assert cli.main(rootfs_argv(tmp_path / "b", cache, script_agent(tmp_path / "kata-agent"))) == 0
+    assert builds_counted(tmp_path) == 1  # the second agent reused the base
+    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    data = entry / "rootfs/usr/lib/data"
+    data.write_bytes(b"half")  # what a power loss leaves
+    caplog.set_level(logging.INFO, "osbuilder")
+    assert cli.main(rootfs_argv(tmp_path / "c", cache, script_agent(tmp_path / "cc-agent"))) == 0
+    assert builds_counted(tmp_path) == 2
+    assert any(r.getMessage() == f"cache: {base.KIND} {entry.name} is torn (rootfs/usr/lib/data: 4 bytes, "
+               f"recorded 0); rebuilding" for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert inspect_entry(entry, base.manifest(S.load({}, env={"DISTRO": "pydistro", "CACHE_DIR": str(cache)},
+                                                     cwd=tmp_path)))[1] is None
+
+
+@pytest.fixture
+def small_workdir(tmp_path: Path) -> Iterator[Path]:
+    """A WORKDIR on a 32 MiB tmpfs."""
+    if os.geteuid() != 0:
+        pytest.skip("a small tmpfs WORKDIR needs root to mount it")
+    wd = tmp_path / "small"
+    wd.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(wd)], check=True)
+    try:
+        yield wd
+    finally:
+        subprocess.run(["umount", "-l", str(wd)], check=True)
+
+
+def test_a_full_workdir_while_copying_the_base_leaves_nothing(tmp_path: Path, small_workdir: Path,
+                                                              pydistro: PythonDistro,
+                                                              capsys: pytest.CaptureFixture[str]):
+    """The base (48 MiB) is in CACHE_DIR, the copy does not fit in WORKDIR: one line naming WORKDIR (exit 125), no
+    temporary and no rootfs in WORKDIR, the earlier rootfs as it was, the base entry intact."""
+    pydistro.big = 48
+    cache = tmp_path / "cache"
+    earlier = small_workdir / "rootfs"
+    earlier.mkdir()
+    (earlier / "marker").write_text("the earlier rootfs")
+    before = workdir_entries(small_workdir)
+    assert cli.main(rootfs_argv(small_workdir, cache)) == 125
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("osbuilder: error:")] == [
+        f"osbuilder: error: WORKDIR: no space left on device in {small_workdir} while copying the base tree "
+        "(nothing was replaced)"], err
+    assert (earlier / "marker").read_text() == "the earlier rootfs" and list(earlier.iterdir()) == [earlier / "marker"]
+    assert workdir_entries(small_workdir) == sorted({*before, "logs"})  # no temporary, in the cache neither
+    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    s = S.load({}, env={"DISTRO": "pydistro", "CACHE_DIR": str(cache)}, cwd=tmp_path)
+    assert inspect_entry(entry, base.manifest(s))[1] is None
+    assert (entry / "rootfs/usr/lib/data").stat().st_size == 48 * MiB
+
+
+def test_a_full_cache_dir_while_building_the_base_leaves_nothing(tmp_path: Path, small_workdir: Path,
+                                                                 pydistro: PythonDistro,
+                                                                 capsys: pytest.CaptureFixture[str]):
+    """The base (48 MiB) does not fit in CACHE_DIR: one line naming CACHE_DIR (exit 125), neither an entry nor a
+    temporary in it, no rootfs in WORKDIR."""
+    pydistro.big = 48
+    wd = tmp_path / "wd"
+    assert cli.main(rootfs_argv(wd, small_workdir)) == 125
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("osbuilder: error:")] == [
+        f"osbuilder: error: CACHE_DIR: no space left on device in {small_workdir} while building the base tree "
+        "(nothing was kept)"], err
+    assert [p.name for p in (small_workdir / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")] == []
+    assert workdir_entries(wd) == ["logs"]
+
+
+def _build_rootfs(argv: list[str]) -> None:
+    sys.exit(cli.main(argv))
+
+
+def test_two_processes_build_the_base_once(tmp_path: Path, pydistro: PythonDistro):
+    """Two rootfs with different agents, at once: one waits on the base entry's lock and copies what the other
+    built."""
+    pydistro.pause = 2.0
+    cache = tmp_path / "cache"
+    ctx = multiprocessing.get_context("fork")  # the children inherit the registered distribution
+    procs = [ctx.Process(target=_build_rootfs, args=(rootfs_argv(tmp_path / f"wd{i}", cache,
+                                                                 script_agent(tmp_path / f"agent{i}")),))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert builds_counted(tmp_path) == 1
+    for i in range(2):
+        assert (tmp_path / f"wd{i}/rootfs/usr/bin/agent{i}").is_file()
+        assert (tmp_path / f"wd{i}/rootfs/usr/lib/data").is_file()
