@@ -430,7 +430,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("VM_CPUS", "auto", "guest vCPUs for boot checks: auto (the host's cores shared among the guests booting at once), or a number", _vm_cpus, "boot", reads_environment=True),
     Setting("BOOT_KERNEL", "auto", "kernel for boot checks: auto (built kernel if present, else Debian's), built, debian, or a path", _text, "boot"),
     Setting("BOOT_PROFILE", "auto", "how boot checks attach the image (osbuilder/vm/attachments.py): {choices}; auto is the RUNTIME's own; AGENT_INIT chooses PID 1", _boot_profile, "boot", choices=_boot_profiles),
-    Setting("BOOT_TIMEOUT", "120", "seconds a boot may take before it is declared hung (per phase budget scales from it)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
+    Setting("BOOT_TIMEOUT", "120", "seconds that scale a boot's budgets: a guest that shows no progress for a quarter of it is hung; a boot not ready 1.5 times it after QEMU started, while the guest still made progress, is the host's failure (exit 125)", _bounded(MAX_BOOT_TIMEOUT, "a day"), "boot"),
     Setting("BOOT_IMAGE", "", "image for `osbuilder boot`", _optional_path, "boot", empty="the image in WORKDIR"),
     Setting("BOOT_APPEND", "", "extra kernel command line parameters for boots (e.g. systemd.unit=rescue.target)", _text, "boot"),
     # kernel

@@ -20,16 +20,18 @@ from osbuilder.errors import InfrastructureError, UsageError
 from osbuilder.layout import UserCache, Workdir
 from osbuilder.vm import accel, attachments, check, phases, profiles
 from osbuilder.vm.guest import Guest
-from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budgets
+from osbuilder.vm.options import Accel, BootKernel, BootOptions, Budget, Budgets
 from osbuilder.vm.profiles import AGENT_INIT, SYSTEMD, Outcome, Pid1, Profile
 
 
 def test_budgets_scale_with_timeout_down_to_floors() -> None:
+    """One setting: the silence a phase tolerates, the boot's ceiling and the power-off's, from BOOT_TIMEOUT."""
     b = Budgets.from_timeout(120)
-    assert b.kernel == 30 and b.root == 60 and b.agent == 120 and b.running == 60 and b.powerdown == 30
-    assert b.agent_grace == 18 and b.ssh == 60
+    assert b.boot == Budget(silence=30, ceiling=180, from_start=True)
+    assert b.agent_grace == 18 and b.powerdown == Budget(silence=30, ceiling=60, from_start=False)
     short = Budgets.from_timeout(40)  # a short BOOT_TIMEOUT still leaves the agent and the power-off time
-    assert short.kernel == 10 and short.agent == 40 and short.agent_grace == 15 and short.powerdown == 20
+    assert short.boot == Budget(10, 60) and short.agent_grace == 15 and short.powerdown == Budget(20, 40, False)
+    assert Budgets.from_timeout(1).boot.silence == 0.25  # named as such ("0.25s"), not rounded up
 
 
 def test_guest_options_come_from_the_settings(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_a_silent_agent_is_reported_with_the_profiles_diagnostics(tmp_path: Path
         with pytest.raises(BootFailure) as info:
             phases.agent(guest)
         assert info.value.phase == "agent"
-        assert "no answer from the agent over the osbuilder protocol" in info.value.reason
+        assert "waiting for the agent to answer over the osbuilder protocol" in info.value.reason
         details[profile.name] = info.value.detail
     assert "the agent is init: no systemd unit and no sshd to ask" in details["agent-init"]
     assert "sshd" not in details["systemd"]  # no session key: nothing to ask over SSH, and no pretending
@@ -108,8 +108,9 @@ def test_close_powers_off_the_profiles_way_and_writes_boot_json(tmp_path: Path, 
     record = json.loads((tmp_path / BOOT_JSON).read_text())
     assert record["qemu_pid"] == 4242 and record["passed"] is False and record["phases"]["kernel"] == "not run"
     assert list(record) == ["name", "image", "kernel", "accel", "memory_mib", "cpus", "started_at", "timings",
-                            "guest_startup", "powerdown_seconds", "phases", "profile", "agent", "root", "passed",
-                            "failure", "qemu_pid", "command", "log_dir"]
+                            "guest_startup", "powerdown_seconds", "phases", "profile", "agent", "root", "host",
+                            "passed", "failure", "qemu_pid", "command", "log_dir"]
+    assert record["host"] is None  # no QEMU process to sample
     assert record["profile"] == profile.name
 
 

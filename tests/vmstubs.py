@@ -46,7 +46,7 @@ class FakeVm:
         self.console = console.ConsoleWatcher(tmp_path / "c.log", self.t0)
         self.stderr = console.ConsoleWatcher(tmp_path / "q.log", self.t0, "qemu")
         self.console.closed = True  # every line it will show is fed by the test
-        self.qmp = SimpleNamespace(event_names=lambda: ["RESUME"], events=[])
+        self.qmp = SimpleNamespace(event_names=lambda: ["RESUME"], events=[], arrived=[])
         self.proc = SimpleNamespace(returncode=0)
         self.pid, self.command = 4242, ["qemu-system-x86_64", "-fake"]
         self.is_alive = alive
@@ -62,8 +62,11 @@ class FakeVm:
         return self.ports_opened.get(name)
 
     def powerdown(self, timeout: float) -> dict[str, Any]:
+        return self.wait_shutdown(timeout, self.press_power_button())
+
+    def press_power_button(self) -> int:
         self.calls.append("system_powerdown")
-        return self.wait_shutdown(timeout)
+        return len(self.qmp.events)
 
     def wait_shutdown(self, timeout: float, since: int = 0) -> dict[str, Any]:
         self.shutdown_event = {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}}
@@ -140,3 +143,58 @@ def dax_guest(tmp_path: Path, probe_output: str) -> tuple[Guest, ExecAgent]:
     guest.agent = agent  # type: ignore[assignment]
     return guest, agent
 
+
+
+class FakeHost:
+    """What a Guest asks of host.Monitor: the share the test sets (None: no evidence, as without /proc)."""
+
+    def __init__(self, share: Any = None) -> None:
+        self.value = share
+        self.asked: list[float] = []
+        self.samples: list[Any] = []
+
+    def share(self, since: float) -> Any:
+        self.asked.append(since)
+        return self.value
+
+    def stop(self) -> None:
+        pass
+
+
+def host_share(ran: float, waited: float, seconds: float = 30.0, stolen: float = 0.0) -> Any:
+    """A host.Share of `seconds` in which QEMU ran and waited that long, at load average 9 on 2 CPUs."""
+    from osbuilder.vm import host
+
+    return host.Share(seconds=seconds, ran=ran, waited=waited, stolen=stolen, load=(9.01, 7.5, 5.25), cpus=2,
+                      pressure=87.0)
+
+
+class Printer:
+    """A guest printing a console line every `every` seconds (from a thread) until stopped, then
+    `last` if given. Use as a context manager."""
+
+    def __init__(self, guest: Guest, every: float, stop_after: float | None = None, last: str = "") -> None:
+        import threading
+
+        self.guest, self.every, self.stop_after, self.last = guest, every, stop_after, last
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.printed = 0
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self.stopped.wait(self.every):
+            if self.stop_after is not None and time.monotonic() - started >= self.stop_after:
+                if self.last:
+                    self.guest.vm.console.feed(self.last)
+                return
+            self.printed += 1
+            self.guest.vm.console.feed(f"[ {self.printed:4d}] systemd[1]: Started unit {self.printed}.")
+
+    def __enter__(self) -> Printer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(5)

@@ -11,8 +11,8 @@ fails under KVM for a reason that is not the artifact's is retried under TCG (`w
 and KVM is distrusted from then on.
 
 Exit codes (through the CLI): 0 the check passed, 1 the image or kernel failed a check (BootFailure),
-125 an infrastructure failure (BootInfrastructureError, e.g. a KVM internal error), 2 a usage error
-(no image yet).
+125 an infrastructure failure (BootInfrastructureError, e.g. a KVM internal error; HostOverloaded, a
+host too busy to boot the guest within the ceiling), 2 a usage error (no image yet).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from osbuilder.settings import Settings
 from osbuilder.vm import accel, phases, profiles, ssh
 from osbuilder.vm.attachments import Attachment
 from osbuilder.vm.debian_kernel import debian_kernel
-from osbuilder.vm.guest import Guest, Launcher
+from osbuilder.vm.guest import Guest, HostOverloaded, Launcher
 from osbuilder.vm.options import Accel, AgentSpec, BootKernel, BootOptions
 from osbuilder.vm.qemu import Vm, run_interactive
 
@@ -205,11 +205,11 @@ def run_check(opts: BootOptions, settings: Settings, *, launch: Launcher = Vm,
 
 def with_kvm_fallback(opts: BootOptions, settings: Settings, fn: Callable[[BootOptions], T]) -> T:
     """Run `fn(opts)`; if KVM (chosen by ACCEL=auto) fails there, distrust it and retry under TCG
-    (logs in `<log dir>-tcg`)."""
+    (logs in `<log dir>-tcg`). An overloaded host is not KVM's failure (TCG would only be slower)."""
     try:
         return fn(opts)
     except InfrastructureError as e:
-        if opts.accel.name != "kvm" or not opts.accel.auto:
+        if opts.accel.name != "kvm" or not opts.accel.auto or isinstance(e, HostOverloaded):
             raise
         log.warning("boot: KVM failed (%s); retrying under TCG", e.message)
         accel.distrust_kvm(settings, e.message)

@@ -10,6 +10,10 @@ thread, appends every byte to a log file, splits lines and matches each against:
   multi-user): the host time of the first occurrence, for the boot's phase timings and the waits
   in `phases`.
 
+Each complete line is also the guest's progress (`last_line`, `line_count`): a guest that prints is
+getting somewhere; systemd's "A start job is running" spinner rewrites one line with carriage returns
+and ends it only when the job ends, so a job that hangs is not progress.
+
 A guest can print without end: each byte is looked at once, a line is kept up to LINE_CAP bytes
 (the rest is dropped and the line ends with "[N bytes cut]"), and the log file keeps at most
 LOG_CAP bytes: the first LOG_HEAD bytes, a line "[osbuilder: N bytes of output cut here]" and the
@@ -189,6 +193,8 @@ class ConsoleWatcher:
         self.milestones: dict[str, float] = {}
         self.fatal: FatalMatch | None = None
         self.failed_lines: list[str] = []
+        self.last_line: tuple[float, str] | None = None  # (seconds since t0, line) of the latest line
+        self.line_count = 0
         self.closed = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -242,6 +248,8 @@ class ConsoleWatcher:
         with self._cond:
             if keep:
                 self.lines.append(line)
+            self.last_line = (now, line)
+            self.line_count += 1
             for name in match_milestones(line):
                 self.milestones.setdefault(name, now)
             if FAILED_UNIT.search(line) and len(self.failed_lines) < 50:

@@ -15,8 +15,6 @@ from osbuilder.vm import ssh
 from osbuilder.vm.profiles import SYSTEMD, Profile
 from osbuilder.vm.qemu import VmSpec, kernel_cmdline
 
-AGENT_GRACE = 0.15  # of BOOT_TIMEOUT: how long the agent may lag behind multi-user.target
-
 
 @dataclass(frozen=True)
 class BootKernel:
@@ -37,23 +35,41 @@ class Accel:
     auto: bool  # chosen by ACCEL=auto (so a KVM failure may fall back to TCG)
 
 
+SILENCE = 0.25  # of BOOT_TIMEOUT: how long the guest may show no progress before a phase calls it hung
+CEILING = 1.5  # of BOOT_TIMEOUT: how long after QEMU's start a boot still making progress may take to be ready
+AGENT_GRACE = 0.15  # of BOOT_TIMEOUT: how long the agent may lag behind multi-user.target
+POWERDOWN = 0.25  # of BOOT_TIMEOUT (at least POWERDOWN_MIN): the power-off's silence budget; its ceiling is twice it
+POWERDOWN_MIN = 20.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a phase waits for the guest. While the guest makes progress (guest.py: a console line, a
+    QMP event from the guest, what a phase notes) it waits, up to `ceiling` seconds after QEMU's start
+    (`from_start`) or after the phase's own start; a guest silent for `silence` seconds is hung, unless the
+    host starved it meanwhile (host.py), which buys it time up to the ceiling."""
+
+    silence: float
+    ceiling: float
+    from_start: bool = True
+
+
 @dataclass(frozen=True)
 class Budgets:
-    """Seconds each phase may take (kernel and agent count from QEMU's start)."""
+    """Every budget of a boot, from BOOT_TIMEOUT: `boot` for each phase up to ready (kernel, root, init,
+    agent, running, exec, ssh: one ceiling counted from QEMU's start), `agent_grace` (the agent's lag behind
+    multi-user.target), `powerdown` (counted from the power button)."""
 
-    kernel: float
-    root: float
-    agent: float
+    boot: Budget
     agent_grace: float
-    running: float
-    ssh: float
-    powerdown: float
+    powerdown: Budget
 
     @classmethod
     def from_timeout(cls, timeout: float) -> Budgets:
-        return cls(kernel=timeout * 0.25, root=timeout * 0.5, agent=timeout,
-                   agent_grace=max(15.0, timeout * AGENT_GRACE), running=timeout * 0.5, ssh=timeout * 0.5,
-                   powerdown=max(20.0, timeout * 0.25))
+        powerdown = max(POWERDOWN_MIN, timeout * POWERDOWN)
+        return cls(boot=Budget(silence=timeout * SILENCE, ceiling=timeout * CEILING),
+                   agent_grace=max(15.0, timeout * AGENT_GRACE),
+                   powerdown=Budget(silence=powerdown, ceiling=2 * powerdown, from_start=False))
 
 
 @dataclass(frozen=True)

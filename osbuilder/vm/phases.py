@@ -1,7 +1,6 @@
 """The boot check's phases, one function each; each records the phase's Outcome on the guest.
 
-In order, each with its own time budget (options.Budgets, scaled from BOOT_TIMEOUT) and named in
-its errors:
+In order, each named in its errors:
 
     kernel     the kernel prints "Linux version"
     root       the kernel mounts the root filesystem (the profile's attachment says which)
@@ -17,15 +16,17 @@ its errors:
                agent is PID 1, its `poweroff` request)
 
 While a phase waits, the guest's guard watches the console: a panic, emergency mode, an initramfs
-shell, a missing init or a KVM internal error ends the boot within seconds. `run(guest, phase)`
-runs a phase the guest's profile's way: a phase the profile skips is recorded as skipped, not run.
+shell, a missing init or a KVM internal error ends the boot within seconds. How long a phase waits
+follows the guest's progress (options.Budget, guest.Wait, from BOOT_TIMEOUT): a guest that keeps
+printing is slow, not hung, up to the boot's ceiling (then the host is at fault, exit 125); a silent
+one is hung, unless the host is starving it. `run(guest, phase)` runs a phase the guest's profile's
+way: a phase the profile skips is recorded as skipped, not run.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,10 +34,10 @@ import paramiko
 
 from osbuilder.agent import AGENT_VERSION
 from osbuilder.agent.client import AgentClient, AgentConnectionClosed, AgentError, AgentTimeout, ExecResult
-from osbuilder.errors import OsbuilderError, seconds
+from osbuilder.errors import OsbuilderError
 from osbuilder.vm import ssh as ssh_mod
 from osbuilder.vm.console import format_tail
-from osbuilder.vm.guest import BootFailure, BootInfrastructureError, Guest
+from osbuilder.vm.guest import BootFailure, BootInfrastructureError, Guest, Wait
 from osbuilder.vm.options import Budgets
 from osbuilder.vm.profiles import Outcome
 from osbuilder.vm.qemu import QmpError
@@ -51,7 +52,7 @@ GUEST_HOST_KEY = "/run/osbuilder/ssh/ssh_host_ed25519_key.pub"
 def kernel(guest: Guest) -> None:
     """The kernel starts and prints its banner."""
     milestones = guest.vm.console.milestones
-    guest.wait_until("kernel", lambda: "linux_version" in milestones, guest.budgets.kernel,
+    guest.wait_until("kernel", lambda: "linux_version" in milestones, guest.budgets.boot,
                      "the kernel's 'Linux version' banner on the console")
     guest.phases["kernel"] = Outcome.passed()
 
@@ -60,7 +61,7 @@ def root(guest: Guest) -> None:
     """The kernel mounts the root filesystem (read-only is verified in `exec`)."""
     attach = guest.profile.attach
     milestones = guest.vm.console.milestones
-    guest.wait_until("root", lambda: attach.root_milestone in milestones, guest.budgets.root, attach.root_awaited)
+    guest.wait_until("root", lambda: attach.root_milestone in milestones, guest.budgets.boot, attach.root_awaited)
     guest.phases["root"] = Outcome.passed()
 
 
@@ -71,7 +72,7 @@ def init(guest: Guest) -> None:
         guest.guard("init")
         return
     milestones = guest.vm.console.milestones
-    guest.wait_until("init", lambda: "systemd_started" in milestones, guest.budgets.root,
+    guest.wait_until("init", lambda: "systemd_started" in milestones, guest.budgets.boot,
                      "systemd to start ('Welcome to' / 'systemd[1]' on the console)")
     guest.phases["init"] = Outcome.passed()
 
@@ -82,19 +83,17 @@ def agent(guest: Guest) -> str:
     opened its port and does not answer over the protocol for SPEAK_GRACE seconds fails at once: it
     speaks another protocol, or none."""
     b = guest.budgets
-    deadline = guest.vm.t0 + b.agent
     protocol = guest.protocol
-    client = _connect_agent(guest, deadline)
+    wait = guest.waiting("agent", b.boot, f"the agent to answer over the {protocol.name} protocol ({where(guest)})",
+                         lambda: _agent_diagnostics(guest))
+    client = _connect_agent(guest, wait)
     while True:
         guest.guard(_phase_while_agent_is_silent(guest))
+        wait.check()
         _check_agent_lag(guest, b)
         _check_agent_speaks(guest)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise guest.fail("agent", f"no answer from the agent over the {protocol.name} protocol within "
-                             f"{seconds(b.agent)} ({where(guest)})", _agent_diagnostics(guest))
         try:
-            ready = protocol.wait_ready(client, min(1.0, left))
+            ready = protocol.wait_ready(client, wait.slice())
             break
         except AgentTimeout:
             continue
@@ -125,10 +124,11 @@ def where(guest: Guest) -> str:
 def _check_agent_speaks(guest: Guest) -> None:
     """Fail when the guest opened the agent's first port SPEAK_GRACE seconds ago (QMP's VSERPORT_CHANGE)
     and the agent has not answered over the protocol: it speaks another one (a wrong first byte broke
-    its session, or it ignores ours)."""
+    its session, or it ignores ours). Not while the host starves the guest: then the agent may just be
+    slow (the phase's budget decides)."""
     ports = guest.protocol.serial_ports
     opened = guest.vm.port_opened_at(ports[0]) if ports else None
-    if opened is not None and guest.now() - opened > SPEAK_GRACE:
+    if opened is not None and guest.now() - opened > SPEAK_GRACE and not guest.starved(guest.vm.t0 + opened):
         guest.timings["agent_gave_up"] = guest.now()  # before the diagnostics, which take seconds over SSH
         a = guest.opts.agent
         raise guest.fail("agent", f"the agent ({a.service}, /usr/bin/{a.name}) opened {ports[0]} at {opened:.1f}s "
@@ -158,21 +158,21 @@ def _prove_agent_is_init(guest: Guest, client: AgentClient) -> None:
     guest.phases["init"] = Outcome.passed()
 
 
-def _connect_agent(guest: Guest, deadline: float) -> Any:
+def _connect_agent(guest: Guest, wait: Wait) -> Any:
     if guest.agent is None:
         try:
-            guest.agent = guest.protocol.connect(guest.vm.paths.port, guest.opts.vsock_cid,
-                                                 max(1.0, deadline - time.monotonic()))
+            guest.agent = guest.protocol.connect(guest.vm.paths.port, guest.opts.vsock_cid, max(1.0, wait.left()))
         except AgentError as e:
             raise guest.fail("agent", f"cannot connect to the agent ({where(guest)}): {e}")
     return guest.agent
 
 
 def _check_agent_lag(guest: Guest, b: Budgets) -> None:
-    """Fail early when systemd finished booting long ago and the agent still is silent."""
+    """Fail early when systemd finished booting long ago and the agent still is silent (unless the host
+    starved the guest meanwhile: then the phase's budget decides)."""
     milestones = guest.vm.console.milestones
     reached = milestones.get("multi_user") or milestones.get("login_prompt")
-    if reached is not None and guest.now() - reached > b.agent_grace:
+    if reached is not None and guest.now() - reached > b.agent_grace and not guest.starved(guest.vm.t0 + reached):
         raise guest.fail("agent", f"systemd reached multi-user.target {guest.now() - reached:.0f}s ago but the "
                          f"agent ({where(guest)}) does not answer over the {guest.protocol.name} protocol",
                          _agent_diagnostics(guest))
@@ -202,17 +202,20 @@ def _agent_diagnostics(guest: Guest) -> str:
 
 
 def running(guest: Guest) -> str:
-    """systemctl is-system-running --wait: running passes, degraded fails listing failed units."""
-    b = guest.budgets
-    deadline = time.monotonic() + b.running
+    """systemctl is-system-running --wait: running passes, degraded fails listing failed units. Waits while
+    the guest makes progress: console lines, and systemd's job queue changing (read between tries, so
+    a quiet console, `systemd.show_status=0` say, is not silence)."""
+    wait = guest.waiting("running", guest.budgets.boot, "systemd to finish starting")
     state = ""
-    while time.monotonic() < deadline:
-        guest.guard("running")
-        slice_ = max(1.0, min(10.0, deadline - time.monotonic()))
-        r = guest.exec(["systemctl", "is-system-running", "--wait"], timeout=slice_, phase="running")
+    jobs: str | None = None
+    while True:
+        wait.check()
+        r = guest.exec(["systemctl", "is-system-running", "--wait"], timeout=max(1.0, min(10.0, wait.left())),
+                       phase="running")
         state = r.stdout.strip()
         if not r.timed_out and state not in ("initializing", "starting", ""):
             break
+        jobs = _note_jobs(guest, jobs)
     guest.timings["system_running"] = guest.now()
     _analyze(guest)
     if state in EXPECTED_STATES:
@@ -222,8 +225,16 @@ def running(guest: Guest) -> str:
         units, journal = failed_units(guest)
         raise guest.fail("running", f"systemd is degraded; failed units: {', '.join(units) or '(none listed)'}",
                          journal)
-    reason = f"systemd state {state!r}" if state else f"systemd did not finish starting within {seconds(b.running)}"
-    raise guest.fail("running", reason)
+    raise guest.fail("running", f"systemd state {state!r}")
+
+
+def _note_jobs(guest: Guest, before: str | None) -> str | None:
+    """systemd's job queue (jobs queued, and installed since boot): progress when it changed."""
+    r = guest.try_exec(["systemctl", "show", "--property=NJobs", "--property=NInstalledJobs", "--value"], 10)
+    jobs = " ".join(r.stdout.split()) if r is not None and r.status == 0 else None
+    if jobs is not None and before is not None and jobs != before:
+        guest.note_progress(f"systemd's job queue (jobs, installed: {before} -> {jobs})")
+    return jobs if jobs is not None else before
 
 
 def failed_units(guest: Guest) -> tuple[list[str], str]:
@@ -304,10 +315,11 @@ def ssh(guest: Guest) -> paramiko.SSHClient:
     if guest.agent is not None and guest.protocol.can_exec:
         r = guest.exec(["cat", GUEST_HOST_KEY], phase="ssh")
         host_key = r.stdout.strip() if r.status == 0 else None
+    wait = guest.waiting("ssh", guest.budgets.boot, "an SSH login with the session key")
     try:
         port = guest.vm.host_port(22)
-        guest.ssh_client = ssh_mod.connect(port, guest.opts.ssh_key, guest.budgets.ssh, host_key=host_key,
-                                           keep_going=lambda: guest.guard("ssh"))
+        guest.ssh_client = ssh_mod.connect(port, guest.opts.ssh_key, wait.left() + 10, host_key=host_key,
+                                           keep_going=wait.check)
         status, out, _ = ssh_mod.run_command(guest.ssh_client, "id -un; systemctl is-system-running", timeout=30)
     except (ssh_mod.SshError, OsbuilderError) as e:
         if isinstance(e, (BootFailure, BootInfrastructureError)):
@@ -322,7 +334,8 @@ def ssh(guest: Guest) -> paramiko.SSHClient:
 
 def powerdown(guest: Guest) -> dict[str, Any]:
     """The ACPI power button (the agent's `poweroff` request when the agent is init); the guest
-    must shut itself down within the bound. Returns QEMU's SHUTDOWN event."""
+    must shut itself down, making progress (systemd stopping units), within the power-off's budget.
+    Returns QEMU's SHUTDOWN event."""
     b = guest.budgets
     if guest.ssh_client is not None:
         guest.ssh_client.close()
@@ -333,18 +346,27 @@ def powerdown(guest: Guest) -> dict[str, Any]:
     how = "the agent's poweroff request" if by_agent else "system_powerdown"
     try:
         if not by_agent:
-            event = guest.vm.powerdown(b.powerdown)
+            mark = guest.vm.press_power_button()
         elif guest.agent is None:
             raise guest.fail("powerdown", "the agent is not connected (it powers off a guest it is init of)")
         else:
-            event = guest.agent_poweroff(b.powerdown)
+            mark = guest.request_agent_poweroff(min(10.0, b.powerdown.silence))
     except QmpError as e:
         raise guest.fail("powerdown", str(e))
     except AgentError as e:
         raise guest.fail("powerdown", f"the agent refused to power off: {e}")
+    wait = guest.waiting("powerdown", b.powerdown, f"SHUTDOWN after {how}")
+    event = guest.vm.wait_shutdown(0, since=mark)
+    while event is None:
+        if not guest.vm.alive():  # QEMU quits after its SHUTDOWN event: look once more before guarding
+            event = guest.vm.wait_shutdown(2, since=mark)
+            if event is None:
+                guest.guard("powerdown")
+            break
+        wait.check(guard=False)
+        event = guest.vm.wait_shutdown(wait.slice(), since=mark)
     if event is None:
-        guest.guard("powerdown")
-        raise guest.fail("powerdown", f"no SHUTDOWN within {seconds(b.powerdown)} of {how}")
+        raise guest.fail("powerdown", f"no SHUTDOWN after {how}")
     data = event.get("data", {})
     if not data.get("guest") or data.get("reason") != "guest-shutdown":
         raise guest.fail("powerdown", f"unexpected shutdown: {data}")

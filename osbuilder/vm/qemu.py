@@ -446,9 +446,13 @@ class Vm:
 
     def powerdown(self, timeout: float) -> dict[str, Any] | None:
         """ACPI power button; the SHUTDOWN event (or None if none came within `timeout`)."""
+        return self.wait_shutdown(timeout, since=self.press_power_button())
+
+    def press_power_button(self) -> int:
+        """ACPI power button; the index of QMP's next event (where to look for SHUTDOWN)."""
         mark = len(self.qmp.events)
         self.qmp.execute("system_powerdown")
-        return self.wait_shutdown(timeout, since=mark)
+        return mark
 
     def wait_shutdown(self, timeout: float, since: int = 0) -> dict[str, Any] | None:
         """The SHUTDOWN event at index >= `since` (None if none came within `timeout`); then let QEMU exit.
