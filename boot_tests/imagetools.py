@@ -50,6 +50,17 @@ def add_symlink(image: Path, link: str, target: str) -> None:
     debugfs(image, [f"symlink {link} {target}"])
 
 
+def replace_init(image: Path, script: str) -> None:
+    """Make the image's /sbin/init (/usr/sbin/init: /sbin is a link) a shell script running `script`."""
+    remove_file(image, "/usr/sbin/init")
+    add_file(image, "/usr/sbin/init", f"#!/bin/sh\n{script}\n", 0o755)
+
+
+# inits of broken images: one that hangs idle, printing nothing; one that hangs busy, printing nothing
+SLEEPING_INIT = "exec sleep infinity"
+SPINNING_INIT = "while :; do :; done"
+
+
 def exists(image: Path, path: str) -> bool:
     out = debugfs(image, [f"stat {path}"])
     return "File not found" not in out and "Inode:" in out
