@@ -322,8 +322,8 @@ class Guest:
         if line is not None:
             latest.append(Progress(round(line[0], 3), f"console line {line[1][:100]!r}"))
         qmp = self.vm.qmp
-        for event, at in zip(reversed(qmp.events[:len(qmp.arrived)]), reversed(qmp.arrived[:len(qmp.events)]),
-                             strict=True):
+        n = min(len(qmp.events), len(qmp.arrived))  # both lists only grow (the QMP thread appends to them)
+        for event, at in zip(reversed(qmp.events[:n]), reversed(qmp.arrived[:n]), strict=True):
             if event.get("event") not in HOST_EVENTS:
                 latest.append(Progress(at, f"QMP event {event.get('event')}"))
                 break
