@@ -5,7 +5,8 @@ a phase's; an image whose init hangs, printing nothing, must still be named hung
 silence budget. Default settings (BOOT_TIMEOUT 120: 30 s of silence, a 180 s ceiling), under TCG.
 
 These tests are about the host, not the kernel: they boot BOOT_KERNEL's kernel once, not once per
---osbuilder-kernel-config, and run one after the other on one xdist worker (each loads every core).
+--osbuilder-kernel-config, and run one after the other on one xdist worker (each loads every core). They
+carry the `loads_host` marker: other boots on the machine run slower meanwhile (`-m "not loads_host"`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from osbuilder.vm import check, phases
 from osbuilder.vm.guest import BootFailure, Guest, HostOverloaded
 from osbuilder.vm.options import Accel, BootOptions
 
-pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("loaded-host")]
+pytestmark = [pytest.mark.boot, pytest.mark.loads_host, pytest.mark.xdist_group("loaded-host")]
 
 TCG = Accel("tcg", "the loaded-host tests boot under TCG", False)
 

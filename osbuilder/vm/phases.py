@@ -233,7 +233,7 @@ def _note_jobs(guest: Guest, before: str | None) -> str | None:
     r = guest.try_exec(["systemctl", "show", "--property=NJobs", "--property=NInstalledJobs", "--value"], 10)
     jobs = " ".join(r.stdout.split()) if r is not None and r.status == 0 else None
     if jobs is not None and before is not None and jobs != before:
-        guest.note_progress(f"systemd's job queue (jobs, installed: {before} -> {jobs})")
+        guest.note_progress(f"systemd's job queue (NJobs, NInstalledJobs: {before} -> {jobs})")
     return jobs if jobs is not None else before
 
 
