@@ -13,14 +13,15 @@ guest from a hung one:
 
 So a window in which the guest showed no progress is the host's fault (`Share.starved`) when QEMU's
 threads waited for a CPU at least as long as they ran (the guest got at most half of the CPU it asked
-for: everything it does takes twice as long, or longer) and for at least STARVED_WAIT of the window, or
-when the host's own hypervisor stole STOLEN of its CPUs' time (`/proc/stat`: a host starved from below
-shows no run-queue wait, its CPUs are simply gone). A window under MIN_WINDOW seconds tells nothing.
-Measured on the 2-core machine the tests run on (bench/bench_loaded_host.py, bench/RESULTS.md): a guest
-hung idle waits 0.03 s a second under 2 busy loops per core; a good guest starved by them waits 1.8 s a
-second and runs 0.2; the one case the numbers cannot settle is a guest hung *busy* on a loaded host (it
-waits 0.9 s a second and runs 0.3, as a starved one does): it is given the benefit of the doubt, and at
-the phase's ceiling the failure is the host's.
+for: everything it does takes twice as long, or longer) and at least STARVED_WAIT seconds a second (a
+CPU-bound guest denied half of one vCPU's time waits that long), or when the host's own hypervisor stole
+STOLEN of its CPUs' time (`/proc/stat`: a host starved from below shows no run-queue wait, its CPUs are
+simply gone). A window under MIN_WINDOW seconds tells nothing.
+Measured on the 2-core machine the tests run on (bench/bench_loaded_host.py, bench/RESULTS.md): QEMU of
+a guest hung idle waits 0.02-0.14 s a second, with two busy loops per core or without; of a good guest
+those loops starve, 1.4-1.9 s a second while it runs 0.2-0.4 s. The one case the numbers cannot settle
+is a guest hung *busy* on a loaded host (QEMU waits 0.9-1.1 s a second and runs 0.2-0.3 s, as for a
+starved one): it is given the benefit of the doubt, and at the ceiling the failure is the host's.
 
 The load average and the CPU pressure (`/proc/pressure/cpu`) describe the whole host, not this guest:
 they go into the message as evidence for the reader, and do not decide.
