@@ -12,6 +12,7 @@ import pytest
 from osbuilder.pytest_plugin import note_logs
 from osbuilder.readback import read_newc
 from osbuilder.vm import check, phases
+from osbuilder.vm.guest import Guest
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("debian-kernel")]
 
@@ -31,7 +32,7 @@ def test_a_release_that_compresses_its_modules_boots_the_image(osbuilder_setting
     opts = check.guest_options(osbuilder_settings, image=osbuilder_image.path, kernel=kernel, accel=osbuilder_accel,
                                name="debian-kernel-trixie", ssh_key=osbuilder_ssh_key)
     note_logs(request.node, opts.log_dir)
-    with check.start_guest(opts) as guest:
+    with Guest.start(opts) as guest:
         check.boot_to_ready(guest)
         release = guest.exec(["uname", "-r"]).stdout.strip()
         loaded = {line.split()[0] for line in guest.exec(["cat", "/proc/modules"]).stdout.splitlines()}
