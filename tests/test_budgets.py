@@ -26,7 +26,7 @@ TIMEOUT = 2.0
 SILENCE = 0.5
 CEILING = 3.0
 BANNER = "[    0.000000] Linux version 6.1.0-50-cloud-amd64 (debian-kernel@lists.debian.org)"
-STARVED = host_share(ran=6.4, waited=54.0, seconds=30)  # a good guest under busy loops (bench/RESULTS.md)
+STARVED = host_share(ran=6.4, waited=54.0, seconds=30)  # a good guest under busy loops (bench/bench_loaded_host.py)
 IDLE = host_share(ran=0.3, waited=0.9, seconds=30)  # a guest hung idle under the same loops: not starved
 SLACK = 0.5  # seconds a check may come late (a thread's wake-up on a loaded test machine)
 TICK = 0.001  # guest.now() is rounded to milliseconds: a lower bound may read up to half of one short

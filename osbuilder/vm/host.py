@@ -17,7 +17,7 @@ for: everything it does takes twice as long, or longer) and at least STARVED_WAI
 CPU-bound guest denied half of one vCPU's time waits that long), or when the host's own hypervisor stole
 STOLEN of its CPUs' time (`/proc/stat`: a host starved from below shows no run-queue wait, its CPUs are
 simply gone). A window under MIN_WINDOW seconds tells nothing.
-Measured on the 2-core machine the tests run on (bench/bench_loaded_host.py, bench/RESULTS.md): QEMU of
+Measured on the 2-core machine the tests run on (bench/bench_loaded_host.py): QEMU of
 a guest hung idle waits 0.02-0.14 s a second, with two busy loops per core or without; of a good guest
 those loops starve, 1.4-1.9 s a second while it runs 0.2-0.4 s. The one case the numbers cannot settle
 is a guest hung *busy* on a loaded host (QEMU waits 0.9-1.1 s a second and runs 0.2-0.3 s, as for a
