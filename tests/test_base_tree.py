@@ -235,20 +235,6 @@ def test_a_torn_base_entry_is_rebuilt(tmp_path: Path, pydistro: PythonDistro, ca
                                                      cwd=tmp_path)))[1] is None
 
 
-@pytest.fixture
-def small_workdir(tmp_path: Path) -> Iterator[Path]:
-    """A WORKDIR on a 32 MiB tmpfs."""
-    if os.geteuid() != 0:
-        pytest.skip("a small tmpfs WORKDIR needs root to mount it")
-    wd = tmp_path / "small"
-    wd.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(wd)], check=True)
-    try:
-        yield wd
-    finally:
-        subprocess.run(["umount", "-l", str(wd)], check=True)
-
-
 def test_a_full_workdir_while_copying_the_base_leaves_nothing(tmp_path: Path, small_workdir: Path,
                                                               pydistro: PythonDistro,
                                                               capsys: pytest.CaptureFixture[str]):

@@ -398,20 +398,6 @@ def test_rootfs_key_follows_the_agents_toolchain(tmp_path: Path, archive, monkey
 # -- a full WORKDIR -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_workdir(tmp_path: Path) -> Iterator[Path]:
-    """A WORKDIR on a 32 MiB tmpfs."""
-    if os.geteuid() != 0:
-        pytest.skip("a small tmpfs WORKDIR needs root to mount it")
-    wd = tmp_path / "small"
-    wd.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(wd)], check=True)
-    try:
-        yield wd
-    finally:
-        subprocess.run(["umount", "-l", str(wd)], check=True)
-
-
 def big_tree(root: Path) -> Path:
     """A bootable-looking tree with 48 MiB of data that does not compress into holes."""
     make_tree(root)
