@@ -1,6 +1,6 @@
 """A started guest: its lifecycle, the evidence of its boot, and the errors a boot fails with.
 
-A `Guest` is only ever handed out started (`Guest.start(opts)`, or `check.start_guest`), so its
+A `Guest` is only ever handed out started (`Guest.start(opts)`, or `check.booted`), so its
 `vm` is always there. The phases (phases.py) wait through `waiting` (a `Wait`) and `guard`, which end
 a boot within seconds when the console shows a fatal line or QEMU dies or stops, and fail through
 `fail`, which records the phase's failed Outcome and gathers the evidence (the matched console
