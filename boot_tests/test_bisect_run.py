@@ -214,6 +214,13 @@ def test_git_bisect_run_names_the_commit_that_breaks_boot(kernel_repo, osbuilder
     assert re.search(r"bisect-run: bad \(phase \w+: kernel panic: root filesystem not found", output), output[-4000:]
     assert f"# bad: [{culprit}]" in log and f"# good: [{commits[NO_COMPILE + 1]}]" in log, log
     assert "# bad: [" + commits[NO_COMPILE] not in log
+    # The steps build in a new object tree from a new source path; the session's kernel (the same .config,
+    # from the shared tree) filled ccache, and ccache-gcc names sources relative to the object tree: the
+    # first full build is ccache hits (before ccache-gcc: all misses, a 10-15 min cold build on 2 cores).
+    first = re.search(r"bisect-run: (?:good|bad) .*; ccache (\d+) hits, (\d+) misses", output)
+    assert first, output[-4000:]
+    hits, misses = map(int, first.groups())
+    assert hits >= 100 and misses * 20 <= hits, first.group(0)
 
 
 def test_bisect_run_skips_a_commit_that_does_not_configure(kernel_repo, osbuilder_kernel, osbuilder_image,

@@ -49,4 +49,6 @@ def bisect_run(settings: Settings, config: Path, source_tree: Path) -> Verdict:
 
 def describe(verdict: Verdict, source_tree: Path) -> str:
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in verdict.seconds.items())
+    if verdict.ccache:
+        seconds += f"; ccache {verdict.ccache.get('hits', 0)} hits, {verdict.ccache.get('misses', 0)} misses"
     return f"bisect-run: {verdict.verdict} (phase {verdict.phase}: {verdict.reason}) [{seconds}] in {source_tree}"

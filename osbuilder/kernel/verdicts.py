@@ -47,6 +47,7 @@ class Verdict:
     retry: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     kernel: str = ""
+    ccache: dict[str, int] = field(default_factory=dict)  # the build's hits and misses
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -93,11 +94,13 @@ class StepTest:
             return verdict
         assert built is not None
         seconds = dict(built.metadata.get("seconds", {}))
+        ccache = dict(built.metadata.get("ccache") or {})
         if self.spec == "build":
-            return Verdict(GOOD, "build", "it compiles", seconds=seconds, kernel=built.version)
+            return Verdict(GOOD, "build", "it compiles", seconds=seconds, kernel=built.version, ccache=ccache)
         started = time.monotonic()
         verdict = self.command_verdict(built) if self.command else self.boot_verdict(built, name)
         verdict.seconds = {**seconds, "test": round(time.monotonic() - started, 1)}
+        verdict.ccache = ccache
         verdict.kernel = built.version
         return verdict
 
