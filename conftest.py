@@ -1,7 +1,7 @@
-"""The repository's own pytest wiring: tests under boot_tests/ carry the `boot` marker, the
-osbuilder processes the tests interrupt with SIGINT can be interrupted, and with OSBUILDER_TIMELINE=file
-each worker appends when every test's setup, call and teardown started and ended (bench/timeline.py
-reads it: where a run's time goes, worker by worker).
+"""The repository's own pytest wiring: tests under boot_tests/ carry the `boot` marker, the longest
+modules are handed to the xdist workers first, the osbuilder processes the tests interrupt with SIGINT
+can be interrupted, and with OSBUILDER_TIMELINE=file each worker appends when every test's setup, call
+and teardown started and ended (bench/timeline.py reads it: where a run's time goes, worker by worker).
 
 The fixtures themselves come from osbuilder's pytest plugin (osbuilder/pytest_plugin.py), which
 installing the package registers.
@@ -13,8 +13,26 @@ import signal
 
 import pytest
 
+# The modules that hold a worker longest, longest first (bench/timeline.py on a cold run: their setup builds
+# what no other module shares, or they boot many guests). xdist would start the groups with the most tests
+# first, and one of these started late ends the run alone while the other worker waits. The kernel's
+# build is the longest chain (the bisect-run, kconfig-bisect and gate tests wait on it), so it starts first.
+LONGEST_FIRST = (
+    "boot_tests/test_bisect_run.py",
+    "tests/test_container.py",
+    "tests/test_rootfs_contents.py",
+    "boot_tests/test_kconfig_bisect.py",
+    "boot_tests/test_config_gates.py",
+    "tests/test_base_tree.py",
+    "boot_tests/test_loaded_host.py",
+    "boot_tests/test_initrd.py",
+    "boot_tests/test_pipeline.py",
+)
+
 
 def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # xdist keeps the order pytest_collection_modifyitems gives
     # A shell starts a background job (`.ci/run &`, `nohup ... &`) with SIGINT ignored, and an ignored
     # signal stays ignored across fork and exec: every osbuilder a test starts would ignore the Ctrl-C the
     # test sends it. A handler is reset to the default by exec, so the children get Python's usual one.
@@ -26,6 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "boot_tests" in item.path.parts:
             item.add_marker(pytest.mark.boot)
+    rank = {module: n for n, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest as collected
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

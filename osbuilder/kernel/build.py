@@ -39,7 +39,7 @@ from osbuilder.run import format_command, run, tool_version
 from osbuilder.settings import Settings
 
 # the code that turns the inputs into a kernel: a change in it makes a new cache key
-CODE_FILES = tuple(Path(__file__).parent / name for name in ("build.py", "fragments.py", "kconfig.py"))
+CODE_FILES = tuple(Path(__file__).parent / name for name in ("build.py", "fragments.py", "kconfig.py", "ccache-gcc"))
 OUTPUTS: dict[str, str] = {  # object tree path -> output name
     "arch/x86/boot/bzImage": layout.VMLINUZ,
     "vmlinux": layout.VMLINUX,
