@@ -28,22 +28,23 @@ def env(osbuilder_settings, tmp_path) -> dict[str, str]:
 
 
 def tree(root: Path, source: str, header: str) -> tuple[Path, Path]:
-    """A source tree (a.c, include/a.h) and an object tree linked to it as build.link_source does."""
+    """A source tree (a.c, include/a.h) and an empty object tree."""
     src, obj = root / "linux", root / "obj"
     (src / "include").mkdir(parents=True)
     (src / "include" / "a.h").write_text(header)
     (src / "a.c").write_text(source)
     obj.mkdir()
-    (obj / build.SOURCE_LINK).symlink_to(src)
     return src, obj
 
 
 def compile_in(src: Path, obj: Path, env: dict[str, str], source: str = "a.c") -> None:
-    """kbuild's way: absolute source and include paths, run in the object tree, a .d file beside."""
+    """kbuild's way: absolute source and include paths, run in the object tree, a .d file beside; the
+    object tree linked to the source tree by the build's own build.link_source."""
+    env = dict(env)
+    build.link_source(obj, SimpleNamespace(path=src), env)  # type: ignore[arg-type]
     stem = Path(source).stem
     subprocess.run(["bash", str(build.CCACHE_GCC), f"-Wp,-MMD,.{stem}.o.d", f"-I{src}/include", "-O2",
-                    "-c", "-o", f"{stem}.o", str(src / source)],
-                   cwd=obj, env={**env, "OSBUILDER_KERNEL_SRC": str(src)}, check=True)
+                    "-c", "-o", f"{stem}.o", str(src / source)], cwd=obj, env=env, check=True)
 
 
 def outcomes(env: dict[str, str]) -> list[str]:
