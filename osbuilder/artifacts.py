@@ -32,7 +32,7 @@ from filelock import FileLock
 from osbuilder import image as image_step
 from osbuilder import initrd as initrd_step
 from osbuilder import layout, userns
-from osbuilder.cache import Cache, Manifest, check_tree, describe_path, describe_tree, path_matches
+from osbuilder.cache import Cache, Copied, Manifest, check_tree, describe_path, describe_tree, path_matches, tree_record
 from osbuilder.fs import discard, temp_beside, write_atomically
 from osbuilder.fs import publish as publish_path
 from osbuilder.kernel import build as kernel_step
@@ -81,8 +81,8 @@ class Artifacts:
     def rootfs(self, settings: Settings) -> Artifact:
         """The rootfs directory for these settings."""
         m = rootfs_step.manifest(settings)
-        entry = self._get("rootfs", m, lambda tmp: rootfs_step.build_rootfs(
-            settings, tmp / layout.ROOTFS, rebuild=self.rebuild, session=self.session))
+        entry = self._get("rootfs", m, lambda tmp: Copied.under(layout.ROOTFS, rootfs_step.build_rootfs(
+            settings, tmp / layout.ROOTFS, rebuild=self.rebuild, session=self.session)))
         return Artifact(entry / layout.ROOTFS, m)
 
     def image(self, settings: Settings, rootfs: Artifact | None = None) -> Artifact:
@@ -174,8 +174,12 @@ def _current(wd: Workdir, artifact: str, paths: dict[str, Path], key: str | None
     return record
 
 
-def _remember(wd: Workdir, artifact: str, manifest: Manifest, paths: dict[str, Path], tree: bool = False) -> None:
-    contents: dict[str, Any] = {name: describe_tree(p) if tree else describe_path(p) for name, p in paths.items()}
+def _remember(wd: Workdir, artifact: str, manifest: Manifest, paths: dict[str, Path],
+              copied_from: Path | None = None) -> None:
+    """Record what WORKDIR's `artifact` is; `copied_from`: the cache entry its tree was copied from, whose
+    record vouches for the files whose size and mtime are unchanged (a tree; else single files)."""
+    contents: dict[str, Any] = {name: describe_tree(p, tree_record(copied_from, name)) if copied_from else
+                                describe_path(p) for name, p in paths.items()}
     write_atomically(wd.published(artifact), json.dumps({"key": manifest.key, "kind": manifest.kind,
                                                          "inputs": manifest.inputs, "contents": contents},
                                                         indent=1, sort_keys=True) + "\n")
@@ -222,7 +226,7 @@ def publish(settings: Settings, name: str, artifact: Artifact) -> Published:
                     discard(tmp)
             else:
                 _link_or_copy(source / file, dest)
-        _remember(wd, name, artifact.manifest, paths, tree=name == "rootfs")
+        _remember(wd, name, artifact.manifest, paths, source if name == "rootfs" else None)
     return Published(wd.root, artifact.key, True)
 
 

@@ -72,7 +72,8 @@ class Cache:
 
     def get_or_build(self, manifest: Manifest, build: Callable[[Path], object], rebuild: bool = False,
                      session: str | None = None) -> Path:
-        """Return the entry directory for `manifest`, calling `build(tmpdir)` to fill it on a miss.
+        """Return the entry directory for `manifest`, calling `build(tmpdir)` to fill it on a miss (it may
+        return `Copied`, the record of what it copied, so that those files are not read again).
 
         `rebuild`: build again, except (with `session`) an entry this session built already.
         A full disk is an InfrastructureError naming `setting`; nothing half-written is left."""
@@ -131,9 +132,10 @@ class Cache:
         tmp = temp_beside(entry)
         tmp.mkdir()
         try:
-            build(tmp)
+            copied = build(tmp)
+            like = copied.contents if isinstance(copied, Copied) else None
             record = {"kind": manifest.kind, "key": manifest.key, "inputs": manifest.inputs,
-                      "created": time.time(), "session": session or "", "contents": describe_tree(tmp)}
+                      "created": time.time(), "session": session or "", "contents": describe_tree(tmp, like)}
             (tmp / MANIFEST).write_text(_dump(record))
             _sync_filesystem(tmp)  # every file and directory of the entry is on disk before it is published
             publish(tmp, entry)
@@ -188,9 +190,38 @@ def path_matches(path: Path, record: str) -> bool:
     return problem is None
 
 
-def describe_tree(root: Path) -> dict[str, str]:
-    """The content record of everything below `root` (but its manifest)."""
-    return {rel: _describe(path, st) for rel, path, st in _walk(root)}
+@dataclass(frozen=True)
+class Copied:
+    """What a build may hand back to `get_or_build`: the content record (keyed as in the entry) of files it
+    copied from another recorded tree, with their sizes and mtimes. The entry's record takes a file's hash
+    from it where the size and mtime are still the recorded ones (the trust a hit's check gives them)
+    instead of reading the file again."""
+
+    contents: dict[str, str]
+
+    @classmethod
+    def under(cls, prefix: str, contents: dict[str, str]) -> Copied:
+        """`contents` (relative to a tree) for a tree at `prefix` in the entry."""
+        return cls({f"{prefix}/{rel}": record for rel, record in contents.items()})
+
+
+def describe_tree(root: Path, like: dict[str, str] | None = None) -> dict[str, str]:
+    """The content record of everything below `root` (but its manifest). `like`: the record of a tree
+    this one was copied from: a file whose size and mtime are the same there keeps that hash unread."""
+    like = like or {}
+    return {rel: _describe(path, st, like.get(rel)) for rel, path, st in _walk(root)}
+
+
+def tree_record(entry: Path, below: str) -> dict[str, str]:
+    """The content record of the tree `below` in `entry`, from its manifest, keyed relative to that tree
+    (a hint for describe_tree; {} when the manifest cannot be read)."""
+    record = _read_record(entry)
+    contents = record.get("contents") if record else None
+    if not isinstance(contents, dict):
+        return {}
+    prefix = below.rstrip("/") + "/"
+    return {rel[len(prefix):]: want for rel, want in contents.items()
+            if isinstance(want, str) and rel.startswith(prefix)}
 
 
 def check_tree(root: Path, contents: dict[str, str], full: bool = False) -> tuple[str | None, bool]:
@@ -241,12 +272,14 @@ def _walk(root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
                 pending.append((e.path, rel + "/"))
 
 
-def _describe(path: str, st: os.stat_result) -> str:
+def _describe(path: str, st: os.stat_result, like: str | None = None) -> str:
     if stat.S_ISDIR(st.st_mode):
         return "d"
     if stat.S_ISLNK(st.st_mode):
         return "l:" + os.readlink(path)
     if stat.S_ISREG(st.st_mode):
+        if like is not None and like.startswith(f"f:{st.st_size}:{st.st_mtime_ns}:"):
+            return like
         return f"f:{st.st_size}:{st.st_mtime_ns}:{_hash(path)}"
     return f"o:{stat.S_IFMT(st.st_mode):o}"
 

@@ -4,8 +4,10 @@ Real builds against the Debian archive (marker `build`), with one SOURCE_DATE_EP
 
 - the rootfs `osbuilder rootfs` makes from a copy of the cached base is, path for path, the tree one
   mmdebstrap run with the overlay's `tar-in` hook makes (how osbuilder built it before the base tree, kept
-  here as `one_run_rootfs`); the base is built in a CACHE_DIR below a 0700 directory (as root's own
-  ~/.cache is), which apt's _apt cannot reach, the one-run tree in a WORKDIR it can;
+  here as `one_run_rootfs`, with the excludes as mmdebstrap's --dpkgopt, as before the extract hook); the
+  records of the copies (the rootfs entry's, WORKDIR's) are what hashing every file gives; the base is
+  built in a CACHE_DIR below a 0700 directory (as root's own ~/.cache is), which apt's _apt cannot reach,
+  the one-run tree in a WORKDIR it can;
 - a second rootfs with another agent, in a fresh WORKDIR, reuses the base: one mmdebstrap run in all, and
   the second takes seconds; the two trees differ only in the agent's files.
 
@@ -16,6 +18,7 @@ same base build it once.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -34,11 +37,12 @@ from trees import listing
 
 from osbuilder import cli
 from osbuilder import settings as S
-from osbuilder.cache import MANIFEST, inspect_entry
+from osbuilder.cache import MANIFEST, describe_tree, inspect_entry, tree_record
 from osbuilder.deps import Tool
+from osbuilder.layout import Workdir
 from osbuilder.rootfs import base, distros, policy
 from osbuilder.rootfs.build import AgentChoice, pack_overlay, packages, stage_overlay, suites
-from osbuilder.rootfs.debian import Debian, hook_word
+from osbuilder.rootfs.debian import DPKG_FILTER, Debian, hook_word
 from osbuilder.rootfs.distro import Distro
 
 EPOCH = "1700000000"
@@ -50,10 +54,14 @@ MMDEBSTRAP_RUN = re.compile(r"^\+ mmdebstrap --mode=unshare ", re.M)
 
 
 class OneRunDebian(Debian):
-    """Debian, with the overlay unpacked by mmdebstrap's `tar-in` in a customize hook of the same run."""
+    """Debian, with the overlay unpacked by mmdebstrap's `tar-in` in a customize hook of the same run, and
+    the excludes given as mmdebstrap's own --dpkgopt (Debian's extract hook must make the same tree)."""
 
     def __init__(self, overlay_tar: Path) -> None:
         self.overlay_tar = overlay_tar
+
+    def filter_options(self) -> list[str]:
+        return [f"--dpkgopt={line}" for line in DPKG_FILTER]
 
     def customize_hooks(self) -> list[str]:
         return [*super().customize_hooks(), f"tar-in {hook_word(str(self.overlay_tar))} /"]
@@ -156,6 +164,19 @@ def test_a_second_agent_reuses_the_base_in_seconds(builds):
     entries = [p for p in (builds["cache"] / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
     assert len(entries) == 1 and (entries[0] / MANIFEST).is_file()
     assert not list(entries[0].rglob("ssh_host_*"))  # the image policy holds in the cache too
+
+
+@pytest.mark.build
+@pytest.mark.xdist_group("base-tree")
+def test_the_records_of_the_copies_are_what_hashing_every_file_gives(builds):
+    """The rootfs entry and WORKDIR's rootfs are copies: their content records take the copied files' hashes
+    from the record they were copied from (cache.Copied), and must be what reading every file gives."""
+    for name in ("first", "second"):
+        wd = Workdir(builds[name])
+        published = json.loads(wd.published("rootfs").read_text())
+        assert published["contents"]["rootfs"] == describe_tree(wd.rootfs), name
+        entry = wd.cache / "rootfs" / published["key"]
+        assert tree_record(entry, "rootfs") == describe_tree(entry / "rootfs"), name
 
 
 # -- faults, with a distribution written in Python ----------------------------------------------------

@@ -1,12 +1,14 @@
 """The artifact cache: hits, misses that explain themselves, one build across processes."""
 
 import multiprocessing
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from osbuilder import readback
-from osbuilder.cache import Cache, Manifest
+from osbuilder.cache import Cache, Copied, Manifest, describe_tree, tree_record
 
 
 def _build_counting(tmp: Path, counter: Path) -> None:
@@ -78,3 +80,42 @@ def test_parallel_processes_build_once(tmp_path: Path):
         p.join(30)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert counter.read_text() == "x"
+
+
+def test_a_copied_tree_is_recorded_from_its_source_record_where_size_and_mtime_hold(tmp_path: Path):
+    """A file copied with its mtime keeps the source record's hash; a file changed after the copy (another
+    mtime, even at the same size) and a new file are read. Hashing everything gives the same record."""
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/same").write_text("same bytes")
+    (src / "etc/edited").write_text("old bytes!")
+    os.symlink("same", src / "etc/link")
+    cache = Cache(tmp_path / "cache")
+    base = cache.get_or_build(Manifest("base", {}), lambda t: subprocess.run(["cp", "-a", str(src), str(t / "tree")],
+                                                                               check=True))
+    base_record = tree_record(base, "tree")
+    assert set(base_record) == {"etc", "etc/same", "etc/edited", "etc/link"}
+
+    def build(tmp: Path) -> Copied:
+        subprocess.run(["cp", "-a", str(base / "tree"), str(tmp / "rootfs")], check=True)
+        (tmp / "rootfs/etc/edited").write_text("new bytes!")  # the same size, a new mtime
+        (tmp / "rootfs/etc/added").write_text("added")
+        return Copied.under("rootfs", base_record)
+
+    entry = cache.get_or_build(Manifest("rootfs", {}), build)
+    record = tree_record(entry, "rootfs")
+    assert record == describe_tree(entry / "rootfs")  # what reading every file gives
+    assert record["etc/same"] == base_record["etc/same"] and record["etc/edited"] != base_record["etc/edited"]
+
+
+def test_a_hint_is_taken_only_where_size_and_mtime_match(tmp_path: Path):
+    """The hint's hash is believed for an unchanged size and mtime (the trust a cache hit gives a file), and
+    never otherwise: a wrong hint with another mtime is not copied into the record."""
+    (tmp_path / "f").write_text("content")
+    st = os.stat(tmp_path / "f")
+    fake = "0" * 64
+    believed = describe_tree(tmp_path, {"f": f"f:{st.st_size}:{st.st_mtime_ns}:{fake}"})
+    assert believed["f"].endswith(fake)
+    for other in (f"f:{st.st_size}:{st.st_mtime_ns + 1}:{fake}", f"f:{st.st_size + 1}:{st.st_mtime_ns}:{fake}",
+                  f"f:1{st.st_size}:{st.st_mtime_ns}:{fake}"):
+        assert describe_tree(tmp_path, {"f": other}) == describe_tree(tmp_path)

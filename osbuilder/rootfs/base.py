@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 
 from osbuilder import __version__, errors, userns
-from osbuilder.cache import Cache, Manifest
+from osbuilder.cache import Cache, Manifest, tree_record
 from osbuilder.fs import file_hash
 from osbuilder.layout import ROOTFS, UserCache, Workdir
 from osbuilder.rootfs import distros, inputs, policy
@@ -87,9 +87,12 @@ def build(settings: Settings, dest: Path, logfile: Path, setting: str, place: Pa
         policy.apply(dest, logfile)
 
 
-def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False, session: str | None = None) -> None:
+def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False,
+         session: str | None = None) -> dict[str, str]:
     """`dest` (which must not exist) becomes a copy of the base tree for `settings`, which is built first
-    when the cache has none (or a torn one; `rebuild`: once per `session`, as every cache entry)."""
+    when the cache has none (or a torn one; `rebuild`: once per `session`, as every cache entry). Returns
+    the base tree's content record (relative to the tree; {} for a base that is not shared), so that the
+    rootfs's own record need not read again the files it copied (cache.Copied)."""
     shared = cache(settings)
     m = manifest(settings)
     kind_dir = shared.entry(m).parent
@@ -102,7 +105,7 @@ def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False
                     "`chmod o+x %s`, or another CACHE_DIR, to share it", blocked, blocked.stat().st_mode & 0o777,
                     blocked)
         build(settings, dest, logfile, "WORKDIR", Workdir.of(settings).root)
-        return
+        return {}
 
     def fill(tmp: Path) -> None:
         tmp.chmod(0o755)  # the tree's namespace (and apt's _apt) must pass it, whatever the umask
@@ -113,3 +116,4 @@ def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False
         where = f"in {Workdir.of(settings).root} while copying the base tree (nothing was replaced)"
         with errors.disk_space("WORKDIR", where, dest.parent):
             userns.copy_tree(entry / ROOTFS, dest, logfile)
+        return tree_record(entry, ROOTFS)

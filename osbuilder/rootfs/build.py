@@ -140,10 +140,10 @@ def manifest(settings: Settings) -> Manifest:
 
 
 def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None, rebuild: bool = False,
-                 session: str | None = None) -> Path:
+                 session: str | None = None) -> dict[str, str]:
     """Build the rootfs into `dest`, replacing it only when the build completed: a copy of the base tree
     (built first when the per-user cache has none; `rebuild` and `session` as for the cache) with
-    osbuilder's files over it."""
+    osbuilder's files over it. Returns the base tree's content record (base.copy's)."""
     d = distros.get(settings.distro)
     d.check_release(settings.os_version)
     choice = AgentChoice.from_settings(settings)
@@ -160,7 +160,7 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
     try:
         stage_overlay(settings, choice, pkgs, overlay, logfile)
         pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
-        base.copy(settings, tmp, logfile, rebuild=rebuild, session=session)
+        copied = base.copy(settings, tmp, logfile, rebuild=rebuild, session=session)
         unpack_overlay(overlay_tar, tmp, logfile)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
@@ -170,7 +170,7 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
         discard(tmp)
         discard(overlay)
         discard(overlay_tar)
-    return dest
+    return copied
 
 
 def unpack_overlay(overlay_tar: Path, tree: Path, logfile: Path) -> None:

@@ -31,6 +31,7 @@ from osbuilder.apt import auth_entry
 from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, temp_beside
+from osbuilder.rootfs import policy
 from osbuilder.rootfs.distro import Distro, Suite
 from osbuilder.run import redact, run
 from osbuilder.urls import read_head, without_credentials
@@ -46,6 +47,15 @@ ROLLING = ("sid", "unstable")  # updated in place: no -updates or -security suit
 # still may, and never with the host's modes.
 HOST_INDEPENDENT_HOOK = ('rm -f "$1/etc/hostname" "$1/etc/resolv.conf" && echo localhost > "$1/etc/hostname" '
                          '&& : > "$1/etc/resolv.conf" && chmod 0644 "$1/etc/hostname" "$1/etc/resolv.conf"')
+# dpkg's filter for the excludes, in the file and with the lines that mmdebstrap's --dpkgopt would write.
+# Not given as --dpkgopt: mmdebstrap then pipes every essential package through mmtarfilter, a tar filter
+# in Python, when it extracts them (a tenth of the build here). An extract hook writes the file after
+# that raw extraction instead, and removes what the filter would have kept out (the image policy's own
+# rules), so dpkg installs the essential set over the same tree and the result is the one --dpkgopt made.
+DPKG_CONFIG = "etc/dpkg/dpkg.cfg.d/99mmdebstrap"
+DPKG_FILTER = (*(f"path-exclude={p}" for p in EXCLUDES), "path-include=/usr/share/doc/*/copyright")
+EXCLUDES_HOOK = (f'printf "%s\\n" {" ".join(shlex.quote(line) for line in DPKG_FILTER)} > "$1/{DPKG_CONFIG}" '
+                 f'&& sh -c {shlex.quote(policy.APPLY)} policy "$1"')
 APT_OUTSIDE = 'env --chdir="$1" APT_CONFIG="$MMDEBSTRAP_APT_CONFIG"'  # apt on the chroot's lists, as
 # mmdebstrap's own setup hooks run it (/usr/share/mmdebstrap/hooks/maybe-merged-usr)
 # Package scripts need the chroot's /dev and /proc: without them (mmdebstrap skips mounting when it
@@ -94,8 +104,7 @@ class Debian(Distro):
                              "CACHE_DIR may not have one)")
         cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
                "--include=" + ",".join(packages)]
-        cmd += [f"--dpkgopt=path-exclude={p}" for p in EXCLUDES]
-        cmd += ["--dpkgopt=path-include=/usr/share/doc/*/copyright"]
+        cmd += self.filter_options()
         cmd += [f"--customize-hook={hook}" for hook in self.customize_hooks()]
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
         mirrors = [s.mirror for s in suites]
@@ -110,6 +119,10 @@ class Debian(Distro):
                 raise classify_failure(e, bare, packages, self.extra(packages)) from None
         check_dev(dest)
         give_apt_its_partial_dirs(dest, logfile)
+
+    def filter_options(self) -> list[str]:
+        """How mmdebstrap is told to leave out what EXCLUDES names (see EXCLUDES_HOOK)."""
+        return [f"--extract-hook={EXCLUDES_HOOK}"]
 
     def customize_hooks(self) -> list[str]:
         """mmdebstrap's customize hooks, run in order after the packages are installed, while the chroot's
