@@ -3,8 +3,8 @@
 The distribution plugin installs the packages into a base tree that rootfs differing only in osbuilder's
 files share (`base.py`: cached per user); this module stages the files osbuilder adds on top (the agent
 and its unit, SSH set up for a read-only root, and /var/lib/osbuilder/osbuilder.yaml describing the
-build) as a root-owned tarball, unpacks it over a copy of the base as mmdebstrap's `tar-in` would, and
-applies the image policy.
+build) as a root-owned tarball (while the base is built or copied: the agent compiles meanwhile), unpacks
+it over a copy of the base as mmdebstrap's `tar-in` would, and applies the image policy.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import shutil
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,9 +159,10 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
     overlay = temp_beside(dest.with_name(dest.name + "-overlay"))
     overlay_tar = temp_beside(dest.with_name(dest.name + "-overlay.tar"))
     try:
-        stage_overlay(settings, choice, pkgs, overlay, logfile)
-        pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
-        copied = base.copy(settings, tmp, logfile, rebuild=rebuild, session=session)
+        with ThreadPoolExecutor(max_workers=1) as pool:  # osbuilder's files (the agent compiles) meanwhile
+            staged = pool.submit(stage_and_pack, settings, choice, pkgs, overlay, overlay_tar, logfile)
+            copied = base.copy(settings, tmp, logfile, rebuild=rebuild, session=session)
+            staged.result()
         unpack_overlay(overlay_tar, tmp, logfile)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
@@ -171,6 +173,13 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
         discard(overlay)
         discard(overlay_tar)
     return copied
+
+
+def stage_and_pack(settings: Settings, choice: AgentChoice, pkgs: list[str], overlay: Path, overlay_tar: Path,
+                   logfile: Path) -> None:
+    """The overlay (`stage_overlay`) as the tarball `unpack_overlay` takes (`pack_overlay`)."""
+    stage_overlay(settings, choice, pkgs, overlay, logfile)
+    pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
 
 
 def unpack_overlay(overlay_tar: Path, tree: Path, logfile: Path) -> None:
