@@ -2,11 +2,14 @@
 the network taken out (issue 18's target: at most 1.15x).
 
 Both read one local mirror: a small HTTP server in this script that fetches each file from
-deb.debian.org once (into --mirror-cache) and serves it from disk afterwards, so the archive's speed
-does not vary between them; a first, untimed round fills it. Rounds are interleaved, so machine drift
+deb.debian.org once (into --mirror-cache) and serves it from disk afterwards, with its Last-Modified
+and 304 answers as a mirror gives them, so the archive's speed does not vary between them; a first,
+untimed round fills it. Rounds are interleaved, so machine drift
 hits both alike. Each osbuilder round has a new CACHE_DIR and WORKDIR (a cold base tree, a cold agent
 build), and its time is split by a PATH shim around mmdebstrap: osbuilder's own mmdebstrap, and the
-rest (the agent, the base tree's copy, the overlay, the policy, publishing).
+rest (the agent, the base tree's copy, the overlay, the policy, publishing). Each timed run starts after
+a `sync`, so that neither pays for writing back what the run before it left (osbuilder syncs the
+filesystem before it publishes a cache entry).
 
 Usage (as root): python3 bench/bench_rootfs.py [--rounds N] [--mirror-cache DIR] [--keep DIR]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -24,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -53,13 +58,26 @@ class CachingMirror(BaseHTTPRequestHandler):
             try:
                 with urllib.request.urlopen(UPSTREAM + path, timeout=60) as r:
                     body = r.read()
+                    modified = r.headers.get("Last-Modified")
             except urllib.error.HTTPError:
                 return None
             where.parent.mkdir(parents=True, exist_ok=True)
             tmp = where.with_name(f".{where.name}.{threading.get_ident()}")
             tmp.write_bytes(body)
+            if modified:  # kept as the file's mtime, for If-Modified-Since
+                stamp = parsedate_to_datetime(modified).timestamp()
+                os.utime(tmp, (stamp, stamp))
             tmp.replace(where)
         return where
+
+    def unchanged(self, where: Path) -> bool:
+        """The request's If-Modified-Since covers the file (apt asks so on a second `apt-get update`, and a
+        real mirror answers 304)."""
+        since = self.headers.get("If-Modified-Since")
+        try:
+            return since is not None and int(where.stat().st_mtime) <= parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError):
+            return False
 
     def answer(self, with_body: bool) -> None:
         where = self.local()
@@ -68,9 +86,14 @@ class CachingMirror(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if self.unchanged(where):
+            self.send_response(304)
+            self.end_headers()
+            return
         body = where.read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", formatdate(where.stat().st_mtime, usegmt=True))
         self.end_headers()
         if with_body:
             self.wfile.write(body)
@@ -101,12 +124,21 @@ def shim(bindir: Path, log: Path) -> None:
     script.chmod(0o755)
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+CPU: dict[str, list[float]] = {}  # CPU seconds (user + system) of each timed command and its descendants
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, what: str = "") -> float:
+    os.sync()  # neither run pays for writing back what the one before left dirty (osbuilder syncs its cache)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"{' '.join(cmd[:3])}... failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.monotonic() - started
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if what:
+        CPU.setdefault(what, []).append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
 
 
 def plain(work: Path, mirror: str, pkgs: list[str]) -> float:
@@ -114,7 +146,7 @@ def plain(work: Path, mirror: str, pkgs: list[str]) -> float:
     security = mirror.rsplit("/", 1)[0] + "/debian-security"
     t = timed(["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
                "--include=" + ",".join(pkgs), RELEASE, str(tree), mirror,
-               f"deb {mirror} {RELEASE}-updates main", f"deb {security} {RELEASE}-security main"])
+               f"deb {mirror} {RELEASE}-updates main", f"deb {security} {RELEASE}-security main"], what="plain")
     shutil.rmtree(tree)
     return t
 
@@ -125,7 +157,7 @@ def osbuilder(work: Path, mirror: str, n: int, shim_dir: Path, shim_log: Path,
     wd, cache = work / f"osb-{n}", work / f"cache-{n}"
     env = {**os.environ, "REPO_URL": mirror, "CACHE_DIR": str(cache), "PATH": f"{shim_dir}:{os.environ['PATH']}"}
     shim_log.write_text("")
-    total = timed([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(wd)], env=env)
+    total = timed([sys.executable, "-m", "osbuilder", "rootfs", "--workdir", str(wd)], env=env, what="osbuilder")
     start, end = (float(x) for x in shim_log.read_text().split()[:2])
     if keep is not None:
         shutil.rmtree(keep, ignore_errors=True)
@@ -165,6 +197,9 @@ def main() -> None:
         print(f"{name:>16}: {value:6.1f} s median  (runs: {', '.join(f'{x:.1f}' for x in rows[name])})")
     print(f"ratio osbuilder rootfs / plain mmdebstrap: {med['osbuilder'] / med['plain']:.3f} (target <= 1.15)")
     print(f"ratio osbuilder's mmdebstrap / plain mmdebstrap: {med['its mmdebstrap'] / med['plain']:.3f}")
+    cpu = {k: statistics.median(v[1:]) for k, v in CPU.items()}  # the first of each was untimed
+    print(f"CPU seconds (user + system, median): plain {cpu['plain']:.1f}, osbuilder {cpu['osbuilder']:.1f}; "
+          f"ratio {cpu['osbuilder'] / cpu['plain']:.3f} (steadier than wall time on a shared machine)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ target. The filesystem is synced before the rename that publishes an entry, and 
 against the record: a walk of the tree comparing types, sizes and link targets, reading a file only
 when its mtime moved, so an entry torn by a power loss, a full disk or a stray edit is rebuilt, with one
 line saying why. Bytes changed in place under the same size and mtime are not seen by a hit: `full`
-checks (`osbuilder cache verify`, cache_admin.py) hash every file. Whoever removes an entry takes its
+checks (`osbuilder cache verify`, cache_admin.py) hash every file. A build that copies a recorded tree (the rootfs
+copies the base tree) hands that record back (`Copied`): a copied file whose size and mtime are the
+recorded ones keeps its hash unread, the same trust a hit gives it. Whoever removes an entry takes its
 lock (`Cache.lock`) and renames it away (`evict`), so a lookup finds the whole entry or none.
 With `rebuild` and a `session` (pytest's `--osbuilder-rebuild`: the test run's id, shared by its xdist
 workers), an entry is rebuilt once per session: the ones this session made are hits.

@@ -144,7 +144,8 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
                  session: str | None = None) -> dict[str, str]:
     """Build the rootfs into `dest`, replacing it only when the build completed: a copy of the base tree
     (built first when the per-user cache has none; `rebuild` and `session` as for the cache) with
-    osbuilder's files over it. Returns the base tree's content record (base.copy's)."""
+    osbuilder's files over it. Returns the base tree's content record (base.copy's) but for the paths the
+    overlay wrote."""
     d = distros.get(settings.distro)
     d.check_release(settings.os_version)
     choice = AgentChoice.from_settings(settings)
@@ -163,6 +164,8 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
             staged = pool.submit(stage_and_pack, settings, choice, pkgs, overlay, overlay_tar, logfile)
             copied = base.copy(settings, tmp, logfile, rebuild=rebuild, session=session)
             staged.result()
+        for path in overlay.rglob("*"):  # what the overlay replaces is not the base's file any more
+            copied.pop(str(path.relative_to(overlay)), None)
         unpack_overlay(overlay_tar, tmp, logfile)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
