@@ -8,8 +8,8 @@ an auth.conf that exists in the tree while mmdebstrap runs (`mirror_access`).
 The rootfs is installed from the release and, unless SECURITY_UPDATES=no, from its `-updates` suite
 and the security archive's `-security` suite (beside the mirror: `.../debian-security`), so it carries
 the fixes published since the last point release. Before anything is downloaded beyond the package
-lists, apt checks that every package can be installed (`check_packages_hook`), so a misspelt
-EXTRA_PKGS fails in seconds. The tree carries nothing of the machine that built it: mmdebstrap's
+lists, apt checks that every package can be installed (`check_packages_hook`, when EXTRA_PKGS names
+any), so a misspelt EXTRA_PKGS fails in seconds. The tree carries nothing of the machine that built it: mmdebstrap's
 copies of the host's /etc/hostname and /etc/resolv.conf are replaced (`HOST_INDEPENDENT_HOOK`); nor of
 where it was built: apt's download directories belong to _apt whoever could reach the tree
 (`give_apt_its_partial_dirs`). The tree is the base that osbuilder caches and copies for each rootfs.
@@ -109,7 +109,9 @@ class Debian(Distro):
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None
         mirrors = [s.mirror for s in suites]
         with mirror_access(mirrors, temp_beside(dest.parent / "apt-auth.conf")) as (urls, hooks):
-            hooks = [*hooks, f"--setup-hook={HOST_INDEPENDENT_HOOK}", f"--setup-hook={check_packages_hook(packages)}"]
+            hooks = [*hooks, f"--setup-hook={HOST_INDEPENDENT_HOOK}"]
+            if self.extra(packages):  # osbuilder's own set needs no check (apt's solver: 2 s of every build)
+                hooks.append(f"--setup-hook={check_packages_hook(packages)}")
             sources = [urls[0], *(f"deb {url} {s.name} main" for s, url in zip(suites[1:], urls[1:], strict=True))]
             try:
                 run([*cmd, *hooks, "--", suites[0].name, str(dest), *sources], step="rootfs", logfile=logfile,
@@ -202,7 +204,8 @@ def security_mirror(mirror: str) -> str:
 def check_packages_hook(packages: list[str]) -> str:
     """A setup hook that asks apt, right after the package lists arrive, whether every package can be
     installed: a name that is not in the archive fails the build in seconds, not after the essential
-    set was installed (mmdebstrap's own update then finds the lists current)."""
+    set was installed (mmdebstrap then skips its own update). Run when EXTRA_PKGS names packages: with
+    osbuilder's own set alone, a release that lacks one fails later with the same one-line error."""
     names = " ".join(shlex.quote(p) for p in packages)
     return (f"{APT_OUTSIDE} apt-get update -q --error-on=any > /dev/null && "
             f"{APT_OUTSIDE} apt-get install --simulate -q --no-install-recommends {names} > /dev/null")
