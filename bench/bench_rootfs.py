@@ -44,7 +44,6 @@ class CachingMirror(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive and pipelining, as apt uses them
     cache: Path
-    lock = threading.Lock()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
         pass

@@ -7,12 +7,13 @@ an auth.conf that exists in the tree while mmdebstrap runs (`mirror_access`).
 
 The rootfs is installed from the release and, unless SECURITY_UPDATES=no, from its `-updates` suite
 and the security archive's `-security` suite (beside the mirror: `.../debian-security`), so it carries
-the fixes published since the last point release. Before anything is downloaded beyond the package
-lists, apt checks that every package can be installed (`check_packages_hook`, when EXTRA_PKGS names
-any), so a misspelt EXTRA_PKGS fails in seconds. The tree carries nothing of the machine that built it: mmdebstrap's
-copies of the host's /etc/hostname and /etc/resolv.conf are replaced (`HOST_INDEPENDENT_HOOK`); nor of
-where it was built: apt's download directories belong to _apt whoever could reach the tree
-(`give_apt_its_partial_dirs`). The tree is the base that osbuilder caches and copies for each rootfs.
+the fixes published since the last point release. When EXTRA_PKGS names packages, apt checks before
+anything is downloaded beyond the package lists that every package can be installed
+(`check_packages_hook`), so a misspelt one fails in seconds. The tree carries nothing of the machine
+that built it: mmdebstrap's copies of the host's /etc/hostname and /etc/resolv.conf are replaced
+(`HOST_INDEPENDENT_HOOK`); nor of where it was built: apt's download directories belong to _apt
+whoever could reach the tree (`give_apt_its_partial_dirs`). The tree is the base that osbuilder caches
+and copies for each rootfs.
 """
 
 from __future__ import annotations
