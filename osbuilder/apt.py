@@ -27,7 +27,7 @@ from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard
 from osbuilder.run import run
 
-ARCHITECTURE = "amd64"
+ARCHITECTURE = "amd64"  # the default: a PrivateApt for another guest architecture names its own
 
 
 def auth_entry(mirror: str) -> tuple[str, str | None]:
@@ -46,6 +46,7 @@ def auth_entry(mirror: str) -> tuple[str, str | None]:
 @dataclass(frozen=True)
 class PrivateApt:
     state: Path
+    architecture: str = ARCHITECTURE  # Debian's name of the architecture whose packages it fetches
 
     @property
     def config(self) -> Path:
@@ -75,7 +76,7 @@ class PrivateApt:
         bare, _ = auth_entry(mirror)
         (self.etc / "sources.list").write_text(
             f"deb [signed-by={keyring}] {bare} {suite} {' '.join(components)}\n")
-        self.config.write_text(apt_conf(self.state))
+        self.config.write_text(apt_conf(self.state, self.architecture))
 
     @contextmanager
     def access(self, mirror: str) -> Iterator[None]:
@@ -120,7 +121,7 @@ class PrivateApt:
         return debs[0]
 
 
-def apt_conf(state: Path) -> str:
+def apt_conf(state: Path, architecture: str = ARCHITECTURE) -> str:
     """apt's configuration: every directory in `state`, nothing of the host's."""
     def q(path: Path) -> str:
         text = str(path)
@@ -150,8 +151,8 @@ def apt_conf(state: Path) -> str:
         'Acquire::GzipIndexes "true";',
         'Dir::Cache::srcpkgcache "";',
         f"Dir::Log {q(state / 'log')};",
-        f'APT::Architecture "{ARCHITECTURE}";',
-        f'APT::Architectures {{ "{ARCHITECTURE}"; }};',
+        f'APT::Architecture "{architecture}";',
+        f'APT::Architectures {{ "{architecture}"; }};',
         'Acquire::Languages "none";',
         # as root, apt would drop to the _apt user, which cannot enter a per-user cache in /root
         'APT::Sandbox::User "root";',

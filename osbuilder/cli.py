@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from osbuilder import __version__, deps, errors, procs, steps
+from osbuilder import __version__, arch, deps, errors, procs, steps
 from osbuilder import settings as settings_mod
 from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
@@ -307,7 +307,7 @@ KERNEL_TOOLS = (
 )
 KERNEL_PACKAGES = ("libelf-dev", "libssl-dev", "libc6-dev")  # headers the build includes
 BOOT_TOOLS = (
-    Tool("qemu-system-x86_64", "qemu-system-x86", "boots the image for the boot checks"),
+    Tool(arch.X86_64.qemu, arch.X86_64.qemu_package, "boots the image for the boot checks"),
     Tool("qemu-img", "qemu-utils", "makes throw-away copy-on-write overlays"),
     Tool("ssh-keygen", "openssh-client", "makes the per-session SSH key"),
     Tool("as", "binutils", "assembles the KVM probe guest"),
@@ -321,16 +321,50 @@ BOOT_TOOLS = (
 BOOT_PACKAGES = ("libc6-dev", "debian-archive-keyring", "ca-certificates")  # static init; apt's keyring and TLS
 
 
+def boot_tools(s: Settings) -> tuple[Tool, ...]:
+    """BOOT_TOOLS, with ARCH's QEMU (and the host's, for the KVM probe) and the compiler of the Debian
+    kernel initrd's init for ARCH."""
+    guest = s.guest
+    if guest.name == arch.X86_64.name and guest.native:
+        return BOOT_TOOLS
+    return (*BOOT_TOOLS, Tool(guest.qemu, guest.qemu_package, f"boots {guest.name} images for the boot checks"),
+            *agent_compiler(s)[:1])
+
+
+def boot_packages(s: Settings) -> tuple[str, ...]:
+    guest = s.guest
+    if guest.native:
+        return BOOT_PACKAGES
+    return (*BOOT_PACKAGES, guest.cross_packages[1], *([guest.firmware_package] if guest.firmware_package else []))
+
+
+def kernel_boot_tools(s: Settings) -> tuple[Tool, ...]:
+    return (*KERNEL_TOOLS, *boot_tools(s))
+
+
 def rootfs_tools(s: Settings) -> tuple[Tool, ...]:
     from osbuilder.rootfs import distros
 
-    return (*distros.get(s.distro).tools, CC, UNSHARE, NEWUIDMAP, TAR)
+    return (*distros.get(s.distro).tools, *agent_compiler(s), UNSHARE, NEWUIDMAP, TAR)
+
+
+def agent_compiler(s: Settings) -> tuple[Tool, ...]:
+    """The compiler of the agent for ARCH; for another architecture than the host's, its cross compiler and
+    the qemu-user that runs the tree's programs while it is built (rootfs/foreign.py)."""
+    guest = s.guest
+    if guest.native:
+        return (CC,)
+    return (Tool(guest.gcc(), guest.cross_packages[0], f"compiles osbuilder's agent for {guest.name}"),
+            Tool(f"qemu-{guest.machine}-static", "qemu-user-static",
+                 f"runs the {guest.name} tree's package scripts while it is built (binfmt_misc)"))
 
 
 def rootfs_packages(s: Settings) -> tuple[str, ...]:
     from osbuilder.rootfs import distros
 
-    return (*distros.get(s.distro).packages, "libc6-dev")  # the agent is linked statically
+    guest = s.guest
+    libc = "libc6-dev" if guest.native else guest.cross_packages[1]
+    return (*distros.get(s.distro).packages, libc)  # the agent is linked statically
 
 
 def force_argument(p: argparse.ArgumentParser) -> None:
@@ -427,15 +461,15 @@ for _step in (
          arguments=force_argument),
     Step("kconfig", cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), "
          "`diff GOOD BAD`, `bisect --good GOOD --bad BAD` (which option breaks the guest)",
-         arguments=add_kconfig_arguments, tools=(*KERNEL_TOOLS, *BOOT_TOOLS), reads=("kernel", "boot", "rootfs"),
+         arguments=add_kconfig_arguments, tools=kernel_boot_tools, reads=("kernel", "boot", "rootfs"),
          locks=lambda wd, s, args: (wd.log("bisect"), wd.log("kernel")) if args.action == "bisect" else ()),
     Step("bisect-run", cmd_bisect_run, "for `git bisect run`: build the checked-out kernel commit with --config and "
          "boot-check it (exit 0 good, 1 bad, 125 skip)", arguments=bisect_run_arguments,
-         tools=(*KERNEL_TOOLS, *BOOT_TOOLS), locks=logs("bisect-run"), profile_flag="--profile",
+         tools=kernel_boot_tools, locks=logs("bisect-run"), profile_flag="--profile",
          usage_exit=128, reads=("kernel", "boot", "rootfs")),  # git bisect run: 128 stops, 2 would mark it bad
     # one boot check at a time per WORKDIR (they share the boot logs and records); an interactive boot locks nothing
     Step("boot", cmd_boot, "boot the image under QEMU (interactive console, or --check)", arguments=boot_arguments,
-         tools=BOOT_TOOLS, packages=BOOT_PACKAGES, in_container=True, console=lambda args: not args.check,
+         tools=boot_tools, packages=boot_packages, in_container=True, console=lambda args: not args.check,
          reads=("boot", "rootfs"),
          locks=lambda wd, s, args: (wd.log("boot"),) if args.check else ()),
     Step("install-image", cmd_install_image, "install the boot-checked image into the runtime's directory",

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import yaml
 
-from osbuilder import errors, runtimes, userns
+from osbuilder import arch, elf, errors, runtimes, userns
 from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
@@ -145,6 +145,8 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
     init = resolve_in(rootfs, "sbin/init")
     if init is None:
         raise UsageError(f"rootfs: {rootfs}/sbin/init is missing; the guest kernel would have nothing to run")
+    guest = settings.guest
+    check_init_machine(init, rootfs, guest)
     name = agent_name(rootfs, settings)
     agent_bin = resolve_in(rootfs, f"usr/bin/{name}")
     if agent_bin is None or not agent_bin.is_file():
@@ -158,7 +160,20 @@ def check_tree(rootfs: Path, settings: Settings) -> None:
     elif systemd is None:
         raise UsageError(f"rootfs: systemd is missing ({rootfs}/usr/lib/systemd/systemd); "
                          "install it or set AGENT_INIT=yes")
-    check_agent_runs(rootfs, name, distros.get(settings.distro))
+    check_agent_runs(rootfs, name, distros.get(settings.distro), guest)
+
+
+def check_init_machine(init: Path, rootfs: Path, guest: arch.Arch) -> None:
+    """/sbin/init is built for ARCH's machine: a tree of another architecture names ARCH, not the agent."""
+    try:
+        machine = elf.read_elf(init).machine
+    except elf.NotElf:
+        return  # a script: its interpreter is the tree's business
+    if machine != guest.machine:
+        built = arch.of_machine(machine)
+        fix = f"set ARCH={built.name} (the rootfs's) or rebuild" if built is not None else "rebuild"
+        raise UsageError(f"ARCH: the rootfs at {rootfs} is built for {machine} (its /sbin/init), but ARCH is "
+                         f"{guest.name}; {fix} the rootfs with `osbuilder rootfs`")
 
 
 def agent_name(rootfs: Path, settings: Settings) -> str:

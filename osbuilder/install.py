@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from osbuilder import errors, fs, install_record, layout, runtime_config, runtimes
+from osbuilder.arch import X86_64
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.fs import discard, link_atomically, not_a_file, publish, sha256_file, temp_beside
 from osbuilder.install_record import Record
@@ -308,14 +309,23 @@ def image_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
     attach = runtimes.get(settings.runtime).attachment
     if attach not in passes:
         return f"passing boot check attached as the {settings.runtime} runtime attaches it ({attach})"
-    return agent_unspoken(settings, passes[attach])
+    return other_arch(settings, passes[attach]) or agent_unspoken(settings, passes[attach])
 
 
 def initrd_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
     """An initrd needs a pass booted as the initrd, with an agent the runtime speaks to."""
     if attachments.INITRD.name not in passes:
         return "passing boot check in the initrd profile"
-    return agent_unspoken(settings, passes[attachments.INITRD.name])
+    passed = passes[attachments.INITRD.name]
+    return other_arch(settings, passed) or agent_unspoken(settings, passed)
+
+
+def other_arch(settings: Settings, passed: dict[str, Any]) -> str | None:
+    """Why a pass does not hold for ARCH: it booted another architecture (a record from before ARCH: x86_64)."""
+    booted = passed.get("arch") or X86_64.name
+    if booted == settings.arch:
+        return None
+    return f"passing boot check for ARCH={settings.arch} (the one it has is for {booted})"
 
 
 def agent_unspoken(settings: Settings, passed: dict[str, Any]) -> str | None:

@@ -18,6 +18,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
+from osbuilder import arch as arches  # `arch` is a setting's field
 from osbuilder.errors import UsageError
 from osbuilder.run import redact
 from osbuilder.terminal import printable, shown
@@ -256,6 +257,11 @@ def _auto_yes_no(name: str, raw: str) -> bool | None:
     return None if raw.strip().lower() in ("", "auto") else _yes_no(name, raw)
 
 
+def _arch(name: str, raw: str) -> str:
+    """An architecture's name (osbuilder/arch.py; aliases such as aarch64 taken), '' for the host's."""
+    return (arches.lookup(raw) if raw.strip() else arches.host()).name
+
+
 def _runtimes() -> tuple[str, ...]:
     from osbuilder import runtimes  # the registry of runtime records
 
@@ -438,6 +444,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("KERNEL_FRAGMENTS", "", "extra config fragment files, on top of osbuilder's own", _word_list, "kernel"),
     Setting("KERNEL_CONFIG", "", "a whole .config to use as the base instead of allnoconfig", _optional_path, "kernel"),
     # install
+    Setting("ARCH", "", "guest architecture (osbuilder/arch.py): {choices}; aarch64 and amd64 are taken as arm64 and x86_64; another than the host's is built with qemu-user and a cross compiler", _arch, "general", choices=arches.names, empty="the host's"),
     Setting("RUNTIME", "kata", "runtime to install for and boot as (osbuilder/runtimes.py): {choices}", _runtime, "general", choices=_runtimes),
     Setting("PREFIX", "", "install directory", _target_path, "install", empty="the runtime's, e.g. /usr/share/kata-containers"),
     Setting("RUNTIME_CONFIG", "", "runtime configuration.toml to point at the installed files", _target_path, "install", empty="the runtime's"),
@@ -488,6 +495,7 @@ class Settings:
     kernel_source: str
     kernel_fragments: tuple[str, ...]
     kernel_config: Path | None
+    arch: str
     runtime: str
     prefix: str
     runtime_config: str
@@ -503,6 +511,11 @@ class Settings:
                     profile: Path | None, notices: tuple[str, ...] = ()) -> Settings:
         return cls(**{s.attr: values[s.name] for s in TABLE}, raw=dict(raw), sources=dict(sources),
                    profile=profile, notices=notices)
+
+    @property
+    def guest(self) -> arches.Arch:
+        """ARCH's record: what the guest's architecture needs (osbuilder/arch.py)."""
+        return arches.lookup(self.arch)
 
     def with_values(self, **overrides: str) -> Settings:
         """A copy with some settings replaced (raw strings, parsed as if given on the CLI)."""

@@ -75,7 +75,7 @@ def one_run_rootfs(settings: S.Settings, dest: Path, logfile: Path) -> Path:
     stage_overlay(settings, choice, packages(settings), overlay, logfile)
     pack_overlay(overlay, overlay_tar, settings.source_date_epoch)
     OneRunDebian(overlay_tar).build(suites(settings), packages(settings), dest, logfile=logfile, verbose=False,
-                                    source_date_epoch=settings.source_date_epoch)
+                                    source_date_epoch=settings.source_date_epoch, architecture="amd64")
     policy.apply(dest, logfile)
     policy.verify(dest)
     return dest
@@ -198,7 +198,7 @@ class PythonDistro(Distro):
     def default_packages(self, agent_init: bool) -> list[str]:
         return ["py-base"]
 
-    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch) -> None:
+    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch, architecture) -> None:
         with open(os.environ["OSB_TEST_BUILDS"], "a") as f:
             f.write("x")
         time.sleep(self.pause)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from osbuilder import cli, elf
+from osbuilder.arch import ARM64, X86_64
 from osbuilder.errors import UsageError
-from osbuilder.rootfs.build import check_agent_runs
+from osbuilder.rootfs.build import check_agent_runs, check_machine
 from osbuilder.rootfs.debian import Debian
 
 PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
@@ -82,11 +83,11 @@ def test_an_agent_whose_library_the_rootfs_lacks_is_refused_naming_it(tmp_path: 
     tree = guest_tree(tmp_path / "tree", "libc.so.6")
     shutil.copy2(CC_AGENT, tree / "usr/bin/cc-agent")
     with pytest.raises(UsageError) as e:
-        check_agent_runs(tree, "cc-agent", Debian())
+        check_agent_runs(tree, "cc-agent", Debian(), X86_64)
     assert e.value.message == ("AGENT_SOURCE_BIN: the agent cc-agent needs libudev.so.1, which the rootfs does not "
                                "have (debian's libudev1 ships libudev.so.1: add libudev1 to EXTRA_PKGS)")
     (tree / "usr/lib/x86_64-linux-gnu/libudev.so.1").write_bytes(b"")
-    check_agent_runs(tree, "cc-agent", Debian())  # now it can start
+    check_agent_runs(tree, "cc-agent", Debian(), X86_64)  # now it can start
 
 
 def test_an_agent_for_another_machine_is_refused_before_anything_is_built(tmp_path: Path,
@@ -97,5 +98,7 @@ def test_an_agent_for_another_machine_is_refused_before_anything_is_built(tmp_pa
     wd = tmp_path / "wd"
     assert cli.main(["rootfs", "--workdir", str(wd), "--agent-source-bin", str(arm)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "osbuilder: error: AGENT_SOURCE_BIN: the agent kata-agent is built for aarch64, but the guest is x86_64")
+        "osbuilder: error: AGENT_SOURCE_BIN: the agent kata-agent is built for aarch64, but the guest is x86_64 "
+        "(ARCH=x86_64)")
+    check_machine(elf.read_elf(arm), "kata-agent", ARM64)  # the guest it is built for takes it
     assert not (wd / "rootfs").exists()

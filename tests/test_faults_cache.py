@@ -13,7 +13,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -359,11 +358,14 @@ def test_rootfs_key_follows_the_distribution_plugins_code(tmp_path: Path, archiv
     assert rootfs_build.manifest(s).key != before
 
 
-def test_rootfs_key_follows_the_host_architecture(tmp_path: Path, archive, monkeypatch: pytest.MonkeyPatch):
-    s = key_settings(tmp_path, REPO_URL=archive[0])
-    before = rootfs_build.manifest(s).key
-    monkeypatch.setattr(platform, "machine", lambda: "aarch64" if os.uname().machine != "aarch64" else "x86_64")
-    assert rootfs_build.manifest(s).key != before
+def test_rootfs_key_follows_the_guest_architecture(tmp_path: Path, archive):
+    """ARCH, not the host, decides the tree's architecture and the agent's compiler: both are in the key."""
+    host = rootfs_build.manifest(key_settings(tmp_path, REPO_URL=archive[0]))
+    other = "x86_64" if os.uname().machine == "aarch64" else "arm64"
+    foreign = rootfs_build.manifest(key_settings(tmp_path, REPO_URL=archive[0], ARCH=other))
+    assert foreign.key != host.key
+    assert (host.inputs["arch"], foreign.inputs["arch"]) in (("amd64", "arm64"), ("arm64", "amd64"))
+    assert foreign.inputs["agent_toolchain"].startswith(("aarch64-linux-gnu-gcc", "x86_64-linux-gnu-gcc"))
 
 
 def test_rootfs_key_follows_the_agents_toolchain(tmp_path: Path, archive, monkeypatch: pytest.MonkeyPatch):

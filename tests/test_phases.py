@@ -107,7 +107,7 @@ def test_close_powers_off_the_profiles_way_and_writes_boot_json(tmp_path: Path, 
         assert agent.calls == ["close"] and guest.vm.stopped_with == 10
     record = json.loads((tmp_path / BOOT_JSON).read_text())
     assert record["qemu_pid"] == 4242 and record["passed"] is False and record["phases"]["kernel"] == "not run"
-    assert list(record) == ["name", "image", "kernel", "accel", "memory_mib", "cpus", "started_at", "timings",
+    assert list(record) == ["name", "image", "kernel", "accel", "arch", "memory_mib", "cpus", "started_at", "timings",
                             "guest_startup", "powerdown_seconds", "phases", "profile", "agent", "root", "host",
                             "passed", "failure", "qemu_pid", "command", "log_dir"]
     assert record["host"] is None  # no QEMU process to sample

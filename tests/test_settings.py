@@ -54,6 +54,9 @@ def test_defaults_match_the_makefile_era():
     ("OS_VERSION", "jammy", "OS_VERSION: unknown debian release 'jammy'"),  # Ubuntu's, not Debian's
     ("KERNEL_SOURCE", "/no/such/linux.tar.xz", "KERNEL_SOURCE: /no/such/linux.tar.xz: no such file or directory"),
     ("REPO_URL", "deb http://deb.debian.org/debian bookworm main", "REPO_URL: expected a plain http://"),
+    ("ARCH", "mips", "ARCH: unknown architecture 'mips'; known: x86_64, arm64"),
+    ("ARCH", "s390x", "ARCH: s390x: not supported yet"),
+    ("ARCH", "ppc64el", "ARCH: ppc64le: not supported yet"),
     ("REPO_URL", "http://u:pw@h/debian [trusted=yes]", "REPO_URL: expected a plain http://, https:// or "
                                                        "file:// URL of a mirror (no spaces, no [options]), "
                                                        "got 'http://***@h/debian [trusted=yes]'"),
@@ -102,6 +105,7 @@ SAMPLES = {
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
     "DESTDIR": "/tmp/stage", "DROP_IN": "no", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
     "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12", "SECURITY_UPDATES": "no",
+    "ARCH": "arm64",
 }
 
 

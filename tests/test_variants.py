@@ -152,7 +152,7 @@ class ToyDistro(Distro):
     def default_packages(self, agent_init: bool) -> list[str]:
         return ["toy-base"]
 
-    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch) -> None:
+    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch, architecture) -> None:
         for rel, text in (("etc/ssh/ssh_host_ed25519_key", "a secret every image would share"),
                           ("usr/share/doc/toy-base/README", "docs"), ("usr/share/doc/toy-base/copyright", "MIT"),
                           ("usr/share/man/man1/toy.1", "a page"), ("usr/sbin/init", "#!/bin/sh\n")):
@@ -193,7 +193,8 @@ def test_a_plugin_cannot_drop_the_image_policy(tmp_path: Path) -> None:
     from osbuilder.rootfs import policy
 
     tree = tmp_path / "tree"
-    ToyDistro().build([], [], tree, logfile=tmp_path / "log", verbose=False, source_date_epoch=None)
+    ToyDistro().build([], [], tree, logfile=tmp_path / "log", verbose=False, source_date_epoch=None,
+                      architecture="toy64")
     assert sorted(policy.violations(tree)) == ["/etc/ssh/ssh_host_ed25519_key", "/usr/share/doc/toy-base/README",
                                                "/usr/share/man/man1/toy.1"]
     with pytest.raises(Exception, match="breaks osbuilder's image policy: /etc/ssh/ssh_host_ed25519_key"):

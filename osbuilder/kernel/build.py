@@ -165,6 +165,10 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
     WORKDIR/kernel-build. Raises ConfigureError when the configuration step fails (a commit whose
     Kconfig is broken), OsbuilderError when the compile fails."""
     started = time.monotonic()
+    if not settings.guest.native:
+        raise UsageError(f"ARCH: {settings.guest.name}: `osbuilder kernel` builds kernels for this host's "
+                         f"architecture only so far; boot-check {settings.guest.name} guests with Debian's kernel "
+                         "(BOOT_KERNEL=debian)")
     logfile = logfile or Workdir.of(settings).log("kernel")
     named = "" if tree is None else str(tree.path)  # how a compile error names the source
     tree = tree or ensure_source(settings, logfile=logfile)
@@ -292,6 +296,7 @@ def _metadata(settings: Settings, tree: SourceTree, merged: Merged, config_path:
     build_vars = {k: v for k, v in env.items() if k.startswith("KBUILD_") or k == "SOURCE_DATE_EPOCH"}
     return {
         "kernel_version": tree.version,
+        "arch": settings.guest.name,
         "source": tree.marker.get("spec", {}),
         "source_content": tree.marker.get("content", ""),
         "fragments": [{"path": str(p), "sha256": sha256_file(p)} for p in merged.fragments],

@@ -18,14 +18,13 @@ elsewhere the base is built for that one rootfs, with a warning saying how to sh
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 
 from osbuilder import __version__, errors, userns
 from osbuilder.cache import Cache, Manifest, tree_record
 from osbuilder.fs import file_hash
 from osbuilder.layout import ROOTFS, UserCache, Workdir
-from osbuilder.rootfs import distros, inputs, policy
+from osbuilder.rootfs import distros, foreign, inputs, policy
 from osbuilder.rootfs.distro import Suite
 from osbuilder.run import tool_version
 from osbuilder.settings import Settings
@@ -63,7 +62,7 @@ def manifest(settings: Settings) -> Manifest:
         "osbuilder": __version__,
         "distro_code": inputs.plugin_code(d),
         "base_code": file_hash(Path(__file__), Path(policy.__file__)),
-        "arch": d.architecture(platform.machine()),
+        "arch": d.architecture(settings.guest.machine),
         "owners": userns.owners(),
         # a new Release (point release, updates of a moving suite) makes a new tree; so does a
         # security or stable update (SECURITY_UPDATES)
@@ -82,8 +81,10 @@ def build(settings: Settings, dest: Path, logfile: Path, setting: str, place: Pa
     base that is not shared)."""
     d = distros.get(settings.distro)
     with errors.disk_space(setting, f"in {place} while building the base tree (nothing was kept)", dest.parent):
+        guest = settings.guest
+        foreign.ensure(guest, logfile)
         d.build(suites(settings), packages(settings), dest, logfile=logfile, verbose=settings.debug,
-                source_date_epoch=settings.source_date_epoch)
+                source_date_epoch=settings.source_date_epoch, architecture=d.architecture(guest.machine))
         policy.apply(dest, logfile)
 
 

@@ -10,7 +10,6 @@ it over a copy of the base as mmdebstrap's `tar-in` would, and applies the image
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shutil
 import tarfile
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from osbuilder import __version__, agent, elf, runtimes, userns
+from osbuilder import __version__, agent, arch, elf, runtimes, userns
 from osbuilder.agent import protocol
-from osbuilder.agent.build import build_agent
+from osbuilder.agent.build import build_agent, compiler_for
 from osbuilder.cache import Manifest
 from osbuilder.errors import UsageError
 from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
@@ -69,7 +68,7 @@ class AgentChoice:
             raise UsageError(f"AGENT_SOURCE_BIN: {shown(str(src))} is not executable")
         check_program_name(src.name)
         try:
-            check_machine(elf.read_elf(src), src.name)  # before any build: the libraries need the tree
+            check_machine(elf.read_elf(src), src.name, settings.guest)  # before any build: libraries need the tree
         except elf.NotElf:
             pass
         service = settings.agent_service or f"{unit_name_escape(src.name)}.service"
@@ -136,7 +135,8 @@ def manifest(settings: Settings) -> Manifest:
         "agent_init": str(settings.agent_init),
         "overlay": file_hash(OVERLAY_DIR) + ":" + file_hash(Path(__file__), Path(policy.__file__)),
         "overlay_tool": tool_version(TAR_IN[0]),
-        "agent_toolchain": inputs.agent_toolchain() if choice.binary is None else "AGENT_SOURCE_BIN",
+        "agent_toolchain": (inputs.agent_toolchain(compiler_for(settings.guest)) if choice.binary is None
+                            else "AGENT_SOURCE_BIN"),
     })
 
 
@@ -169,7 +169,7 @@ def build_rootfs(settings: Settings, dest: Path, *, logfile: Path | None = None,
         unpack_overlay(overlay_tar, tmp, logfile)
         policy.apply(tmp, logfile)
         policy.verify(tmp)
-        check_agent_runs(tmp, choice.name, d)
+        check_agent_runs(tmp, choice.name, d, settings.guest)
         publish(tmp, dest)
     finally:
         discard(tmp)
@@ -192,7 +192,7 @@ def unpack_overlay(overlay_tar: Path, tree: Path, logfile: Path) -> None:
         logfile=logfile, input=overlay_tar.read_bytes())
 
 
-def check_agent_runs(tree: Path, name: str, distro: Distro) -> None:
+def check_agent_runs(tree: Path, name: str, distro: Distro, guest: arch.Arch) -> None:
     """The agent in `tree` (/usr/bin/<name>) can start in the guest: it is built for the guest's machine
     and every shared library it names is in the tree where the dynamic linker looks. One-line
     UsageError naming the first problem (the library's package where the plugin can tell)."""
@@ -203,7 +203,7 @@ def check_agent_runs(tree: Path, name: str, distro: Distro) -> None:
         info = elf.read_elf(path)
     except elf.NotElf:
         return  # a script: its interpreter is the tree's business
-    check_machine(info, name)
+    check_machine(info, name, guest)
     missing = elf.missing_libraries(info, tree)
     if missing:
         package = distro.package_of(missing[0])
@@ -213,12 +213,11 @@ def check_agent_runs(tree: Path, name: str, distro: Distro) -> None:
                          f"have ({hint})")
 
 
-def check_machine(info: elf.ElfInfo, name: str) -> None:
-    """The agent is built for the machine the guest runs on."""
-    machine = platform.machine()
-    if info.machine != machine:
+def check_machine(info: elf.ElfInfo, name: str, guest: arch.Arch) -> None:
+    """The agent is built for the machine the guest runs on (ARCH)."""
+    if info.machine != guest.machine:
         raise UsageError(f"AGENT_SOURCE_BIN: the agent {name} is built for {info.machine}, but the guest is "
-                         f"{machine}")
+                         f"{guest.machine} (ARCH={guest.name})")
 
 
 def stage_overlay(settings: Settings, choice: AgentChoice, pkgs: list[str], overlay: Path, logfile: Path) -> None:
@@ -228,7 +227,7 @@ def stage_overlay(settings: Settings, choice: AgentChoice, pkgs: list[str], over
     bindir = overlay / "usr/bin"
     bindir.mkdir(parents=True, exist_ok=True)
     if choice.binary is None:
-        built = build_agent(overlay / "usr/bin", logfile=logfile)
+        built = build_agent(overlay / "usr/bin", logfile=logfile, cc=compiler_for(settings.guest))
         unit_text = (agent.SOURCE_DIR / agent.SERVICE_NAME).read_text()
     else:
         built = bindir / choice.name
@@ -290,7 +289,7 @@ def metadata(settings: Settings, choice: AgentChoice, pkgs: list[str]) -> dict:
     return {
         "osbuilder": {"version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-        "architecture": d.architecture(platform.machine()),
+        "architecture": d.architecture(settings.guest.machine),
         "distro": {"name": d.name, "version": settings.os_version,
                    "mirror": without_credentials(settings.repo_url or d.default_mirror),
                    "suites": [{"suite": s.name, "mirror": without_credentials(s.mirror)} for s in suites(settings)]},

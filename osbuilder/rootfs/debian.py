@@ -99,12 +99,12 @@ class Debian(Distro):
         return [Suite(mirror, release), Suite(mirror, f"{release}-updates"),
                 Suite(security_mirror(mirror), f"{release}-security")]
 
-    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch):
+    def build(self, suites, packages, dest, *, logfile, verbose, source_date_epoch, architecture):
         if '"' in str(dest):  # mmdebstrap refuses it: apt's configuration cannot hold one (settings check it)
             raise UsageError(f"rootfs: {dest.parent} has a double quote (\"), which apt cannot handle (WORKDIR and "
                              "CACHE_DIR may not have one)")
         cmd = ["mmdebstrap", "--mode=unshare", "--variant=minbase", "--format=directory",
-               "--include=" + ",".join(packages)]
+               f"--architectures={architecture}", "--include=" + ",".join(packages)]
         cmd += self.filter_options()
         cmd += [f"--customize-hook={hook}" for hook in self.customize_hooks()]
         env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)} if source_date_epoch is not None else None

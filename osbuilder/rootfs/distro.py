@@ -53,9 +53,11 @@ class Distro(ABC):
 
     @abstractmethod
     def build(self, suites: list[Suite], packages: list[str], dest: Path,
-              *, logfile: Path, verbose: bool, source_date_epoch: int | None) -> None:
+              *, logfile: Path, verbose: bool, source_date_epoch: int | None, architecture: str) -> None:
         """Create the tree at `dest` (which must not exist) from `suites` (`suites()`: the release first,
-        newer versions in the others win) with `packages` installed, and nothing else: osbuilder copies it
+        newer versions in the others win) with `packages` installed, for `architecture` (the plugin's
+        name for ARCH, `architecture()`'s; base.py has made sure its programs run on this host when it is
+        not the host's), and nothing else: osbuilder copies it
         for each rootfs and unpacks its own files over the copy (base.py), so one tree serves every agent.
         The tree must not depend on the machine that builds it (its host name, its DNS configuration) nor
         on where it is built (the directory, who can reach it): it is cached and shared."""
@@ -78,7 +80,7 @@ class Distro(ABC):
         try:
             return self.architectures[machine]
         except KeyError:
-            raise UsageError(f"DISTRO: {self.name} has no architecture for this host's {machine!r}; "
+            raise UsageError(f"DISTRO: {self.name} has no architecture for the guest's {machine!r} (ARCH); "
                              f"known: {', '.join(self.architectures)}") from None
 
     def check_release(self, release: str) -> None:

@@ -40,9 +40,9 @@ def plugin_code(distro: Distro) -> str:
     return file_hash(Path(inspect.getfile(type(distro))), Path(inspect.getfile(Distro)))
 
 
-def agent_toolchain() -> str:
-    """The compiler (`$CC`, as the agent's build uses it) and the static C library it links in."""
-    cc = shlex.split(os.environ.get("CC") or "gcc")
+def agent_toolchain(cc: list[str] | None = None) -> str:
+    """The compiler (`cc`, default `$CC` as the agent's build uses it) and the static C library it links in."""
+    cc = cc or shlex.split(os.environ.get("CC") or "gcc")
     version = tool_version(cc[0], *cc[1:], "--version") or f"{cc[0]}: not found"
     try:
         found = subprocess.run([*cc, "-print-file-name=libc.a"], capture_output=True, text=True,

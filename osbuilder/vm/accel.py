@@ -34,7 +34,8 @@ from typing import Any
 from filelock import FileLock
 
 from osbuilder import fs, procs
-from osbuilder.errors import InfrastructureError, OsbuilderError
+from osbuilder.arch import X86_64
+from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import UserCache, Workdir
 from osbuilder.run import format_command, run, tool_version
 from osbuilder.settings import Settings
@@ -186,6 +187,13 @@ def choose(settings: Settings) -> Accel:
     if settings.accel == "tcg":
         return Accel("tcg", "ACCEL=tcg", False)
     forced = settings.accel == "kvm"
+    guest = settings.guest
+    if not guest.native or guest.name != X86_64.name:  # KVM runs the host's architecture; the probe is x86 code
+        foreign = (f"ARCH={guest.name} is not this host's architecture" if not guest.native else
+                   f"osbuilder has no KVM probe for {guest.name} yet")
+        if forced:
+            raise UsageError(f"ACCEL=kvm: {foreign}; use ACCEL=auto or ACCEL=tcg")
+        return Accel("tcg", foreign, True)
     why = kvm_usable()
     if why:
         if forced:

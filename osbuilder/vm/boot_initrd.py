@@ -117,9 +117,9 @@ def module_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def build_init(out: Path, *, logfile: Path | None = None) -> Path:
-    """The initrd's /init, compiled static from boot_init.c."""
-    return compile_static(INIT_SOURCE, out, step="debian-kernel", logfile=logfile)
+def build_init(out: Path, *, logfile: Path | None = None, cc: list[str] | None = None) -> Path:
+    """The initrd's /init, compiled static from boot_init.c (with `cc`: the guest architecture's compiler)."""
+    return compile_static(INIT_SOURCE, out, step="debian-kernel", logfile=logfile, cc=cc)
 
 
 def initrd_entries(init: Path, index: ModuleIndex, order: list[str]) -> list[Entry]:

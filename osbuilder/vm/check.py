@@ -18,6 +18,7 @@ host too busy to boot the guest within the ceiling), 2 a usage error (no image y
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -32,9 +33,10 @@ from typing import Any, TypeVar
 from osbuilder import fs, metadata, runtimes
 from osbuilder.agent import AGENT_NAME, AGENT_VERSION, SERVICE_NAME
 from osbuilder.agent import protocol as protocol_mod
+from osbuilder.arch import X86_64
 from osbuilder.errors import InfrastructureError, UsageError
 from osbuilder.image import read_dax_header, wants_dax
-from osbuilder.layout import Workdir
+from osbuilder.layout import KernelFiles, Workdir
 from osbuilder.settings import Settings
 from osbuilder.vm import accel, phases, profiles, ssh
 from osbuilder.vm.attachments import Attachment
@@ -88,12 +90,28 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
             raise UsageError(f"BOOT_KERNEL: {path} {why}")
         return BootKernel(path.absolute(), None, "path")
     built = built or Workdir.of(settings).kernel.vmlinuz
-    if choice == "built" or (choice == "auto" and built.is_file()):
+    if choice == "auto" and built.is_file() and built_arch(built) != settings.arch:
+        log.info("boot: %s is a kernel for %s, not ARCH=%s: booting Debian's", built, built_arch(built),
+                 settings.arch)
+    elif choice == "built" or (choice == "auto" and built.is_file()):
+        if built.is_file() and built_arch(built) != settings.arch:
+            raise UsageError(f"BOOT_KERNEL=built: {built} is a kernel for {built_arch(built)}, not ARCH="
+                             f"{settings.arch}; build one with `osbuilder kernel` or use BOOT_KERNEL=debian")
         if not built.is_file():
             raise UsageError(f"BOOT_KERNEL=built: {built} does not exist; run `osbuilder kernel` first")
         return BootKernel(built.absolute(), None, "built")
     refuse_debian_kernel(attachment or profiles.attachment_for(settings), choice)
     return debian_kernel(settings)
+
+
+def built_arch(vmlinuz: Path) -> str:
+    """The architecture the kernel build beside `vmlinuz` was for (its kernel-metadata.json; x86_64 for
+    a build from before ARCH, or one without metadata)."""
+    try:
+        found = json.loads(KernelFiles(vmlinuz.parent).metadata.read_text()).get("arch")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    return found if isinstance(found, str) else X86_64.name
 
 
 def kernel_and_accel(settings: Settings, path: Path | None = None,
@@ -125,6 +143,13 @@ def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel:
     profile = profile or image_profile(settings, image)
     if kernel.name == "debian":
         refuse_debian_kernel(profile.attach)
+    if profile.attach.dax and not settings.guest.root_dax:  # as the runtime mounts it there
+        log.info("boot: the root is mounted without DAX, as the runtime mounts it on %s", settings.guest.name)
+        profile = profiles.Profile(profile.attach.variant(False), profile.pid1)
+    elif profile.attach.dax and not kernel.dax:
+        log.warning("boot: %s kernel %s cannot mount a root with DAX (no CONFIG_FS_DAX): the image is booted as "
+                    "an NVDIMM without DAX", kernel.name, kernel.version)
+        profile = profiles.Profile(profile.attach.variant(False), profile.pid1)
     profile.attach.check(image, settings.vm_memory)
     agent = agent_spec(settings, image)
     if profile.agent_is_init and not agent.protocol.can_poweroff:
@@ -134,7 +159,7 @@ def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel:
         image=image, kernel=kernel, log_dir=Workdir.of(settings).boot_log(name), accel=accel,
         memory=settings.vm_memory, cpus=settings.vm_cpus, timeout=timeout or settings.boot_timeout,
         append=" ".join(p for p in (settings.boot_append, append) if p), ssh_key=ssh_key, name=name,
-        profile=profile, agent=agent, vsock_cid=vsock_cid(agent.protocol))
+        profile=profile, agent=agent, vsock_cid=vsock_cid(agent.protocol), arch=settings.guest)
 
 
 def agent_spec(settings: Settings, image: Path) -> AgentSpec:

@@ -426,6 +426,7 @@ class Guest:
             "image": str(self.opts.image),
             "kernel": self.kernel_info(),
             "accel": {"name": self.opts.accel.name, "reason": self.opts.accel.reason},
+            "arch": self.opts.arch.name,
             "memory_mib": self.opts.memory,
             "cpus": self.opts.cpus,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
@@ -481,6 +482,7 @@ class Guest:
         return records.write_records(workdir, self.opts.image, self.opts.kernel.kernel, passed=True,
                                      kernel=self.kernel_info(), timings=self.timings, digests=self.digests,
                                      extra={"accel": self.opts.accel.name, "log_dir": str(self.log_dir),
+                                            "arch": self.opts.arch.name,
                                             "profile": self.opts.profile.name,
                                             "attachment": self.opts.profile.attach.name,
                                             "agent": self.agent_info()})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from osbuilder.agent import AGENT_NAME, AGENT_VERSION, SERVICE_NAME
 from osbuilder.agent.protocol import OSBUILDER, AgentProtocol
+from osbuilder.arch import X86_64, Arch
 from osbuilder.vm import ssh
 from osbuilder.vm.profiles import SYSTEMD, Profile
 from osbuilder.vm.qemu import VmSpec, kernel_cmdline
@@ -24,6 +25,7 @@ class BootKernel:
     initrd: Path | None
     name: str  # "debian", "built" or "path"
     version: str = ""
+    dax: bool = True  # it can mount a root with DAX (FS_DAX; Debian's arm64 kernel cannot)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,11 @@ class BootOptions:
     profile: Profile = SYSTEMD
     agent: AgentSpec = AgentSpec()
     vsock_cid: int | None = None  # the guest's vsock address, when its agent protocol needs vsock
+    arch: Arch = X86_64  # the guest's architecture (ARCH)
 
     @property
     def cmdline(self) -> str:
-        return kernel_cmdline(self.profile.attach.root_params, self.append)
+        return kernel_cmdline(self.profile.attach.root_params, self.append, self.arch)
 
     @property
     def budgets(self) -> Budgets:
@@ -120,4 +123,4 @@ class BootOptions:
                       image=self.image, attachment=self.profile.attach, accel=self.accel.name,
                       memory=self.memory, cpus=self.cpus, credentials=creds,
                       serial_ports=() if interactive else self.agent.protocol.serial_ports,
-                      vsock_cid=None if interactive else self.vsock_cid)
+                      vsock_cid=None if interactive else self.vsock_cid, arch=self.arch)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from osbuilder import fs, procs
 from osbuilder.agent import PORT_NAME
+from osbuilder.arch import X86_64, Arch
 from osbuilder.errors import InfrastructureError, OsbuilderError
 from osbuilder.run import format_command, run
 from osbuilder.vm.console import ConsoleWatcher
@@ -41,10 +42,11 @@ from osbuilder.vm.console import ConsoleWatcher
 log = logging.getLogger("osbuilder")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # its disconnect tracebacks are noise here
 
-QEMU = "qemu-system-x86_64"
+QEMU = X86_64.qemu  # the host's emulator for the KVM probe (accel.py); a guest's is its ARCH's (arch.py)
 KVM_CPU = "host,-arch-capabilities,-kvmclock"  # plain `-cpu host` aborts on MSR 0x10a when nested
-# After the root parameters (a boot profile's): the serial console, no hang on panic, unit status shown.
-CONSOLE_PARAMS = "console=ttyS0 panic=-1 systemd.show_status=1"
+# After the root parameters (a boot profile's) and the serial console (its ARCH's device): no hang on
+# panic, unit status shown.
+CONSOLE_PARAMS = "panic=-1 systemd.show_status=1"
 # Boot-check only: the rootfs overlay gives the NIC QEMU user-net's address when it sees this.
 BOOT_CHECK_PARAMS = "osbuilder.net=slirp"
 RUNDIR_PREFIX = "osbvm-"
@@ -86,12 +88,12 @@ class VmSpec:
     accel: str = "tcg"
     memory: int = 1024
     cpus: int = 1
-    machine: str = "q35"
+    arch: Arch = X86_64  # the guest's architecture: QEMU's binary, machine, CPU and firmware (arch.py)
     credentials: dict[str, str] = field(default_factory=dict)  # systemd credentials via SMBIOS
     serial_ports: tuple[str, ...] = (PORT_NAME,)
     vsock_cid: int | None = None  # a vhost-vsock device with this guest address (the host needs /dev/vhost-vsock)
     network: bool = True
-    qemu: str = QEMU  # the emulator binary
+    qemu: str = ""  # the emulator binary ("": the architecture's)
 
     def __post_init__(self) -> None:
         if self.attachment is not None and self.attachment.initramfs(self.image) and self.initrd is not None:
@@ -143,28 +145,33 @@ def qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def kernel_cmdline(root_params: str, extra: str = "") -> str:
-    """The kernel command line: how to find the root (from the boot profile), the console, then `extra`
-    (last, so its parameters win)."""
-    return f"{root_params} {CONSOLE_PARAMS} {BOOT_CHECK_PARAMS} {extra}".strip()
+def kernel_cmdline(root_params: str, extra: str = "", guest: Arch = X86_64) -> str:
+    """The kernel command line: how to find the root (from the boot profile), the console (`guest`'s
+    serial device), then `extra` (last, so its parameters win)."""
+    return f"{root_params} console={guest.console} {CONSOLE_PARAMS} {BOOT_CHECK_PARAMS} {extra}".strip()
 
 
-def accel_args(accel: str, cpus: int) -> list[str]:
+def accel_args(accel: str, cpus: int, guest: Arch = X86_64) -> list[str]:
     if accel == "kvm":
         return ["-accel", "kvm", "-cpu", KVM_CPU]
     if accel == "tcg":
-        return ["-accel", "tcg,thread=multi" if cpus > 1 else "tcg"]
+        cpu = ["-cpu", guest.tcg_cpu] if guest.tcg_cpu else []
+        return ["-accel", "tcg,thread=multi" if cpus > 1 else "tcg", *cpu]
     raise ValueError(f"unknown accelerator {accel!r}")
 
 
 def build_command(spec: VmSpec, paths: VmPaths | None, *, interactive: bool = False) -> list[str]:
     """QEMU's argv. `paths` None (interactive only): no QMP, no sockets, console on stdio."""
     attachment = spec.attachment
-    machine = ",".join([spec.machine, *(attachment.machine_options() if attachment else [])])
+    guest = spec.arch
+    machine = ",".join([guest.qemu_machine, *(attachment.machine_options() if attachment else [])])
     memory = attachment.memory(spec.memory, spec.image) if attachment else str(spec.memory)
-    cmd = [spec.qemu, "-name", "osbuilder", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-           "-machine", machine, *accel_args(spec.accel, spec.cpus),
-           "-m", memory, "-smp", str(spec.cpus), "-kernel", str(spec.kernel)]
+    cmd = [spec.qemu or guest.qemu, "-name", "osbuilder", "-nodefaults", "-no-user-config", "-display", "none",
+           "-no-reboot", "-machine", machine, *accel_args(spec.accel, spec.cpus, guest),
+           "-m", memory, "-smp", str(spec.cpus)]
+    if guest.firmware:  # UEFI: it loads -kernel from QEMU's fw_cfg, and gives the guest ACPI and SMBIOS
+        cmd += ["-bios", guest.firmware]
+    cmd += ["-kernel", str(spec.kernel)]
     if spec.initramfs:
         cmd += ["-initrd", str(spec.initramfs)]
     cmd += ["-append", spec.cmdline]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from osbuilder.arch import X86_64
 from osbuilder.fs import write_atomically
 from osbuilder.layout import Workdir
 
@@ -161,10 +162,11 @@ def write_records(workdir: Path | Workdir, image: Path, kernel_file: Path, *, pa
     extra = dict(extra or {})
     attachment, profile = extra.get("attachment"), extra.get("profile")
     protocol = (extra.get("agent") or {}).get("protocol")
+    arch = extra.get("arch", X86_64.name)
     out = []
     for role, path, digest, other in (("image", image, digests[0], digests[1]),
                                       ("kernel", kernel_file, digests[1], digests[0])):
-        passes = {attachment: {"profile": profile, "with": [other], "agent_protocol": protocol}} \
+        passes = {attachment: {"profile": profile, "with": [other], "agent_protocol": protocol, "arch": arch}} \
             if passed and attachment else {}
         rec = make_record(path, digest, role, passed, kernel, timings, {**extra, "passes": passes})
         out.append(write_record(workdir, rec))
