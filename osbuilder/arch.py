@@ -46,6 +46,7 @@ class Arch:
     firmware_package: str
     debian_kernel: str  # Debian's cloud kernel metapackage (the boot check's distro kernel)
     root_dax: bool = True  # the runtime mounts an NVDIMM root with DAX here (Kata 2.x on arm64: no)
+    kvm_probe: bool = False  # osbuilder's KVM probe guest (vm/kvm_probe.S) is this architecture's code
     unsupported: str = ""  # why ARCH cannot be this yet (empty: it can)
 
     @property
@@ -76,7 +77,7 @@ X86_64 = Arch(
     qemu="qemu-system-x86_64", qemu_package="qemu-system-x86", qemu_machine="q35", tcg_cpu="",
     console="ttyS0", kernel_arch="x86", kernel_target="bzImage", kernel_image="arch/x86/boot/bzImage",
     cross_prefix="x86_64-linux-gnu-", cross_packages=("gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"),
-    firmware="", firmware_package="", debian_kernel="linux-image-cloud-amd64",
+    firmware="", firmware_package="", debian_kernel="linux-image-cloud-amd64", kvm_probe=True,
 )
 ARM64 = Arch(
     name="arm64", machine="aarch64", debian="arm64",

@@ -307,7 +307,7 @@ KERNEL_TOOLS = (
 )
 KERNEL_PACKAGES = ("libelf-dev", "libssl-dev", "libc6-dev")  # headers the build includes
 BOOT_TOOLS = (
-    Tool(arch.X86_64.qemu, arch.X86_64.qemu_package, "boots the image for the boot checks"),
+    Tool(arch.X86_64.qemu, arch.X86_64.qemu_package, "boots x86_64 images, and the KVM probe guest"),
     Tool("qemu-img", "qemu-utils", "makes throw-away copy-on-write overlays"),
     Tool("ssh-keygen", "openssh-client", "makes the per-session SSH key"),
     Tool("as", "binutils", "assembles the KVM probe guest"),
@@ -322,13 +322,11 @@ BOOT_PACKAGES = ("libc6-dev", "debian-archive-keyring", "ca-certificates")  # st
 
 
 def boot_tools(s: Settings) -> tuple[Tool, ...]:
-    """BOOT_TOOLS, with ARCH's QEMU (and the host's, for the KVM probe) and the compiler of the Debian
-    kernel initrd's init for ARCH."""
+    """BOOT_TOOLS, with ARCH's QEMU and the compiler of the Debian kernel initrd's init for ARCH."""
     guest = s.guest
-    if guest.name == arch.X86_64.name and guest.native:
-        return BOOT_TOOLS
-    return (*BOOT_TOOLS, Tool(guest.qemu, guest.qemu_package, f"boots {guest.name} images for the boot checks"),
-            *agent_compiler(s)[:1])
+    tools = (*BOOT_TOOLS, Tool(guest.qemu, guest.qemu_package, f"boots {guest.name} images for the boot checks"),
+             *agent_compiler(s)[:1])
+    return tuple({t.program: t for t in tools}.values())  # each program once, the first record of it
 
 
 def boot_packages(s: Settings) -> tuple[str, ...]:

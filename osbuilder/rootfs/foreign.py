@@ -73,8 +73,9 @@ def read_handler(path: Path) -> Handler | None:
                    bytes.fromhex(fields.get("mask", "")))
 
 
-def handler_for(a: Arch, root: Path = BINFMT) -> Handler | None:
-    """The enabled handler that runs `a`'s executables, if any."""
+def handler_for(a: Arch, root: Path | None = None) -> Handler | None:
+    """The enabled handler that runs `a`'s executables, if any (in `root`, default BINFMT)."""
+    root = root or BINFMT
     if not (root / "status").is_file() or (root / "status").read_text().strip() != "enabled":
         return None
     header = elf_header(a)

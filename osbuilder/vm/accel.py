@@ -34,7 +34,6 @@ from typing import Any
 from filelock import FileLock
 
 from osbuilder import fs, procs
-from osbuilder.arch import X86_64
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.layout import UserCache, Workdir
 from osbuilder.run import format_command, run, tool_version
@@ -188,7 +187,7 @@ def choose(settings: Settings) -> Accel:
         return Accel("tcg", "ACCEL=tcg", False)
     forced = settings.accel == "kvm"
     guest = settings.guest
-    if not guest.native or guest.name != X86_64.name:  # KVM runs the host's architecture; the probe is x86 code
+    if not guest.native or not guest.kvm_probe:  # KVM runs the host's own architecture, proven by the probe
         foreign = (f"ARCH={guest.name} is not this host's architecture" if not guest.native else
                    f"osbuilder has no KVM probe for {guest.name} yet")
         if forced:

@@ -1,0 +1,119 @@
+"""arm64 guests, built and boot-checked on this x86 host as a user does it: `ARCH=arm64 osbuilder rootfs`,
+`osbuilder image`, `osbuilder boot --check`, then `osbuilder install-image`, in WORKDIRs of their own.
+
+The rootfs's package scripts run under qemu-user (binfmt_misc), osbuilder's agent is cross-compiled,
+and the boots run Debian's arm64 cloud kernel under qemu-system-aarch64 (TCG, UEFI firmware, the
+image as an NVDIMM as Kata attaches it on arm64): every phase passes, from the agent's answer and
+systemd's `running` to the power-off through the guest's ACPI power button.
+
+The runtime's own agent is the Kata 1.x agent of ../shared/peers, built for arm64 from its vendored
+sources with the peer's own build script (Go and the aarch64 cross compiler): the image carrying it is
+refused by `install-image` until it passed its arm64 boot check, then installed byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from boot_tests.agent_peers import KATA_AGENT, peer
+from osbuilder import elf
+from osbuilder.arch import ARM64
+from osbuilder.settings import TABLE
+
+pytestmark = [pytest.mark.build, pytest.mark.boot, pytest.mark.xdist_group("arm64"),
+              pytest.mark.skipif(platform.machine() != "x86_64", reason="an arm64 guest on an x86_64 host")]
+
+PROGRAMS = ("qemu-system-aarch64", "qemu-aarch64-static", "aarch64-linux-gnu-gcc")
+PHASES = ("kernel", "root", "init", "agent", "running", "exec", "ssh", "powerdown")
+
+
+@pytest.fixture(scope="module")
+def home(osbuilder_settings) -> Iterator[Path]:
+    missing = [p for p in PROGRAMS if shutil.which(p) is None]
+    if missing or not Path(ARM64.firmware).is_file():
+        pytest.skip(f"no {', '.join(missing) or ARM64.firmware} (`ARCH=arm64 osbuilder check-deps --install`)")
+    path = Path(tempfile.mkdtemp(prefix="osbuilder-arm64-", dir="/var/tmp"))  # searchable by _apt, as WORKDIR is
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
+def user_env(settings, workdir: Path, **more: str) -> dict[str, str]:
+    """A user's environment: no setting but these, the session's per-user cache and accelerator."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in {s.name for s in TABLE}}
+    env.update(WORKDIR=str(workdir), ARCH="arm64", ACCEL=settings.accel, CACHE_DIR=str(settings.cache_dir or ""),
+               **more)
+    return env
+
+
+def osbuilder(env: dict[str, str], *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "osbuilder", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def passed(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, f"{done.args}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def check_arm64_boot(record: dict) -> None:
+    assert record["passed"] is True and record["arch"] == "arm64", record.get("failure")
+    assert record["kernel"]["kind"] == "debian" and "cloud-arm64" in record["kernel"]["version"]
+    assert "console=ttyAMA0" in record["kernel"]["cmdline"]
+    assert record["command"][0] == "qemu-system-aarch64" and "virt,nvdimm=on" in record["command"]
+    assert record["accel"]["name"] == "tcg"
+    assert record["profile"] == "nvdimm"  # as Kata 2.x mounts an arm64 root: without DAX
+    for phase in PHASES:
+        assert record["phases"][phase] == "passed", (phase, record["phases"])
+
+
+def test_an_arm64_image_with_osbuilders_agent_passes_every_phase(home, osbuilder_settings) -> None:
+    env = user_env(osbuilder_settings, home / "own")
+    passed(osbuilder(env, "rootfs"))
+    rootfs = home / "own/rootfs"
+    for program in ("usr/lib/systemd/systemd", "usr/bin/osbuilder-agent", "usr/sbin/sshd"):
+        assert elf.read_elf(rootfs / program).machine == "aarch64", program
+    assert elf.read_elf(rootfs / "usr/bin/osbuilder-agent").static  # cross-compiled, needs no library
+    passed(osbuilder(env, "image"))
+    check_arm64_boot(json.loads(passed(osbuilder(env, "boot", "--check", "--json"))))
+
+
+def test_the_kata_agent_for_arm64_is_installed_once_its_arm64_image_passed(home, osbuilder_settings) -> None:
+    source = peer(KATA_AGENT).with_name("kata-agent-1.x-0b75b2d-src.tar.gz")
+    agent = home / "bin/kata-agent"
+    agent.parent.mkdir()
+    build = subprocess.run(["bash", str(source.with_name("build-kata-agent.sh")), str(source), str(agent)],
+                           env={**os.environ, "GOARCH": "arm64", "CC": "aarch64-linux-gnu-gcc"},
+                           capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert elf.read_elf(agent).machine == "aarch64"
+    env = user_env(osbuilder_settings, home / "kata", AGENT_SOURCE_BIN=str(agent))
+    passed(osbuilder(env, "rootfs"))
+    passed(osbuilder(env, "image"))
+    dest = home / "pkg"
+
+    refused = osbuilder(env, "install-image", "--destdir", str(dest))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "has no passing boot check" in refused.stderr, refused.stderr[-2000:]
+    assert not any(dest.rglob("*.img"))
+
+    record = json.loads(passed(osbuilder(env, "boot", "--check", "--json")))
+    check_arm64_boot(record)
+    assert record["agent"]["protocol"] == "kata1"
+
+    passed(osbuilder(env, "install-image", "--destdir", str(dest)))
+    images = [p for p in dest.rglob("*.img") if p.is_file() and not p.is_symlink()]
+    assert len(images) == 1, sorted(dest.rglob("*"))
+    assert images[0].read_bytes() == (home / "kata/container.img").read_bytes()
