@@ -25,8 +25,14 @@ runs every test that boots `osbuilder_boot_kernel` once per config (ids `[a]`, `
 config's kernel (built as it is, once per session, cached); `xdist_group`s are extended by the config id
 so that configs can go to different workers (or hosts: the cache and locks are per WORKDIR).
 
+Architectures: `pytest boot_tests --osbuilder-arch x86_64 --osbuilder-arch arm64` runs every test that
+asks for an osbuilder fixture once per architecture (ids `[x86_64]`, `[arm64]`), each with ARCH set and
+a WORKDIR of its own (WORKDIR/<arch>, where `ARCH=<arch> WORKDIR=<WORKDIR>/<arch> osbuilder install-image`
+finds what its gate booted); `xdist_group`s are extended by the architecture, and tests that share a
+booted guest get one per architecture. One `--osbuilder-arch` sets ARCH for the session, no ids.
+
 Options: --osbuilder-workdir, --osbuilder-config, --osbuilder-rebuild, --osbuilder-kernel-config,
---osbuilder-agent-bin. Markers: build, boot.
+--osbuilder-arch, --osbuilder-agent-bin. Markers: build, boot.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+from osbuilder import arch as arch_mod
 from osbuilder import artifacts as artifacts_mod
 from osbuilder import layout
 from osbuilder import settings as settings_mod
@@ -63,6 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--osbuilder-kernel-config", action="append", default=[], metavar="FILE",
                     help="a complete kernel .config: run the boot tests once per config, booting its kernel "
                          "(repeat for more configs)")
+    group.addoption("--osbuilder-arch", action="append", default=[], metavar="ARCH",
+                    help="build and boot for this guest architecture (ARCH); repeat to run the tests once per "
+                         "architecture, each in WORKDIR/<arch>")
     group.addoption("--osbuilder-agent-bin", metavar="PATH",
                     help="build the images with this agent (AGENT_SOURCE_BIN) and prove it over its own protocol")
 
@@ -79,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for path in config.getoption("osbuilder_kernel_config"):
         if not Path(path).expanduser().is_file():
             raise pytest.UsageError(f"--osbuilder-kernel-config: {path}: no such file")
+    guest_arches(config)  # a bad name stops the run here
     agent_bin = config.getoption("osbuilder_agent_bin")
     if agent_bin and not Path(agent_bin).expanduser().is_file():
         raise pytest.UsageError(f"--osbuilder-agent-bin: {agent_bin}: no such file")
@@ -94,6 +105,14 @@ def load_settings(config: pytest.Config) -> Settings:
         return settings_mod.load(cli, config=Path(profile) if profile else None)
     except OsbuilderError as e:
         raise pytest.UsageError(e.message) from None
+
+
+def guest_arches(config: pytest.Config) -> list[str]:
+    """The --osbuilder-arch names, each once, as arch.py names them (aarch64 -> arm64)."""
+    try:
+        return list(dict.fromkeys(arch_mod.lookup(name).name for name in config.getoption("osbuilder_arch")))
+    except OsbuilderError as e:
+        raise pytest.UsageError(f"--osbuilder-arch: {e.message.removeprefix('ARCH: ')}") from None
 
 
 # --- config gates (--osbuilder-kernel-config) ---------------------------------------------------------
@@ -125,11 +144,15 @@ def kernel_configs(config: pytest.Config) -> list[KernelConfig]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """With --osbuilder-kernel-config: every test that boots `osbuilder_boot_kernel` runs once per config."""
+    """With --osbuilder-kernel-config: every test that boots `osbuilder_boot_kernel` runs once per config.
+    With --osbuilder-arch given more than once: every test of the osbuilder fixtures runs once per arch."""
     configs = kernel_configs(metafunc.config)
     if configs and "osbuilder_kernel_config" in metafunc.fixturenames:
         metafunc.parametrize("osbuilder_kernel_config", configs, ids=[c.id for c in configs], indirect=True,
                              scope="session")
+    arches = guest_arches(metafunc.config)
+    if len(arches) > 1 and "osbuilder_arch" in metafunc.fixturenames:
+        metafunc.parametrize("osbuilder_arch", arches, ids=arches, indirect=True, scope="session")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -153,19 +176,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         callspec = getattr(item, "callspec", None)
         kconfig = callspec.params.get("osbuilder_kernel_config") if callspec else None
+        guest = callspec.params.get("osbuilder_arch") if callspec else None
         groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                   for m in item.iter_markers("xdist_group")}
-        if kconfig is not None and groups:
-            item.add_marker(pytest.mark.xdist_group("_".join(sorted(groups)) + f"-{kconfig.id}"))
+        suffix = "".join(f"-{part}" for part in (kconfig.id if kconfig else None, guest) if part)
+        if suffix and groups:
+            item.add_marker(pytest.mark.xdist_group("_".join(sorted(groups)) + suffix))
 
 
 # --- build artifacts ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def osbuilder_settings(pytestconfig: pytest.Config) -> Settings:
-    """Settings from the environment and profile, with the --osbuilder-* options on top."""
-    return load_settings(pytestconfig)
+def osbuilder_arch(request: pytest.FixtureRequest) -> str | None:
+    """The --osbuilder-arch this test runs with (pytest_generate_tests parametrises it when there are
+    several); None without one."""
+    given = guest_arches(request.config)
+    return getattr(request, "param", None) or (given[0] if given else None)
+
+
+@pytest.fixture(scope="session")
+def osbuilder_settings(pytestconfig: pytest.Config, osbuilder_arch: str | None) -> Settings:
+    """Settings from the environment and profile, with the --osbuilder-* options on top (ARCH, and with
+    several --osbuilder-arch a WORKDIR of the architecture's own, WORKDIR/<arch>)."""
+    settings = load_settings(pytestconfig)
+    if osbuilder_arch is None:
+        return settings
+    if len(guest_arches(pytestconfig)) == 1:
+        return settings.with_values(ARCH=osbuilder_arch)
+    return settings.with_values(ARCH=osbuilder_arch, WORKDIR=str(settings.workdir / osbuilder_arch))
 
 
 @pytest.fixture(scope="session")

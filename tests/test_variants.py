@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from vmstubs import load_settings, opt_value
 
-from osbuilder import cli, runtimes, steps
+from osbuilder import arch, cli, runtimes, steps
 from osbuilder.deps import Tool
 from osbuilder.image import wants_dax
 from osbuilder.rootfs import distros
@@ -217,6 +217,10 @@ def every_variant() -> Iterator[dict[str, tuple[set[str], set[str], tuple[str, .
                        ("command", "step"), 2),
         "distribution": (set(distros.DISTROS), {"osbuilder/rootfs/distros.py", "osbuilder/rootfs/debian.py"},
                          ("distro",), 2),
+        # elf.py's tables are of ELF machines, debian.py's of Debian's names for them: facts of the format
+        # and of the distribution, whichever architectures osbuilder builds for
+        "architecture": (set(arch.ARCHES), {"osbuilder/arch.py", "osbuilder/elf.py", "osbuilder/rootfs/debian.py"},
+                         ("arch", "guest"), 2),
     }
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from osbuilder import arch as arch_mod
 from osbuilder.errors import UsageError
 from osbuilder.fs import discard, publish, temp_beside
 from osbuilder.kernel.kconfig import Definition, Expr, KconfigIndex, config_line, parse_expr, read_config
@@ -36,7 +37,6 @@ from osbuilder.settings import Settings
 ARCH_SYMBOLS = {"X86": "x86", "ARM64": "arm64", "ARM": "arm", "RISCV": "riscv", "PPC": "powerpc",
                 "S390": "s390", "MIPS": "mips", "LOONGARCH": "loongarch", "SPARC": "sparc", "PARISC": "parisc",
                 "ALPHA": "alpha", "M68K": "m68k", "SH": "sh", "XTENSA": "xtensa", "MICROBLAZE": "microblaze"}
-HOST_ARCH = {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv", "ppc64le": "powerpc", "s390x": "s390"}
 _HEADER = re.compile(r"^# Linux/(\S+) ")
 
 
@@ -68,7 +68,8 @@ def read_input(path: Path, what: str) -> dict[str, str]:
 
 def check_arch(values: dict[str, str], header_arch: str, path: Path, what: str) -> None:
     machine = platform.machine()
-    arch = HOST_ARCH.get(machine, "")
+    record = arch_mod.of_machine(machine)  # the kernel's name of this machine (arch.py), if osbuilder has one
+    arch = record.kernel_arch if record is not None else ""
     if not arch:
         return
     others = [name for sym, name in ARCH_SYMBOLS.items() if values.get(sym) == "y" and name != arch]
