@@ -116,7 +116,8 @@ def test_pytest_runs_the_fixtures_and_boot_tests_once_per_architecture(home, osb
                            "-rA", "--osbuilder-arch", "x86_64", "--osbuilder-arch", "aarch64"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, f"{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
-    ran = sorted(line.split()[-1].split("::")[-1] for line in done.stdout.splitlines() if line.startswith("PASSED"))
+    ran = sorted(line.split()[-1].split("::")[-1].split("@")[0]  # without the xdist group
+                 for line in done.stdout.splitlines() if line.startswith("PASSED"))
     assert ran == ["test_the_guest_runs_the_architecture[arm64]", "test_the_guest_runs_the_architecture[x86_64]",
                    "test_the_rootfs_is_built_for_the_architecture[arm64]",
                    "test_the_rootfs_is_built_for_the_architecture[x86_64]"], done.stdout[-3000:]
