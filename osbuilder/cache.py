@@ -121,7 +121,7 @@ class Cache:
             for reason in self.explain_miss(manifest):
                 log.info("cache miss: %s: %s", manifest.kind, reason)
         elif rebuild and (session is None or record.get("session") != session):
-            log.info("cache: %s: rebuilding (--osbuilder-rebuild)", what)
+            log.info("cache: %s: rebuilding (asked to: --force, or pytest's --osbuilder-rebuild)", what)
         else:
             log.info("cache hit: %s", what)
             if record.pop("refreshed", False):  # mtimes moved, content the same: remember the new ones
