@@ -90,13 +90,14 @@ def boot_kernel(settings: Settings, path: Path | None = None, built: Path | None
             raise UsageError(f"BOOT_KERNEL: {path} {why}")
         return BootKernel(path.absolute(), None, "path")
     built = built or Workdir.of(settings).kernel.vmlinuz
-    if choice == "auto" and built.is_file() and built_arch(built) != settings.arch:
-        log.info("boot: %s is a kernel for %s, not ARCH=%s: booting Debian's", built, built_arch(built),
-                 settings.arch)
+    found = built_arch(built) if built.is_file() else settings.arch
+    other = found if found != settings.arch else None  # the built kernel's architecture, when not ARCH
+    if choice == "auto" and other:
+        log.info("boot: %s is a kernel for %s, not ARCH=%s: booting Debian's", built, other, settings.arch)
     elif choice == "built" or (choice == "auto" and built.is_file()):
-        if built.is_file() and built_arch(built) != settings.arch:
-            raise UsageError(f"BOOT_KERNEL=built: {built} is a kernel for {built_arch(built)}, not ARCH="
-                             f"{settings.arch}; build one with `osbuilder kernel` or use BOOT_KERNEL=debian")
+        if other:
+            raise UsageError(f"BOOT_KERNEL=built: {built} is a kernel for {other}, not ARCH={settings.arch}; "
+                             "build one with `osbuilder kernel` or use BOOT_KERNEL=debian")
         if not built.is_file():
             raise UsageError(f"BOOT_KERNEL=built: {built} does not exist; run `osbuilder kernel` first")
         return BootKernel(built.absolute(), None, "built")
@@ -143,12 +144,12 @@ def guest_options(settings: Settings, *, image: Path, kernel: BootKernel, accel:
     profile = profile or image_profile(settings, image)
     if kernel.name == "debian":
         refuse_debian_kernel(profile.attach)
-    if profile.attach.dax and not settings.guest.root_dax:  # as the runtime mounts it there
-        log.info("boot: the root is mounted without DAX, as the runtime mounts it on %s", settings.guest.name)
-        profile = profiles.Profile(profile.attach.variant(False), profile.pid1)
-    elif profile.attach.dax and not kernel.dax:
-        log.warning("boot: %s kernel %s cannot mount a root with DAX (no CONFIG_FS_DAX): the image is booted as "
-                    "an NVDIMM without DAX", kernel.name, kernel.version)
+    if profile.attach.dax and not (settings.guest.root_dax and kernel.dax):
+        if not settings.guest.root_dax:  # as the runtime mounts it there
+            log.info("boot: the root is mounted without DAX, as the runtime mounts it on %s", settings.guest.name)
+        else:
+            log.warning("boot: %s kernel %s cannot mount a root with DAX (no CONFIG_FS_DAX): the image is booted "
+                        "as an NVDIMM without DAX", kernel.name, kernel.version)
         profile = profiles.Profile(profile.attach.variant(False), profile.pid1)
     profile.attach.check(image, settings.vm_memory)
     agent = agent_spec(settings, image)
