@@ -5,11 +5,11 @@ small test files (nothing is built here; boot_tests/test_arm64.py builds and boo
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+import inner_pytest
 
 TESTS = '''
 import json
@@ -37,19 +37,11 @@ def test_grouped(osbuilder_settings, n):
 
 
 def pytest_in(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run pytest in `project` (its own rootdir, none of this repository's options), WORKDIR `project/wd`."""
-    (project / "pytest.ini").write_text("[pytest]\n")
-    (project / "test_matrix.py").write_text(TESTS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "WORKDIR", "ARCH"))}
-    env.update(RESULTS=str(project), WORKDIR=str(project / "wd"))
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return inner_pytest.pytest_in(project, TESTS, *args, drop=("WORKDIR", "ARCH"), env={"WORKDIR": str(project / "wd")})
 
 
 def collected(project: Path, *args: str) -> list[str]:
-    proc = pytest_in(project, "--collect-only", "-q", *args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [line.split("::", 1)[1] for line in proc.stdout.splitlines() if "::" in line]
+    return inner_pytest.collected(project, TESTS, *args, drop=("WORKDIR", "ARCH"), env={"WORKDIR": str(project / "wd")})
 
 
 def test_tests_of_the_fixtures_run_once_per_architecture(tmp_path: Path) -> None:

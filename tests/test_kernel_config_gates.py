@@ -4,11 +4,11 @@ fixture the option parametrises (no kernel is built here; boot_tests/test_config
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+import inner_pytest
 
 TESTS = '''
 import os
@@ -42,19 +42,11 @@ def test_grouped(osbuilder_kernel_config, n):
 
 
 def pytest_in(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run pytest in `project` (its own rootdir, none of this repository's options)."""
-    (project / "pytest.ini").write_text("[pytest]\n")
-    (project / "test_gate.py").write_text(TESTS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "WORKDIR"))}
-    env["RESULTS"] = str(project)
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return inner_pytest.pytest_in(project, TESTS, *args, drop=("WORKDIR",))
 
 
 def collected(project: Path, *args: str) -> list[str]:
-    proc = pytest_in(project, "--collect-only", "-q", *args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [line.split("::", 1)[1] for line in proc.stdout.splitlines() if "::" in line]
+    return inner_pytest.collected(project, TESTS, *args, drop=("WORKDIR",))
 
 
 def configs(tmp_path: Path, *names: str) -> list[str]:
