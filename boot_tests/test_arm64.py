@@ -10,7 +10,9 @@ systemd's `running` to the power-off through the guest's ACPI power button.
 
 The runtime's own agent is the Kata 1.x agent of ../shared/peers, built for arm64 from its vendored
 sources with the peer's own build script (Go and the aarch64 cross compiler): the image carrying it is
-refused by `install-image` until it passed its arm64 boot check, then installed byte for byte.
+refused by `install-image` until it passed its arm64 boot check, then installed byte for byte. The same
+image then boots osbuilder's own arm64 kernel, cross-built by `ARCH=arm64 osbuilder kernel`, which
+`install-kernel` installs only after that boot passed.
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ def test_pytest_runs_the_fixtures_and_boot_tests_once_per_architecture(home, osb
     assert refused.returncode == 2 and "has no agent the kata runtime can talk to" in refused.stderr, refused.stderr
 
 
-def test_the_kata_agent_for_arm64_is_installed_once_its_arm64_image_passed(home, osbuilder_settings) -> None:
+@pytest.fixture(scope="module")
+def kata_workdir(home, osbuilder_settings) -> dict[str, str]:
+    """The environment of a user's WORKDIR holding an arm64 rootfs and image with the Kata 1.x agent, built
+    for arm64 from its vendored sources with the peer's own build script."""
     source = peer(KATA_AGENT).with_name("kata-agent-1.x-0b75b2d-src.tar.gz")
     agent = home / "bin/kata-agent"
     agent.parent.mkdir()
@@ -142,6 +147,11 @@ def test_the_kata_agent_for_arm64_is_installed_once_its_arm64_image_passed(home,
     env = user_env(osbuilder_settings, home / "kata", AGENT_SOURCE_BIN=str(agent))
     passed(osbuilder(env, "rootfs"))
     passed(osbuilder(env, "image"))
+    return env
+
+
+def test_the_kata_agent_for_arm64_is_installed_once_its_arm64_image_passed(home, kata_workdir) -> None:
+    env = kata_workdir
     dest = home / "pkg"
 
     refused = osbuilder(env, "install-image", "--destdir", str(dest))
@@ -149,7 +159,7 @@ def test_the_kata_agent_for_arm64_is_installed_once_its_arm64_image_passed(home,
     assert "has no passing boot check" in refused.stderr, refused.stderr[-2000:]
     assert not any(dest.rglob("*.img"))
 
-    record = json.loads(passed(osbuilder(env, "boot", "--check", "--json")))
+    record = json.loads(passed(osbuilder({**env, "BOOT_KERNEL": "debian"}, "boot", "--check", "--json")))
     check_arm64_boot(record)
     assert record["agent"]["protocol"] == "kata1"
 
@@ -157,3 +167,33 @@ def test_the_kata_agent_for_arm64_is_installed_once_its_arm64_image_passed(home,
     images = [p for p in dest.rglob("*.img") if p.is_file() and not p.is_symlink()]
     assert len(images) == 1, sorted(dest.rglob("*"))
     assert images[0].read_bytes() == (home / "kata/container.img").read_bytes()
+
+
+def test_osbuilder_cross_builds_an_arm64_kernel_that_boots_the_kata_image(home, kata_workdir) -> None:
+    """`ARCH=arm64 osbuilder kernel` on this x86 host: the cross-built `Image` boots the image with the
+    runtime's agent through UEFI, every phase as with Debian's kernel; `install-kernel` waits for that pass."""
+    env = kata_workdir
+    workdir = Path(env["WORKDIR"])
+    passed(osbuilder(env, "kernel"))
+    meta = json.loads((workdir / "kernel-metadata.json").read_text())
+    assert meta["arch"] == "arm64" and "ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-" in meta["reproduce"]["make"]
+    vmlinuz = (workdir / "vmlinuz.container").read_bytes()
+    assert vmlinuz[:2] == b"MZ" and vmlinuz[0x38:0x3C] == b"ARM\x64"  # an EFI-stub arm64 Image
+    assert (workdir / "vmlinux.container").read_bytes() == vmlinuz
+    config = (workdir / "config.container").read_text()
+    assert "CONFIG_SERIAL_AMBA_PL011_CONSOLE=y" in config and "CONFIG_X86" not in config
+
+    dest = home / "kernel-pkg"
+    refused = osbuilder(env, "install-kernel", "--destdir", str(dest))
+    assert refused.returncode == 2 and "has no passing boot check" in refused.stderr, refused.stderr[-2000:]
+
+    record = json.loads(passed(osbuilder({**env, "BOOT_KERNEL": "built"}, "boot", "--check", "--json")))
+    assert record["passed"] is True and record["arch"] == "arm64", record.get("failure")
+    assert record["kernel"]["kind"] == "built" and record["command"][0] == "qemu-system-aarch64"
+    assert record["agent"]["protocol"] == "kata1"
+    for phase in PHASES:
+        assert record["phases"][phase] == "passed", (phase, record["phases"])
+
+    passed(osbuilder(env, "install-kernel", "--destdir", str(dest)))
+    installed = [p for p in dest.rglob("vmlinuz-*") if p.is_file() and not p.is_symlink()]
+    assert len(installed) == 1 and installed[0].read_bytes() == vmlinuz, sorted(dest.rglob("*"))

@@ -9,9 +9,10 @@ known by name, so ARCH=s390x is refused with that reason rather than as an unkno
 For arm64, Kata runs QEMU's `virt` machine and attaches the image as an NVDIMM, which QEMU describes
 to the guest in ACPI, so the guest boots through UEFI firmware (Kata's AAVMF; Debian's
 qemu-efi-aarch64 here, which also carries the SMBIOS credentials and the ACPI power button); Kata 2.x
-mounts that root without DAX on arm64. The serial console is the PL011, `ttyAMA0`; the kernel's boot
-image is `Image`. Kata runs arm64 guests under KVM only (`-cpu host`); under TCG the guest gets
-QEMU's `max` CPU, as virt's default is a 32-bit one.
+mounts that root without DAX on arm64. The serial console is the PL011, `ttyAMA0`. The kernel's boot
+image is `Image`, installed under both of the runtime's names (vmlinuz.container, vmlinux.container):
+through UEFI, QEMU boots an EFI-stub `Image`, not an ELF vmlinux. Kata runs arm64 guests under KVM
+only (`-cpu host`); under TCG the guest gets QEMU's `max` CPU, as virt's default is a 32-bit one.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class Arch:
     console: str  # the serial console's kernel device
     kernel_arch: str  # the kernel's ARCH= (and arch/<kernel_arch>/ in its tree)
     kernel_target: str  # the make target of the boot image
-    kernel_image: str  # that image, relative to the object tree
+    kernel_image: str  # that image, relative to the object tree (installed as vmlinuz.container)
+    kernel_vmlinux: str  # what is installed as vmlinux.container, relative to the object tree
+    kernel_fragments: tuple[str, ...]  # osbuilder's kernel fragments for this architecture (configs/)
     cross_prefix: str  # CROSS_COMPILE for this guest on another host
     cross_packages: tuple[str, ...]  # Debian packages that give the cross compiler and C library
     firmware: str  # the firmware QEMU boots with ("" for its built-in one)
@@ -76,6 +79,7 @@ X86_64 = Arch(
     name="x86_64", machine="x86_64", debian="amd64",
     qemu="qemu-system-x86_64", qemu_package="qemu-system-x86", qemu_machine="q35", tcg_cpu="",
     console="ttyS0", kernel_arch="x86", kernel_target="bzImage", kernel_image="arch/x86/boot/bzImage",
+    kernel_vmlinux="vmlinux", kernel_fragments=("serial", "kvm-guest", "x86"),
     cross_prefix="x86_64-linux-gnu-", cross_packages=("gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"),
     firmware="", firmware_package="", debian_kernel="linux-image-cloud-amd64", kvm_probe=True,
 )
@@ -83,6 +87,7 @@ ARM64 = Arch(
     name="arm64", machine="aarch64", debian="arm64",
     qemu="qemu-system-aarch64", qemu_package="qemu-system-arm", qemu_machine="virt", tcg_cpu="max",
     console="ttyAMA0", kernel_arch="arm64", kernel_target="Image", kernel_image="arch/arm64/boot/Image",
+    kernel_vmlinux="arch/arm64/boot/Image", kernel_fragments=("serial-pl011", "arm64"),
     cross_prefix="aarch64-linux-gnu-", cross_packages=("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"),
     firmware="/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", firmware_package="qemu-efi-aarch64",
     debian_kernel="linux-image-cloud-arm64", root_dax=False,
@@ -91,7 +96,8 @@ ARM64 = Arch(
 
 def _not_yet(name: str, machine: str, debian: str) -> Arch:
     return Arch(name=name, machine=machine, debian=debian, qemu="", qemu_package="", qemu_machine="", tcg_cpu="",
-                console="", kernel_arch="", kernel_target="", kernel_image="", cross_prefix="", cross_packages=(),
+                console="", kernel_arch="", kernel_target="", kernel_image="", kernel_vmlinux="",
+                kernel_fragments=(), cross_prefix="", cross_packages=(),
                 firmware="", firmware_package="", debian_kernel="", unsupported=f"not supported yet ({NOT_YET})")
 
 

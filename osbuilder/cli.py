@@ -340,6 +340,16 @@ def kernel_boot_tools(s: Settings) -> tuple[Tool, ...]:
     return (*KERNEL_TOOLS, *boot_tools(s))
 
 
+def kernel_tools(s: Settings) -> tuple[Tool, ...]:
+    """What `kernel` runs; for another architecture than the host's, its cross compiler too (whose
+    binutils come with it)."""
+    guest = s.guest
+    if guest.native:
+        return (*SOURCE_TOOLS, *KERNEL_TOOLS)
+    return (*SOURCE_TOOLS, *KERNEL_TOOLS,
+            Tool(guest.gcc(), guest.cross_packages[0], f"compiles the kernel for {guest.name}"))
+
+
 def rootfs_tools(s: Settings) -> tuple[Tool, ...]:
     from osbuilder.rootfs import distros
 
@@ -354,7 +364,8 @@ def agent_compiler(s: Settings) -> tuple[Tool, ...]:
         return (CC,)
     return (Tool(guest.gcc(), guest.cross_packages[0], f"compiles osbuilder's agent for {guest.name}"),
             Tool(f"qemu-{guest.machine}-static", "qemu-user-static",
-                 f"runs the {guest.name} tree's package scripts while it is built (binfmt_misc)"))
+                 f"runs the {guest.name} tree's package scripts while it is built (binfmt_misc)"),
+            Tool("arch-test", "arch-test", f"lets mmdebstrap check that this host can run {guest.name} programs"))
 
 
 def rootfs_packages(s: Settings) -> tuple[str, ...]:
@@ -454,7 +465,7 @@ for _step in (
          locks=lambda wd, s, args: (wd.log("initrd"), wd.log("rootfs")) if s.agent_init else ()),
     Step("kernel-src", cmd_kernel_src, "get kernel source into WORKDIR/linux", tools=SOURCE_TOOLS,
          packages=("linux-source-6.1",), locks=logs("kernel"), in_container=True, reads=("kernel",)),
-    Step("kernel", cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}", tools=(*SOURCE_TOOLS, *KERNEL_TOOLS),
+    Step("kernel", cmd_kernel, f"build WORKDIR/{VMLINUZ} and {VMLINUX}", tools=kernel_tools,
          packages=KERNEL_PACKAGES, locks=logs("kernel"), in_container=True, reads=("kernel",),
          arguments=force_argument),
     Step("kconfig", cmd_kconfig, "kernel config tools: `show` (fragments and where options come from), "

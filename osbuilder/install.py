@@ -342,12 +342,12 @@ def agent_unspoken(settings: Settings, passed: dict[str, Any]) -> str | None:
 
 
 def kernel_lacks(settings: Settings, passes: dict[str, Any]) -> str | None:
-    """A kernel needs a pass with this WORKDIR's image (attached as the runtime does) or its initrd."""
+    """A kernel needs a pass with this WORKDIR's image (attached as the runtime does) or its initrd, for ARCH."""
     runtime_attach = runtimes.get(settings.runtime).attachment
     partners = {runtime_attach: Workdir.of(settings).image, attachments.INITRD.name: Workdir.of(settings).initrd}
     for attach, partner in partners.items():
         if attach in passes and partner.is_file() and sha256_file(partner) in passes[attach].get("with", []):
-            return None
+            return other_arch(settings, passes[attach])
     return (f"passing boot check with this WORKDIR's image ({runtime_attach}, as the {settings.runtime} "
             "runtime boots it) or initrd")
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from osbuilder.arch import Arch
 from osbuilder.run import user_cache_root
 from osbuilder.settings import Settings
 
@@ -101,6 +102,11 @@ class Workdir:
     def kernel_build(self) -> Path:
         """The kernel's out-of-tree object directory, reused between builds."""
         return self.root / "kernel-build"
+
+    def kernel_build_for(self, guest: Arch) -> Path:
+        """`kernel_build` for this host's architecture; kernel-build-<arch> for a cross build, so that
+        building for one ARCH does not throw the other's objects away."""
+        return self.kernel_build if guest.native else self.root / f"kernel-build-{guest.name}"
 
     @property
     def bisect(self) -> Path:

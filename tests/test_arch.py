@@ -16,6 +16,7 @@ from osbuilder import arch, cli, install
 from osbuilder import settings as settings_mod
 from osbuilder.arch import ARM64, X86_64
 from osbuilder.errors import UsageError
+from osbuilder.fs import sha256_file
 from osbuilder.image import check_tree
 from osbuilder.layout import KernelFiles, Workdir
 from osbuilder.rootfs import foreign
@@ -74,6 +75,10 @@ def test_check_deps_asks_for_what_an_arm64_guest_needs(tmp_path: Path) -> None:
     assert boot["qemu-system-aarch64"] == "qemu-system-arm" and "qemu-system-x86_64" in boot  # and the probe's
     assert "qemu-efi-aarch64" in cli.boot_packages(s)
     assert "qemu-system-aarch64" not in {t.program for t in cli.boot_tools(load_settings(tmp_path))}
+    assert rootfs["arch-test"] == "arch-test"  # mmdebstrap refuses a foreign tree without it
+    kernel = {t.program: t.package for t in cli.kernel_tools(s)}
+    assert kernel["aarch64-linux-gnu-gcc"] == "gcc-aarch64-linux-gnu" and "make" in kernel
+    assert "aarch64-linux-gnu-gcc" not in {t.program for t in cli.kernel_tools(load_settings(tmp_path))}
 
 
 def binfmt(tmp_path: Path, **entries: str) -> Path:
@@ -166,6 +171,19 @@ def test_a_pass_for_one_architecture_does_not_install_an_image_for_another(tmp_p
     arm_pass = {"nvdimm": {**x86_pass["nvdimm"], "arch": "arm64"}}
     assert install.image_lacks(arm, arm_pass) is None
     assert install.initrd_lacks(arm, {"initrd": arm_pass["nvdimm"]}) is None
+
+
+def test_a_kernel_is_installed_for_arch_only_with_a_pass_for_arch(tmp_path: Path) -> None:
+    """install-kernel: the pass with this WORKDIR's image must also be for ARCH (an arm64 kernel's pass does
+    not make it an x86_64 kernel, however the settings name it)."""
+    x86 = load_settings(tmp_path)
+    image = Workdir.of(x86).image
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"an image")
+    arm_pass = {"nvdimm": {"profile": "nvdimm", "with": [sha256_file(image)], "arch": "arm64"}}
+    assert install.kernel_lacks(x86.with_values(ARCH="arm64"), arm_pass) is None
+    assert install.kernel_lacks(x86.with_values(ARCH="x86_64"), arm_pass) == (
+        "passing boot check for ARCH=x86_64 (the one it has is for arm64)")
 
 
 def test_a_kernel_built_for_another_architecture_is_not_booted_for_arm64(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def compile_in(src: Path, obj: Path, env: dict[str, str], source: str = "a.c") -
     env = dict(env)
     build.link_source(obj, SimpleNamespace(path=src), env)  # type: ignore[arg-type]
     stem = Path(source).stem
-    subprocess.run(["bash", str(build.CCACHE_GCC), f"-Wp,-MMD,.{stem}.o.d", f"-I{src}/include", "-O2",
+    subprocess.run(["bash", str(build.CCACHE_GCC), "gcc", f"-Wp,-MMD,.{stem}.o.d", f"-I{src}/include", "-O2",
                     "-c", "-o", f"{stem}.o", str(src / source)], cwd=obj, env=env, check=True)
 
 

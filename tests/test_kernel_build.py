@@ -156,7 +156,7 @@ def test_missing_fragment_names_kernel_fragments(osbuilder_settings, previous, t
 
 
 def test_make_failure_is_one_line_and_keeps_outputs(osbuilder_settings, previous, tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "make_vars", lambda cc: ["CC=false"])  # the compile step cannot work
+    monkeypatch.setattr(build, "make_vars", lambda cc, guest: ["CC=false"])  # the compile step cannot work
     error = failed_build(osbuilder_settings, previous, tmp_path / "kernel.log", OsbuilderError)
     assert error.message.startswith("kernel: the kernel source in KERNEL_SOURCE=")
     assert "\n" not in error.message and error.detail

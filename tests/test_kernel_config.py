@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from osbuilder import settings as settings_mod
+from osbuilder.arch import X86_64
 from osbuilder.errors import UsageError
 from osbuilder.kernel import build, fragments, kconfig, source
 from osbuilder.kernel.fragments import (
-    DEFAULT_FRAGMENTS,
+    COMMON_FRAGMENTS,
     check_names,
+    default_fragments,
     merge,
     parse_fragment,
     resolve_fragments,
@@ -88,12 +91,15 @@ def test_read_config_and_honoured(tmp_path):
 
 def test_default_fragments_cover_configs_dir(tmp_path):
     # What a build applies, not the constants: without KERNEL_FRAGMENTS every file in configs/
-    # applies except the opt-in ones, and each opt-in one is reachable by its name.
+    # applies for some architecture except the opt-in ones, and each opt-in one is reachable by its name.
     on_disk = set(fragments.CONFIGS_DIR.glob("*.config"))
-    applied = resolve_fragments(load_settings(tmp_path))
-    assert len(applied) == len(set(applied))
-    opt_in = on_disk - set(applied)
-    assert set(applied) <= on_disk and {p.stem for p in opt_in} == {"debug", "xfs"}
+    applied: set[Path] = set()
+    for name in ("x86_64", "arm64"):
+        files = resolve_fragments(load_settings(tmp_path, ARCH=name))
+        assert len(files) == len(set(files))
+        applied |= set(files)
+    opt_in = on_disk - applied
+    assert applied <= on_disk and {p.stem for p in opt_in} == {"debug", "xfs"}
     for path in opt_in:
         assert resolve_fragments(load_settings(tmp_path, KERNEL_FRAGMENTS=path.stem))[-1] == path
 
@@ -156,7 +162,20 @@ def test_kernel_fragments_adds_files_and_builtin_names(tmp_path):
     files = resolve_fragments(s)
     assert files[-2].name == "debug.config" and files[-1] == extra.resolve()
     assert files[:-2] == resolve_fragments(load_settings(tmp_path))  # after the defaults, in their order
-    assert [p.stem for p in files[:-2]] == list(DEFAULT_FRAGMENTS)
+    assert [p.stem for p in files[:-2]] == list(default_fragments(X86_64))
+
+
+def test_each_architecture_has_its_own_fragments_between_the_common_ones_and_lean(tmp_path):
+    x86 = [p.stem for p in resolve_fragments(load_settings(tmp_path, ARCH="x86_64"))]
+    arm = [p.stem for p in resolve_fragments(load_settings(tmp_path, ARCH="arm64"))]
+    assert x86[:len(COMMON_FRAGMENTS)] == arm[:len(COMMON_FRAGMENTS)] == list(COMMON_FRAGMENTS)
+    assert x86[-1] == arm[-1] == "lean"
+    assert "serial" in x86 and "x86" in x86 and "serial-pl011" in arm and "arm64" in arm
+    x86_requests, arm_requests = (merge(resolve_fragments(load_settings(tmp_path, ARCH=a))).requests
+                                  for a in ("x86_64", "arm64"))
+    # no x86 option reaches the arm64 kernel, and each has a serial console driver
+    assert not [name for name in arm_requests if name.startswith("X86") or "8250" in name]
+    assert x86_requests["SERIAL_8250_CONSOLE"].value == arm_requests["SERIAL_AMBA_PL011_CONSOLE"].value == "y"
 
 
 def test_missing_fragment_names_kernel_fragments(tmp_path):
@@ -402,6 +421,37 @@ def test_real_kconfig_pmem_needs_a_claim_provider(real_index):
     assert any(merged.requests.get(name) and merged.requests[name].value == "y" for name in selectors)
 
 
+def _configure_arm64(real_tree, tmp_path, **cli):
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64-linux-gnu-gcc (Debian's gcc-aarch64-linux-gnu): an arm64 kernel cannot be configured")
+    s = load_settings(tmp_path, ARCH="arm64", **cli)
+    return fragments.configure(s, real_tree.path, tmp_path / "kernel-build-arm64", cc=build.compiler(s.guest)[0],
+                               logfile=tmp_path / "kernel.log", env=build.build_env(s, real_tree))
+
+
+def test_real_arm64_fragments_configure_an_arm64_kernel_with_every_option_honoured(real_tree, tmp_path):
+    """The arm64 kernel's .config, made by Kconfig with ARCH=arm64 and the cross compiler: the fragments'
+    verification passes (configure raises otherwise), and the result is an arm64 kernel with the PL011
+    console, UEFI boot and the NVDIMM driver, and nothing of x86."""
+    merged, path = _configure_arm64(real_tree, tmp_path)
+    values = read_config(path)
+    assert values.get("ARM64") == "y" and values.get("X86") is None
+    for name in ("SERIAL_AMBA_PL011_CONSOLE", "EFI_STUB", "ACPI", "ACPI_NFIT", "BLK_DEV_PMEM", "VIRTIO_PCI",
+                 "VIRTIO_CONSOLE", "VSOCKETS", "PCI_HOST_GENERIC"):
+        assert values.get(name) == "y", name
+    assert "arm64.config" in {p.name for p in merged.fragments}
+
+
+def test_real_arm64_nvdimm_driver_needs_the_pmem_api_and_the_verification_says_so(real_tree, tmp_path):
+    """On arm64 the NFIT driver depends on ARCH_HAS_PMEM_API, which only ARM64_PMEM selects (x86 has it
+    always): without it, Kconfig drops ACPI_NFIT silently, and osbuilder stops before compiling."""
+    no_pmem = write(tmp_path / "no-pmem.config", "# CONFIG_ARM64_PMEM is not set\n")
+    with pytest.raises(UsageError) as e:
+        _configure_arm64(real_tree, tmp_path, KERNEL_FRAGMENTS=str(no_pmem))
+    assert "CONFIG_ACPI_NFIT=y (dax.config:" in e.value.detail
+    assert "ARCH_HAS_PMEM_API" in e.value.detail
+
+
 def test_real_kconfig_typo(real_tree, real_index, tmp_path):
     frag = write(tmp_path / "f.config", "CONFIG_VIRTIO_BLKK=y\n")
     with pytest.raises(UsageError) as e:
@@ -629,6 +679,10 @@ def test_kernel_key_follows_osbuilders_kernel_code(tmp_path, monkeypatch):
 def test_kernel_key_follows_binutils_and_the_host_architecture(tmp_path, monkeypatch):
     s = load_settings(tmp_path, KERNEL_SOURCE=str(fake_tarball(tmp_path)))
     before = build.kernel_manifest(s).key
+    arm64 = s.with_values(ARCH="arm64")
+    if shutil.which("aarch64-linux-gnu-gcc"):
+        assert build.kernel_manifest(arm64).key != before
+        assert build.kernel_manifest(arm64).inputs["compiler"].startswith("aarch64-linux-gnu-gcc")
     fake_ld = write(tmp_path / "bin" / "ld", "#!/bin/sh\necho 'GNU ld (GNU Binutils for Debian) 2.99'\n")
     fake_ld.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_ld.parent}:{os.environ['PATH']}")

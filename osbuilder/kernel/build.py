@@ -5,11 +5,12 @@ pytest fixture (out_dir = a cache entry being filled); `kernel_manifest(settings
 key, computed from the source's identity without unpacking it. With `config=` a complete .config is
 built as it is (normalised by `olddefconfig`, no fragments): what `kconfig bisect`, `bisect-run` and
 `pytest --osbuilder-kernel-config` build; `tree=` builds a source tree in place (a user's git checkout).
-The object tree lives in
-WORKDIR/kernel-build and ccache in the per-user cache (depend mode, see build_env), so a rebuild
-after one option change only recompiles what depends on it, and another WORKDIR or another source
-tree of the same kernel (compiled through ccache-gcc, which names sources relative to the object
-tree) reuses the compiled objects. Fixed KBUILD_BUILD_* values make two builds of the same inputs byte-identical.
+For another ARCH (arm64 on x86) the kernel is cross-compiled (ARCH=, CROSS_COMPILE=, the architecture's
+own fragments and boot image, arch.py). The object tree lives in WORKDIR/kernel-build (kernel-build-<arch>
+for a cross build) and ccache in the per-user cache (depend mode, see build_env), so a rebuild after one
+option change only recompiles what depends on it, and another WORKDIR or another source tree of the same
+kernel (compiled through ccache-gcc, which names sources relative to the object tree) reuses the compiled
+objects. Fixed KBUILD_BUILD_* values make two builds of the same inputs byte-identical.
 Outputs are copied to temporary names and renamed only after `make` succeeded.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 from filelock import FileLock
 
 from osbuilder import errors, layout
+from osbuilder.arch import Arch
 from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, sha256_file, temp_beside
@@ -40,12 +42,6 @@ from osbuilder.settings import Settings
 
 # the code that turns the inputs into a kernel: a change in it makes a new cache key
 CODE_FILES = tuple(Path(__file__).parent / name for name in ("build.py", "fragments.py", "kconfig.py", "ccache-gcc"))
-OUTPUTS: dict[str, str] = {  # object tree path -> output name
-    "arch/x86/boot/bzImage": layout.VMLINUZ,
-    "vmlinux": layout.VMLINUX,
-    ".config": layout.KERNEL_CONFIG,
-    "System.map": layout.SYSTEM_MAP,
-}
 _BUILD_MARKER = ".osbuilder-build-source"
 _CCACHE_LOG = ".osbuilder-ccache-stats.log"  # one line per counter ccache bumped, this build only
 
@@ -82,10 +78,22 @@ CCACHE_GCC = Path(__file__).with_name("ccache-gcc")  # `ccache gcc` with the sou
 SOURCE_LINK = ".osbuilder-src"  # OBJTREE/.osbuilder-src -> the source tree (what ccache-gcc names it by)
 
 
-def compiler() -> tuple[str, str]:
-    """The CC make variable (ccache-gcc, see there, when ccache is installed) and gcc's version line."""
-    cc = f"bash {CCACHE_GCC}" if shutil.which("ccache") else "gcc"
-    return cc, tool_version("gcc")
+def outputs(guest: Arch) -> dict[str, str]:
+    """Output name -> its object tree path, for a kernel of `guest` (arm64's two names carry one file)."""
+    return {
+        layout.VMLINUZ: guest.kernel_image,
+        layout.VMLINUX: guest.kernel_vmlinux,
+        layout.KERNEL_CONFIG: ".config",
+        layout.SYSTEM_MAP: "System.map",
+    }
+
+
+def compiler(guest: Arch | None = None) -> tuple[str, str]:
+    """The CC make variable for a kernel of `guest` (default: this host's): its gcc, through
+    ccache-gcc (see there) when ccache is installed; and that gcc's version line."""
+    gcc = guest.gcc() if guest is not None else "gcc"
+    cc = f"bash {CCACHE_GCC} {gcc}" if shutil.which("ccache") else gcc
+    return cc, tool_version(gcc)
 
 
 def link_source(bdir: Path, tree: SourceTree, env: dict[str, str]) -> None:
@@ -125,8 +133,8 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
 
 def kernel_manifest(settings: Settings, config: Path | None = None) -> Manifest:
     """Cache key inputs: source identity, fragments, base config, osbuilder's kernel code, compiler,
-    binutils, host architecture, epoch. With `config` (a complete .config built as it is), its content
-    replaces fragments and base config.
+    binutils, the guest's and the host's architectures, epoch. With `config` (a complete .config built as
+    it is), its content replaces fragments and base config.
 
     Computed without unpacking or cloning the source: its identity (a tarball's content hash, a git
     tree's commit, the commit a git URL's ref points at) determines the kernel version, so the
@@ -147,9 +155,10 @@ def kernel_manifest(settings: Settings, config: Path | None = None) -> Manifest:
         "source": json.dumps(where.identity, sort_keys=True),
         "fragments": fragments_key,
         "base_config": base_key,
-        "compiler": compiler()[1],
-        "binutils": tool_version("ld", "--version"),
-        "arch": platform.machine(),
+        "compiler": compiler(settings.guest)[1],
+        "binutils": tool_version(f"{settings.guest.cross_compile()}ld", "--version"),
+        "arch": settings.guest.name,
+        "host": platform.machine(),  # a cross build's compiler is another program on another host
         "code": file_hash(*CODE_FILES),
         # None: the commit time of the git source, which its identity determines
         "source_date_epoch": str(epoch) if epoch is not None else "commit time",
@@ -165,18 +174,17 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
     WORKDIR/kernel-build. Raises ConfigureError when the configuration step fails (a commit whose
     Kconfig is broken), OsbuilderError when the compile fails."""
     started = time.monotonic()
-    if not settings.guest.native:
-        raise UsageError(f"ARCH: {settings.guest.name}: `osbuilder kernel` builds kernels for this host's "
-                         f"architecture only so far; boot-check {settings.guest.name} guests with Debian's kernel "
-                         "(BOOT_KERNEL=debian)")
+    guest = settings.guest
+    if not guest.native:
+        guest.require_compiler("a kernel for another architecture")
     logfile = logfile or Workdir.of(settings).log("kernel")
     named = "" if tree is None else str(tree.path)  # how a compile error names the source
     tree = tree or ensure_source(settings, logfile=logfile)
-    bdir = build_dir or Workdir.of(settings).kernel_build
+    bdir = build_dir or Workdir.of(settings).kernel_build_for(guest)
     bdir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(bdir) + ".lock"):
         _reset_if_other_source(bdir, tree)
-        cc, cc_version = compiler()
+        cc, cc_version = compiler(guest)
         env = build_env(settings, tree)
         link_source(bdir, tree, env)
         if config is None:
@@ -187,8 +195,8 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
         configured = time.monotonic()
         # one job more than cores keeps both busy through I/O waits (measured: 296 s vs 303 s cold on 2 cores)
         jobs = (os.cpu_count() or 1) + 1
-        make = ["make", "-C", str(tree.path), f"O={bdir}", f"-j{jobs}", *make_vars(cc), "bzImage"]
-        if cc.endswith(CCACHE_GCC.name):
+        make = ["make", "-C", str(tree.path), f"O={bdir}", f"-j{jobs}", *make_vars(cc, guest), guest.kernel_target]
+        if str(CCACHE_GCC) in cc:
             # this build's own counters (the cache's totals mix in every other build of the user's)
             env["CCACHE_STATSLOG"] = str(bdir / _CCACHE_LOG)
             (bdir / _CCACHE_LOG).unlink(missing_ok=True)
@@ -196,7 +204,7 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
         metadata = _metadata(settings, tree, merged, config_path, cc, cc_version, make, env, started, config)
         metadata["seconds"] = {"configure": round(configured - started, 1),
                                "compile": round(time.monotonic() - configured, 1)}
-        _publish_outputs(bdir, out_dir, metadata)
+        _publish_outputs(bdir, out_dir, metadata, outputs(guest))
     return KernelBuild(out_dir, metadata)
 
 
@@ -217,8 +225,8 @@ def configure_exact(settings: Settings, src: Path, bdir: Path, config: Path, *, 
     finally:
         discard(tmp)
     try:
-        run(["make", "-C", src, f"O={bdir}", *make_vars(cc), "olddefconfig"], step="kconfig", logfile=logfile,
-            env=env, verbose=settings.debug)
+        run(["make", "-C", src, f"O={bdir}", *make_vars(cc, settings.guest), "olddefconfig"], step="kconfig",
+            logfile=logfile, env=env, verbose=settings.debug)
     except OsbuilderError as e:
         raise ConfigureError(f"kernel: {config} does not configure in {src} (make olddefconfig failed)",
                              e.detail) from None
@@ -280,6 +288,7 @@ def ccache_stats(env: dict[str, str]) -> dict[str, int]:
 def reproducer(settings: Settings) -> str:
     """The osbuilder command line that rebuilds this kernel."""
     cmd = ["osbuilder", "kernel", "--workdir", str(settings.workdir),
+           *(["--arch", settings.guest.name] if not settings.guest.native else []),
            "--kernel-source", settings.raw["KERNEL_SOURCE"]]
     if settings.raw["KERNEL_FRAGMENTS"].strip():
         cmd += ["--kernel-fragments", settings.raw["KERNEL_FRAGMENTS"]]
@@ -315,22 +324,22 @@ def _metadata(settings: Settings, tree: SourceTree, merged: Merged, config_path:
     }
 
 
-def _publish_outputs(bdir: Path, out_dir: Path, metadata: dict[str, Any]) -> None:
+def _publish_outputs(bdir: Path, out_dir: Path, metadata: dict[str, Any], wanted: dict[str, str]) -> None:
     """Copy every output to a temporary name beside its destination, then rename them all."""
     files = KernelFiles(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
-    outputs: dict[str, str] = {}
+    published: dict[str, str] = {}
     try:
-        for rel, name in OUTPUTS.items():
+        for name, rel in wanted.items():
             src, dest = bdir / rel, out_dir / name
             if not src.is_file():
                 raise OsbuilderError(f"kernel: make succeeded but {src} is missing")
             tmp = temp_beside(dest)
             staged.append((tmp, dest))
             shutil.copyfile(src, tmp)
-            outputs[name] = sha256_file(tmp)
-        metadata["outputs"] = outputs
+            published[name] = sha256_file(tmp)
+        metadata["outputs"] = published
         tmp = temp_beside(files.metadata)
         staged.append((tmp, files.metadata))
         tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,8 @@
 """osbuilder's kernel config policy: which fragments apply, how they merge, and proof they were honoured.
 
-The default fragment set is `DEFAULT_FRAGMENTS` (files in configs/, one concern each), applied in
-that order; the other files in configs/ are the opt-in `OPTIONAL_FRAGMENTS` (debug, xfs).
+The default fragment set is `default_fragments(arch)`: `COMMON_FRAGMENTS` (files in configs/, one
+concern each), then the architecture's own (its record's `kernel_fragments`: the console, RTC, boot
+image), then `lean`, applied in that order; the opt-in `OPTIONAL_FRAGMENTS` are debug and xfs.
 KERNEL_FRAGMENTS adds files (or built-in names such as `debug` or `xfs`) after the defaults, and
 later fragments win. The merged fragments go on top of `allnoconfig` (or of KERNEL_CONFIG) via the
 kernel's own `scripts/kconfig/merge_config.sh` (`configure`); then every requested option is checked
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from osbuilder.arch import Arch
 from osbuilder.errors import UsageError
 from osbuilder.kernel.kconfig import (
     Definition,
@@ -35,12 +37,17 @@ from osbuilder.settings import Settings
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
-DEFAULT_FRAGMENTS: tuple[str, ...] = (
-    "base", "serial", "virtio", "block", "filesystems", "systemd", "cgroups", "namespaces",
-    "seccomp", "network", "vsock", "shared-fs", "dax", "hotplug", "kvm-guest", "power-button",
-    "lean",  # last: it switches off what EXPERT exposes and requests back what the guest needs
+COMMON_FRAGMENTS: tuple[str, ...] = (
+    "base", "virtio", "block", "filesystems", "systemd", "cgroups", "namespaces",
+    "seccomp", "network", "vsock", "shared-fs", "dax", "hotplug", "power-button",
 )
+LAST_FRAGMENT = "lean"  # last: it switches off what EXPERT exposes and requests back what the guest needs
 OPTIONAL_FRAGMENTS: tuple[str, ...] = ("debug", "xfs")
+
+
+def default_fragments(guest: Arch) -> tuple[str, ...]:
+    """The names of the fragments osbuilder applies for `guest`, in order."""
+    return (*COMMON_FRAGMENTS, *guest.kernel_fragments, LAST_FRAGMENT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +96,14 @@ def builtin_fragment(name: str) -> Path:
 
 def resolve_fragments(settings: Settings) -> list[Path]:
     """The fragment files in the order they apply: osbuilder's defaults, then KERNEL_FRAGMENTS."""
-    files = [builtin_fragment(name) for name in DEFAULT_FRAGMENTS]
+    defaults = default_fragments(settings.guest)
+    files = [builtin_fragment(name) for name in defaults]
     for item in settings.kernel_fragments:
         path = Path(item).expanduser()
         if not path.is_file() and "/" not in item and builtin_fragment(item).is_file():
             path = builtin_fragment(item)
         if not path.is_file():
-            known = ", ".join(OPTIONAL_FRAGMENTS + DEFAULT_FRAGMENTS)
+            known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.config")))
             raise UsageError(f"KERNEL_FRAGMENTS: {item}: no such file", f"built-in fragment names: {known}")
         files.append(path.resolve())
     return files
@@ -232,8 +240,11 @@ def report_problems(problems: list[Problem]) -> UsageError:
 # generating the .config
 
 
-def make_vars(cc: str) -> list[str]:
-    return [f"CC={cc}"] if cc else []
+def make_vars(cc: str, guest: Arch | None = None) -> list[str]:
+    """make's variables for a kernel of `guest` (default: this host's) compiled with `cc`: ARCH and
+    CROSS_COMPILE for a cross build (binutils come from CROSS_COMPILE; CC names the compiler itself)."""
+    cross = [f"ARCH={guest.kernel_arch}", f"CROSS_COMPILE={guest.cross_prefix}"] if guest and not guest.native else []
+    return cross + ([f"CC={cc}"] if cc else [])
 
 
 def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, cc: str,
@@ -247,7 +258,7 @@ def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, 
     inputs = ([base.resolve()] if base else []) + [Path(f) for f in merged.fragments]
     run([merge_script, "-m", "-O", build_dir, *inputs], step="kconfig", logfile=logfile, cwd=src, env=env,
         verbose=settings.debug)
-    make: list[str | Path] = ["make", "-C", src, f"O={build_dir}", *make_vars(cc)]
+    make: list[str | Path] = ["make", "-C", src, f"O={build_dir}", *make_vars(cc, settings.guest)]
     if base is None:
         allconfig = build_dir / "osbuilder-fragments.config"
         os.replace(build_dir / ".config", allconfig)
@@ -262,7 +273,7 @@ def configure(settings: Settings, src: Path, build_dir: Path, *, cc: str, logfil
               env: dict[str, str]) -> tuple[Merged, Path]:
     """Resolve, check, generate and verify; raise before anything compiles if an option is lost."""
     merged = merge(resolve_fragments(settings))
-    index = KconfigIndex.load(src)
+    index = KconfigIndex.load(src, settings.guest.kernel_arch)
     check_names(merged, index)
     config_path = generate(settings, src, build_dir, merged, cc=cc, logfile=logfile, env=env)
     problems = verify(merged, read_config(config_path), index)
@@ -278,7 +289,7 @@ def configure(settings: Settings, src: Path, build_dir: Path, *, cc: str, logfil
 def latest_config(settings: Settings) -> Path | None:
     """The .config of the last configure in WORKDIR, else the config of the last published kernel."""
     workdir = Workdir.of(settings)
-    for path in (workdir.kernel_build / ".config", workdir.kernel.config):
+    for path in (workdir.kernel_build_for(settings.guest) / ".config", workdir.kernel.config):
         if path.is_file():
             return path
     return None
