@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from osbuilder import __version__, arch, deps, errors, procs, steps
+from osbuilder import __version__, arch, deps, errors, procs, run, steps
 from osbuilder import settings as settings_mod
 from osbuilder.deps import Tool
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
@@ -602,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a value that is not UTF-8 is printed escaped, never a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    run.with_sbin_on_path()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -48,7 +48,7 @@ import pytest
 
 from osbuilder import arch as arch_mod
 from osbuilder import artifacts as artifacts_mod
-from osbuilder import layout
+from osbuilder import layout, run
 from osbuilder import settings as settings_mod
 from osbuilder.artifacts import Artifact, Artifacts
 from osbuilder.cache import Cache
@@ -84,6 +84,7 @@ MODULE_GUEST = "osbuilder_booted_guest"  # one boot per module: its tests stay o
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    run.with_sbin_on_path()
     config.addinivalue_line("markers", "build: builds real artifacts (rootfs, image, kernel)")
     config.addinivalue_line("markers", "boot: boots artifacts under QEMU")
     for path in config.getoption("osbuilder_kernel_config"):

@@ -217,6 +217,19 @@ def user_cache_root(env: Mapping[str, str] | None = None) -> Path:
     return Path(base).absolute() / "osbuilder"
 
 
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def with_sbin_on_path() -> None:
+    """Add the sbin directories missing from PATH, after the user's own entries: Debian gives ordinary users
+    (a login over SSH, a rootless build) a PATH without them, and mke2fs, sfdisk, debugfs and depmod are
+    there. Called once by the CLI and the pytest plugin, so every command and check-deps see the same."""
+    entries = os.environ.get("PATH", "").split(os.pathsep) if os.environ.get("PATH") else []
+    missing = [d for d in SBIN_DIRS if d not in entries and os.path.isdir(d)]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join([*entries, *missing])
+
+
 def tool_version(program: str, *args: str) -> str:
     """First line a program prints about its version ('' when it is not installed). Remembered per
     version of the program's file (path, size, times, inode), in this process and on disk

@@ -194,6 +194,19 @@ def _repo_url(name: str, raw: str) -> str:
     return value
 
 
+def _ccache_remote(name: str, raw: str) -> str:
+    """ccache's remote storage for the kernel builds: an http:// or redis:// URL (ccache's own syntax,
+    with its `|attribute=value` suffixes), or file:// for a shared directory."""
+    value = raw.strip()
+    if not value:
+        return ""
+    url = urlsplit(value.partition("|")[0])
+    if url.scheme not in ("http", "redis", "file") or (url.scheme != "file" and not url.hostname) or " " in value:
+        raise UsageError(f"{name}: expected ccache's http://host[:port]/path, redis://host[:port] or "
+                         f"file:///path, got {_short(redact(value))}")
+    return value
+
+
 def _brackets_only_around_ipv6(value: str, url: SplitResult) -> bool:
     """`[` and `]` appear only around an IPv6 host (http://[::1]:3142/debian)."""
     if "[" not in value and "]" not in value:
@@ -443,6 +456,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("KERNEL_SOURCE", "debian", "kernel source: debian (linux-source package), a tarball, a git tree, or a git URL", _kernel_source, "kernel"),
     Setting("KERNEL_FRAGMENTS", "", "extra config fragment files, on top of osbuilder's own", _word_list, "kernel"),
     Setting("KERNEL_CONFIG", "", "a whole .config to use as the base instead of allnoconfig", _optional_path, "kernel"),
+    Setting("CCACHE_REMOTE_STORAGE", "", "ccache's remote storage that kernel builds share with other hosts (http://host:port/path, redis://host), so that a kernel compiled on one host is a cache hit on the next", _ccache_remote, "kernel", empty="none: the per-user cache only"),
     # install
     Setting("ARCH", "", "guest architecture (osbuilder/arch.py): {choices}; aarch64 and amd64 are taken as arm64 and x86_64; another than the host's is built with qemu-user and a cross compiler", _arch, "general", choices=arches.names, empty="the host's"),
     Setting("RUNTIME", "kata", "runtime to install for and boot as (osbuilder/runtimes.py): {choices}", _runtime, "general", choices=_runtimes),
@@ -495,6 +509,7 @@ class Settings:
     kernel_source: str
     kernel_fragments: tuple[str, ...]
     kernel_config: Path | None
+    ccache_remote_storage: str
     arch: str
     runtime: str
     prefix: str

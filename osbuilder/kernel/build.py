@@ -128,6 +128,7 @@ def build_env(settings: Settings, tree: SourceTree) -> dict[str, str]:
         "CCACHE_DEPEND": "1",
         "LC_ALL": "C",
         "TZ": "UTC",
+        **({"CCACHE_REMOTE_STORAGE": settings.ccache_remote_storage} if settings.ccache_remote_storage else {}),
     }
 
 
@@ -282,7 +283,11 @@ def ccache_stats(env: dict[str, str]) -> dict[str, int]:
         return {}
     counters = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines()]
     hits = sum(1 for c in counters if c in ("direct_cache_hit", "preprocessed_cache_hit"))
-    return {"hits": hits, "misses": counters.count("cache_miss")}
+    stats = {"hits": hits, "misses": counters.count("cache_miss")}
+    if "remote_storage_hit" in counters or "remote_storage_miss" in counters:  # CCACHE_REMOTE_STORAGE
+        stats.update(remote_hits=counters.count("remote_storage_hit"),
+                     remote_misses=counters.count("remote_storage_miss"))
+    return stats
 
 
 def reproducer(settings: Settings) -> str:
