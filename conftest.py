@@ -21,6 +21,7 @@ LONGEST_FIRST = (
     "boot_tests/test_bisect_run.py",
     "tests/test_container.py",
     "tests/test_rootfs_contents.py",
+    "boot_tests/test_multihost.py",
     "boot_tests/test_arm64.py",
     "boot_tests/test_kconfig_bisect.py",
     "boot_tests/test_config_gates.py",

@@ -78,7 +78,8 @@ class NetnsHosts:
         return self.hosts
 
     def _make(self) -> None:
-        self._cleanup_network()  # what an interrupted run may have left
+        self._remove_users()  # what an interrupted run may have left
+        self._cleanup_network()
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         sh("ip", "addr", "add", f"{CONTROLLER}/24", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
@@ -149,19 +150,24 @@ class NetnsHosts:
             time.sleep(0.5)
 
     def __exit__(self, *exc: object) -> None:
-        for host in self.hosts:
-            sh("pkill", "-KILL", "-u", host.name, check=False)
         for proc in self.sshds:
             proc.kill()
             proc.wait()
+        self._remove_users()
+        self._cleanup_network()
+        if self.forwarding:
+            Path("/proc/sys/net/ipv4/ip_forward").write_text(self.forwarding + "\n")
+
+    def _remove_users(self) -> None:
+        """Every process of the hosts (their users', and sshds of an earlier run), then the users and homes."""
+        for host in self.hosts:
+            sh("pkill", "-KILL", "-u", host.name, check=False)
+            sh("pkill", "-KILL", "-f", f"{host.name}-sshd_config", check=False)
         time.sleep(0.5)
         for host in self.hosts:
             if sh("id", host.name, check=False).returncode == 0:
                 sh("userdel", "--remove", host.name, check=False)
-                sh("rm", "-rf", "--one-file-system", str(host.home), check=False)
-        self._cleanup_network()
-        if self.forwarding:
-            Path("/proc/sys/net/ipv4/ip_forward").write_text(self.forwarding + "\n")
+            sh("rm", "-rf", "--one-file-system", str(host.home), check=False)
 
     def _cleanup_network(self) -> None:
         for host in self.hosts:

@@ -69,7 +69,8 @@ def test_the_guest_runs_the_architecture(osbuilder_guest, osbuilder_settings):
     assert osbuilder_guest.exec(["systemctl", "is-system-running"]).stdout.strip() == "running"
     record = osbuilder_guest.record()
     assert record["arch"] == osbuilder_settings.arch
-    assert all(v == "passed" for v in record["phases"].values() if v != "skipped"), record["phases"]
+    for phase in ("kernel", "root", "init", "agent", "running"):  # the power-off comes when the module ends
+        assert record["phases"][phase] == "passed", record["phases"]
 """
 
 KERNEL_TEST = """
@@ -112,7 +113,7 @@ def hosts(scratch: Path, osbuilder_settings) -> Iterator[list[Host]]:
     with NetnsHosts(["osbmh1", "osbmh2"], scratch) as made:
         with ThreadPoolExecutor(len(made)) as pool:  # osbuilder installed for each user, on each host
             install = (f"cp -r {source} ~/osbuilder-src && python3 -m venv ~/venv && ~/venv/bin/pip install -q "
-                       "--disable-pip-version-check '/home/$USER/osbuilder-src[pytest]'")
+                       '--disable-pip-version-check "$HOME/osbuilder-src[pytest]"')
             for done in pool.map(lambda h: h.ssh(install, check=False, timeout=900), made):
                 assert done.returncode == 0, done.stderr[-3000:]
         yield made

@@ -156,11 +156,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("osbuilder_arch", arches, ids=arches, indirect=True, scope="session")
 
 
+def _cell(item: pytest.Item) -> bool:
+    """The test runs in a cell of a matrix: parametrised by --osbuilder-arch or --osbuilder-kernel-config."""
+    callspec = getattr(item, "callspec", None)
+    return bool(callspec and ({"osbuilder_arch", "osbuilder_kernel_config"} & set(callspec.params)))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Markers and groups from the fixtures a test asks for: `build`, `boot`, and one xdist group per
-    module whose tests share a booted guest. A config's tests in an xdist_group stay together, in a group
-    of their own (`good-path` -> `good-path-a`), so that `--dist loadgroup` can send each config elsewhere.
+    module whose tests share a booted guest. In a matrix (--osbuilder-arch, --osbuilder-kernel-config), a
+    cell's tests stay together, in a group of their own (`good-path` -> `good-path-a`; a test without a
+    group: `osbuilder-cell-a`), so that `--dist loadgroup` sends each cell to one worker or host, where its
+    artifacts are built once.
     When any test asks for an osbuilder fixture, the settings are checked now (a bad one stops the run)."""
     ours = False
     for item in items:
@@ -170,8 +178,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.build)
         if names & BOOT_FIXTURES:
             item.add_marker(pytest.mark.boot)
-        if MODULE_GUEST in names and not any(True for _ in item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(f"osbuilder-guest-{item.module.__name__}"))  # type: ignore[attr-defined]
+        if not any(True for _ in item.iter_markers("xdist_group")):
+            if _cell(item):  # one matrix cell's tests together: its artifacts built on one worker (or host)
+                item.add_marker(pytest.mark.xdist_group("osbuilder-cell"))
+            elif MODULE_GUEST in names:
+                item.add_marker(pytest.mark.xdist_group(f"osbuilder-guest-{item.module.__name__}"))  # type: ignore[attr-defined]
     if ours:
         load_settings(config)
     for item in items:

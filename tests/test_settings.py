@@ -102,6 +102,7 @@ SAMPLES = {
     "BOOT_TIMEOUT": "300", "BOOT_IMAGE": "/srv/x.img", "BOOT_APPEND": "quiet",
     "KERNEL_SOURCE": "https://git.example/linux.git#v6.1", "KERNEL_FRAGMENTS": "/srv/a.config",
     "KERNEL_CONFIG": "/srv/config",
+    "CCACHE_REMOTE_STORAGE": "http://10.0.0.1:8080/ccache",
     "RUNTIME": "clear-containers", "PREFIX": "/opt/kata", "RUNTIME_CONFIG": "/etc/kata/configuration.toml",
     "DESTDIR": "/tmp/stage", "DROP_IN": "no", "DAX": "no", "BOOT_PROFILE": "virtio-blk",
     "CONTAINER_ENGINE": "podman", "TOOLS_BASE_IMAGE": "localhost/base:12", "SECURITY_UPDATES": "no",
@@ -223,3 +224,10 @@ def test_vm_cpus_auto_shares_the_host_among_concurrent_guests(tmp_path: Path, mo
     assert S.load({"VM_CPUS": "3"}, env={}, cwd=tmp_path).vm_cpus == 3
     assert S.load({}, cwd=tmp_path).vm_cpus == 1  # load() without env reads this process's
     assert S.load({}, env={}, cwd=tmp_path).with_values(VM_CPUS="auto").vm_cpus == 1  # as if given here
+
+
+def test_ccache_remote_storage_takes_ccaches_urls_and_refuses_the_rest(tmp_path):
+    ok = "http://10.0.0.1:8080/ccache|connect-timeout=500"
+    assert S.load({"WORKDIR": str(tmp_path), "CCACHE_REMOTE_STORAGE": ok}, env={}).ccache_remote_storage == ok
+    with pytest.raises(UsageError, match=r"^CCACHE_REMOTE_STORAGE: expected ccache's http://"):
+        S.load({"WORKDIR": str(tmp_path), "CCACHE_REMOTE_STORAGE": "ftp://x/y"}, env={})
