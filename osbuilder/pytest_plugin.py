@@ -28,8 +28,10 @@ so that configs can go to different workers (or hosts: the cache and locks are p
 Architectures: `pytest boot_tests --osbuilder-arch x86_64 --osbuilder-arch arm64` runs every test that
 asks for an osbuilder fixture once per architecture (ids `[x86_64]`, `[arm64]`), each with ARCH set and
 a WORKDIR of its own (WORKDIR/<arch>, where `ARCH=<arch> WORKDIR=<WORKDIR>/<arch> osbuilder install-image`
-finds what its gate booted); `xdist_group`s are extended by the architecture, and tests that share a
-booted guest get one per architecture. One `--osbuilder-arch` sets ARCH for the session, no ids.
+finds what its gate booted). In such a matrix each cell's tests (an architecture, a config) stay in one
+`xdist_group` (a group of their own is extended by the cell's id), so with `--dist loadgroup` each cell
+is built and booted on one worker, or one host (`--tx ssh=...`). One `--osbuilder-arch` sets ARCH for
+the session, no ids.
 
 Options: --osbuilder-workdir, --osbuilder-config, --osbuilder-rebuild, --osbuilder-kernel-config,
 --osbuilder-arch, --osbuilder-agent-bin. Markers: build, boot.
