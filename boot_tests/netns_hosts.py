@@ -168,6 +168,8 @@ class NetnsHosts:
             if sh("id", host.name, check=False).returncode == 0:
                 sh("userdel", "--remove", host.name, check=False)
             sh("rm", "-rf", "--one-file-system", str(host.home), check=False)
+            # pytest's temporary directories of the user: a later user of that name (another uid) could not use them
+            sh("rm", "-rf", "--one-file-system", f"/tmp/pytest-of-{host.name}", check=False)
 
     def _cleanup_network(self) -> None:
         for host in self.hosts:
