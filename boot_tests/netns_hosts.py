@@ -173,7 +173,6 @@ class NetnsHosts:
 
     def _cleanup_network(self) -> None:
         for host in self.hosts:
-            sh("ip", "netns", "pids", host.name, check=False)
             sh("ip", "netns", "del", host.name, check=False)
             sh("ip", "link", "del", f"{host.name}-v", check=False)
         sh("ip", "link", "del", BRIDGE, check=False)

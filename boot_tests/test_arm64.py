@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from boot_tests.agent_peers import KATA_AGENT, peer
+from boot_tests.user_env import without_settings
 from osbuilder import elf
 from osbuilder.arch import ARM64
-from osbuilder.settings import TABLE
 
 pytestmark = [pytest.mark.build, pytest.mark.boot, pytest.mark.xdist_group("arm64"),
               pytest.mark.skipif(platform.machine() != "x86_64", reason="an arm64 guest on an x86_64 host")]
@@ -56,7 +56,7 @@ def home(osbuilder_settings) -> Iterator[Path]:
 
 def user_env(settings, workdir: Path, **more: str) -> dict[str, str]:
     """A user's environment: no setting but these, the session's per-user cache and accelerator."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in {s.name for s in TABLE}}
+    env = without_settings()
     env.update(WORKDIR=str(workdir), ARCH="arm64", ACCEL=settings.accel, CACHE_DIR=str(settings.cache_dir or ""),
                **more)
     return env

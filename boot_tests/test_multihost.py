@@ -31,9 +31,8 @@ from pathlib import Path
 import pytest
 
 from boot_tests.netns_hosts import PROGRAMS, Host, NetnsHosts, in_namespace, sh, world_readable_copy
-from osbuilder import elf  # noqa: F401 - the project's tests import it on the hosts
+from boot_tests.user_env import without_settings
 from osbuilder.arch import ARM64
-from osbuilder.settings import TABLE
 
 pytestmark = [pytest.mark.build, pytest.mark.boot, pytest.mark.xdist_group("multihost"),
               pytest.mark.skipif(os.geteuid() != 0, reason="makes network namespaces and users: needs root"),
@@ -136,7 +135,7 @@ def ccache_server(hosts: list[Host], scratch: Path) -> Iterator[str]:
 
 def controller_env(osbuilder_settings) -> dict[str, str]:
     """This machine's environment for the controlling pytest, without any osbuilder setting."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in {s.name for s in TABLE}}
+    env = without_settings()
     return {**env, "ACCEL": osbuilder_settings.accel}
 
 

@@ -7,7 +7,6 @@ booted: the published image's, whose boot record the gate's guest wrote when it 
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from boot_tests.agent_peers import KATA_AGENT, peer
-from osbuilder.settings import TABLE
+from boot_tests.user_env import without_settings
 from osbuilder.vm import records
 
 pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("pipeline")]
@@ -54,7 +53,7 @@ def test_the_image_installed_is_the_image_the_gates_booted(osbuilder_settings) -
     (project / "pytest.ini").write_text("[pytest]\n")
     (project / "test_build.py").write_text(USER_BUILD_TESTS)
     (project / "test_boot.py").write_text(USER_BOOT_TESTS)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in {s.name for s in TABLE}}
+    env = without_settings()
     env.update(WORKDIR=str(workdir), AGENT_SOURCE_BIN=str(agent), ACCEL=osbuilder_settings.accel,
                CACHE_DIR=str(osbuilder_settings.cache_dir or ""))
 

@@ -344,10 +344,9 @@ def kernel_tools(s: Settings) -> tuple[Tool, ...]:
     """What `kernel` runs; for another architecture than the host's, its cross compiler too (whose
     binutils come with it)."""
     guest = s.guest
-    if guest.native:
-        return (*SOURCE_TOOLS, *KERNEL_TOOLS)
-    return (*SOURCE_TOOLS, *KERNEL_TOOLS,
-            Tool(guest.gcc(), guest.cross_packages[0], f"compiles the kernel for {guest.name}"))
+    cross = () if guest.native else (
+        Tool(guest.gcc(), guest.cross_packages[0], f"compiles the kernel for {guest.name}"),)
+    return (*SOURCE_TOOLS, *KERNEL_TOOLS, *cross)
 
 
 def rootfs_tools(s: Settings) -> tuple[Tool, ...]:

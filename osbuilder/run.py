@@ -224,7 +224,7 @@ def with_sbin_on_path() -> None:
     """Add the sbin directories missing from PATH, after the user's own entries: Debian gives ordinary users
     (a login over SSH, a rootless build) a PATH without them, and mke2fs, sfdisk, debugfs and depmod are
     there. Called once by the CLI and the pytest plugin, so every command and check-deps see the same."""
-    entries = os.environ.get("PATH", "").split(os.pathsep) if os.environ.get("PATH") else []
+    entries = [e for e in os.environ.get("PATH", "").split(os.pathsep) if e]
     missing = [d for d in SBIN_DIRS if d not in entries and os.path.isdir(d)]
     if missing:
         os.environ["PATH"] = os.pathsep.join([*entries, *missing])

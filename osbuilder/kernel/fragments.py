@@ -96,8 +96,7 @@ def builtin_fragment(name: str) -> Path:
 
 def resolve_fragments(settings: Settings) -> list[Path]:
     """The fragment files in the order they apply: osbuilder's defaults, then KERNEL_FRAGMENTS."""
-    defaults = default_fragments(settings.guest)
-    files = [builtin_fragment(name) for name in defaults]
+    files = [builtin_fragment(name) for name in default_fragments(settings.guest)]
     for item in settings.kernel_fragments:
         path = Path(item).expanduser()
         if not path.is_file() and "/" not in item and builtin_fragment(item).is_file():
