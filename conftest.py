@@ -9,6 +9,7 @@ installing the package registers.
 
 import json
 import os
+import resource
 import signal
 
 import pytest
@@ -50,11 +51,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest as collected
 
 
+def worker_cpu() -> float:
+    """CPU seconds (user + system) of this worker and the children it waited for, so far: the difference
+    between two of a worker's records is what its test spent in between (not daemons it left running)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     timeline = os.environ.get("OSBUILDER_TIMELINE")
     if not timeline or hasattr(report, "node"):  # `node`: xdist's controller relaying a worker's report
         return
     record = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": report.nodeid, "when": report.when,
-              "start": round(report.start, 3), "stop": round(report.stop, 3), "outcome": report.outcome}
+              "start": round(report.start, 3), "stop": round(report.stop, 3), "outcome": report.outcome,
+              "cpu": round(worker_cpu(), 2)}
     with open(timeline, "a") as f:  # one short line per write: two workers' appends do not interleave
         f.write(json.dumps(record) + "\n")

@@ -52,12 +52,34 @@ def main() -> None:
         split = f"{phases['setup']:5.0f} + {phases['call']:5.0f} + {phases['teardown']:4.0f}"
         print(f"{sum(phases.values()):7.0f} = {split}   at {at:5.0f}s on {worker}  {name}")
 
+    cpu = cpu_per_test(per_worker)
+    if cpu:
+        print(f"\nCPU (user + system of each worker and the children it waited for): {sum(cpu.values()):.0f}s; "
+              f"most, top {args.top}")
+        for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])[:args.top]:
+            print(f"{seconds:7.0f}  {name}")
+
     modules: dict[str, float] = defaultdict(float)
     for name, phases in tests.items():
         modules[name.split("::")[0]] += sum(phases.values())
     print("\nmodules, longest first")
     for module, seconds in sorted(modules.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{seconds:7.0f}  {module}")
+
+
+def cpu_per_test(per_worker: dict[str, list[dict]]) -> dict[str, float]:
+    """Each test's CPU seconds: a worker's cumulative `cpu` at each record, minus that at its previous record
+    (empty for a timeline written before records carried `cpu`)."""
+    spent: dict[str, float] = defaultdict(float)
+    for rs in per_worker.values():
+        last = None
+        for r in sorted(rs, key=lambda r: r["stop"]):
+            if "cpu" not in r:
+                return {}
+            if last is not None:
+                spent[r["test"]] += r["cpu"] - last
+            last = r["cpu"]
+    return dict(spent)
 
 
 if __name__ == "__main__":

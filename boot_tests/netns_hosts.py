@@ -1,6 +1,10 @@
 """Hosts made on this machine for the multi-host test: each a network namespace with its own address
 on a bridge, an `sshd` listening on that address only, and an ordinary user with a home of its own
 where osbuilder is installed (a venv, `pip install` of this project), as on a real build host.
+Like a real build host, each keeps its per-user cache (`~/.cache`: base trees, Debian's boot kernels,
+kernel sources, pip's downloads) from one run to the next, in KEPT: the user comes back with the same
+uid and subordinate ids, so its rootless trees stay its own. ccache's directory is not kept (the
+multi-host test wants each host's own ccache empty).
 
 `NetnsHosts(names, workdir)` is a context manager (root only): on entry it makes the bridge
 (BRIDGE, CONTROLLER's address), each namespace with a veth on it and a default route through the
@@ -24,6 +28,7 @@ from pathlib import Path
 BRIDGE = "osbmh-br"
 SUBNET = "10.213.77"
 CONTROLLER = f"{SUBNET}.1"
+KEPT = Path("/var/cache/osbuilder-test-hosts")  # each host user's ~/.cache between runs, and its uid
 SUBUID_BASE = 400000  # each host user gets 65536 subordinate ids from here on (rootless rootfs builds)
 PROGRAMS = ("ip", "iptables", "sshd", "ssh", "ssh-keygen", "useradd", "runuser")
 
@@ -114,7 +119,14 @@ class NetnsHosts:
         sh(*inside, "ip", "route", "add", "default", "via", CONTROLLER)
 
     def _user(self, host: Host, index: int, public_key: str) -> None:
-        sh("useradd", "--create-home", "--shell", "/bin/bash", host.name)
+        kept = KEPT / host.name
+        uid = _kept_uid(kept)
+        sh("useradd", "--create-home", "--shell", "/bin/bash", *(["--uid", str(uid)] if uid else []), host.name)
+        if uid and (kept / "cache").is_dir():  # the cache of the last run's user of this name and uid
+            shutil.rmtree(host.home / ".cache", ignore_errors=True)
+            shutil.move(kept / "cache", host.home / ".cache")
+            shutil.rmtree(host.home / ".cache/osbuilder/ccache", ignore_errors=True)
+        shutil.rmtree(kept, ignore_errors=True)
         sh("usermod", "-p", "*", host.name)  # no password, but not locked: sshd without PAM refuses locked ones
         first = SUBUID_BASE + index * 65536
         sh("usermod", "--add-subuids", f"{first}-{first + 65535}", "--add-subgids", f"{first}-{first + 65535}",
@@ -166,6 +178,7 @@ class NetnsHosts:
         time.sleep(0.5)
         for host in self.hosts:
             if sh("id", host.name, check=False).returncode == 0:
+                _keep_cache(host)
                 sh("userdel", "--remove", host.name, check=False)
             sh("rm", "-rf", "--one-file-system", str(host.home), check=False)
             # pytest's temporary directories of the user: a later user of that name (another uid) could not use them
@@ -179,6 +192,26 @@ class NetnsHosts:
         while sh("iptables", "-t", "nat", "-D", "POSTROUTING", "-s", f"{SUBNET}.0/24", "!", "-d", f"{SUBNET}.0/24",
                  "-j", "MASQUERADE", check=False).returncode == 0:
             pass
+
+
+def _keep_cache(host: Host) -> None:
+    """Move the user's ~/.cache to KEPT, with the uid it belongs to."""
+    kept = KEPT / host.name
+    shutil.rmtree(kept, ignore_errors=True)
+    if (host.home / ".cache").is_dir():
+        kept.mkdir(parents=True)
+        KEPT.chmod(0o700)
+        shutil.move(host.home / ".cache", kept / "cache")
+        (kept / "uid").write_text(f"{host.home.stat().st_uid}\n")
+
+
+def _kept_uid(kept: Path) -> int | None:
+    """The uid the kept cache belongs to, if no other user has it now."""
+    try:
+        uid = int((kept / "uid").read_text())
+    except (OSError, ValueError):
+        return None
+    return uid if sh("getent", "passwd", str(uid), check=False).returncode != 0 else None
 
 
 def in_namespace(host: Host, *cmd: str) -> list[str]:

@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from boot_tests.imagetools import kernel_release
+from boot_tests.object_tree import seed_object_tree
 from osbuilder import readback
 from osbuilder.cache import Cache
 from osbuilder.kernel.build import kernel_manifest
@@ -82,25 +82,6 @@ def gate_configs(base: Path, where: Path) -> dict[str, Path]:
     (where / "a.config").write_text(text)
     (where / "b.config").write_text(text.replace('CONFIG_LOCALVERSION=""\n', 'CONFIG_LOCALVERSION="-gate-b"\n'))
     return {"a": where / "a.config", "b": where / "b.config"}
-
-
-def seed_object_tree(settings: Settings, host: Path) -> None:
-    """Give `host` this WORKDIR's kernel object tree, as a host that built the kernel before keeps it:
-    copied under the lock kernel builds take on it, and relocated. kbuild's objects record relative
-    paths, objtool's build absolute ones; left pointing here, objtool would be rebuilt and with it every
-    object (a 5-15 min cold build instead of ~30 s: the test would be slow, not wrong)."""
-    src = Workdir.of(settings).kernel_build
-    host.mkdir()
-    if not src.is_dir():
-        return
-    dest = Workdir(host).kernel_build
-    with FileLock(str(src) + ".lock"):
-        subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)], check=True)
-    root = Workdir.of(settings).root
-    for old in {f"{root.absolute()}/", f"{root.resolve()}/"}:
-        listed = subprocess.run(["grep", "-rlIF", old, str(dest)], capture_output=True, text=True).stdout
-        for path in map(Path, listed.splitlines()):
-            path.write_bytes(path.read_bytes().replace(old.encode(), f"{host}/".encode()))
 
 
 def inner_env(settings: Settings, image: Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from boot_tests.object_tree import seed_object_tree
 from osbuilder import layout
 
 pytestmark = pytest.mark.build
@@ -41,8 +42,11 @@ def with_options(config: str, changes: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def hunt(osbuilder_kernel, osbuilder_image, osbuilder_settings, tmp_path_factory):
-    """A WORKDIR, the GOOD/BAD pair and the environment the CLI runs with."""
+    """A WORKDIR, the GOOD/BAD pair and the environment the CLI runs with. The WORKDIR starts with the
+    object tree of the session's kernel (GOOD), as a user's does who bisects where they built it: the
+    first step recompiles what its config changed, not the whole kernel from ccache."""
     where = tmp_path_factory.mktemp("kconfig-bisect")
+    seed_object_tree(osbuilder_settings, where / "work")
     good_text = layout.KernelFiles(osbuilder_kernel.path).config.read_text()
     good, bad = where / "good.config", where / "bad.config"
     good.write_text(good_text)

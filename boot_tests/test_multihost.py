@@ -4,8 +4,9 @@ kernel builds of every host sharing one ccache over the network (CCACHE_REMOTE_S
 
 The hosts are made on this machine (netns_hosts.py): two network namespaces on a bridge, each with its own
 address, an sshd listening there, its own user and home with osbuilder installed in a venv, and its own
-WORKDIR and per-user cache. ccache's remote storage is a small HTTP server (ccache_http.py) on the first
-host's address, started and stopped here.
+WORKDIR and per-user cache (kept from one run to the next, as a build host keeps it; not its ccache).
+ccache's remote storage is a small HTTP server (ccache_http.py) on the first host's address, started and
+stopped here.
 
 - The matrix: a user's project run from this machine with `--osbuilder-arch x86_64 --osbuilder-arch arm64`
   and one xdist worker on each host. Every test of a cell (an architecture) runs on one host; each cell's
