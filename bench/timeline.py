@@ -69,15 +69,15 @@ def main() -> None:
 
 def cpu_per_test(per_worker: dict[str, list[dict]]) -> dict[str, float]:
     """Each test's CPU seconds: a worker's cumulative `cpu` at each record, minus that at its previous record
-    (empty for a timeline written before records carried `cpu`)."""
+    (the first test's includes the worker's start; empty for a timeline written before records carried
+    `cpu`). Work a test hands to a daemon (podman's conmon, an sshd on another host) is not counted."""
     spent: dict[str, float] = defaultdict(float)
     for rs in per_worker.values():
-        last = None
+        last = 0.0
         for r in sorted(rs, key=lambda r: r["stop"]):
             if "cpu" not in r:
                 return {}
-            if last is not None:
-                spent[r["test"]] += r["cpu"] - last
+            spent[r["test"]] += r["cpu"] - last
             last = r["cpu"]
     return dict(spent)
 

@@ -119,14 +119,7 @@ class NetnsHosts:
         sh(*inside, "ip", "route", "add", "default", "via", CONTROLLER)
 
     def _user(self, host: Host, index: int, public_key: str) -> None:
-        kept = KEPT / host.name
-        uid = _kept_uid(kept)
-        sh("useradd", "--create-home", "--shell", "/bin/bash", *(["--uid", str(uid)] if uid else []), host.name)
-        if uid and (kept / "cache").is_dir():  # the cache of the last run's user of this name and uid
-            shutil.rmtree(host.home / ".cache", ignore_errors=True)
-            shutil.move(kept / "cache", host.home / ".cache")
-            shutil.rmtree(host.home / ".cache/osbuilder/ccache", ignore_errors=True)
-        shutil.rmtree(kept, ignore_errors=True)
+        add_user(host)
         sh("usermod", "-p", "*", host.name)  # no password, but not locked: sshd without PAM refuses locked ones
         first = SUBUID_BASE + index * 65536
         sh("usermod", "--add-subuids", f"{first}-{first + 65535}", "--add-subgids", f"{first}-{first + 65535}",
@@ -177,12 +170,7 @@ class NetnsHosts:
             sh("pkill", "-KILL", "-f", f"{host.name}-sshd_config", check=False)
         time.sleep(0.5)
         for host in self.hosts:
-            if sh("id", host.name, check=False).returncode == 0:
-                _keep_cache(host)
-                sh("userdel", "--remove", host.name, check=False)
-            sh("rm", "-rf", "--one-file-system", str(host.home), check=False)
-            # pytest's temporary directories of the user: a later user of that name (another uid) could not use them
-            sh("rm", "-rf", "--one-file-system", f"/tmp/pytest-of-{host.name}", check=False)
+            remove_user(host)
 
     def _cleanup_network(self) -> None:
         for host in self.hosts:
@@ -192,6 +180,29 @@ class NetnsHosts:
         while sh("iptables", "-t", "nat", "-D", "POSTROUTING", "-s", f"{SUBNET}.0/24", "!", "-d", f"{SUBNET}.0/24",
                  "-j", "MASQUERADE", check=False).returncode == 0:
             pass
+
+
+def add_user(host: Host) -> None:
+    """The host's user and home, with the ~/.cache its last user of that name left in KEPT (without ccache's
+    directory) when it can have that user's uid again."""
+    kept = KEPT / host.name
+    uid = _kept_uid(kept)
+    sh("useradd", "--create-home", "--shell", "/bin/bash", *(["--uid", str(uid)] if uid else []), host.name)
+    if uid and (kept / "cache").is_dir():
+        shutil.rmtree(host.home / ".cache", ignore_errors=True)
+        shutil.move(kept / "cache", host.home / ".cache")
+        shutil.rmtree(host.home / ".cache/osbuilder/ccache", ignore_errors=True)
+    shutil.rmtree(kept, ignore_errors=True)
+
+
+def remove_user(host: Host) -> None:
+    """The user (its processes must be gone) and its home; its ~/.cache is kept in KEPT."""
+    if sh("id", host.name, check=False).returncode == 0:
+        _keep_cache(host)
+        sh("userdel", "--remove", host.name, check=False)
+    sh("rm", "-rf", "--one-file-system", str(host.home), check=False)
+    # pytest's temporary directories of the user: a later user of that name (another uid) could not use them
+    sh("rm", "-rf", "--one-file-system", f"/tmp/pytest-of-{host.name}", check=False)
 
 
 def _keep_cache(host: Host) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from boot_tests import netns_hosts
 from boot_tests.netns_hosts import PROGRAMS, Host, NetnsHosts, in_namespace, sh, world_readable_copy
 from boot_tests.user_env import without_settings
 from osbuilder.arch import ARM64
@@ -226,3 +227,30 @@ def test_a_kernel_compiled_on_one_host_is_a_ccache_hit_on_the_next(hosts, ccache
     assert runs[0]["outputs"] == runs[1]["outputs"]  # the same kernel, byte for byte
     log = (scratch / "ccache/requests.log").read_text().split("\n")
     assert sum(1 for line in log if line.startswith("GET hit")) >= second["remote_hits"]
+
+
+def test_a_hosts_cache_outlives_its_user_but_not_its_ccache() -> None:
+    """What the hosts keep between runs (netns_hosts.KEPT): the per-user cache comes back with the user, its
+    own again (the same uid), and without ccache's directory, which the test above wants empty."""
+    host = Host("osbmhkeep", "", Path("/dev/null"))
+    netns_hosts.remove_user(host)
+    shutil.rmtree(netns_hosts.KEPT / host.name, ignore_errors=True)
+    try:
+        netns_hosts.add_user(host)
+        uid = host.home.stat().st_uid
+        cache = host.home / ".cache/osbuilder"
+        for path in (cache / "artifacts/rootfs-base/entry/marker", cache / "ccache/0/object"):
+            path.parent.mkdir(parents=True)
+            path.write_text("kept?\n")
+        sh("chown", "-R", f"{host.name}:{host.name}", str(host.home / ".cache"))
+        netns_hosts.remove_user(host)
+        assert not host.home.exists() and sh("id", host.name, check=False).returncode != 0
+        netns_hosts.add_user(host)
+        assert host.home.stat().st_uid == uid
+        marker = cache / "artifacts/rootfs-base/entry/marker"
+        assert marker.read_text() == "kept?\n" and marker.stat().st_uid == uid
+        assert not (cache / "ccache").exists()
+        assert not (netns_hosts.KEPT / host.name).exists()  # handed back, not copied
+    finally:
+        netns_hosts.remove_user(host)
+        shutil.rmtree(netns_hosts.KEPT / host.name, ignore_errors=True)
