@@ -12,12 +12,14 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
+from osbuilder import arch
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
 from osbuilder.kernel import build
 from osbuilder.kernel.fragments import merge, resolve_fragments, verify
@@ -78,6 +80,30 @@ def test_kernel_metadata(osbuilder_kernel, osbuilder_settings):
     assert banner.endswith(stamp)
     epoch = calendar.timegm(time.strptime(stamp, "%a %b %d %H:%M:%S UTC %Y"))
     assert epoch == int(meta["build_env"]["SOURCE_DATE_EPOCH"])
+
+
+def test_nm_is_given_gccs_lto_plugin_and_lists_the_same_symbols(osbuilder_kernel, tmp_path):
+    """kbuild runs nm on every object; the build names gcc's LTO plugin so that nm does not load every
+    plugin in bfd-plugins/ (LLVM's among them). With it, nm must list what it lists without it: for plain
+    objects, and for gcc's LTO objects, which only that plugin reads."""
+    meta = json.loads(KernelFiles(osbuilder_kernel.path).metadata.read_text())
+    nm = build.lto_plugin_nm(arch.host())
+    assert nm, "gcc has no liblto_plugin.so (package gcc)"
+    plugin = nm[0].split("--plugin ", 1)[1]
+    assert Path(plugin).is_file() and f"'{nm[0]}'" in meta["reproduce"]["make"]
+    objects = [tmp_path / "a.o", tmp_path / "b.o"]
+    (tmp_path / "a.c").write_text("int shared = 1; static int hidden(void) { return shared; }\n"
+                                   "int visible(void) { return hidden() + 1; }\n")
+    (tmp_path / "b.c").write_text("extern int visible(void); int main(void) { return visible(); }\n")
+    for source, obj in zip(("a.c", "b.c"), objects, strict=True):
+        subprocess.run(["gcc", "-O2", "-c", "-o", str(obj), str(tmp_path / source)], check=True)
+    lto = tmp_path / "lto.o"  # an object only the plugin can read: gcc's LTO bytecode
+    subprocess.run(["gcc", "-O2", "-flto", "-c", "-o", str(lto), str(tmp_path / "a.c")], check=True)
+    for obj in [*objects, lto]:
+        plain = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
+        given = subprocess.run(["nm", "--plugin", plugin, str(obj)], capture_output=True, text=True,
+                               check=True).stdout
+        assert given == plain and "visible" in plain, (obj.name, plain, given)
 
 
 def test_config_has_every_requested_option(osbuilder_kernel, osbuilder_settings):
