@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from osbuilder import arch as arch_mod
 from osbuilder import settings as settings_mod
 from osbuilder.arch import X86_64
 from osbuilder.errors import UsageError
@@ -450,6 +451,27 @@ def test_real_arm64_nvdimm_driver_needs_the_pmem_api_and_the_verification_says_s
         _configure_arm64(real_tree, tmp_path, KERNEL_FRAGMENTS=str(no_pmem))
     assert "CONFIG_ACPI_NFIT=y (dax.config:" in e.value.detail
     assert "ARCH_HAS_PMEM_API" in e.value.detail
+
+
+def test_real_config_is_the_same_whatever_arch_and_cross_compile_the_shell_holds(real_tree, tmp_path, monkeypatch):
+    """osbuilder's ARCH setting is an environment variable, and make takes its ARCH from the environment
+    unless told: `ARCH=x86_64 osbuilder kernel` gave a .config (and autoconf.h, which every file includes)
+    headed "Linux/x86_64" where the same build without ARCH said "Linux/x86", so not one file was a ccache
+    hit across the two. A CROSS_COMPILE left in the shell must not reach a native build either."""
+    def configure(where: str) -> str:
+        s = load_settings(tmp_path)
+        _, path = fragments.configure(s, real_tree.path, tmp_path / where, cc=build.compiler(s.guest)[0],
+                                      logfile=tmp_path / f"{where}.log", env=build.build_env(s, real_tree))
+        return path.read_text()
+
+    monkeypatch.delenv("ARCH", raising=False)
+    monkeypatch.delenv("CROSS_COMPILE", raising=False)
+    plain = configure("plain")
+    host = arch_mod.host()
+    monkeypatch.setenv("ARCH", host.name)  # x86_64 on this host: the setting's name, not the kernel's
+    monkeypatch.setenv("CROSS_COMPILE", "no-such-prefix-")
+    assert configure("from-a-shell") == plain
+    assert f"# Linux/{host.kernel_arch} " in plain
 
 
 def test_real_kconfig_typo(real_tree, real_index, tmp_path):

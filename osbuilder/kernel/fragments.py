@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from osbuilder import arch
 from osbuilder.arch import Arch
 from osbuilder.errors import UsageError
 from osbuilder.kernel.kconfig import (
@@ -240,10 +241,16 @@ def report_problems(problems: list[Problem]) -> UsageError:
 
 
 def make_vars(cc: str, guest: Arch | None = None) -> list[str]:
-    """make's variables for a kernel of `guest` (default: this host's) compiled with `cc`: ARCH and
-    CROSS_COMPILE for a cross build (binutils come from CROSS_COMPILE; CC names the compiler itself)."""
-    cross = [f"ARCH={guest.kernel_arch}", f"CROSS_COMPILE={guest.cross_prefix}"] if guest and not guest.native else []
-    return cross + ([f"CC={cc}"] if cc else [])
+    """make's variables for a kernel of `guest` (default: this host's) compiled with `cc`: the kernel's
+    ARCH and CROSS_COMPILE (binutils come from CROSS_COMPILE; CC names the compiler itself).
+
+    Both are always given, native builds included, because make takes the environment's otherwise, and
+    osbuilder's own ARCH setting is an environment variable: `ARCH=x86_64 osbuilder kernel` left kbuild
+    with ARCH=x86_64, whose .config and autoconf.h say "Linux/x86_64" where a build without ARCH says
+    "Linux/x86". Every file then missed ccache, and the two configs differed. A CROSS_COMPILE left in a
+    user's shell would give a native build another architecture's binutils."""
+    guest = guest or arch.host()
+    return [f"ARCH={guest.kernel_arch}", f"CROSS_COMPILE={guest.cross_compile()}", *([f"CC={cc}"] if cc else [])]
 
 
 def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, cc: str,
