@@ -18,8 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from osbuilder import arch
-from osbuilder.arch import Arch
+from osbuilder.arch import Arch, host
 from osbuilder.errors import UsageError
 from osbuilder.kernel.kconfig import (
     Definition,
@@ -249,7 +248,7 @@ def make_vars(cc: str, guest: Arch | None = None) -> list[str]:
     with ARCH=x86_64, whose .config and autoconf.h say "Linux/x86_64" where a build without ARCH says
     "Linux/x86". Every file then missed ccache, and the two configs differed. A CROSS_COMPILE left in a
     user's shell would give a native build another architecture's binutils."""
-    guest = guest or arch.host()
+    guest = guest or host()
     return [f"ARCH={guest.kernel_arch}", f"CROSS_COMPILE={guest.cross_compile()}", *([f"CC={cc}"] if cc else [])]
 
 
