@@ -72,11 +72,14 @@ class Usage:
         return self.disk_bytes - self.shared_bytes
 
 
-def usage(root: Path, workdir_inodes: frozenset[tuple[int, int]] = frozenset()) -> Usage:
+def usage(root: Path, workdir_inodes: frozenset[tuple[int, int]] = frozenset(),
+          seen: dict[tuple[int, int], int] | None = None) -> Usage:
     """What the directory `root` takes (nothing when it is missing; links are not followed, and a directory
-    this user cannot list counts as empty)."""
+    this user cannot list counts as empty). `seen`: every inode of the tree is added to it with its blocks'
+    bytes, so that trees sharing files (a rootfs entry and its base tree) can be totalled once."""
     found = Usage()
     files: dict[tuple[int, int], list[int]] = {}  # inode -> [its links, its names here, its blocks]
+    seen = {} if seen is None else seen
     try:
         top = os.lstat(root)
     except (FileNotFoundError, NotADirectoryError):
@@ -84,6 +87,7 @@ def usage(root: Path, workdir_inodes: frozenset[tuple[int, int]] = frozenset()) 
     if not stat.S_ISDIR(top.st_mode):
         return found
     found.disk_bytes += top.st_blocks * 512
+    seen[(top.st_dev, top.st_ino)] = top.st_blocks * 512
     pending = [str(root)]
     while pending:
         try:
@@ -94,6 +98,7 @@ def usage(root: Path, workdir_inodes: frozenset[tuple[int, int]] = frozenset()) 
         for path, st in found_here:
             if stat.S_ISDIR(st.st_mode):
                 found.disk_bytes += st.st_blocks * 512
+                seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
                 pending.append(path)
                 continue
             if stat.S_ISREG(st.st_mode):
@@ -106,6 +111,7 @@ def usage(root: Path, workdir_inodes: frozenset[tuple[int, int]] = frozenset()) 
                 files[inode] = [st.st_nlink, 1, st.st_blocks * 512]
     for inode, (links, names, blocks) in files.items():
         found.disk_bytes += blocks
+        seen[inode] = blocks
         if links > names:
             found.shared_bytes += blocks
             if inode in workdir_inodes:
@@ -169,11 +175,12 @@ def _listdir(path: Path) -> list[str]:
 
 
 def describe(cache: Cache, path: Path, published: dict[tuple[str, str], list[str]],
-             workdir_inodes: frozenset[tuple[int, int]], check: bool = True) -> Entry:
+             workdir_inodes: frozenset[tuple[int, int]], check: bool = True,
+             seen: dict[tuple[int, int], int] | None = None) -> Entry:
     """An entry or temporary as `list` shows it. `check`: look at an entry as a hit would (a walk, hashing
-    only the files whose mtime moved) to tell intact from torn."""
+    only the files whose mtime moved) to tell intact from torn. `seen`: usage's."""
     kind, key = path.parent.name, path.name
-    entry = Entry(cache.setting, path, kind, key, "intact", usage=usage(path, workdir_inodes))
+    entry = Entry(cache.setting, path, kind, key, "intact", usage=usage(path, workdir_inodes, seen))
     temporary = _TEMPORARY.match(key)
     if key.startswith("."):
         entry.last_used = _mtime(path)
@@ -217,11 +224,12 @@ def workdir_inodes(wd: Workdir) -> frozenset[tuple[int, int]]:
     return frozenset(found)
 
 
-def scan(settings: Settings, check: bool = True) -> list[tuple[Cache, list[Entry]]]:
-    """Each artifact cache with its entries and temporaries (`check`: describe's)."""
+def scan(settings: Settings, check: bool = True,
+         seen: dict[tuple[int, int], int] | None = None) -> list[tuple[Cache, list[Entry]]]:
+    """Each artifact cache with its entries and temporaries (`check`, `seen`: describe's)."""
     wd = Workdir.of(settings)
     published, inodes = artifacts.published_entries(wd), workdir_inodes(wd)
-    found = [(cache, [describe(cache, path, published, inodes, check) for path in entry_dirs(cache)])
+    found = [(cache, [describe(cache, path, published, inodes, check, seen) for path in entry_dirs(cache)])
              for cache in caches(settings)]
     return [(cache, [e for e in entries if e.state != "gone"]) for cache, entries in found]
 
@@ -263,12 +271,13 @@ def engine_images(settings: Settings) -> list[EngineImages]:
 
 def list_cache(settings: Settings, as_json: bool = False) -> None:
     now = time.time()
-    scanned = scan(settings)
+    seen: dict[tuple[int, int], int] = {}  # the entries' inodes: a file two entries share is one file on disk
+    scanned = scan(settings, seen=seen)
     parts = {name: usage(path) for name, path in other_parts(settings).items()}
     engines = engine_images(settings)
     entries = [e for _, found in scanned for e in found]
     totals = {"entries": sum(not e.temporary for e in entries), "temporaries": sum(e.temporary for e in entries),
-              "entries_disk_bytes": sum(e.usage.disk_bytes for e in entries),
+              "entries_disk_bytes": sum(seen.values()),
               "other_parts_disk_bytes": sum(u.disk_bytes for u in parts.values()),
               "tools_images": sum(len(x.images) for x in engines),
               "tools_images_bytes": sum({i.id: i.size for x in engines for i in x.images}.values())}

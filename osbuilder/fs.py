@@ -128,6 +128,18 @@ def temp_beside(dest: Path) -> Path:
     return tmp
 
 
+def can_link(source: Path, directory: Path) -> bool:
+    """Whether a hard link to the file `source` can be made in `directory` (the same filesystem and mount,
+    one with hard links): a link is made and removed."""
+    probe = temp_beside(directory / f".link-probe-{source.name}")
+    try:
+        os.link(source, probe)
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
 def pid_tempdir(prefix: str, parent: Path) -> Path:
     """A fresh private (0700) directory `<prefix><pid>-XXXX` in `parent`, after removing those of
     processes that are gone (a SIGKILLed osbuilder cannot remove its own) unless a live process still

@@ -11,12 +11,14 @@ from inside a namespace with the same mapping, which `mmdebstrap --unshare-helpe
 Inside that namespace the user's own files belong to nobody: a file the namespace must write
 (the image) is lent to the namespace's root (the user's first subordinate id) while it does, and
 taken back afterwards (`lend_to_tree_namespace`); it is never writable by other users. A copy of a
-tree (`copy_tree`) is made in the namespace too, so it keeps the tree's owners.
+tree (`copy_tree`), or one whose files are hard links to the tree's (`share_tree`), is made in the
+namespace too, so it keeps the tree's owners.
 """
 
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import shutil
@@ -26,6 +28,7 @@ from osbuilder.errors import UsageError
 from osbuilder.run import run
 
 HELPER = ["mmdebstrap", "--unshare-helper"]
+log = logging.getLogger("osbuilder")
 
 
 def rootless() -> bool:
@@ -123,13 +126,36 @@ def copy_tree(source: Path, dest: Path, logfile: Path, step: str = "rootfs") -> 
     """Copy a tree with its owners, modes, times and links (`cp -a`, sharing blocks where the filesystem
     can: reflinks), where its owners are the real ones: a rootless tree's belong to subordinate ids, so
     the copy is made in its namespace, into a directory lent to it. `dest` must not exist."""
+    _cp(["--reflink=auto"], source, dest, logfile, step)
+
+
+def share_tree(source: Path, dest: Path, logfile: Path, step: str = "rootfs") -> bool:
+    """`dest` (which must not exist) becomes `source`'s tree as `copy_tree` makes it, but its files are
+    hard links to `source`'s (`cp -a --link`): only directories are written, no file's data. Only for a
+    `source` nothing writes any more (a cache entry) and a `dest` whose files are replaced or removed,
+    never written in place: a file written in place would change in both trees. Where a link cannot
+    be made (a file with too many links, another mount), a copy. Returns whether the files are shared."""
+    if _cp(["--link"], source, dest, logfile, step, check=False):
+        return True
+    log.info("%s: %s could not be linked, copying it instead (see %s)", step, source, logfile)
+    remove_tree(dest)
+    copy_tree(source, dest, logfile, step)
+    return False
+
+
+def _cp(options: list[str], source: Path, dest: Path, logfile: Path, step: str, check: bool = True) -> bool:
+    """`cp -a <options>` of the tree `source` as the new directory `dest`, in the tree's namespace, and
+    `dest` given `source`'s mode and owner; whether cp succeeded (with `check`, it must)."""
     dest.mkdir(mode=0o700)
     lend_to_tree_namespace(dest, logfile, step)
-    run(in_tree_namespace(["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(dest)]), step=step,
-        logfile=logfile)
+    done = run(in_tree_namespace(["cp", "-a", *options, "--", f"{source}/.", str(dest)]), step=step,
+               logfile=logfile, check=check)
+    if done.returncode != 0:
+        return False
     run(in_tree_namespace(["chmod", f"--reference={source}", "--", str(dest)]), step=step, logfile=logfile)
     if not rootless():
         run(["chown", f"--reference={source}", "--", str(dest)], step=step, logfile=logfile)
+    return True
 
 
 def lend_to_tree_namespace(path: Path, logfile: Path, step: str = "image") -> None:

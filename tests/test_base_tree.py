@@ -41,7 +41,7 @@ from osbuilder.cache import MANIFEST, describe_tree, inspect_entry, tree_record
 from osbuilder.deps import Tool
 from osbuilder.layout import Workdir
 from osbuilder.rootfs import base, distros, policy
-from osbuilder.rootfs.build import AgentChoice, pack_overlay, packages, stage_overlay, suites
+from osbuilder.rootfs.build import OVERLAY_DIR, AgentChoice, pack_overlay, packages, stage_overlay, suites
 from osbuilder.rootfs.debian import DPKG_FILTER, Debian, hook_word
 from osbuilder.rootfs.distro import Distro
 
@@ -194,6 +194,7 @@ class PythonDistro(Distro):
     architectures = {"x86_64": "py64", "aarch64": "pyarm"}
     big = 0
     pause = 0.0
+    files: dict[str, bytes] = {}  # more files of the tree: path -> content
 
     def default_packages(self, agent_init: bool) -> list[str]:
         return ["py-base"]
@@ -208,6 +209,9 @@ class PythonDistro(Distro):
         (dest / "usr/sbin/init").symlink_to("../lib/systemd/systemd")
         (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (dest / "usr/lib/data").write_bytes(os.urandom(self.big * MiB))
+        for rel, data in self.files.items():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(data)
 
     def archive_state(self, mirror: str, release: str) -> str:
         return "state 1"
@@ -294,6 +298,94 @@ def test_a_full_cache_dir_while_building_the_base_leaves_nothing(tmp_path: Path,
         "(nothing was kept)"], err
     assert [p.name for p in (small_workdir / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")] == []
     assert workdir_entries(wd) == ["logs"]
+
+
+def base_entry(cache: Path) -> Path:
+    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    return entry
+
+
+def rootfs_entry(workdir: Path) -> Path:
+    wd = Workdir(workdir)
+    return wd.cache / "rootfs" / json.loads(wd.published("rootfs").read_text())["key"] / "rootfs"
+
+
+SSHD_CONF = "etc/ssh/sshd_config.d/osbuilder.conf"  # in osbuilder's overlay
+
+
+def test_the_rootfs_entry_links_the_base_files_and_never_writes_into_them(tmp_path: Path, pydistro: PythonDistro,
+                                                                         caplog: pytest.LogCaptureFixture):
+    """The rootfs entry's files are hard links to the cached base's (no file's data is written again:
+    bench_rootfs.py), and the step never writes into one: the overlay's file that the base has too replaces
+    it in the rootfs only. WORKDIR's rootfs, which a user edits in place, is a copy that shares nothing."""
+    pydistro.files = {SSHD_CONF: b"the base's\n", "usr/lib/other": b"other\n"}
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, "osbuilder")
+    assert cli.main(rootfs_argv(tmp_path / "wd", cache)) == 0
+    assert "rootfs: linking the base tree's files" in caplog.text
+    base_tree, entry_tree = base_entry(cache) / "rootfs", rootfs_entry(tmp_path / "wd")
+    workdir_tree = tmp_path / "wd/rootfs"
+    for rel in ("usr/lib/data", "usr/lib/other", "usr/lib/systemd/systemd", "etc/passwd"):
+        assert (entry_tree / rel).stat().st_ino == (base_tree / rel).stat().st_ino, rel
+        assert (workdir_tree / rel).stat().st_ino != (entry_tree / rel).stat().st_ino, rel
+        assert (workdir_tree / rel).stat().st_nlink == 1, rel
+    assert (base_tree / SSHD_CONF).read_bytes() == b"the base's\n"
+    overlay_conf = (OVERLAY_DIR / SSHD_CONF).read_bytes()
+    assert (entry_tree / SSHD_CONF).read_bytes() == (workdir_tree / SSHD_CONF).read_bytes() == overlay_conf
+    with open(workdir_tree / "usr/lib/other", "r+b") as f:  # the user's edit, in place
+        f.write(b"EDITED")
+    assert (base_tree / "usr/lib/other").read_bytes() == (entry_tree / "usr/lib/other").read_bytes() == b"other\n"
+    s = S.load({}, env={"DISTRO": "pydistro", "CACHE_DIR": str(cache)}, cwd=tmp_path)
+    assert inspect_entry(base_entry(cache), base.manifest(s))[1] is None
+
+
+def test_cache_list_counts_the_shared_files_once(tmp_path: Path, pydistro: PythonDistro,
+                                                capsys: pytest.CaptureFixture[str]):
+    """`cache list`: the rootfs entry's 4 MiB that are the base's files are "hard-linked elsewhere" (removing
+    the entry does not free them), and the total counts them once."""
+    pydistro.big = 4
+    cache = tmp_path / "cache"
+    assert cli.main(rootfs_argv(tmp_path / "wd", cache)) == 0
+    capsys.readouterr()
+    assert cli.main(["cache", "list", "--json", "--workdir", str(tmp_path / "wd"), "--cache-dir", str(cache)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    entries = {e["kind"]: e["usage"] for c in data["caches"] for e in c["entries"]}
+    assert set(entries) == {"rootfs", base.KIND}
+    assert entries["rootfs"]["shared_bytes"] >= 4 * MiB and entries[base.KIND]["shared_bytes"] >= 4 * MiB
+    both = entries["rootfs"]["disk_bytes"] + entries[base.KIND]["disk_bytes"]
+    assert 4 * MiB <= data["totals"]["entries_disk_bytes"] <= both - 4 * MiB
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file immutable (chattr +i) needs root")
+def test_a_base_file_that_cannot_be_linked_makes_a_copy(tmp_path: Path, pydistro: PythonDistro,
+                                                       caplog: pytest.LogCaptureFixture):
+    """A file of the base that cannot be linked (here immutable; elsewhere a file with too many links): the
+    half-linked tree is removed and the base copied, and the rootfs is built all the same."""
+    cache = tmp_path / "cache"
+    assert cli.main(rootfs_argv(tmp_path / "a", cache)) == 0
+    stuck = base_entry(cache) / "rootfs/usr/lib/data"
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        caplog.set_level(logging.INFO, "osbuilder")
+        assert cli.main(rootfs_argv(tmp_path / "b", cache, script_agent(tmp_path / "kata-agent"))) == 0
+        assert "could not be linked, copying it instead" in caplog.text
+        tree = rootfs_entry(tmp_path / "b")
+        assert (tree / "usr/lib/data").stat().st_ino != stuck.stat().st_ino
+        assert (tree / "etc/passwd").stat().st_ino != (stuck.parents[2] / "etc/passwd").stat().st_ino
+        assert (tree / "usr/bin/kata-agent").is_file() and builds_counted(tmp_path) == 1
+        assert [p.name for p in tree.parent.parent.iterdir() if ".tmp-" in p.name] == []
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+def test_a_workdir_on_another_filesystem_gets_a_copy(tmp_path: Path, small_workdir: Path, pydistro: PythonDistro,
+                                                     caplog: pytest.LogCaptureFixture):
+    """CACHE_DIR and WORKDIR on two filesystems: no link can be made, so the base is copied (not tried file by
+    file)."""
+    caplog.set_level(logging.INFO, "osbuilder")
+    assert cli.main(rootfs_argv(small_workdir, tmp_path / "cache")) == 0
+    assert "rootfs: copying the base tree" in caplog.text and "could not be linked" not in caplog.text
+    assert (rootfs_entry(small_workdir) / "usr/lib/data").is_file()
 
 
 def _build_rootfs(argv: list[str]) -> None:

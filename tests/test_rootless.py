@@ -99,6 +99,18 @@ def test_the_tree_belongs_to_subordinate_ids_on_the_host(rootless_build: Path):
                                               first_subordinate_id("/etc/subgid") + 42)
 
 
+def test_the_rootfs_entry_links_the_base_files_inside_the_namespace(rootless_build: Path, home: Path):
+    """The user's rootfs entry and base tree (in WORKDIR and the per-user cache, one filesystem) share their
+    files' inodes: the links were made in the namespace, where the subordinate ids that own the files are
+    the namespace's, not copied after a failed link."""
+    assert " cp -a --link -- " in (rootless_build / "logs/rootfs.log").read_text()
+    [base_tree] = (home / ".cache/osbuilder/artifacts/rootfs-base").glob("*/rootfs")
+    [entry_tree] = (rootless_build / "cache/rootfs").glob("*/rootfs")
+    for path in ("usr/bin/passwd", "etc/shadow", "usr/lib/systemd/systemd"):
+        assert (entry_tree / path).stat().st_ino == (base_tree / path).stat().st_ino, path
+        assert (rootless_build / "rootfs" / path).stat().st_ino != (base_tree / path).stat().st_ino, path
+
+
 def test_the_image_has_the_owners_a_root_build_gives(rootless_build: Path, osbuilder_image):
     rootless_image = rootless_build / "container.img"
     assert rootless_image.stat().st_uid == pwd.getpwnam(USER).pw_uid

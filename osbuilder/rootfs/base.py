@@ -10,7 +10,8 @@ cache's discipline: built in a temporary and renamed into place, a content recor
 (a torn entry is rebuilt), a lock so that processes build it once and none replaces it while another
 copies it. The image policy is applied to it too, so the cache holds no SSH host keys.
 
-The rootfs step (`build.py`) copies it (`copy`) and unpacks its overlay over the copy. A rootless build
+The rootfs step (`build.py`) copies it (`copy`: directories made, files hard-linked where the filesystem
+allows) and unpacks its overlay over the copy. A rootless build
 shares it only where its namespace reaches the cache (every directory on the way searchable by others);
 elsewhere the base is built for that one rootfs, with a warning saying how to share it.
 """
@@ -21,8 +22,8 @@ import logging
 from pathlib import Path
 
 from osbuilder import __version__, errors, userns
-from osbuilder.cache import Cache, Manifest, tree_record
-from osbuilder.fs import file_hash
+from osbuilder.cache import MANIFEST, Cache, Manifest, tree_record
+from osbuilder.fs import can_link, file_hash
 from osbuilder.layout import ROOTFS, UserCache, Workdir
 from osbuilder.rootfs import distros, foreign, inputs, policy
 from osbuilder.rootfs.distro import Suite
@@ -91,7 +92,9 @@ def build(settings: Settings, dest: Path, logfile: Path, setting: str, place: Pa
 def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False,
          session: str | None = None) -> dict[str, str]:
     """`dest` (which must not exist) becomes a copy of the base tree for `settings`, which is built first
-    when the cache has none (or a torn one; `rebuild`: once per `session`, as every cache entry). Returns
+    when the cache has none (or a torn one; `rebuild`: once per `session`, as every cache entry). Where
+    the filesystem allows, the copy's files are hard links to the entry's (userns.share_tree): no data
+    is written, and the rootfs step only ever replaces or removes a file of it, never writes one. Returns
     the base tree's content record (relative to the tree; {} for a base that is not shared), so that the
     rootfs's own record need not read again the files it copied (cache.Copied)."""
     shared = cache(settings)
@@ -113,8 +116,12 @@ def copy(settings: Settings, dest: Path, logfile: Path, *, rebuild: bool = False
         build(settings, tmp / ROOTFS, logfile, "CACHE_DIR", UserCache.of(settings).root)
 
     with shared.held(m, fill, rebuild, session) as entry:
-        log.info("rootfs: copying the base tree %s", entry / ROOTFS)
         where = f"in {Workdir.of(settings).root} while copying the base tree (nothing was replaced)"
         with errors.disk_space("WORKDIR", where, dest.parent):
-            userns.copy_tree(entry / ROOTFS, dest, logfile)
+            if can_link(entry / MANIFEST, dest.parent):
+                log.info("rootfs: linking the base tree's files %s", entry / ROOTFS)
+                userns.share_tree(entry / ROOTFS, dest, logfile)
+            else:
+                log.info("rootfs: copying the base tree %s", entry / ROOTFS)
+                userns.copy_tree(entry / ROOTFS, dest, logfile)
         return tree_record(entry, ROOTFS)

@@ -41,7 +41,9 @@ OVERLAY_UNITS = ("osbuilder-slirp-network.service", "osbuilder-power-button.serv
 METADATA_PATH = "var/lib/osbuilder/osbuilder.yaml"
 # How the overlay is unpacked over the base: mmdebstrap's `tar-in` (its hook helper's GNU tar), run as the
 # tree's root, so owners (root, from the tarball), modes and times are the tarball's, those of directories
-# that exist already too, exactly as when mmdebstrap unpacked it in a customize hook.
+# that exist already too, exactly as when mmdebstrap unpacked it in a customize hook. tar removes a file
+# before it extracts one of the same name (never --overwrite, which writes into it): the copy's files are
+# hard links to the cached base tree's (base.copy).
 TAR_IN = ("tar", "--numeric-owner", "--xattrs", "--format=pax",
           "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime", "--xattrs-include=*")
 
