@@ -243,12 +243,17 @@ def builds_counted(tmp_path: Path) -> int:
     return len((tmp_path / "builds").read_text())
 
 
+def base_entry(cache: Path) -> Path:
+    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    return entry
+
+
 def test_a_torn_base_entry_is_rebuilt(tmp_path: Path, pydistro: PythonDistro, caplog: pytest.LogCaptureFixture):
     cache = tmp_path / "cache"
     assert cli.main(rootfs_argv(tmp_path / "a", cache)) == 0
     assert cli.main(rootfs_argv(tmp_path / "b", cache, script_agent(tmp_path / "kata-agent"))) == 0
     assert builds_counted(tmp_path) == 1  # the second agent reused the base
-    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    entry = base_entry(cache)
     data = entry / "rootfs/usr/lib/data"
     data.write_bytes(b"half")  # what a power loss leaves
     caplog.set_level(logging.INFO, "osbuilder")
@@ -278,7 +283,7 @@ def test_a_full_workdir_while_copying_the_base_leaves_nothing(tmp_path: Path, sm
         "(nothing was replaced)"], err
     assert (earlier / "marker").read_text() == "the earlier rootfs" and list(earlier.iterdir()) == [earlier / "marker"]
     assert workdir_entries(small_workdir) == sorted({*before, "logs"})  # no temporary, in the cache neither
-    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
+    entry = base_entry(cache)
     s = S.load({}, env={"DISTRO": "pydistro", "CACHE_DIR": str(cache)}, cwd=tmp_path)
     assert inspect_entry(entry, base.manifest(s))[1] is None
     assert (entry / "rootfs/usr/lib/data").stat().st_size == 48 * MiB
@@ -298,11 +303,6 @@ def test_a_full_cache_dir_while_building_the_base_leaves_nothing(tmp_path: Path,
         "(nothing was kept)"], err
     assert [p.name for p in (small_workdir / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")] == []
     assert workdir_entries(wd) == ["logs"]
-
-
-def base_entry(cache: Path) -> Path:
-    [entry] = [p for p in (cache / "artifacts" / base.KIND).iterdir() if not p.name.endswith(".lock")]
-    return entry
 
 
 def rootfs_entry(workdir: Path) -> Path:
