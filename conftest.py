@@ -27,6 +27,8 @@ LONGEST_FIRST = (
     "boot_tests/test_kconfig_bisect.py",
     "boot_tests/test_config_gates.py",
     "tests/test_base_tree.py",
+    "boot_tests/test_runtime_agents.py",
+    "tests/test_rootless.py",
     "boot_tests/test_loaded_host.py",
     "boot_tests/test_initrd.py",
     "boot_tests/test_pipeline.py",

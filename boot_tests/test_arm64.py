@@ -18,7 +18,6 @@ image then boots osbuilder's own arm64 kernel, cross-built by `ARCH=arm64 osbuil
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_tests.agent_peers import KATA_AGENT, peer
+from boot_tests.agent_peers import kata_agent_for
 from boot_tests.user_env import without_settings
 from osbuilder import elf
 from osbuilder.arch import ARM64
@@ -86,14 +85,8 @@ def check_arm64_boot(record: dict) -> None:
 @pytest.fixture(scope="module")
 def kata_workdir(home, osbuilder_settings) -> dict[str, str]:
     """The environment of a user's WORKDIR holding an arm64 rootfs and image with the Kata 1.x agent, built
-    for arm64 from its vendored sources with the peer's own build script."""
-    source = peer(KATA_AGENT).with_name("kata-agent-1.x-0b75b2d-src.tar.gz")
-    agent = home / "bin/kata-agent"
-    agent.parent.mkdir()
-    build = subprocess.run(["bash", str(source.with_name("build-kata-agent.sh")), str(source), str(agent)],
-                           env={**os.environ, "GOARCH": "arm64", "CC": "aarch64-linux-gnu-gcc"},
-                           capture_output=True, text=True, timeout=1200)
-    assert build.returncode == 0, build.stderr[-3000:]
+    for arm64 from its vendored sources with the peer's own build script (kept between runs)."""
+    agent = kata_agent_for("arm64", "aarch64-linux-gnu-gcc")
     assert elf.read_elf(agent).machine == "aarch64"
     env = user_env(osbuilder_settings, home / "kata", AGENT_SOURCE_BIN=str(agent))
     passed(osbuilder(env, "rootfs"))

@@ -46,8 +46,9 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "C O Mitter", "GIT_COMMITTER_EMAIL": "committer@example.org",
     "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
 }
-# Committing ~78k files: loose objects, lightly compressed, no fsync, no automatic gc.
-GIT_FAST = ("-c", "core.looseCompression=1", "-c", "gc.auto=0", "-c", "core.fsync=none",
+# Committing ~78k files: loose objects stored, not deflated (zlib level 0: git add of the tree took 6 s of
+# CPU here, against 15 s at level 1; 1.4 GB of objects, removed with the repository), no fsync, no gc.
+GIT_FAST = ("-c", "core.looseCompression=0", "-c", "gc.auto=0", "-c", "core.fsync=none",
             "-c", "core.untrackedCache=true", "-c", "advice.detachedHead=false")
 BASE_DATE = 1_700_000_000  # commit n is dated an hour after commit n-1
 

@@ -31,7 +31,9 @@ from osbuilder.settings import Settings
 from osbuilder.vm import check, phases, profiles
 from osbuilder.vm.guest import BootFailure, Guest
 
-pytestmark = pytest.mark.boot
+# One worker runs the module, in order: each guest is booted once, its tests use it in turn and the
+# install test powers it off (on two workers each booted the guests again, and the order broke apart).
+pytestmark = [pytest.mark.boot, pytest.mark.xdist_group("runtime-agents")]
 
 KATA_CONFIG = '[hypervisor.qemu]\npath = "/usr/bin/qemu-system-x86_64"\nimage = "/old.img"\n'
 

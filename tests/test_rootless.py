@@ -33,6 +33,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 pytestmark = [
     pytest.mark.build,
+    pytest.mark.xdist_group("rootless"),  # one worker: the user's rootfs and image are built once, not per worker
     pytest.mark.skipif(not USER, reason="set OSBUILDER_ROOTLESS_USER to a user with /etc/subuid and "
                                         "/etc/subgid entries to test rootless builds (.ci/run does)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="acts as OSBUILDER_ROOTLESS_USER: needs root"),
