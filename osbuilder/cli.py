@@ -275,7 +275,7 @@ CC = Tool("cc", "gcc", "compiles osbuilder's agent")
 UNSHARE = Tool("unshare", "util-linux", "runs the rootfs build in its own namespaces")
 NEWUIDMAP = Tool("newuidmap", "uidmap", "maps subordinate ids when building as an ordinary user")
 TAR = Tool("tar", "tar", "unpacks osbuilder's files over the copy of the base tree")
-FIND = Tool("find", "findutils", "lists the tree and clamps its timestamps for reproducible artifacts")
+FIND = Tool("find", "findutils", "lists the tree, and with SOURCE_DATE_EPOCH the files modified after it")
 IMAGE_TOOLS = (
     Tool("sfdisk", "fdisk", "writes and reads the partition table of the image file"),
     Tool("mke2fs", "e2fsprogs", "creates the filesystem from the rootfs directory"),

@@ -241,7 +241,6 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
               "-L", "rootfs", "-d", str(rootfs), "-F"]
     env = None
     if epoch is not None and ids is not None:
-        clamp_times(rootfs, epoch, logfile)
         extended += f",hash_seed={ids.hash_seed}"
         mke2fs += ["-U", ids.filesystem]
         env = {"E2FSPROGS_FAKE_TIME": str(epoch)}
@@ -259,7 +258,7 @@ def write_image(settings: Settings, rootfs: Path, out: Path, layout: ImageLayout
     finally:
         take_back_from_tree_namespace(out, logfile)
     if epoch is not None:
-        clamp_inode_times(out, layout, epoch, logfile)
+        clamp_inode_times(out, layout, epoch, newer_than(rootfs, epoch, "image", logfile), logfile)
     run(["e2fsck", "-fn", layout.fs_spec(out)], step="image", logfile=logfile)
 
 
@@ -359,45 +358,53 @@ def read_dax_header(image: Path) -> PfnInfo | None:
     return info if info.checksum == pfn_checksum(block) else None
 
 
-def clamp_times(rootfs: Path, epoch: int, logfile: Path) -> None:
-    """Reproducible timestamps: access times set to SOURCE_DATE_EPOCH, no modification time after it
-    (in the tree's namespace: an ordinary user does not own the tree's files)."""
-    stamp = f"--date=@{epoch}"
-    for select in ([], ["-newermt", f"@{epoch}"]):
-        which = "-m" if select else "-a"
-        run(userns.in_tree_namespace(["find", str(rootfs), *select, "-exec", "touch", "--no-dereference",
-                                      which, stamp, "{}", "+"]), step="image", logfile=logfile)
+def newer_than(rootfs: Path, epoch: int, step: str, logfile: Path) -> set[bytes]:
+    """The tree's paths (relative to it, as find's %P prints them; the top is b"") modified after
+    `epoch`. Only read: the tree may be a cache entry whose files are hard links to a base tree's
+    (userns.share_tree), so a reproducible build clamps times in what it writes, never in the tree."""
+    found = run(userns.in_tree_namespace(["find", str(rootfs), "-newermt", f"@{epoch}", "-printf", "%P\\0"]),
+                step=step, capture=True, logfile=logfile).stdout
+    return set(found.split(b"\0")[:-1])
 
 
-DEBUGFS_ENTRY = re.compile(r"^/(\d+)/(\d+)/\d+/\d+/(.*)/\d*/$")
+DEBUGFS_ENTRY = re.compile(rb"^/(\d+)/(\d+)/\d+/\d+/(.*)/\d*/$")
 
 
-def clamp_inode_times(image: Path, layout: ImageLayout, epoch: int, logfile: Path) -> None:
-    """Set every inode's ctime and atime in the new filesystem to SOURCE_DATE_EPOCH.
+def clamp_inode_times(image: Path, layout: ImageLayout, epoch: int, newer: set[bytes], logfile: Path) -> None:
+    """Set every inode's ctime and atime in the new filesystem to SOURCE_DATE_EPOCH, and the mtime of
+    each file the tree has modified after it (`newer`, paths as newer_than gives them) too.
 
-    e2fsprogs 1.47.0's `mke2fs -d` copies each file's ctime (and a directory's atime) from the tree,
-    and the kernel sets ctime to the moment of the last change (the clamp's own `touch`), so without
-    this two builds of one tree differ. Inodes are found by walking the new filesystem with debugfs
-    (`ls -p`, one call per directory level, inodes named by number: no path quoting), then set in
-    one `debugfs -w` batch.
+    e2fsprogs 1.47.0's `mke2fs -d` copies each file's times from the tree, whose ctimes are the moment
+    of its last change, so without this two builds of one tree differ. Inodes are found by walking the
+    new filesystem with debugfs (`ls -p`, one call per directory level, inodes named by number: no path
+    quoting; each listing's "." entry names the directory it lists), then set in one `debugfs -w` batch.
     """
     spec = layout.fs_spec(image)
-    inodes: set[int] = {2}
+    paths: dict[int, bytes] = {2: b""}  # inode -> one path to it, relative to the top
+    clamp_mtime = {2} if b"" in newer else set()
     level = [2]
     while level:
         listing = run(["debugfs", "-f", "-", spec], step="image", capture=True, logfile=logfile,
-                      input="".join(f"ls -p <{ino}>\n" for ino in level).encode()).stdout.decode(errors="replace")
+                      input="".join(f"ls -p <{ino}>\n" for ino in level).encode()).stdout
         level = []
+        parent = b""
         for line in listing.splitlines():
             m = DEBUGFS_ENTRY.match(line.strip())
-            if not m or m.group(3) in (".", ".."):
+            if not m or m.group(3) == b"..":
                 continue
-            ino = int(m.group(1))
-            if ino not in inodes:
-                inodes.add(ino)
+            ino, name = int(m.group(1)), m.group(3)
+            if name == b".":
+                parent = paths[ino]
+                continue
+            path = parent + b"/" + name if parent else name
+            if path in newer:
+                clamp_mtime.add(ino)
+            if ino not in paths:
+                paths[ino] = path
                 if int(m.group(2), 8) & 0o170000 == 0o040000:
                     level.append(ino)
-    batch = "".join(f"sif <{ino}> {field} @{epoch}\n" for ino in sorted(inodes) for field in ("ctime", "atime"))
+    batch = "".join(f"sif <{ino}> {field} @{epoch}\n" for ino in sorted(paths)
+                    for field in ("ctime", "atime", *(("mtime",) if ino in clamp_mtime else ())))
     run(["debugfs", "-w", "-f", "-", spec], step="image", capture=True, logfile=logfile, input=batch.encode(),
         env={"E2FSPROGS_FAKE_TIME": str(epoch)})  # the superblock's write time
 

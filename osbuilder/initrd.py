@@ -12,13 +12,15 @@ Format: one newc cpio archive (`cpio -H newc`), compressed with zstd, which osbu
 The archive is written where the tree's owners are the real ones (userns.in_tree_namespace), so a
 rootless build carries the owners a root build does. Reproducible: entries in byte order of their
 names, inode and device numbers renumbered (`cpio --reproducible`), and with SOURCE_DATE_EPOCH every
-modification time clamped to it (image.clamp_times) and the added `/init` dated by it; zstd runs at a
-fixed level on one thread. Written beside the destination and renamed into place (fs.py): a failed or
-interrupted build leaves the earlier initrd as it was.
+modification time clamped to it in the archive (the tree, perhaps a cache entry hard-linked to a
+base tree, is only read) and the added `/init` dated by it; zstd runs at a fixed level on one thread.
+Written beside the destination and renamed into place (fs.py): a failed or interrupted build leaves
+the earlier initrd as it was.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -30,7 +32,6 @@ from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, resolve_in, temp_beside
 from osbuilder.image import (
     check_tree,
-    clamp_times,
     full_disk_in,
     lend_to_tree_namespace,
     take_back_from_tree_namespace,
@@ -106,8 +107,6 @@ def write_archive(settings: Settings, rootfs: Path, out: Path, logfile: Path) ->
     """The newc archive of the tree, written by GNU cpio where the tree's owners are the real ones."""
     with open(out, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)):
         pass  # private until done: it holds the tree's 0600 files
-    if settings.source_date_epoch is not None:
-        clamp_times(rootfs, settings.source_date_epoch, logfile)
     lend_to_tree_namespace(out, logfile)
     try:
         run(userns.in_tree_namespace(["bash", "-c", CPIO_SCRIPT, "osbuilder-initrd", str(rootfs), str(out)]),
@@ -115,6 +114,8 @@ def write_archive(settings: Settings, rootfs: Path, out: Path, logfile: Path) ->
     finally:
         take_back_from_tree_namespace(out, logfile)
         out.chmod(0o600)
+    if settings.source_date_epoch is not None:
+        clamp_mtimes(out, settings.source_date_epoch)
 
 
 # -- newc ------------------------------------------------------------------------------------------
@@ -162,6 +163,26 @@ def write_newc(archive: Path, entries: list[Entry]) -> None:
             f.write(encode_entry(entry))
         f.write(encode_entry(Entry(TRAILER, 0, 0, 0, 0, b"")))
         f.write(bytes(-f.tell() % BLOCK))
+
+
+def clamp_mtimes(archive: Path, epoch: int) -> None:
+    """Every modification time after `epoch` in the newc archive set to `epoch`, in place (header by
+    header, up to the trailer)."""
+    with open(archive, "r+b") as f, mmap.mmap(f.fileno(), 0) as data:
+        pos = 0
+        while pos + NEWC_HEADER <= len(data):
+            if data[pos:pos + len(NEWC_MAGIC)] != NEWC_MAGIC:
+                raise OsbuilderError(f"initrd: {archive} has no newc header at offset {pos}")
+            field = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+            mtime, filesize, namesize = field[5], field[6], field[11]
+            name_at = pos + NEWC_HEADER
+            if data[name_at:name_at + namesize - 1] == TRAILER.encode():
+                return
+            if mtime > epoch:
+                data[pos + 46:pos + 54] = b"%08X" % epoch  # the sixth field: magic (6) + 5 * 8
+            data_at = name_at + namesize + (-(NEWC_HEADER + namesize) % 4)
+            pos = data_at + filesize + (-filesize % 4)
+    raise OsbuilderError(f"initrd: {archive} ends without a newc trailer")
 
 
 def append_entries(archive: Path, entries: list[Entry]) -> None:

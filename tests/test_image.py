@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fakes import make_tree
+from trees import inodes
 
 from osbuilder import settings as S
 from osbuilder.errors import UsageError
@@ -117,9 +118,11 @@ def test_source_date_epoch_makes_the_image_reproducible(tmp_path: Path):
     for p in [second, *second.rglob("*")]:  # written a day later
         st = p.lstat()
         os.utime(p, ns=(st.st_atime_ns + 86400 * 10**9, st.st_mtime_ns + 86400 * 10**9), follow_symlinks=False)
+    before = inodes(second)
     build_image(s, first, tmp_path / "a.img")
     time.sleep(1.05 - time.time() % 1)  # the second build starts in a later second than the first ended
     build_image(s, second, tmp_path / "b.img")
+    assert inodes(second) == before, "times are clamped in the image; the tree (perhaps a cache entry) is only read"
     for name in ("a.img", "b.img"):  # files newer than SOURCE_DATE_EPOCH have their times clamped to it
         hostname = subprocess.run(["debugfs", "-R", "stat /etc/hostname", read_layout(tmp_path / name).fs_spec(
             tmp_path / name)], capture_output=True, text=True, check=True).stdout

@@ -1,5 +1,6 @@
 """Whole-tree comparisons the build tests share: every path with its type and mode, owner, symlink target,
-device number or content hash (not times: the image step sets those), and dpkg's package versions."""
+device number or content hash (not times: the image step sets those), dpkg's package versions, and
+every inode's metadata, to show that a step only read a tree."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def package_versions(dpkg_status: str) -> dict[str, str]:
         if fields.get("Status") == "install ok installed":
             versions[fields["Package"]] = fields["Version"]
     return versions
+
+
+def inodes(root: Path) -> dict[str, tuple]:
+    """Path -> (inode, mode, uid, gid, mtime, ctime) of everything under `root`, itself included: a
+    change of mode, owner or times shows (ctime moves with each), reading does not."""
+    out = {}
+    for directory, dirs, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in (*dirs, *files))]:
+            st = os.lstat(path)
+            out[path] = (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns)
+    return out
