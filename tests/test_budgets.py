@@ -207,6 +207,31 @@ def test_the_agents_lag_behind_multi_user_is_not_blamed_on_a_starved_host(tmp_pa
             phases._check_agent_lag(guest, guest.budgets)
 
 
+def test_a_silent_agent_on_a_starved_host_gets_its_grace_in_the_cpu_it_was_given(tmp_path: Path) -> None:
+    """An agent that opened its port and stays silent fails after SPEAK_GRACE seconds of the CPU the guest
+    asked for: on a host that gives QEMU a tenth of it, after about ten times as long, not never (the
+    budget's ceiling would then blame the host for an image that speaks the wrong protocol)."""
+    given = STARVED.ran / (STARVED.ran + STARVED.waited)
+    for share, silent, fails in ((IDLE, phases.SPEAK_GRACE + 0.5, True), (None, phases.SPEAK_GRACE + 0.5, True),
+                                 (STARVED, phases.SPEAK_GRACE * 2, False),
+                                 (STARVED, phases.SPEAK_GRACE / given - 1, False),
+                                 (STARVED, phases.SPEAK_GRACE / given + 1, True)):
+        guest = guest_with_host(tmp_path, share)
+        port = guest.protocol.serial_ports[0]
+        guest.vm.ports_opened[port] = guest.now() - silent
+        if not fails:
+            phases._check_agent_speaks(guest)
+            assert "agent_gave_up" not in guest.timings, (share, silent)
+            continue
+        with pytest.raises(BootFailure) as info:
+            phases._check_agent_speaks(guest)
+        assert info.value.phase == "agent" and info.value.exit_code == 1, (share, silent)
+        assert "did not answer over the osbuilder protocol within 8s" in info.value.reason
+        assert ("of the CPU it asked for" in info.value.reason) == (share is STARVED), info.value.reason
+        if share is STARVED:
+            assert f"{silent:.0f}s here, the host giving QEMU 11% of the CPU it asked for" in info.value.reason
+
+
 def test_an_overloaded_host_is_no_reason_to_distrust_kvm(tmp_path: Path) -> None:
     s = load_settings(tmp_path)
     opts = dataclasses.replace(stub_guest(tmp_path).opts, accel=Accel("kvm", "probe passed", True))

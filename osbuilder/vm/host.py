@@ -76,6 +76,14 @@ class Share:
             return True
         return self.waited >= max(self.ran, STARVED_WAIT * self.seconds)
 
+    @property
+    def given(self) -> float:
+        """The share of the CPU QEMU asked for in this window that it got: ran / (ran + waited), less the
+        share of the host's CPUs the hypervisor stole; 1.0 when it asked for none (a guest asleep)."""
+        wanted = self.ran + self.waited
+        got = self.ran / wanted if wanted > 0 else 1.0
+        return max(0.0, got * (1.0 - self.stolen / self.seconds)) if self.seconds > 0 else got
+
     def describe(self) -> str:
         """One line of evidence: the load, and what QEMU got in the window."""
         load = f"load average {self.load[0]:.2f} {self.load[1]:.2f} {self.load[2]:.2f} on {self.cpus} CPUs"

@@ -124,16 +124,24 @@ def where(guest: Guest) -> str:
 def _check_agent_speaks(guest: Guest) -> None:
     """Fail when the guest opened the agent's first port SPEAK_GRACE seconds ago (QMP's VSERPORT_CHANGE)
     and the agent has not answered over the protocol: it speaks another one (a wrong first byte broke
-    its session, or it ignores ours). Not while the host starves the guest: then the agent may just be
-    slow (the phase's budget decides)."""
+    its session, or it ignores ours). Seconds of the CPU the guest asked for: while the host starves it
+    (host.Share.starved), the agent may just be slow, so the wait stretches by the share QEMU got
+    (Share.given: at a third of what it asked for, three times SPEAK_GRACE), and still ends."""
     ports = guest.protocol.serial_ports
     opened = guest.vm.port_opened_at(ports[0]) if ports else None
-    if opened is not None and guest.now() - opened > SPEAK_GRACE and not guest.starved(guest.vm.t0 + opened):
-        guest.timings["agent_gave_up"] = guest.now()  # before the diagnostics, which take seconds over SSH
-        a = guest.opts.agent
-        raise guest.fail("agent", f"the agent ({a.service}, /usr/bin/{a.name}) opened {ports[0]} at {opened:.1f}s "
-                         f"but did not answer over the {guest.protocol.name} protocol within {SPEAK_GRACE:.0f}s "
-                         "(set AGENT_PROTOCOL to the protocol it speaks)", _agent_diagnostics(guest))
+    if opened is None or guest.now() - opened <= SPEAK_GRACE:
+        return
+    silent = guest.now() - opened
+    share = guest.starved(guest.vm.t0 + opened)
+    if share is not None and silent * share.given <= SPEAK_GRACE:
+        return
+    guest.timings["agent_gave_up"] = guest.now()  # before the diagnostics, which take seconds over SSH
+    a = guest.opts.agent
+    starved = (f"; {silent:.0f}s here, the host giving QEMU {share.given:.0%} of the CPU it asked for"
+               if share is not None else "")
+    raise guest.fail("agent", f"the agent ({a.service}, /usr/bin/{a.name}) opened {ports[0]} at {opened:.1f}s "
+                     f"but did not answer over the {guest.protocol.name} protocol within {SPEAK_GRACE:.0f}s{starved} "
+                     "(set AGENT_PROTOCOL to the protocol it speaks)", _agent_diagnostics(guest))
 
 
 def _phase_while_agent_is_silent(guest: Guest) -> str:
