@@ -121,24 +121,35 @@ def where(guest: Guest) -> str:
     return f"{a.service} on {ports}"
 
 
+def past_grace(guest: Guest, since: float, grace: float) -> tuple[bool, str]:
+    """Whether `grace` seconds of the CPU the guest asked for have passed since `since` (seconds after
+    QEMU's start), and how long that took when the host starved the guest (for the message). Wall-clock
+    seconds, except while the host starves the guest (host.Share.starved): then the agent may just be
+    slow, and the wait stretches by the share of the CPU QEMU got (Share.given: at a third, three times
+    `grace`), so it still ends before the boot's ceiling blames the host for a silent agent."""
+    silent = guest.now() - since
+    if silent <= grace:
+        return False, ""
+    share = guest.starved(guest.vm.t0 + since)
+    if share is None:
+        return True, ""
+    why = f"; {silent:.0f}s here, the host giving QEMU {share.given:.0%} of the CPU it asked for"
+    return silent * share.given > grace, why
+
+
 def _check_agent_speaks(guest: Guest) -> None:
-    """Fail when the guest opened the agent's first port SPEAK_GRACE seconds ago (QMP's VSERPORT_CHANGE)
-    and the agent has not answered over the protocol: it speaks another one (a wrong first byte broke
-    its session, or it ignores ours). Seconds of the CPU the guest asked for: while the host starves it
-    (host.Share.starved), the agent may just be slow, so the wait stretches by the share QEMU got
-    (Share.given: at a third of what it asked for, three times SPEAK_GRACE), and still ends."""
+    """Fail when the guest opened the agent's first port SPEAK_GRACE seconds ago (QMP's VSERPORT_CHANGE;
+    seconds of the CPU the guest asked for, see past_grace) and the agent has not answered over the
+    protocol: it speaks another one (a wrong first byte broke its session, or it ignores ours)."""
     ports = guest.protocol.serial_ports
     opened = guest.vm.port_opened_at(ports[0]) if ports else None
-    if opened is None or guest.now() - opened <= SPEAK_GRACE:
+    if opened is None:
         return
-    silent = guest.now() - opened
-    share = guest.starved(guest.vm.t0 + opened)
-    if share is not None and silent * share.given <= SPEAK_GRACE:
+    spent, starved = past_grace(guest, opened, SPEAK_GRACE)
+    if not spent:
         return
     guest.timings["agent_gave_up"] = guest.now()  # before the diagnostics, which take seconds over SSH
     a = guest.opts.agent
-    starved = (f"; {silent:.0f}s here, the host giving QEMU {share.given:.0%} of the CPU it asked for"
-               if share is not None else "")
     raise guest.fail("agent", f"the agent ({a.service}, /usr/bin/{a.name}) opened {ports[0]} at {opened:.1f}s "
                      f"but did not answer over the {guest.protocol.name} protocol within {SPEAK_GRACE:.0f}s{starved} "
                      "(set AGENT_PROTOCOL to the protocol it speaks)", _agent_diagnostics(guest))
@@ -176,13 +187,16 @@ def _connect_agent(guest: Guest, wait: Wait) -> Any:
 
 
 def _check_agent_lag(guest: Guest, b: Budgets) -> None:
-    """Fail early when systemd finished booting long ago and the agent still is silent (unless the host
-    starved the guest meanwhile: then the phase's budget decides)."""
+    """Fail early when systemd finished booting `agent_grace` ago (seconds of the CPU the guest asked for,
+    see past_grace) and the agent still is silent."""
     milestones = guest.vm.console.milestones
     reached = milestones.get("multi_user") or milestones.get("login_prompt")
-    if reached is not None and guest.now() - reached > b.agent_grace and not guest.starved(guest.vm.t0 + reached):
-        raise guest.fail("agent", f"systemd reached multi-user.target {guest.now() - reached:.0f}s ago but the "
-                         f"agent ({where(guest)}) does not answer over the {guest.protocol.name} protocol",
+    if reached is None:
+        return
+    spent, starved = past_grace(guest, reached, b.agent_grace)
+    if spent:
+        raise guest.fail("agent", f"systemd reached multi-user.target {guest.now() - reached:.0f}s ago{starved}, but "
+                         f"the agent ({where(guest)}) does not answer over the {guest.protocol.name} protocol",
                          _agent_diagnostics(guest))
 
 
