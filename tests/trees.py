@@ -50,10 +50,13 @@ def package_versions(dpkg_status: str) -> dict[str, str]:
 
 def inodes(root: Path) -> dict[str, tuple]:
     """Path -> (inode, mode, uid, gid, mtime, ctime) of everything under `root`, itself included: a
-    change of mode, owner or times shows (ctime moves with each), reading does not."""
+    change of mode, owner or times shows (ctime moves with each), reading does not. Not the ctime of a
+    file with other hard links: another tree linking it (a rootfs build beside this one linking the
+    same base tree, userns.share_tree) moves that without writing the file. A directory is never linked."""
     out = {}
     for directory, dirs, files in os.walk(root):
         for path in [directory, *(os.path.join(directory, name) for name in (*dirs, *files))]:
             st = os.lstat(path)
-            out[path] = (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns)
+            ctime = None if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else st.st_ctime_ns
+            out[path] = (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, ctime)
     return out
