@@ -28,7 +28,7 @@ from osbuilder.agent.protocols.transport import connect_unix
 from osbuilder.fs import sha256_file
 from osbuilder.pytest_plugin import note_guest, note_logs
 from osbuilder.settings import Settings
-from osbuilder.vm import check, host, phases, profiles
+from osbuilder.vm import check, phases, profiles
 from osbuilder.vm.guest import BootFailure, Guest
 
 # One worker runs the module, in order: each guest is booted once, its tests use it in turn and the
@@ -213,7 +213,7 @@ def test_the_wrong_protocol_fails_within_seconds_of_the_agent_opening_its_port(
             check.boot_to_ready(guest)
         failed_at, opened = guest.timings.get("agent_gave_up"), guest.vm.port_opened_at(PORT_NAME)
         assert opened is not None and failed_at is not None, guest.timings
-        share = share_between(guest, opened, failed_at)
+        share = guest.host.share(guest.vm.t0 + opened, until=guest.vm.t0 + failed_at)
     e = failure.value
     assert e.phase == "agent", e
     assert f"({unit}," in e.reason and f"did not answer over the {protocol} protocol" in e.reason, e.reason
@@ -221,14 +221,3 @@ def test_the_wrong_protocol_fails_within_seconds_of_the_agent_opening_its_port(
     # beside this test), as much longer as QEMU got less of it
     given = share.given if share is not None and share.starved else 1.0
     assert failed_at - opened <= phases.SPEAK_GRACE / max(given, 0.05) + 4, (opened, failed_at, share)
-
-
-def share_between(guest: Guest, opened: float, until: float) -> host.Share | None:
-    """What the host gave the guest's QEMU from `opened` to `until` (seconds since its start), from the
-    samples its monitor took (one a second): from the last one at or before to the first at or after."""
-    samples = list(guest.host.samples)
-    if len(samples) < 2:
-        return None
-    first = next((s for s in reversed(samples) if s.at <= guest.vm.t0 + opened), samples[0])
-    last = next((s for s in samples if s.at >= guest.vm.t0 + until), samples[-1])
-    return host.between(first, last) if last.at > first.at else None

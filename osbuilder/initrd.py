@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ INIT_TARGET = "sbin/init"  # where /init leads: the agent, as check_tree proved
 ZSTD = ("zstd", "-q", "-9", "--single-thread", "--no-progress")
 NEWC_MAGIC = b"070701"
 NEWC_HEADER = 110  # magic and 13 eight-digit hex fields
+NEWC_MTIME_AT = 6 + 5 * 8  # the mtime field's offset in a header: the magic, then five fields
 TRAILER = "TRAILER!!!"
 BLOCK = 512  # cpio pads an archive to this
 
@@ -165,23 +167,47 @@ def write_newc(archive: Path, entries: list[Entry]) -> None:
         f.write(bytes(-f.tell() % BLOCK))
 
 
+@dataclass(frozen=True)
+class Header:
+    """One newc header as it lies in an archive."""
+
+    at: int  # its offset
+    fields: tuple[int, ...]  # the 13 fields after the magic: ino, mode, uid, gid, nlink, mtime, filesize, ...
+    name: bytes
+    data_at: int  # where the member's data starts
+
+
+def newc_headers(data: bytes | mmap.mmap) -> Iterator[Header]:
+    """The headers of the newc archive(s) in `data`, trailers included, in order; concatenated archives
+    too, as the kernel reads them (the zero padding between them skipped). ValueError where a header
+    should start and none does."""
+    pos = 0
+    while pos + NEWC_HEADER <= len(data):
+        if data[pos:pos + 4] == b"\0\0\0\0":  # padding between archives
+            pos += 4
+            continue
+        if data[pos:pos + len(NEWC_MAGIC)] != NEWC_MAGIC:
+            raise ValueError(f"not a newc header at offset {pos}")
+        fields = tuple(int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13))
+        filesize, namesize = fields[6], fields[11]
+        name_at = pos + NEWC_HEADER
+        data_at = name_at + namesize + (-(NEWC_HEADER + namesize) % 4)
+        yield Header(pos, fields, bytes(data[name_at:name_at + namesize - 1]), data_at)
+        pos = data_at + filesize + (-filesize % 4)
+
+
 def clamp_mtimes(archive: Path, epoch: int) -> None:
     """Every modification time after `epoch` in the newc archive set to `epoch`, in place (header by
     header, up to the trailer)."""
     with open(archive, "r+b") as f, mmap.mmap(f.fileno(), 0) as data:
-        pos = 0
-        while pos + NEWC_HEADER <= len(data):
-            if data[pos:pos + len(NEWC_MAGIC)] != NEWC_MAGIC:
-                raise OsbuilderError(f"initrd: {archive} has no newc header at offset {pos}")
-            field = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
-            mtime, filesize, namesize = field[5], field[6], field[11]
-            name_at = pos + NEWC_HEADER
-            if data[name_at:name_at + namesize - 1] == TRAILER.encode():
-                return
-            if mtime > epoch:
-                data[pos + 46:pos + 54] = b"%08X" % epoch  # the sixth field: magic (6) + 5 * 8
-            data_at = name_at + namesize + (-(NEWC_HEADER + namesize) % 4)
-            pos = data_at + filesize + (-filesize % 4)
+        try:
+            for header in newc_headers(data):
+                if header.name == TRAILER.encode():
+                    return
+                if header.fields[5] > epoch:
+                    data[header.at + NEWC_MTIME_AT:header.at + NEWC_MTIME_AT + 8] = b"%08X" % epoch
+        except ValueError as e:
+            raise OsbuilderError(f"initrd: {archive}: {e}") from None
     raise OsbuilderError(f"initrd: {archive} ends without a newc trailer")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from osbuilder.cache import Cache, Manifest, inspect_entry
 from osbuilder.image import ImageLayout, read_dax_header
-from osbuilder.initrd import NEWC_HEADER, NEWC_MAGIC, TRAILER, Entry
+from osbuilder.initrd import TRAILER, Entry, newc_headers
 from osbuilder.run import run
 
 
@@ -72,22 +72,12 @@ def _debugfs(image: Path, request: str) -> bytes:
 def read_newc(data: bytes) -> list[Entry]:
     """The entries of a newc archive (concatenated archives too, as the kernel reads them), trailers left out."""
     out: list[Entry] = []
-    pos = 0
-    while pos + NEWC_HEADER <= len(data):
-        if data[pos:pos + 4] == b"\0\0\0\0":  # padding between archives
-            pos += 4
-            continue
-        if data[pos:pos + 6] != NEWC_MAGIC:
-            raise ValueError(f"not a newc header at offset {pos}")
-        f = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
-        mode, uid, gid, mtime, filesize, namesize = f[1], f[2], f[3], f[5], f[6], f[11]
-        rdev = os.makedev(f[9], f[10])
-        name_at = pos + NEWC_HEADER
-        name = data[name_at:name_at + namesize - 1].decode(errors="surrogateescape")
-        data_at = name_at + namesize + (-(NEWC_HEADER + namesize) % 4)
-        pos = data_at + filesize + (-filesize % 4)
+    for h in newc_headers(data):
+        name = h.name.decode(errors="surrogateescape")
         if name != TRAILER:
-            out.append(Entry(name, mode, uid, gid, mtime, data[data_at:data_at + filesize], rdev))
+            mode, uid, gid, mtime, filesize = h.fields[1], h.fields[2], h.fields[3], h.fields[5], h.fields[6]
+            out.append(Entry(name, mode, uid, gid, mtime, data[h.data_at:h.data_at + filesize],
+                             os.makedev(h.fields[9], h.fields[10])))
     return out
 
 

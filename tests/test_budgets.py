@@ -27,6 +27,7 @@ SILENCE = 0.5
 CEILING = 3.0
 BANNER = "[    0.000000] Linux version 6.1.0-50-cloud-amd64 (debian-kernel@lists.debian.org)"
 STARVED = host_share(ran=6.4, waited=54.0, seconds=30)  # a good guest under busy loops (bench/bench_loaded_host.py)
+STARVED_GIVEN = 6.4 / (6.4 + 54.0)  # the share of the CPU it asked for that QEMU got there: 11%
 IDLE = host_share(ran=0.3, waited=0.9, seconds=30)  # a guest hung idle under the same loops: not starved
 SLACK = 0.5  # seconds a check may come late (a thread's wake-up on a loaded test machine)
 TICK = 0.001  # guest.now() is rounded to milliseconds: a lower bound may read up to half of one short
@@ -201,8 +202,7 @@ def test_the_agents_lag_behind_multi_user_stretches_on_a_starved_host(tmp_path: 
     it on a host that gives QEMU what it asks for, within it at a tenth of that, and ten times the
     grace is past it again (the ceiling would blame the host for an agent that never answers)."""
     grace = stub_guest(tmp_path, timeout=TIMEOUT).budgets.agent_grace
-    given = STARVED.ran / (STARVED.ran + STARVED.waited)
-    for share, ago, fails in ((IDLE, 60, True), (STARVED, 60, False), (STARVED, grace / given + 2, True)):
+    for share, ago, fails in ((IDLE, 60, True), (STARVED, 60, False), (STARVED, grace / STARVED_GIVEN + 2, True)):
         guest = guest_with_host(tmp_path, share)
         guest.vm.console.milestones["multi_user"] = guest.now() - ago
         if fails:
@@ -217,11 +217,10 @@ def test_a_silent_agent_on_a_starved_host_gets_its_grace_in_the_cpu_it_was_given
     """An agent that opened its port and stays silent fails after SPEAK_GRACE seconds of the CPU the guest
     asked for: on a host that gives QEMU a tenth of it, after about ten times as long, not never (the
     budget's ceiling would then blame the host for an image that speaks the wrong protocol)."""
-    given = STARVED.ran / (STARVED.ran + STARVED.waited)
     for share, silent, fails in ((IDLE, phases.SPEAK_GRACE + 0.5, True), (None, phases.SPEAK_GRACE + 0.5, True),
                                  (STARVED, phases.SPEAK_GRACE * 2, False),
-                                 (STARVED, phases.SPEAK_GRACE / given - 1, False),
-                                 (STARVED, phases.SPEAK_GRACE / given + 1, True)):
+                                 (STARVED, phases.SPEAK_GRACE / STARVED_GIVEN - 1, False),
+                                 (STARVED, phases.SPEAK_GRACE / STARVED_GIVEN + 1, True)):
         guest = guest_with_host(tmp_path, share)
         port = guest.protocol.serial_ports[0]
         guest.vm.ports_opened[port] = guest.now() - silent

@@ -72,6 +72,26 @@ def test_a_monitor_without_a_process_has_no_evidence() -> None:
     gone.stop()
 
 
+def test_a_share_between_two_past_moments_spans_the_samples_around_them() -> None:
+    """share(since, until): from the last sample at or before `since` to the first at or after `until`,
+    without a fresh sample (the window is over)."""
+    monitor = host.Monitor(None)
+    for at, ran in ((10.0, 0), (11.0, 1), (12.0, 2), (13.0, 3), (14.0, 4)):
+        monitor.samples.append(host.Sample(at, {1: (int(ran * 1e9), int(ran * 3e9))}, 0.0))
+    share = monitor.share(11.5, until=12.5)
+    assert share is not None and (share.seconds, share.ran, share.waited) == (2.0, 2.0, 6.0)
+    assert share.given == 0.25  # it ran a quarter of the time it wanted to
+    assert monitor.share(13.0, until=20.0).seconds == 1.0  # type: ignore[union-attr]  # to the last sample
+
+
+@pytest.mark.parametrize("ran, waited, stolen, seconds, given", [
+    (3.0, 1.0, 0.0, 10.0, 0.75), (0.0, 0.0, 0.0, 10.0, 1.0), (2.0, 2.0, 5.0, 10.0, 0.25), (1.0, 0.0, 0.0, 0.0, 1.0)])
+def test_given_is_the_share_of_the_cpu_qemu_asked_for_that_it_got(ran: float, waited: float, stolen: float,
+                                                                  seconds: float, given: float) -> None:
+    share = host.Share(seconds=seconds, ran=ran, waited=waited, stolen=stolen, load=(1.0, 1.0, 1.0), cpus=2)
+    assert share.given == given
+
+
 def spinning(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-I", "-S", "-c", SPIN]) for _ in range(count)]
 

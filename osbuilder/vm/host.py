@@ -183,12 +183,15 @@ class Monitor:
                 self.samples.append(s)
         return s
 
-    def share(self, since: float) -> Share | None:
+    def share(self, since: float, until: float | None = None) -> Share | None:
         """What the host gave the process from `since` (time.monotonic()) to now: from the last sample
-        taken at or before `since` (else the first) to a fresh one. None without two samples."""
-        now = self._take()
+        taken at or before `since` (else the first) to a fresh one; or, given `until`, to the first
+        sample taken at or after it (else the last). None without two samples."""
+        now = self._take() if until is None else None
         with self._lock:
             samples = list(self.samples)
+        if until is not None:
+            now = next((s for s in samples if s.at >= until), None)
         if now is None and samples:
             now = samples[-1]
         if now is None:
