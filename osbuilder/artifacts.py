@@ -32,7 +32,17 @@ from filelock import FileLock
 from osbuilder import image as image_step
 from osbuilder import initrd as initrd_step
 from osbuilder import layout, userns
-from osbuilder.cache import Cache, Copied, Manifest, check_tree, describe_path, describe_tree, path_matches, tree_record
+from osbuilder.cache import (
+    RECORD_FORMAT,
+    Cache,
+    Copied,
+    Manifest,
+    check_tree,
+    describe_path,
+    describe_tree,
+    path_matches,
+    tree_record,
+)
 from osbuilder.fs import discard, temp_beside, write_atomically
 from osbuilder.fs import publish as publish_path
 from osbuilder.kernel import build as kernel_step
@@ -162,7 +172,7 @@ def _current(wd: Workdir, artifact: str, paths: dict[str, Path], key: str | None
     if record is None or (key is not None and record.get("key") != key):
         return None
     contents = record.get("contents")
-    if not isinstance(contents, dict) or set(contents) != set(paths):
+    if record.get("record") != RECORD_FORMAT or not isinstance(contents, dict) or set(contents) != set(paths):
         return None
     for name, path in paths.items():
         want = contents[name]
@@ -181,7 +191,8 @@ def _remember(wd: Workdir, artifact: str, manifest: Manifest, paths: dict[str, P
     contents: dict[str, Any] = {name: describe_tree(p, tree_record(copied_from, name)) if copied_from else
                                 describe_path(p) for name, p in paths.items()}
     write_atomically(wd.published(artifact), json.dumps({"key": manifest.key, "kind": manifest.kind,
-                                                         "inputs": manifest.inputs, "contents": contents},
+                                                         "inputs": manifest.inputs, "record": RECORD_FORMAT,
+                                                         "contents": contents},
                                                         indent=1, sort_keys=True) + "\n")
 
 

@@ -8,15 +8,16 @@ beside the entry and is renamed into place only when it completed, under a file 
 pytest-xdist workers build each artifact once. When a lookup misses, `explain_miss` names the
 inputs that differ from the closest readable entry of the same kind.
 
-The manifest also records the entry's content: every file's size, mtime and sha256, every link's
-target. The filesystem is synced before the rename that publishes an entry, and a hit is checked
-against the record: a walk of the tree comparing types, sizes and link targets, reading a file only
-when its mtime moved, so an entry torn by a power loss, a full disk or a stray edit is rebuilt, with one
-line saying why. Bytes changed in place under the same size and mtime are not seen by a hit: `full`
-checks (`osbuilder cache verify`, cache_admin.py) hash every file. A build that copies a recorded tree (the rootfs
-copies the base tree) hands that record back (`Copied`): a copied file whose size and mtime are the
-recorded ones keeps its hash unread, the same trust a hit gives it. Whoever removes an entry takes its
-lock (`Cache.lock`) and renames it away (`evict`), so a lookup finds the whole entry or none.
+The manifest also records the entry's content: every file's mode, owner, size, mtime and sha256, every
+directory's mode and owner, every link's target. The filesystem is synced before the rename that publishes
+an entry, and a hit is checked against the record: a walk of the tree comparing types, modes, owners, sizes
+and link targets, reading a file only when its mtime moved, so an entry torn by a power loss, a full disk or
+a stray edit or chmod is rebuilt, with one line saying why. Bytes changed in place under the same size and
+mtime are not seen by a hit: `full` checks (`osbuilder cache verify`, cache_admin.py) hash every file. A
+build that copies a recorded tree (the rootfs copies the base tree) hands that record back (`Copied`): a
+copied file whose size and mtime are the recorded ones keeps its hash unread, the same trust a hit gives it.
+Whoever removes an entry takes its lock (`Cache.lock`) and renames it away (`evict`), so a lookup finds the
+whole entry or none.
 With `rebuild` and a `session` (pytest's `--osbuilder-rebuild`: the test run's id, shared by its xdist
 workers), an entry is rebuilt once per session: the ones this session made are hits.
 """
@@ -136,8 +137,8 @@ class Cache:
         try:
             copied = build(tmp)
             like = copied.contents if isinstance(copied, Copied) else None
-            record = {"kind": manifest.kind, "key": manifest.key, "inputs": manifest.inputs,
-                      "created": time.time(), "session": session or "", "contents": describe_tree(tmp, like)}
+            record = {"kind": manifest.kind, "key": manifest.key, "inputs": manifest.inputs, "created": time.time(),
+                      "session": session or "", "record": RECORD_FORMAT, "contents": describe_tree(tmp, like)}
             (tmp / MANIFEST).write_text(_dump(record))
             _sync_filesystem(tmp)  # every file and directory of the entry is on disk before it is published
             publish(tmp, entry)
@@ -172,9 +173,12 @@ class Cache:
 
 
 # -- the content record -----------------------------------------------------------------------
-# One string per path below the entry: "d" a directory, "l:<target>" a symlink,
-# "f:<size>:<mtime_ns>:<sha256>" a regular file ("?" for a file this user cannot read: a rootless
-# rootfs keeps some of those), "o:<file type>" anything else.
+# One string per path below the entry, <attrs> being "<mode, 4 octal digits>:<uid>:<gid>":
+# "d:<attrs>" a directory, "l:<target>" a symlink, "f:<attrs>:<size>:<mtime_ns>:<sha256>" a regular file
+# ("?" for a file this user cannot read: a rootless rootfs keeps some of those), "o:<file type>:<attrs>"
+# anything else. A file's mode is part of what the tree is: the files of a rootfs entry are hard links to
+# the base tree's, so a chmod of one changes every tree that shares it, and a hit must notice.
+RECORD_FORMAT = 2  # the manifest's "record": 1 (absent) had no modes or owners, and cannot vouch for them
 
 
 def describe_path(path: Path) -> str:
@@ -216,10 +220,10 @@ def describe_tree(root: Path, like: dict[str, str] | None = None) -> dict[str, s
 
 def tree_record(entry: Path, below: str) -> dict[str, str]:
     """The content record of the tree `below` in `entry`, from its manifest, keyed relative to that tree
-    (a hint for describe_tree; {} when the manifest cannot be read)."""
-    record = _read_record(entry)
-    contents = record.get("contents") if record else None
-    if not isinstance(contents, dict):
+    (a hint for describe_tree; {} when the manifest cannot be read or is of an older format)."""
+    record = _read_record(entry) or {}
+    contents = record.get("contents")
+    if not isinstance(contents, dict) or record.get("record") != RECORD_FORMAT:
         return {}
     prefix = below.rstrip("/") + "/"
     return {rel[len(prefix):]: want for rel, want in contents.items()
@@ -274,16 +278,31 @@ def _walk(root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
                 pending.append((e.path, rel + "/"))
 
 
+def _attrs(st: os.stat_result) -> str:
+    return f"{stat.S_IMODE(st.st_mode):04o}:{st.st_uid}:{st.st_gid}"
+
+
+def recorded_file(record: str) -> tuple[str, int, int, str] | None:
+    """(attrs, size, mtime_ns, sha256 or "?") of a regular file's record; None for anything else."""
+    return _parse_file(record[2:]) if record.startswith("f:") else None
+
+
+def _parse_file(rest: str) -> tuple[str, int, int, str]:
+    mode, uid, gid, size, mtime, digest = rest.split(":", 5)
+    return f"{mode}:{uid}:{gid}", int(size), int(mtime), digest
+
+
 def _describe(path: str, st: os.stat_result, like: str | None = None) -> str:
     if stat.S_ISDIR(st.st_mode):
-        return "d"
+        return f"d:{_attrs(st)}"
     if stat.S_ISLNK(st.st_mode):
         return "l:" + os.readlink(path)
     if stat.S_ISREG(st.st_mode):
-        if like is not None and like.startswith(f"f:{st.st_size}:{st.st_mtime_ns}:"):
-            return like
-        return f"f:{st.st_size}:{st.st_mtime_ns}:{_hash(path)}"
-    return f"o:{stat.S_IFMT(st.st_mode):o}"
+        known = recorded_file(like) if like is not None else None
+        same = known is not None and known[1:3] == (st.st_size, st.st_mtime_ns)
+        digest = known[3] if known is not None and same else _hash(path)
+        return f"f:{_attrs(st)}:{st.st_size}:{st.st_mtime_ns}:{digest}"
+    return f"o:{stat.S_IFMT(st.st_mode):o}:{_attrs(st)}"
 
 
 def _hash(path: str) -> str:
@@ -300,21 +319,34 @@ def _compare(path: str, st: os.stat_result, want: str, full: bool = False) -> tu
     have = _describe_type(st)
     if have != kind:
         return f"is a {_NAMES[have]}, recorded as a {_NAMES.get(kind, kind)}", None
-    if kind == "l" and os.readlink(path) != rest:
-        return "link target changed", None
-    if kind == "o" and want != _describe(path, st):
+    if kind == "l":
+        return ("link target changed" if os.readlink(path) != rest else None), None
+    if kind == "o" and rest.partition(":")[0] != f"{stat.S_IFMT(st.st_mode):o}":
         return "file type changed", None
-    if kind != "f":
-        return None, None
-    size, mtime, digest = rest.split(":", 2)
-    if st.st_size != int(size):
+    if kind != "f":  # "d:<attrs>", "o:<file type>:<attrs>"
+        return _attrs_changed(st, rest if kind == "d" else rest.partition(":")[2]), None
+    attrs, size, mtime, digest = _parse_file(rest)
+    problem = _attrs_changed(st, attrs)
+    if problem:
+        return problem, None
+    if st.st_size != size:
         return f"{st.st_size} bytes, recorded {size}", None
-    moved = st.st_mtime_ns != int(mtime)
+    moved = st.st_mtime_ns != mtime
     if not moved and not full:
         return None, None
     if digest != "?" and _hash(path) != digest:
         return "content changed" if moved else "content changed (same size and mtime)", None
-    return None, (f"f:{size}:{st.st_mtime_ns}:{digest}" if moved else None)
+    return None, (f"f:{attrs}:{size}:{st.st_mtime_ns}:{digest}" if moved else None)
+
+
+def _attrs_changed(st: os.stat_result, recorded: str) -> str | None:
+    mode, uid, gid = recorded.split(":")
+    have_mode, have_uid, have_gid = _attrs(st).split(":")
+    if have_mode != mode:
+        return f"mode {have_mode}, recorded {mode}"
+    if (have_uid, have_gid) != (uid, gid):
+        return f"owner {have_uid}:{have_gid}, recorded {uid}:{gid}"
+    return None
 
 
 _NAMES = {"d": "directory", "l": "symlink", "f": "file", "o": "special file"}
@@ -354,6 +386,8 @@ def inspect_entry(entry: Path, manifest: Manifest,
     contents = record.get("contents")
     if not isinstance(contents, dict):
         return record, "no content record (made by an older osbuilder)"
+    if record.get("record") != RECORD_FORMAT:
+        return record, "its content record has no file modes or owners (made by an older osbuilder)"
     try:
         problem, refreshed = check_tree(entry, contents, full)
     except (OSError, ValueError, TypeError, AttributeError) as e:

@@ -35,7 +35,7 @@ from typing import Any
 from filelock import Timeout
 
 from osbuilder import artifacts, fs, procs
-from osbuilder.cache import EVICTED, MANIFEST, Cache, check_entry, evict
+from osbuilder.cache import EVICTED, MANIFEST, Cache, check_entry, evict, recorded_file
 from osbuilder.container import engine as engine_mod
 from osbuilder.container import tools_image
 from osbuilder.errors import OsbuilderError, UsageError
@@ -415,9 +415,12 @@ def _recorded_files(record: dict[str, Any] | None) -> list[tuple[int, bool]]:
     contents = (record or {}).get("contents")
     found = []
     for value in contents.values() if isinstance(contents, dict) else ():
-        if isinstance(value, str) and value.startswith("f:"):
-            size, _, digest = value[2:].split(":", 2)
-            found.append((int(size) if size.isdigit() else 0, digest != "?"))
+        try:
+            recorded = recorded_file(value) if isinstance(value, str) else None
+        except ValueError:  # a record of an older format: counted as nothing
+            continue
+        if recorded is not None:
+            found.append((recorded[1], recorded[3] != "?"))
     return found
 
 

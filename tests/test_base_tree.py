@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -263,6 +264,27 @@ def test_a_torn_base_entry_is_rebuilt(tmp_path: Path, pydistro: PythonDistro, ca
                f"recorded 0); rebuilding" for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert inspect_entry(entry, base.manifest(S.load({}, env={"DISTRO": "pydistro", "CACHE_DIR": str(cache)},
                                                      cwd=tmp_path)))[1] is None
+
+
+def test_a_chmod_through_a_rootfs_entrys_link_rebuilds_the_base(tmp_path: Path, pydistro: PythonDistro,
+                                                                caplog: pytest.LogCaptureFixture):
+    """A cached rootfs's files are hard links to the base's: a chmod of one there (0444 made 0644, as a
+    Debian base's usr/lib/udev/hwdb.bin was found) is a chmod of the base, and the next rootfs that needs
+    the base sees it and builds the base again, where a record without modes took it as a hit."""
+    pydistro.files = {"usr/lib/udev/hwdb.bin": b"hwdb\n"}
+    cache = tmp_path / "cache"
+    assert cli.main(rootfs_argv(tmp_path / "a", cache)) == 0
+    entry = base_entry(cache)
+    hwdb = rootfs_entry(tmp_path / "a") / "usr/lib/udev/hwdb.bin"
+    assert hwdb.stat().st_ino == (entry / "rootfs/usr/lib/udev/hwdb.bin").stat().st_ino
+    built = stat.S_IMODE(hwdb.stat().st_mode)
+    hwdb.chmod(built ^ 0o200)
+    caplog.set_level(logging.INFO, "osbuilder")
+    assert cli.main(rootfs_argv(tmp_path / "b", cache, script_agent(tmp_path / "kata-agent"))) == 0
+    assert builds_counted(tmp_path) == 2
+    assert any(r.getMessage() == f"cache: {base.KIND} {entry.name} is torn (rootfs/usr/lib/udev/hwdb.bin: mode "
+               f"{built ^ 0o200:04o}, recorded {built:04o}); rebuilding" for r in caplog.records), caplog.text
+    assert stat.S_IMODE((rootfs_entry(tmp_path / "b") / "usr/lib/udev/hwdb.bin").stat().st_mode) == built
 
 
 def test_a_full_workdir_while_copying_the_base_leaves_nothing(tmp_path: Path, small_workdir: Path,

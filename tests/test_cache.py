@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -114,8 +115,10 @@ def test_a_hint_is_taken_only_where_size_and_mtime_match(tmp_path: Path):
     (tmp_path / "f").write_text("content")
     st = os.stat(tmp_path / "f")
     fake = "0" * 64
-    believed = describe_tree(tmp_path, {"f": f"f:{st.st_size}:{st.st_mtime_ns}:{fake}"})
+    attrs = f"{stat.S_IMODE(st.st_mode):04o}:{st.st_uid}:{st.st_gid}"
+    believed = describe_tree(tmp_path, {"f": f"f:{attrs}:{st.st_size}:{st.st_mtime_ns}:{fake}"})
     assert believed["f"].endswith(fake)
-    for other in (f"f:{st.st_size}:{st.st_mtime_ns + 1}:{fake}", f"f:{st.st_size + 1}:{st.st_mtime_ns}:{fake}",
-                  f"f:1{st.st_size}:{st.st_mtime_ns}:{fake}"):
+    for other in (f"f:{attrs}:{st.st_size}:{st.st_mtime_ns + 1}:{fake}",
+                  f"f:{attrs}:{st.st_size + 1}:{st.st_mtime_ns}:{fake}",
+                  f"f:{attrs}:1{st.st_size}:{st.st_mtime_ns}:{fake}"):
         assert describe_tree(tmp_path, {"f": other}) == describe_tree(tmp_path)

@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -115,6 +116,29 @@ def _extra(entry: Path) -> str:
     return "stray: not in its content record"
 
 
+def _chmod(entry: Path) -> str:
+    """What made a base tree's hwdb.bin 0644 where it was built 0444, through a rootfs's hard link to it."""
+    before = stat.S_IMODE((entry / "artifact").stat().st_mode)
+    os.utime(entry / "artifact", ns=(1, 1))  # as a hit sees it whether or not the mtime moved
+    (entry / "artifact").chmod(0o444)
+    return f"artifact: mode 0444, recorded {before:04o}"
+
+
+def _chown(entry: Path) -> str:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another owner needs root")
+    st = (entry / "sub").stat()
+    os.chown(entry / "sub", st.st_uid, 4242)
+    return f"sub: owner {st.st_uid}:4242, recorded {st.st_uid}:{st.st_gid}"
+
+
+def _no_modes(entry: Path) -> str:
+    record = json.loads((entry / MANIFEST).read_text())
+    del record["record"]  # a record written before modes and owners were recorded
+    (entry / MANIFEST).write_text(json.dumps(record))
+    return "its content record has no file modes or owners (made by an older osbuilder)"
+
+
 def _torn_manifest(entry: Path) -> str:
     text = (entry / MANIFEST).read_text()
     (entry / MANIFEST).write_text(text[: len(text) // 2])
@@ -128,7 +152,8 @@ def _old_format(entry: Path) -> str:
     return "no content record (made by an older osbuilder)"
 
 
-@pytest.mark.parametrize("damage", [_truncate, _delete, _rewrite, _retarget, _extra, _torn_manifest, _old_format],
+@pytest.mark.parametrize("damage", [_truncate, _delete, _rewrite, _retarget, _extra, _chmod, _chown, _torn_manifest,
+                                    _old_format, _no_modes],
                          ids=lambda f: f.__name__.strip("_"))
 def test_a_torn_entry_is_a_miss_that_rebuilds(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage):
     cache, counter = Cache(tmp_path / "cache"), tmp_path / "count"
@@ -150,7 +175,11 @@ def test_the_manifest_records_every_files_content(tmp_path: Path):
     contents = json.loads((entry / MANIFEST).read_text())["contents"]
     st = (entry / "artifact").stat()
     digest = hashlib.sha256(b"payload " * 512).hexdigest()
-    assert contents == {"artifact": f"f:4096:{st.st_mtime_ns}:{digest}", "sub": "d",
+    def attrs(s: os.stat_result) -> str:
+        return f"{stat.S_IMODE(s.st_mode):04o}:{s.st_uid}:{s.st_gid}"
+
+    assert contents == {"artifact": f"f:{attrs(st)}:4096:{st.st_mtime_ns}:{digest}",
+                        "sub": f"d:{attrs((entry / 'sub').stat())}",
                         "sub/link": "l:../artifact", "sub/small": contents["sub/small"]}
     assert contents["sub/small"].endswith(hashlib.sha256(b"small\n").hexdigest())
 
