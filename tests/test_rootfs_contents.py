@@ -55,10 +55,12 @@ def builds() -> Iterator[tuple[Path, Path]]:
                  f'mount --bind {fake}/hostname /etc/hostname && mount --bind {fake}/resolv.conf /etc/resolv.conf '
                  '&& hostname other-builder && exec "$@"', "sh"]
     trees = []
-    for name, prefix in (("here", None), ("elsewhere", elsewhere)):
+    # Here: the user's CACHE_DIR, whose base tree for these inputs one mmdebstrap run on this host made (in
+    # this run or an earlier one; the container test's host build shares it). Elsewhere: a CACHE_DIR of its
+    # own, so its base is a second mmdebstrap run, on a host with another name and DNS.
+    for name, prefix, cache in (("here", None, {}), ("elsewhere", elsewhere, {"CACHE_DIR": str(home / "cache")})):
         wd = home / name
-        # each with a CACHE_DIR of its own: a shared one would give the second build the first's base tree
-        env = {"SOURCE_DATE_EPOCH": EPOCH, "CACHE_DIR": str(home / f"cache-{name}")}
+        env = {"SOURCE_DATE_EPOCH": EPOCH, **cache}
         result = osb("rootfs", "--workdir", str(wd), env=env, prefix=prefix, cwd=home)
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
         trees.append(wd / "rootfs")
