@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from filelock import FileLock
 
@@ -282,14 +282,21 @@ def _attrs(st: os.stat_result) -> str:
     return f"{stat.S_IMODE(st.st_mode):04o}:{st.st_uid}:{st.st_gid}"
 
 
-def recorded_file(record: str) -> tuple[str, int, int, str] | None:
-    """(attrs, size, mtime_ns, sha256 or "?") of a regular file's record; None for anything else."""
-    return _parse_file(record[2:]) if record.startswith("f:") else None
+class RecordedFile(NamedTuple):
+    """A regular file's record, parsed."""
+
+    attrs: str  # "<mode>:<uid>:<gid>"
+    size: int
+    mtime_ns: int
+    digest: str  # sha256, or "?" for a file its builder could not read
 
 
-def _parse_file(rest: str) -> tuple[str, int, int, str]:
-    mode, uid, gid, size, mtime, digest = rest.split(":", 5)
-    return f"{mode}:{uid}:{gid}", int(size), int(mtime), digest
+def recorded_file(record: str) -> RecordedFile | None:
+    """A regular file's record parsed; None for anything else. ValueError for a malformed one."""
+    if not record.startswith("f:"):
+        return None
+    mode, uid, gid, size, mtime, digest = record[2:].split(":", 5)
+    return RecordedFile(f"{mode}:{uid}:{gid}", int(size), int(mtime), digest)
 
 
 def _describe(path: str, st: os.stat_result, like: str | None = None) -> str:
@@ -299,8 +306,8 @@ def _describe(path: str, st: os.stat_result, like: str | None = None) -> str:
         return "l:" + os.readlink(path)
     if stat.S_ISREG(st.st_mode):
         known = recorded_file(like) if like is not None else None
-        same = known is not None and known[1:3] == (st.st_size, st.st_mtime_ns)
-        digest = known[3] if known is not None and same else _hash(path)
+        unmoved = known is not None and (known.size, known.mtime_ns) == (st.st_size, st.st_mtime_ns)
+        digest = known.digest if known is not None and unmoved else _hash(path)
         return f"f:{_attrs(st)}:{st.st_size}:{st.st_mtime_ns}:{digest}"
     return f"o:{stat.S_IFMT(st.st_mode):o}:{_attrs(st)}"
 
@@ -321,32 +328,34 @@ def _compare(path: str, st: os.stat_result, want: str, full: bool = False) -> tu
         return f"is a {_NAMES[have]}, recorded as a {_NAMES.get(kind, kind)}", None
     if kind == "l":
         return ("link target changed" if os.readlink(path) != rest else None), None
-    if kind == "o" and rest.partition(":")[0] != f"{stat.S_IFMT(st.st_mode):o}":
-        return "file type changed", None
-    if kind != "f":  # "d:<attrs>", "o:<file type>:<attrs>"
-        return _attrs_changed(st, rest if kind == "d" else rest.partition(":")[2]), None
-    attrs, size, mtime, digest = _parse_file(rest)
-    problem = _attrs_changed(st, attrs)
+    if kind == "o":
+        file_type, _, attrs = rest.partition(":")
+        if file_type != f"{stat.S_IFMT(st.st_mode):o}":
+            return "file type changed", None
+        return _attrs_changed(st, attrs), None
+    recorded = recorded_file(want)
+    if recorded is None:  # a directory: "d:<attrs>"
+        return _attrs_changed(st, rest), None
+    problem = _attrs_changed(st, recorded.attrs)
     if problem:
         return problem, None
-    if st.st_size != size:
-        return f"{st.st_size} bytes, recorded {size}", None
-    moved = st.st_mtime_ns != mtime
+    if st.st_size != recorded.size:
+        return f"{st.st_size} bytes, recorded {recorded.size}", None
+    moved = st.st_mtime_ns != recorded.mtime_ns
     if not moved and not full:
         return None, None
-    if digest != "?" and _hash(path) != digest:
+    if recorded.digest != "?" and _hash(path) != recorded.digest:
         return "content changed" if moved else "content changed (same size and mtime)", None
-    return None, (f"f:{attrs}:{size}:{st.st_mtime_ns}:{digest}" if moved else None)
+    return None, (f"f:{recorded.attrs}:{recorded.size}:{st.st_mtime_ns}:{recorded.digest}" if moved else None)
 
 
 def _attrs_changed(st: os.stat_result, recorded: str) -> str | None:
-    mode, uid, gid = recorded.split(":")
-    have_mode, have_uid, have_gid = _attrs(st).split(":")
-    if have_mode != mode:
-        return f"mode {have_mode}, recorded {mode}"
-    if (have_uid, have_gid) != (uid, gid):
-        return f"owner {have_uid}:{have_gid}, recorded {uid}:{gid}"
-    return None
+    """What differs between `st`'s mode and owner and the recorded ones ("<mode>:<uid>:<gid>"), or None."""
+    have = _attrs(st)
+    if have == recorded:
+        return None
+    (mode, owner), (was_mode, was_owner) = (a.split(":", 1) for a in (have, recorded))
+    return f"mode {mode}, recorded {was_mode}" if mode != was_mode else f"owner {owner}, recorded {was_owner}"
 
 
 _NAMES = {"d": "directory", "l": "symlink", "f": "file", "o": "special file"}

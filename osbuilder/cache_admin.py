@@ -420,7 +420,7 @@ def _recorded_files(record: dict[str, Any] | None) -> list[tuple[int, bool]]:
         except ValueError:  # a record of an older format: counted as nothing
             continue
         if recorded is not None:
-            found.append((recorded[1], recorded[3] != "?"))
+            found.append((recorded.size, recorded.digest != "?"))
     return found
 
 

@@ -2,11 +2,11 @@
 
 import multiprocessing
 import os
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from trees import record_attrs
 
 from osbuilder import readback
 from osbuilder.cache import Cache, Copied, Manifest, describe_tree, tree_record
@@ -115,7 +115,7 @@ def test_a_hint_is_taken_only_where_size_and_mtime_match(tmp_path: Path):
     (tmp_path / "f").write_text("content")
     st = os.stat(tmp_path / "f")
     fake = "0" * 64
-    attrs = f"{stat.S_IMODE(st.st_mode):04o}:{st.st_uid}:{st.st_gid}"
+    attrs = record_attrs(st)
     believed = describe_tree(tmp_path, {"f": f"f:{attrs}:{st.st_size}:{st.st_mtime_ns}:{fake}"})
     assert believed["f"].endswith(fake)
     for other in (f"f:{attrs}:{st.st_size}:{st.st_mtime_ns + 1}:{fake}",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from fakes import make_tree, workdir_entries
+from trees import record_attrs
 
 from osbuilder import cache as cache_mod
 from osbuilder import readback
@@ -175,11 +176,8 @@ def test_the_manifest_records_every_files_content(tmp_path: Path):
     contents = json.loads((entry / MANIFEST).read_text())["contents"]
     st = (entry / "artifact").stat()
     digest = hashlib.sha256(b"payload " * 512).hexdigest()
-    def attrs(s: os.stat_result) -> str:
-        return f"{stat.S_IMODE(s.st_mode):04o}:{s.st_uid}:{s.st_gid}"
-
-    assert contents == {"artifact": f"f:{attrs(st)}:4096:{st.st_mtime_ns}:{digest}",
-                        "sub": f"d:{attrs((entry / 'sub').stat())}",
+    assert contents == {"artifact": f"f:{record_attrs(st)}:4096:{st.st_mtime_ns}:{digest}",
+                        "sub": f"d:{record_attrs((entry / 'sub').stat())}",
                         "sub/link": "l:../artifact", "sub/small": contents["sub/small"]}
     assert contents["sub/small"].endswith(hashlib.sha256(b"small\n").hexdigest())
 

@@ -60,3 +60,8 @@ def inodes(root: Path) -> dict[str, tuple]:
             ctime = None if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) else st.st_ctime_ns
             out[path] = (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, ctime)
     return out
+
+
+def record_attrs(st: os.stat_result) -> str:
+    """A path's mode and owner as the cache's content record writes them: "<mode, 4 octal digits>:<uid>:<gid>"."""
+    return f"{stat.S_IMODE(st.st_mode):04o}:{st.st_uid}:{st.st_gid}"
