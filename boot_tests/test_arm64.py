@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from boot_tests.agent_peers import kata_agent_for
+from boot_tests.scratch import remove_later
 from boot_tests.user_env import without_settings
 from osbuilder import elf
 from osbuilder.arch import ARM64
@@ -50,7 +51,7 @@ def home(osbuilder_settings) -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+        remove_later(path)
 
 
 def user_env(settings, workdir: Path, **more: str) -> dict[str, str]:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from boot_tests.scratch import remove_later
 from osbuilder.kernel.source import ensure_source
 from osbuilder.layout import KernelFiles, UserCache
 
@@ -162,7 +163,7 @@ def kernel_repo(osbuilder_settings, tmp_path_factory) -> Iterator[KernelRepo]:
         yield KernelRepo(path, commits, shared, seconds)
         assert touched(shared) == before, "the shared kernel tree changed: a hard link was written through"
     finally:
-        shutil.rmtree(path.parent, ignore_errors=True)
+        remove_later(path.parent)
 
 
 def bisect_run_env(settings, workdir: Path, image: Path) -> dict[str, str]:

@@ -33,6 +33,7 @@ import pytest
 
 from boot_tests import netns_hosts
 from boot_tests.netns_hosts import PROGRAMS, Host, NetnsHosts, in_namespace, sh, world_readable_copy
+from boot_tests.scratch import remove_later
 from boot_tests.user_env import without_settings
 from osbuilder.arch import ARM64
 
@@ -99,7 +100,7 @@ def scratch() -> Iterator[Path]:
     try:
         yield path
     finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+        remove_later(path)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from boot_tests.agent_peers import KATA_AGENT, peer
+from boot_tests.scratch import remove_later
 from boot_tests.user_env import without_settings
 from osbuilder.vm import records
 
@@ -77,4 +78,4 @@ def test_the_image_installed_is_the_image_the_gates_booted(osbuilder_settings) -
         assert sha256(link.resolve()) == built == sha256(image)
         assert image.stat().st_ino == next((workdir / "cache/image").glob("*/container.img")).stat().st_ino
     finally:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(home)], check=False)
+        remove_later(home)

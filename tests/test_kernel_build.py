@@ -13,6 +13,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -179,6 +181,45 @@ def test_missing_fragment_names_kernel_fragments(osbuilder_settings, previous, t
     s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(tmp_path / "missing.config"))
     error = failed_build(s, previous, tmp_path / "kernel.log", UsageError)
     assert error.message == f"KERNEL_FRAGMENTS: {tmp_path / 'missing.config'}: no such file"
+
+
+def raised_within(seconds: float, fn, *args, **kwargs) -> BaseException | None:
+    """What `fn` raised, if it returned or raised within `seconds`; None if it was still running."""
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+        else:
+            outcome.append(AssertionError(f"{fn.__name__} returned"))
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return outcome[0] if outcome else None
+
+
+def test_a_fragment_error_does_not_wait_for_another_build(osbuilder_settings, previous, tmp_path):
+    """Another build holds the object tree (another process, for the minutes a compile takes): a fragment
+    the build cannot use is still named at once, not after that build."""
+    bdir = tmp_path / "kernel-build"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
+                               f"{bdir}.lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for text, expected in (("CONFIG_VIRTIO_BLKK=y\n", "no such option"), (None, "no such file")):
+            frag = fragment(tmp_path, text) if text else tmp_path / "missing.config"
+            s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(frag))
+            error = raised_within(60, build.build_kernel, s, previous, logfile=tmp_path / "kernel.log", build_dir=bdir)
+            assert error is not None, f"{expected}: the build waited for the other build's lock"
+            assert isinstance(error, UsageError), error
+            assert error.message.startswith("KERNEL_FRAGMENTS: ") and expected in error.message, error.message
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_make_failure_is_one_line_and_keeps_outputs(osbuilder_settings, previous, tmp_path, monkeypatch):

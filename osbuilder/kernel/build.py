@@ -35,7 +35,7 @@ from osbuilder.arch import Arch
 from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, sha256_file, temp_beside
-from osbuilder.kernel.fragments import Merged, configure, make_vars, resolve_fragments
+from osbuilder.kernel.fragments import Merged, check_fragments, configure, make_vars, resolve_fragments
 from osbuilder.kernel.source import SourceTree, ensure_source, origin
 from osbuilder.layout import KernelFiles, UserCache, Workdir
 from osbuilder.run import format_command, run, tool_version
@@ -202,13 +202,15 @@ def build_kernel(settings: Settings, out_dir: Path, *, logfile: Path | None = No
     tree = tree or ensure_source(settings, logfile=logfile)
     bdir = build_dir or Workdir.of(settings).kernel_build_for(guest)
     bdir.parent.mkdir(parents=True, exist_ok=True)
+    checked = check_fragments(settings, tree.path) if config is None else None  # a usage error never waits
     with FileLock(str(bdir) + ".lock"):
         _reset_if_other_source(bdir, tree)
         cc, cc_version = compiler(guest)
         env = build_env(settings, tree)
         link_source(bdir, tree, env)
         if config is None:
-            merged, config_path = configure(settings, tree.path, bdir, cc=cc, logfile=logfile, env=env)
+            merged, config_path = configure(settings, tree.path, bdir, cc=cc, logfile=logfile, env=env,
+                                            checked=checked)
         else:
             merged, config_path = Merged([]), configure_exact(settings, tree.path, bdir, config, cc=cc,
                                                                logfile=logfile, env=env)

@@ -274,14 +274,31 @@ def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, 
     return build_dir / ".config"
 
 
-def configure(settings: Settings, src: Path, build_dir: Path, *, cc: str, logfile: Path,
-              env: dict[str, str]) -> tuple[Merged, Path]:
-    """Resolve, check, generate and verify; raise before anything compiles if an option is lost."""
+@dataclass(frozen=True)
+class Checked:
+    """The merged fragments whose option names the source's Kconfig knows, and that index."""
+
+    merged: Merged
+    index: KconfigIndex
+
+
+def check_fragments(settings: Settings, src: Path) -> Checked:
+    """Resolve, merge and check the names: every fragment error that needs no object tree, so a build
+    raises it before it waits for the object tree's lock (held by another build for minutes)."""
     merged = merge(resolve_fragments(settings))
     index = KconfigIndex.load(src, settings.guest.kernel_arch)
     check_names(merged, index)
+    return Checked(merged, index)
+
+
+def configure(settings: Settings, src: Path, build_dir: Path, *, cc: str, logfile: Path,
+              env: dict[str, str], checked: Checked | None = None) -> tuple[Merged, Path]:
+    """Check (`checked`, else `check_fragments`), generate and verify; raise before anything compiles
+    if an option is lost."""
+    checked = checked or check_fragments(settings, src)
+    merged = checked.merged
     config_path = generate(settings, src, build_dir, merged, cc=cc, logfile=logfile, env=env)
-    problems = verify(merged, read_config(config_path), index)
+    problems = verify(merged, read_config(config_path), checked.index)
     if problems:
         raise report_problems(problems)
     return merged, config_path
