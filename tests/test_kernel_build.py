@@ -205,9 +205,9 @@ def test_a_fragment_error_does_not_wait_for_another_build(osbuilder_settings, pr
     """Another build holds the object tree (another process, for the minutes a compile takes): a fragment
     the build cannot use is still named at once, not after that build."""
     bdir = tmp_path / "kernel-build"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-                               "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(600)",
-                               f"{bdir}.lock"], stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, f"{bdir}.lock"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         for text, expected in (("CONFIG_VIRTIO_BLKK=y\n", "no such option"), (None, "no such file")):
