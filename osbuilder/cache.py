@@ -12,10 +12,11 @@ The manifest also records the entry's content: every file's mode, owner, size, m
 directory's mode and owner, every link's target. The filesystem is synced before the rename that publishes
 an entry, and a hit is checked against the record: a walk of the tree comparing types, modes, owners, sizes
 and link targets, reading a file only when its mtime moved, so an entry torn by a power loss, a full disk or
-a stray edit or chmod is rebuilt, with one line saying why. Bytes changed in place under the same size and
-mtime are not seen by a hit: `full` checks (`osbuilder cache verify`, cache_admin.py) hash every file. A
-build that copies a recorded tree (the rootfs copies the base tree) hands that record back (`Copied`): a
-copied file whose size and mtime are the recorded ones keeps its hash unread, the same trust a hit gives it.
+a stray edit or chmod is rebuilt, with one line saying why (kept in `<cache root>/torn.log` too). Bytes
+changed in place under the same size and mtime are not seen by a hit: `full` checks (`osbuilder cache
+verify`, cache_admin.py) hash every file. A build that copies a recorded tree (the rootfs copies the base
+tree) hands that record back (`Copied`): a copied file whose size and mtime are the recorded ones keeps its
+hash unread, the same trust a hit gives it.
 Whoever removes an entry takes its lock (`Cache.lock`) and renames it away (`evict`), so a lookup finds the
 whole entry or none.
 With `rebuild` and a `session` (pytest's `--osbuilder-rebuild`: the test run's id, shared by its xdist
@@ -56,6 +57,9 @@ class Manifest:
     def key(self) -> str:
         blob = json.dumps({"kind": self.kind, "inputs": self.inputs}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+TORN_LOG = "torn.log"  # <cache root>/torn.log: a line per entry found torn and rebuilt (Cache._note_torn)
 
 
 class Cache:
@@ -118,6 +122,7 @@ class Cache:
         what = f"{manifest.kind} {manifest.key}"
         if problem is not None:
             log.warning("cache: %s is torn (%s); rebuilding", what, problem)
+            self._note_torn(what, problem)
         elif record is None:
             for reason in self.explain_miss(manifest):
                 log.info("cache miss: %s: %s", manifest.kind, reason)
@@ -130,6 +135,16 @@ class Cache:
             os.utime(entry / MANIFEST)  # most recently used
             return True
         return False
+
+    def _note_torn(self, what: str, problem: str) -> None:
+        """Append to <root>/torn.log when and why an entry was rebuilt: the warning scrolls by, or a test run
+        captures it, and a rebuild of the same inputs is otherwise not told from a first build."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            with (self.root / TORN_LOG).open("a") as f:
+                f.write(f"{stamp} pid {os.getpid()}: {what} is torn ({problem}); rebuilt\n")
+        except OSError:
+            pass  # the warning said it; a cache that cannot take a line fails where it matters, in the build
 
     def _fill(self, entry: Path, manifest: Manifest, build: Callable[[Path], object], session: str | None) -> None:
         tmp = temp_beside(entry)

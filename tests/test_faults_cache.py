@@ -28,7 +28,7 @@ from trees import record_attrs
 from osbuilder import cache as cache_mod
 from osbuilder import readback
 from osbuilder import settings as S
-from osbuilder.cache import MANIFEST, Cache, Manifest
+from osbuilder.cache import MANIFEST, TORN_LOG, Cache, Manifest
 from osbuilder.errors import InfrastructureError
 from osbuilder.rootfs import build as rootfs_build
 from osbuilder.rootfs import distros
@@ -167,6 +167,8 @@ def test_a_torn_entry_is_a_miss_that_rebuilds(tmp_path: Path, caplog: pytest.Log
     assert counter.read_text() == "xx"
     torn = [r.getMessage() for r in caplog.records if "torn" in r.getMessage()]
     assert torn == [f"cache: thing {m.key} is torn ({why}); rebuilding"]
+    kept = (cache.root / TORN_LOG).read_text().splitlines()  # when and why, after the warning scrolled by
+    assert len(kept) == 1 and kept[0].endswith(f": thing {m.key} is torn ({why}); rebuilt"), kept
     assert (entry / "artifact").read_bytes() == b"payload " * 512 and readback.cache_entry(cache, m) == entry
     assert not [p for p in entry.parent.iterdir() if p.name.startswith(".")]
 
