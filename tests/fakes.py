@@ -5,13 +5,34 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from osbuilder.fs import sha256_file
+
+_HOLD = ("import sys, time\nfrom filelock import FileLock\nlock = FileLock(sys.argv[1])\nlock.acquire()\n"
+         "print('held', flush=True)\ntime.sleep(600)")
+
+
+@contextmanager
+def lock_held_elsewhere(lock_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the FileLock at `lock_path` (as another osbuilder would) until the block ends;
+    the block gets that process (its pid, or to kill it earlier)."""
+    other = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        yield other
+    finally:
+        other.kill()
+        other.wait()
+
 
 KATA_TOML = """\
 [hypervisor.qemu]

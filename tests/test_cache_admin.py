@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes import lock_held_elsewhere
 
 import osbuilder.cli  # noqa: F401 - registers the subcommands (the tools image's tag reads their packages)
 from osbuilder import artifacts, cache_admin, layout, readback
@@ -397,23 +398,18 @@ def test_prune_all_dry_run_and_usage_errors(dirs):
         assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].startswith(f"osbuilder: error: {line}")
 
 
-def test_prune_skips_an_entry_whose_lock_another_process_holds(dirs, holder):
+def test_prune_skips_an_entry_whose_lock_another_process_holds(dirs):
     wd, _ = dirs
     cache = Cache(wd / "cache")
     busy, idle = (cache.get_or_build(Manifest("kernel", {"v": v}), fill) for v in ("busy", "idle"))
     for entry in (busy, idle):
         last_used(entry, 90)
-    hold = ("import sys, time\nfrom filelock import FileLock\nlock = FileLock(sys.argv[1])\nlock.acquire()\n"
-            "print('held', flush=True)\ntime.sleep(120)")
-    other = subprocess.Popen([sys.executable, "-c", hold, f"{busy}.lock"], stdout=subprocess.PIPE, text=True)
-    holder.append(other)
-    assert other.stdout.readline().strip() == "held"
-    result = osb("cache", "prune")
-    assert result.returncode == 0, result.stderr
-    assert busy.is_dir() and not idle.exists()
-    assert f"skipped WORKDIR cache kernel {busy.name}: pid {other.pid} is using it (its lock is held)" in result.stdout
-    other.kill()
-    other.wait()
+    with lock_held_elsewhere(Path(f"{busy}.lock")) as other:
+        result = osb("cache", "prune")
+        assert result.returncode == 0, result.stderr
+        assert busy.is_dir() and not idle.exists()
+        skipped = f"skipped WORKDIR cache kernel {busy.name}: pid {other.pid} is using it (its lock is held)"
+        assert skipped in result.stdout
     assert osb("cache", "prune").returncode == 0 and not busy.exists()  # once the lock is free
 
 

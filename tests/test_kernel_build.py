@@ -13,12 +13,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from fakes import lock_held_elsewhere
 from filelock import FileLock
 
 from osbuilder import arch
@@ -205,11 +205,7 @@ def test_a_fragment_error_does_not_wait_for_another_build(osbuilder_settings, pr
     """Another build holds the object tree (another process, for the minutes a compile takes): a fragment
     the build cannot use is still named at once, not after that build."""
     bdir = tmp_path / "kernel-build"
-    hold = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
-            "print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, f"{bdir}.lock"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(Path(f"{bdir}.lock")):
         for text, expected in (("CONFIG_VIRTIO_BLKK=y\n", "no such option"), (None, "no such file")):
             frag = fragment(tmp_path, text) if text else tmp_path / "missing.config"
             s = osbuilder_settings.with_values(KERNEL_FRAGMENTS=str(frag))
@@ -217,9 +213,6 @@ def test_a_fragment_error_does_not_wait_for_another_build(osbuilder_settings, pr
             assert error is not None, f"{expected}: the build waited for the other build's lock"
             assert isinstance(error, UsageError), error
             assert error.message.startswith("KERNEL_FRAGMENTS: ") and expected in error.message, error.message
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_make_failure_is_one_line_and_keeps_outputs(osbuilder_settings, previous, tmp_path, monkeypatch):
