@@ -81,6 +81,14 @@ def check_arm64_boot(record: dict) -> None:
     assert record["profile"] == "nvdimm"  # as Kata 2.x mounts an arm64 root: without DAX
     for phase in PHASES:
         assert record["phases"][phase] == "passed", (phase, record["phases"])
+    check_pointer_authentication(record)
+
+
+def check_pointer_authentication(record: dict) -> None:
+    """Debian's arm64 kernel authenticates pointers, with QEMU's fast algorithm (arch.ARM64_TCG_CPU), as its
+    console says."""
+    console = (Path(record["log_dir"]) / "console.log").read_text(errors="replace")
+    assert "CPU features: detected: Address authentication (IMP DEF algorithm)" in console, console[:3000]
 
 
 @pytest.fixture(scope="module")
