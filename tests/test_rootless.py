@@ -6,6 +6,7 @@ The user is named by OSBUILDER_ROOTLESS_USER and needs /etc/subuid and /etc/subg
 (`.ci/run` creates `osbuilder-ci`). The test itself runs as root, to act as that user and to look
 at the results from outside. The user runs Debian's /usr/bin/python3 with a copy of osbuilder and
 its two pure-Python dependencies: the test's own interpreter may live where the user cannot go.
+The user's per-user cache is kept from one run to the next (KEPT), as a build host keeps it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,42 @@ CHECKED = ["/etc/shadow", "/root", "/usr/bin/osbuilder-agent", "/var/lib/osbuild
            "/etc/systemd/system/multi-user.target.wants/osbuilder-slirp-network.service"]
 
 
+# The user's per-user cache (~/.cache/osbuilder: its base trees, apt's downloads) from one run to the next, as
+# a build host keeps it: the first rootfs takes the base tree from it, while mmdebstrap still runs in the
+# namespace for `rootfs -f` and for the unshared CACHE_DIR below. On home's filesystem: moved by a rename.
+KEPT = Path("/var/tmp/osbuilder-test-rootless-cache")
+
+
+def user_ids() -> str:
+    """The user's uid and first subordinate ids: a kept cache is the user's only while they stay the same."""
+    return f"{pwd.getpwnam(USER).pw_uid} {first_subordinate_id('/etc/subuid')} {first_subordinate_id('/etc/subgid')}\n"
+
+
+def bring_back_cache(home: Path) -> None:
+    """The cache the user's last run kept, as the user's ~/.cache/osbuilder (if the user has the same ids)."""
+    kept = KEPT / USER
+    if (kept / "ids").is_file() and (kept / "ids").read_text() == user_ids() and (kept / "osbuilder").is_dir():
+        pw = pwd.getpwnam(USER)
+        (home / ".cache").mkdir()
+        os.chown(home / ".cache", pw.pw_uid, pw.pw_gid)
+        (kept / "osbuilder").rename(home / ".cache/osbuilder")
+    subprocess.run(["rm", "-rf", "--one-file-system", str(kept)], check=True)
+
+
+def keep_cache(home: Path) -> None:
+    """A copy of the user's cache in KEPT, as root: hard links, with the owners, modes and times it has (the base
+    trees' files belong to the user's subordinate ids)."""
+    kept = KEPT / USER
+    subprocess.run(["rm", "-rf", "--one-file-system", str(kept)], check=True)
+    kept.mkdir(parents=True)
+    KEPT.chmod(0o700)
+    subprocess.run(["cp", "-al", str(home / ".cache/osbuilder"), str(kept / "osbuilder")], check=True)
+    (kept / "ids").write_text(user_ids())
+
+
 @pytest.fixture(scope="module")
 def home() -> Iterator[Path]:
-    """A directory the user owns, with a copy of osbuilder the user can import."""
+    """A directory the user owns, with a copy of osbuilder the user can import, and the cache its last run kept."""
     pw = pwd.getpwnam(USER)
     base = Path(tempfile.mkdtemp(prefix="osbuilder-rootless-", dir="/var/tmp"))
     base.chmod(0o755)  # mkdtemp's 0700 would keep the namespace out (see test_unreachable_workdir...)
@@ -60,7 +94,10 @@ def home() -> Iterator[Path]:
         shutil.copytree(src, py / src.name, symlinks=True, ignore=ignore)
     for path in [base, *base.rglob("*")]:
         os.lchown(path, pw.pw_uid, pw.pw_gid)
+    bring_back_cache(base)
     yield base
+    if not (KEPT / USER).exists() and (base / ".cache/osbuilder").is_dir():  # the prune test keeps it before
+        keep_cache(base)
     shutil.rmtree(base)  # as root: the namespace's files too
 
 
@@ -81,7 +118,20 @@ def rootless_build(home: Path) -> Path:
     for step in ("rootfs", "image"):
         r = as_user(home, step)
         assert r.returncode == 0, f"osbuilder {step} as {USER}:\n{r.stderr[-4000:]}"
+    drop_other_bases(home, home / "workdir")
     return home / "workdir"
+
+
+def drop_other_bases(home: Path, workdir: Path) -> None:
+    """Remove the kept base trees this build did not use (another osbuilder's keys), so that the user's cache
+    holds the one the tests look at."""
+    [entry_tree] = (workdir / "cache/rootfs").glob("*/rootfs")
+    used = (entry_tree / "usr/bin/passwd").stat().st_ino
+    for entry in base_entries(home / ".cache/osbuilder"):
+        passwd = entry / "rootfs/usr/bin/passwd"
+        if not passwd.exists() or passwd.stat().st_ino != used:
+            subprocess.run(["rm", "-rf", "--one-file-system", str(entry)], check=True)
+            entry.with_name(entry.name + ".lock").unlink(missing_ok=True)
 
 
 def first_subordinate_id(path: str) -> int:
@@ -176,9 +226,9 @@ def base_entries(cache: Path) -> list[Path]:
 
 
 def test_a_second_agent_reuses_the_users_base_tree(rootless_build: Path, home: Path):
-    """The base tree the first rootfs built is in the user's cache, its files the user's subordinate ids'; a rootfs
-    with another agent in a fresh WORKDIR copies it in the namespace instead of running mmdebstrap."""
-    assert mmdebstrap_runs(rootless_build) >= 1  # the first build's base (and -f's rebuild of it)
+    """The base tree (built by the first rootfs, by -f's rebuild, or kept from the last run) is in the user's cache,
+    its files the user's subordinate ids'; a rootfs with another agent in a fresh WORKDIR copies it in the
+    namespace instead of running mmdebstrap."""
     [entry] = base_entries(home / ".cache/osbuilder")
     shadow = (entry / "rootfs/etc/shadow").stat()
     assert (shadow.st_uid, shadow.st_gid) == (first_subordinate_id("/etc/subuid"),
@@ -259,6 +309,7 @@ def test_cache_prune_removes_the_users_base_trees(rootless_build: Path, home: Pa
     `osbuilder cache prune --all` removes them, in the namespace (run last: it empties the user's caches)."""
     cache = home / ".cache/osbuilder"
     assert base_entries(cache)
+    keep_cache(home)  # for the next run (links: what the prune removes stays there)
     r = as_user(home, "cache", flags=("prune", "--all"))
     assert r.returncode == 0, r.stderr[-4000:]
     assert base_entries(cache) == []  # no entry, no temporary, none renamed away
