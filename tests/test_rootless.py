@@ -62,23 +62,25 @@ def user_ids() -> str:
 def bring_back_cache(home: Path) -> None:
     """The cache the user's last run kept, as the user's ~/.cache/osbuilder (if the user has the same ids)."""
     kept = KEPT / USER
-    if (kept / "ids").is_file() and (kept / "ids").read_text() == user_ids() and (kept / "osbuilder").is_dir():
-        pw = pwd.getpwnam(USER)
-        (home / ".cache").mkdir()
-        os.chown(home / ".cache", pw.pw_uid, pw.pw_gid)
-        (kept / "osbuilder").rename(home / ".cache/osbuilder")
-    subprocess.run(["rm", "-rf", "--one-file-system", str(kept)], check=True)
+    with filelock.FileLock(f"{KEPT}.lock"):  # another test session's keep_cache
+        if (kept / "ids").is_file() and (kept / "ids").read_text() == user_ids() and (kept / "osbuilder").is_dir():
+            pw = pwd.getpwnam(USER)
+            (home / ".cache").mkdir()
+            os.chown(home / ".cache", pw.pw_uid, pw.pw_gid)
+            (kept / "osbuilder").rename(home / ".cache/osbuilder")
+        subprocess.run(["rm", "-rf", "--one-file-system", str(kept)], check=True)
 
 
 def keep_cache(home: Path) -> None:
     """A copy of the user's cache in KEPT, as root: hard links, with the owners, modes and times it has (the base
     trees' files belong to the user's subordinate ids)."""
     kept = KEPT / USER
-    subprocess.run(["rm", "-rf", "--one-file-system", str(kept)], check=True)
-    kept.mkdir(parents=True)
-    KEPT.chmod(0o700)
-    subprocess.run(["cp", "-al", str(home / ".cache/osbuilder"), str(kept / "osbuilder")], check=True)
-    (kept / "ids").write_text(user_ids())
+    with filelock.FileLock(f"{KEPT}.lock"):
+        subprocess.run(["rm", "-rf", "--one-file-system", str(kept)], check=True)
+        kept.mkdir(parents=True)
+        KEPT.chmod(0o700)
+        subprocess.run(["cp", "-al", str(home / ".cache/osbuilder"), str(kept / "osbuilder")], check=True)
+        (kept / "ids").write_text(user_ids())  # last: a copy without it is not brought back
 
 
 @pytest.fixture(scope="module")
