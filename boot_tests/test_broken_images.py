@@ -59,6 +59,8 @@ def test_missing_agent_is_caught(osbuilder_image, osbuilder_boot_guest, tmp_path
         boot_to_ready(guest)
     assert info.value.phase == "agent"
     assert "osbuilder-agent" in str(info.value)
+    # named as soon as systemd said so on the console, not after waiting for an answer (about 20 s more)
+    assert "status 203/EXEC, the program is missing" in info.value.reason, info.value.reason
     guest.close()
     assert_no_qemu(guest.vm.pid)
 

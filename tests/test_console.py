@@ -74,6 +74,21 @@ def test_watcher_drains_to_log_and_finds_evidence(tmp_path: Path) -> None:
     assert w.tail(1) == ["vm login:"]
 
 
+def test_a_unit_whose_program_cannot_run_is_noted_by_unit(tmp_path: Path) -> None:
+    """systemd's lines for a program it could not execute (status 203/EXEC), kept per unit; other exits are not."""
+    w = console.ConsoleWatcher(tmp_path / "console.log", time.monotonic())
+    for line in ("[    3.88] systemd[1]: osbuilder-agent.service: Main process exited, code=exited, status=203/EXEC",
+                 "[    3.89] systemd[1]: osbuilder-agent.service: Failed with result 'exit-code'.",
+                 "[    5.01] systemd[1]: other.service: Main process exited, code=exited, status=1/FAILURE",
+                 "[    6.20] kata-agent.service: Failed to execute /usr/bin/kata-agent: Exec format error",
+                 "[    6.21] systemd[1]: osbuilder-agent.service: Main process exited, code=exited, status=203/EXEC"):
+        w.feed(line)
+    assert w.exec_failed == {
+        "osbuilder-agent.service": "[    3.88] systemd[1]: osbuilder-agent.service: Main process exited, code=exited, "
+                                   "status=203/EXEC",
+        "kata-agent.service": "[    6.20] kata-agent.service: Failed to execute /usr/bin/kata-agent: Exec format error"}
+
+
 def test_a_panic_line_is_named_by_its_cause():
     from osbuilder.vm.console import match_fatal
 

@@ -187,6 +187,24 @@ def test_a_failure_right_after_the_root_is_mounted_is_the_next_phases(tmp_path: 
     assert "doesn't have requested /sbin/init" in info.value.detail
 
 
+def test_an_agent_systemd_cannot_run_fails_the_agent_phase_at_once(tmp_path: Path) -> None:
+    """systemd's 203/EXEC line for the agent's unit ends the agent phase within its first look, long before any
+    budget; the same line for another unit does not."""
+    other = "[ 3.9] systemd[1]: other.service: Main process exited, code=exited, status=203/EXEC"
+    guest = stub_guest(tmp_path, SYSTEMD, console_line=other)
+    guest.agent = FakeAgent()  # type: ignore[assignment]
+    phases._check_agent_runs(guest)  # another unit's program: not the agent's business
+    line = "[ 3.88] systemd[1]: osbuilder-agent.service: Main process exited, code=exited, status=203/EXEC"
+    guest.vm.console.feed(line)
+    with pytest.raises(BootFailure) as info:
+        phases.agent(guest)
+    assert info.value.phase == "agent"
+    assert info.value.reason == ("systemd could not run the agent (osbuilder-agent.service, /usr/bin/osbuilder-agent): "
+                                 "status 203/EXEC, the program is missing or cannot be executed in the guest")
+    assert line in info.value.detail
+    assert guest.now() < 5  # no budget waited for
+
+
 def test_an_agent_that_opened_its_port_and_stays_silent_fails_after_the_grace(tmp_path: Path) -> None:
     """The agent phase gives up SPEAK_GRACE seconds after the guest opened the agent's port, naming the unit
     and the protocol it did not speak, and notes when it gave up (before the diagnostics, which take

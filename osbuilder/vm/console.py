@@ -6,6 +6,8 @@ thread, appends every byte to a log file, splits lines and matches each against:
 * FATAL patterns (kernel panic, emergency mode, an initramfs shell, the error lines of the init of
   osbuilder's initrd, no init, systemd freezing, KVM internal error): the first match is kept, with
   its line, so a boot fails within seconds with the evidence instead of waiting for a timeout;
+* EXEC_FAILED: a unit whose program systemd could not run (status 203/EXEC), by unit, so that the
+  agent phase can name an agent that is missing or cannot run as soon as systemd says so;
 * MILESTONES (first byte, "Linux version", init started, systemd, the agent starting as PID 1,
   multi-user): the host time of the first occurrence, for the boot's phase timings and the waits
   in `phases`.
@@ -88,6 +90,10 @@ MILESTONES: dict[str, re.Pattern[str]] = {
 }
 
 FAILED_UNIT = re.compile(r"\[FAILED\].*|Failed to start .*")
+# A unit whose program could not be run at all (missing, not executable, for another architecture): systemd's
+# own line, on the console while it still logs there (until journald starts). Group 1 is the unit.
+EXEC_FAILED = re.compile(r"(\S+\.service): (?:Main process exited, code=exited, status=203/EXEC|"
+                         r"Failed at step EXEC spawning |Failed to execute )")
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,7 @@ class ConsoleWatcher:
         self.milestones: dict[str, float] = {}
         self.fatal: FatalMatch | None = None
         self.failed_lines: list[str] = []
+        self.exec_failed: dict[str, str] = {}  # unit -> the first line saying its program could not run
         self.last_line: tuple[float, str] | None = None  # (seconds since t0, line) of the latest line
         self.line_count = 0
         self.closed = False
@@ -254,6 +261,9 @@ class ConsoleWatcher:
                 self.milestones.setdefault(name, now)
             if FAILED_UNIT.search(line) and len(self.failed_lines) < 50:
                 self.failed_lines.append(line)
+            exec_failed = EXEC_FAILED.search(line)
+            if exec_failed and len(self.exec_failed) < 50:
+                self.exec_failed.setdefault(exec_failed.group(1), line)
             pat = match_fatal(line)
             if pat and self.fatal is None:
                 self.fatal = FatalMatch(pat.reason, line, now, self.source, pat.infrastructure)

@@ -81,7 +81,8 @@ def agent(guest: Guest) -> str:
     """The agent answers over its protocol (osbuilder's ping, Kata's grpc.Health Check, hyperstart's
     READY and PING/ACK, ...); returns its own version ("" when the protocol cannot tell). An agent that
     opened its port and does not answer over the protocol for SPEAK_GRACE seconds fails at once: it
-    speaks another protocol, or none."""
+    speaks another protocol, or none. One that systemd could not run (203/EXEC on the console) fails as
+    soon as systemd says so."""
     b = guest.budgets
     protocol = guest.protocol
     wait = guest.waiting("agent", b.boot, f"the agent to answer over the {protocol.name} protocol ({where(guest)})",
@@ -89,6 +90,7 @@ def agent(guest: Guest) -> str:
     client = _connect_agent(guest, wait)
     while True:
         guest.guard(_phase_while_agent_is_silent(guest))
+        _check_agent_runs(guest)
         wait.check()
         _check_agent_lag(guest, b)
         _check_agent_speaks(guest)
@@ -135,6 +137,18 @@ def past_grace(guest: Guest, since: float, grace: float) -> tuple[bool, str]:
         return True, ""
     why = f"; {silent:.0f}s here, the host giving QEMU {share.given:.0%} of the CPU it asked for"
     return silent * share.given > grace, why
+
+
+def _check_agent_runs(guest: Guest) -> None:
+    """Fail at once when systemd said on the console that the agent's unit could not run its program (status
+    203/EXEC: missing, not executable, for another architecture): restarting the unit will not change that."""
+    a = guest.opts.agent
+    line = guest.vm.console.exec_failed.get(a.service)
+    if line is None:
+        return
+    raise guest.fail("agent", f"systemd could not run the agent ({a.service}, /usr/bin/{a.name}): status "
+                     "203/EXEC, the program is missing or cannot be executed in the guest",
+                     format_tail([line], "systemd on the console"))
 
 
 def _check_agent_speaks(guest: Guest) -> None:
