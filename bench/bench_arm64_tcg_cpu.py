@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_first_boot import cpu_seconds as children_cpu
 
 from osbuilder.arch import ARM64_TCG_CPU
 
@@ -33,11 +34,6 @@ from osbuilder import arch, cli
 arch.ARCHES["arm64"] = dataclasses.replace(arch.ARM64, tcg_cpu=sys.argv[1])
 sys.exit(cli.main(["boot", "--check", "--json"]))
 """
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def boot(env: dict[str, str], cpu: str) -> tuple[float, float, dict]:
