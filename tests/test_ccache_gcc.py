@@ -89,3 +89,18 @@ def test_incbin_always_sees_the_current_file(env, tmp_path):
         (obj / "blob.bin").write_bytes(blob)
         compile_in(src, obj, env, "piggy.S")
         assert value_in(obj / "piggy.o", ".rodata") == blob
+
+
+def test_outside_an_object_tree_the_compiler_runs_as_it_is(env, tmp_path):
+    """objtool's build, the one kbuild runs in the source tree (tools/objtool) with HOSTCC as its CC: no
+    .osbuilder-src there, so the source tree's path is not rewritten (an include directory would point
+    nowhere) and the compiler runs without ccache, as it did before HOSTCC was ccache-gcc."""
+    src, obj = tree(tmp_path, SOURCE, "#define ANSWER 42\n")
+    env = dict(env)
+    build.link_source(obj, SimpleNamespace(path=src), env)  # type: ignore[arg-type]
+    elsewhere = src / "tools"
+    elsewhere.mkdir()
+    subprocess.run(["bash", str(build.CCACHE_GCC), "gcc", f"-I{src}/include", "-O2", "-c", "-o", str(obj / "t.o"),
+                    str(src / "a.c")], cwd=elsewhere, env=env, check=True)
+    assert value_in(obj / "t.o") == (42).to_bytes(4, "little")
+    assert not Path(env["CCACHE_STATSLOG"]).exists()  # ccache never ran

@@ -453,6 +453,42 @@ def test_real_arm64_nvdimm_driver_needs_the_pmem_api_and_the_verification_says_s
     assert "ARCH_HAS_PMEM_API" in e.value.detail
 
 
+def ccache_outcomes(stats_log: Path) -> dict[str, str]:
+    """Input file -> hit or miss, from ccache's statistics log (CCACHE_STATSLOG) of one step."""
+    found: dict[str, str] = {}
+    source = ""
+    for line in stats_log.read_text().splitlines() if stats_log.exists() else []:
+        if line.startswith("# "):
+            source = line[2:]
+        elif line in ("direct_cache_hit", "cache_miss"):
+            found[source] = "hit" if line == "direct_cache_hit" else "miss"
+    return found
+
+
+def test_a_second_object_tree_is_configured_with_kconfigs_programs_from_ccache(real_tree, tmp_path):
+    """kbuild compiles its own programs (Kconfig's conf, fixdep, ...) in every new object tree, even to
+    configure it. HOSTCC goes through ccache-gcc like CC, so a second object tree's are ccache hits (a
+    configure took 3.3 CPU-s, 1.9 with them), and its .config is the same."""
+    if shutil.which("ccache") is None:
+        pytest.skip("ccache is not installed (the kernel builds without it then)")
+    s = load_settings(tmp_path)  # CACHE_DIR of its own: an empty ccache
+
+    def configure(where: str) -> tuple[str, dict[str, str]]:
+        env = {**build.build_env(s, real_tree), "CCACHE_STATSLOG": str(tmp_path / f"{where}.stats")}
+        (tmp_path / where).mkdir()
+        build.link_source(tmp_path / where, real_tree, env)
+        _, path = fragments.configure(s, real_tree.path, tmp_path / where, cc=build.compiler(s.guest)[0],
+                                      logfile=tmp_path / f"{where}.log", env=env)
+        outcomes = ccache_outcomes(tmp_path / f"{where}.stats")
+        return path.read_text(), {name: outcome for name, outcome in outcomes.items() if "scripts/kconfig/" in name}
+
+    first, compiled = configure("first")
+    second, again = configure("second")
+    assert second == first
+    assert len(compiled) >= 8 and set(compiled.values()) == {"miss"}, compiled  # conf's sources, through ccache
+    assert again == {name: "hit" for name in compiled}, again
+
+
 def test_real_config_is_the_same_whatever_arch_and_cross_compile_the_shell_holds(real_tree, tmp_path, monkeypatch):
     """osbuilder's ARCH setting is an environment variable, and make takes its ARCH from the environment
     unless told: `ARCH=x86_64 osbuilder kernel` gave a .config (and autoconf.h, which every file includes)

@@ -35,6 +35,7 @@ from osbuilder.arch import Arch
 from osbuilder.cache import Manifest
 from osbuilder.errors import OsbuilderError, UsageError
 from osbuilder.fs import discard, file_hash, publish, sha256_file, temp_beside
+from osbuilder.kernel.compilers import CCACHE_GCC, compiler
 from osbuilder.kernel.fragments import Merged, check_fragments, configure, make_vars, resolve_fragments
 from osbuilder.kernel.source import SourceTree, ensure_source, origin
 from osbuilder.layout import KernelFiles, UserCache, Workdir
@@ -42,7 +43,8 @@ from osbuilder.run import format_command, run, tool_version
 from osbuilder.settings import Settings
 
 # the code that turns the inputs into a kernel: a change in it makes a new cache key
-CODE_FILES = tuple(Path(__file__).parent / name for name in ("build.py", "fragments.py", "kconfig.py", "ccache-gcc"))
+CODE_FILES = tuple(Path(__file__).parent / name for name in ("build.py", "compilers.py", "fragments.py", "kconfig.py",
+                                                              "ccache-gcc"))
 _BUILD_MARKER = ".osbuilder-build-source"
 _CCACHE_LOG = ".osbuilder-ccache-stats.log"  # one line per counter ccache bumped, this build only
 
@@ -75,7 +77,6 @@ class KernelBuild:
         return self.metadata["kernel_version"]
 
 
-CCACHE_GCC = Path(__file__).with_name("ccache-gcc")  # `ccache gcc` with the source tree's path made relative
 SOURCE_LINK = ".osbuilder-src"  # OBJTREE/.osbuilder-src -> the source tree (what ccache-gcc names it by)
 
 
@@ -87,14 +88,6 @@ def outputs(guest: Arch) -> dict[str, str]:
         layout.KERNEL_CONFIG: ".config",
         layout.SYSTEM_MAP: "System.map",
     }
-
-
-def compiler(guest: Arch | None = None) -> tuple[str, str]:
-    """The CC make variable for a kernel of `guest` (default: this host's): its gcc, through
-    ccache-gcc (see there) when ccache is installed; and that gcc's version line."""
-    gcc = guest.gcc() if guest is not None else "gcc"
-    cc = f"bash {CCACHE_GCC} {gcc}" if shutil.which("ccache") else gcc
-    return cc, tool_version(gcc)
 
 
 def lto_plugin_nm(guest: Arch) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from osbuilder.arch import Arch, host
 from osbuilder.errors import UsageError
+from osbuilder.kernel.compilers import host_compiler
 from osbuilder.kernel.kconfig import (
     Definition,
     KconfigIndex,
@@ -241,7 +242,8 @@ def report_problems(problems: list[Problem]) -> UsageError:
 
 def make_vars(cc: str, guest: Arch | None = None) -> list[str]:
     """make's variables for a kernel of `guest` (default: this host's) compiled with `cc`: the kernel's
-    ARCH and CROSS_COMPILE (binutils come from CROSS_COMPILE; CC names the compiler itself).
+    ARCH and CROSS_COMPILE (binutils come from CROSS_COMPILE; CC names the compiler itself); and HOSTCC,
+    for kbuild's own programs (compilers.host_compiler).
 
     Both are always given, native builds included, because make takes the environment's otherwise, and
     osbuilder's own ARCH setting is an environment variable: `ARCH=x86_64 osbuilder kernel` left kbuild
@@ -249,7 +251,8 @@ def make_vars(cc: str, guest: Arch | None = None) -> list[str]:
     "Linux/x86". Every file then missed ccache, and the two configs differed. A CROSS_COMPILE left in a
     user's shell would give a native build another architecture's binutils."""
     guest = guest or host()
-    return [f"ARCH={guest.kernel_arch}", f"CROSS_COMPILE={guest.cross_compile()}", *([f"CC={cc}"] if cc else [])]
+    return [f"ARCH={guest.kernel_arch}", f"CROSS_COMPILE={guest.cross_compile()}", *([f"CC={cc}"] if cc else []),
+            f"HOSTCC={host_compiler()}"]
 
 
 def generate(settings: Settings, src: Path, build_dir: Path, merged: Merged, *, cc: str,
