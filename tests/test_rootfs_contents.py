@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -54,17 +55,19 @@ def builds() -> Iterator[tuple[Path, Path]]:
     elsewhere = ["unshare", "--mount", "--uts", "--", "sh", "-c",
                  f'mount --bind {fake}/hostname /etc/hostname && mount --bind {fake}/resolv.conf /etc/resolv.conf '
                  '&& hostname other-builder && exec "$@"', "sh"]
-    trees = []
     # Here: the user's CACHE_DIR, whose base tree for these inputs one mmdebstrap run on this host made (in
     # this run or an earlier one; the container test's host build shares it). Elsewhere: a CACHE_DIR of its
-    # own, so its base is a second mmdebstrap run, on a host with another name and DNS.
-    for name, prefix, cache in (("here", None, {}), ("elsewhere", elsewhere, {"CACHE_DIR": str(home / "cache")})):
-        wd = home / name
-        env = {"SOURCE_DATE_EPOCH": EPOCH, **cache}
-        result = osb("rootfs", "--workdir", str(wd), env=env, prefix=prefix, cwd=home)
+    # own, so its base is a second mmdebstrap run, on a host with another name and DNS. The two build at the
+    # same time, as two hosts would: they read the archive in the same minute.
+    hosts = {"here": (None, {}), "elsewhere": (elsewhere, {"CACHE_DIR": str(home / "cache")})}
+    with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+        runs = {name: pool.submit(osb, "rootfs", "--workdir", str(home / name), prefix=prefix, cwd=home,
+                                  env={"SOURCE_DATE_EPOCH": EPOCH, **cache})
+                for name, (prefix, cache) in hosts.items()}
+    for name, run in runs.items():
+        result = run.result()
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
-        trees.append(wd / "rootfs")
-    yield trees[0], trees[1]
+    yield home / "here/rootfs", home / "elsewhere/rootfs"
     shutil.rmtree(home)
 
 
