@@ -3,7 +3,8 @@ fixture, marker and option, all named `osbuilder_*` so that they meet no other p
 
 Fixtures are thin shells over the build steps and the boot check. Built artifacts live in the
 content-addressed cache under WORKDIR/cache, so a second session with the same inputs reuses them,
-and under `pytest -n N` each artifact is built once (the cache holds a file lock while it builds).
+and under `pytest -n N` each artifact is built once (the cache holds a file lock while it builds; the
+workers key the rootfs on the archive state the first of them read).
 
     def test_my_image(osbuilder_image):         # .path is a container.img that passed its checks
         ...
@@ -55,6 +56,7 @@ from osbuilder import settings as settings_mod
 from osbuilder.artifacts import Artifact, Artifacts
 from osbuilder.cache import Cache
 from osbuilder.errors import OsbuilderError
+from osbuilder.rootfs import inputs as rootfs_inputs
 from osbuilder.settings import Settings
 from osbuilder.vm import accel as accel_mod
 from osbuilder.vm import check, phases, ssh
@@ -96,6 +98,21 @@ def pytest_configure(config: pytest.Config) -> None:
     agent_bin = config.getoption("osbuilder_agent_bin")
     if agent_bin and not Path(agent_bin).expanduser().is_file():
         raise pytest.UsageError(f"--osbuilder-agent-bin: {agent_bin}: no such file")
+    run_dir = (getattr(config, "workerinput", None) or {}).get(RUN_DIR)
+    if run_dir:
+        rootfs_inputs.share_archive_states(Path(run_dir) / "osbuilder-archive-states.json")
+
+
+RUN_DIR = "osbuilder_run_dir"  # workerinput: the controller's basetemp, which the run's local workers share
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # noqa: ANN001 - pytest-xdist's WorkerController, when installed
+    """On the controller, for each xdist worker on this machine: the directory its workers share, so that
+    they key the rootfs on one archive state (rootfs/inputs.py), whatever the archive publishes meanwhile."""
+    factory = getattr(node.config, "_tmp_path_factory", None)
+    if node.gateway.spec.popen and factory is not None:
+        node.workerinput[RUN_DIR] = str(factory.getbasetemp())
 
 
 def load_settings(config: pytest.Config) -> Settings:

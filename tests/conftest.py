@@ -22,3 +22,19 @@ def small_workdir(tmp_path: Path) -> Iterator[Path]:
         yield wd
     finally:
         subprocess.run(["umount", "-l", str(wd)], check=True)
+
+
+@pytest.fixture
+def fresh_archive_reads() -> Iterator[None]:
+    """This process reads the archive's state afresh, as a new process that is no xdist worker would (the
+    test's `_SEEN.clear()` stands for the next process): the run's shared states play no part."""
+    from osbuilder.rootfs import inputs
+
+    shared = inputs._SHARED
+    inputs._SEEN.clear()
+    inputs.share_archive_states(None)
+    try:
+        yield
+    finally:
+        inputs._SEEN.clear()
+        inputs.share_archive_states(shared)

@@ -292,6 +292,65 @@ def test_pytest_xdist_rebuild_builds_each_artifact_once(tmp_path: Path):
     assert counter.read_text() == "xx"
 
 
+class Publishing(ThreadingHTTPServer):
+    """A mirror that publishes a new Release of every suite between any two requests: each InRelease it
+    serves has a Date one minute later than the one before."""
+
+    def __init__(self) -> None:
+        self.served = 0
+        lock = threading.Lock()
+        mirror = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server protocol
+                if not self.path.endswith("/InRelease"):
+                    self.send_error(404)
+                    return
+                with lock:
+                    mirror.served += 1
+                    minute = mirror.served
+                body = (f"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nOrigin: Debian\n"
+                        f"Date: Sat, 10 Jan 2026 10:{minute:02d}:00 UTC\nMD5Sum:\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_pytest_xdist_workers_key_the_rootfs_on_one_archive_state(tmp_path: Path):
+    """`pytest -n 2` while the archive publishes: the workers of one run key the rootfs on the archive state
+    the first of them read, so it is built once (each asking for itself, they built and booted a rootfs
+    each, and the image WORKDIR published was not the one the other worker's gate booted). The next run
+    reads the archive again and builds from its new state."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(INNER_CONFTEST)
+    (suite / "test_inner.py").write_text(INNER_TESTS)
+    counter = tmp_path / "count"
+    mirror = Publishing()
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(OSB_TEST_COUNTER=str(counter), CACHE_DIR=str(tmp_path / "user-cache"),
+               REPO_URL=f"http://127.0.0.1:{mirror.server_address[1]}/debian")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2",
+           "--dist", "each", f"--osbuilder-workdir={tmp_path / 'wd'}", str(suite)]
+    try:
+        for runs in ("x", "xx"):
+            out = subprocess.run(cmd, cwd=suite, env=env, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert "4 passed" in out.stdout, out.stdout
+            assert counter.read_text() == runs, f"after {mirror.served} requests to the mirror"
+        assert mirror.served == 6  # a run's first worker reads the release, -updates and -security once
+    finally:
+        mirror.shutdown()
+        mirror.server_close()
+
+
 # -- keys that missed inputs ----------------------------------------------------------------------
 
 
@@ -301,10 +360,8 @@ def key_settings(tmp_path: Path, **env: str) -> S.Settings:
 
 
 @pytest.fixture
-def archive(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def archive(tmp_path: Path, fresh_archive_reads: None) -> Iterator[tuple[str, Path]]:
     """A local mirror with dists/bookworm/InRelease: (REPO_URL, the InRelease file)."""
-    from osbuilder.rootfs import inputs
-
     root = tmp_path / "mirror"
     release = root / "debian" / "dists" / "bookworm" / "InRelease"
     for path in (release, root / "debian/dists/bookworm-updates/InRelease",
@@ -323,13 +380,11 @@ def archive(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    inputs._SEEN.clear()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/debian", release
     finally:
         server.shutdown()
         server.server_close()
-        inputs._SEEN.clear()
 
 
 def test_rootfs_key_follows_the_archives_release(tmp_path: Path, archive, caplog: pytest.LogCaptureFixture):

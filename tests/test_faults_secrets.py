@@ -28,7 +28,6 @@ from osbuilder import settings as S
 from osbuilder import urls
 from osbuilder.errors import OsbuilderError
 from osbuilder.rootfs import build as rootfs_build
-from osbuilder.rootfs import inputs
 from osbuilder.rootfs.debian import Debian
 from osbuilder.run import redact, run
 
@@ -76,14 +75,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def mirrors() -> Iterator[tuple[Mirror, Mirror]]:
+def mirrors(fresh_archive_reads: None) -> Iterator[tuple[Mirror, Mirror]]:
     """Two mirrors on different hosts: 127.0.0.1 (the one REPO_URL names) and 127.0.0.2."""
     servers = (Mirror("127.0.0.1"), Mirror("127.0.0.2"))
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    inputs._SEEN.clear()
     yield servers
-    inputs._SEEN.clear()
     for server in servers:
         server.shutdown()
         server.server_close()
@@ -205,18 +202,15 @@ def test_a_commands_log_and_error_tail_hide_the_password(tmp_path: Path, passwor
         assert_hidden(text, password)
 
 
-def test_the_archive_warning_and_stored_records_hide_the_password(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_the_archive_warning_and_stored_records_hide_the_password(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                   fresh_archive_reads: None):
     """An unreachable mirror: the warning names it without its login; the manifest and the image's
     metadata keep no credentials."""
     url = "http://osbuser:Xq7@Zr9@127.0.0.1:9/debian"
     settings = S.load({}, env={"WORKDIR": str(tmp_path / "wd"), "CACHE_DIR": str(tmp_path / "cache"),
                                "REPO_URL": url}, cwd=tmp_path)
-    inputs._SEEN.clear()
     caplog.set_level(logging.WARNING, "osbuilder")
-    try:
-        manifest = rootfs_build.manifest(settings)
-    finally:
-        inputs._SEEN.clear()
+    manifest = rootfs_build.manifest(settings)
     assert "cannot read the archive state of bookworm at http://127.0.0.1:9/debian" in caplog.text
     choice = rootfs_build.AgentChoice.from_settings(settings)
     metadata = rootfs_build.metadata(settings, choice, rootfs_build.packages(settings))

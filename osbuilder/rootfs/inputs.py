@@ -5,7 +5,9 @@ archive publishes a new Release of a suite the rootfs is built from (a point rel
 stable update, any update of a moving suite), when the host's compiler or static C library changes
 under osbuilder's agent, or when the distribution plugin's code does. Each is cheap: one ranged HTTP
 request for the first bytes of each suite's InRelease per process, two compiler invocations, a hash
-of two source files.
+of two source files. The processes of one test run (pytest-xdist's workers on one machine) share what
+the first of them read (`share_archive_states`): a Release published while the run goes on would
+otherwise key its workers' rootfs differently, and each would build and boot its own.
 
 The request logs in to a mirror whose URL carries credentials, and the login goes nowhere else: a
 redirect to another scheme, host or port is followed without it, and one from https to plain http is
@@ -23,6 +25,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
+from filelock import FileLock
+
 from osbuilder.fs import file_hash, sha256_file, write_atomically
 from osbuilder.layout import UserCache
 from osbuilder.rootfs.distro import Distro, Suite
@@ -33,6 +37,15 @@ from osbuilder.urls import without_credentials
 log = logging.getLogger("osbuilder")
 
 _SEEN: dict[tuple[str, str], str] = {}  # per process: one request per mirror and release
+_SHARED: Path | None = None  # the file the processes of this test run share their archive states in
+
+
+def share_archive_states(path: Path | None) -> None:
+    """Key on the archive states recorded in `path` (JSON, `<mirror> <suite>`: state), and record there the
+    ones this process reads first, so that every process naming the same `path` keys on the same states.
+    None: this process asks for itself."""
+    global _SHARED
+    _SHARED = path
 
 
 def plugin_code(distro: Distro) -> str:
@@ -63,7 +76,8 @@ def _hash_once(path: str, size: int, mtime_ns: int, inode: int) -> str:
 
 def archive_date(settings: Settings, distro: Distro, mirror: str, suite: str | None = None) -> str:
     """The state of `mirror`'s archive for `suite` (default: OS_VERSION), as the distribution reads it
-    (asked once per process): for Debian, the Date of the suite's Release file.
+    (asked once per process, or once per test run: `share_archive_states`): for Debian, the Date of the
+    suite's Release file.
 
     When the mirror cannot be asked, the state last seen (kept in the per-user cache) stands in, and a
     warning says so: a warm cache keeps working offline."""
@@ -71,19 +85,36 @@ def archive_date(settings: Settings, distro: Distro, mirror: str, suite: str | N
     bare = without_credentials(mirror)
     key = (bare, suite)
     if key not in _SEEN:
-        remembered = UserCache.of(settings).archive_dates
-        known = _read(remembered)
         name = f"{bare} {suite}"
-        try:
-            _SEEN[key] = distro.archive_state(mirror, suite)
-        except (OSError, ValueError) as e:
-            _SEEN[key] = known.get(name, "unknown")
-            log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
-                        "the archive state last seen: %s", suite, bare, e, _SEEN[key])
+        if _SHARED is None:
+            _SEEN[key] = _ask(settings, distro, mirror, suite)
         else:
-            if known.get(name) != _SEEN[key]:
-                _remember(remembered, {**known, name: _SEEN[key]})
+            with FileLock(f"{_SHARED}.lock"):
+                shared = _read(_SHARED)
+                if name not in shared:  # the run's first process to ask
+                    shared[name] = _ask(settings, distro, mirror, suite)
+                    _remember(_SHARED, shared)
+                _SEEN[key] = shared[name]
     return _SEEN[key]
+
+
+def _ask(settings: Settings, distro: Distro, mirror: str, suite: str) -> str:
+    """The archive's state as the mirror says it now, remembered in the per-user cache; if it cannot be
+    asked, the state last remembered, with a warning."""
+    bare = without_credentials(mirror)
+    name = f"{bare} {suite}"
+    remembered = UserCache.of(settings).archive_dates
+    known = _read(remembered)
+    try:
+        state = distro.archive_state(mirror, suite)
+    except (OSError, ValueError) as e:
+        state = known.get(name, "unknown")
+        log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
+                    "the archive state last seen: %s", suite, bare, e, state)
+    else:
+        if known.get(name) != state:
+            _remember(remembered, {**known, name: state})
+    return state
 
 
 def archive_state(settings: Settings, distro: Distro, suites: list[Suite]) -> str:
