@@ -406,6 +406,29 @@ def test_rootfs_key_follows_the_archives_release(tmp_path: Path, archive, caplog
                for r in caplog.records)
 
 
+def test_a_mirror_node_that_lags_behind_does_not_move_the_key_back(tmp_path: Path, archive,
+                                                                   caplog: pytest.LogCaptureFixture):
+    """deb.debian.org is a CDN: for a while after a Release is published one request may reach a node that
+    has it and the next one a node that has not. The older Date does not key a new rootfs (the next
+    session would build it, and the one after would build the newer one again); a newer one still does."""
+    from osbuilder.rootfs import inputs
+
+    url, release = archive
+    s = key_settings(tmp_path, REPO_URL=url)
+    release.write_text(release.read_text().replace("10 Jan", "17 Jan"))
+    seen = rootfs_build.manifest(s)
+    release.write_text(release.read_text().replace("17 Jan", "10 Jan"))  # a node not updated yet
+    inputs._SEEN.clear()  # the next process
+    caplog.set_level(logging.INFO, "osbuilder")
+    lagging = rootfs_build.manifest(s)
+    assert lagging.key == seen.key and lagging.inputs["archive_date"] == "Sat, 17 Jan 2026 10:00:00 UTC"
+    assert any("says its Release is of Sat, 10 Jan 2026 10:00:00 UTC, older than the Sat, 17 Jan 2026 10:00:00 "
+               "UTC already seen" in r.getMessage() for r in caplog.records)
+    release.write_text(release.read_text().replace("10 Jan", "24 Jan"))  # the next point release
+    inputs._SEEN.clear()
+    assert rootfs_build.manifest(s).inputs["archive_date"] == "Sat, 24 Jan 2026 10:00:00 UTC"
+
+
 def test_rootfs_key_follows_the_security_and_updates_suites(tmp_path: Path, archive):
     """A security update (a new bookworm-security Release) makes a new rootfs, and the miss says which
     suite moved; with SECURITY_UPDATES=no only the release counts."""

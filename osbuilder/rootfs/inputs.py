@@ -7,7 +7,8 @@ under osbuilder's agent, or when the distribution plugin's code does. Each is ch
 request for the first bytes of each suite's InRelease per process, two compiler invocations, a hash
 of two source files. The processes of one test run (pytest-xdist's workers on one machine) share what
 the first of them read (`share_archive_states`): a Release published while the run goes on would
-otherwise key its workers' rootfs differently, and each would build and boot its own.
+otherwise key its workers' rootfs differently, and each would build and boot its own. A Release dated
+before one already seen (a mirror or CDN node that lags behind another) does not move the key back.
 
 The request logs in to a mirror whose URL carries credentials, and the login goes nowhere else: a
 redirect to another scheme, host or port is followed without it, and one from https to plain http is
@@ -23,6 +24,7 @@ import logging
 import os
 import shlex
 import subprocess
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from filelock import FileLock
@@ -112,9 +114,23 @@ def _ask(settings: Settings, distro: Distro, mirror: str, suite: str) -> str:
         log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
                     "the archive state last seen: %s", suite, bare, e, state)
     else:
-        if known.get(name) != state:
+        seen = known.get(name)
+        if _older(state, seen):
+            log.info("rootfs: %s at %s says its Release is of %s, older than the %s already seen: a mirror (or a "
+                     "node of its CDN) not updated yet; keying on the newer", suite, bare, state, seen)
+            return str(seen)
+        if seen != state:
             _remember(remembered, {**known, name: state})
     return state
+
+
+def _older(state: str, seen: str | None) -> bool:
+    """Whether `state` and `seen` are both dates (RFC 2822, as Debian's Release files have them) and `state`
+    is the earlier: an archive's Release never goes back in time, a lagging mirror node does."""
+    try:
+        return seen is not None and parsedate_to_datetime(state) < parsedate_to_datetime(seen)
+    except (TypeError, ValueError):
+        return False
 
 
 def archive_state(settings: Settings, distro: Distro, suites: list[Suite]) -> str:
