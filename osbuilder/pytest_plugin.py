@@ -86,6 +86,8 @@ BUILD_FIXTURES = {"osbuilder_rootfs", "osbuilder_image", "osbuilder_initrd", "os
 BOOT_FIXTURES = {"osbuilder_boot_guest", "osbuilder_booted_guest", "osbuilder_guest", "osbuilder_accel"}
 MODULE_GUEST = "osbuilder_booted_guest"  # one boot per module: its tests stay on one worker
 
+RUN_DIR = "osbuilder_run_dir"  # workerinput: the controller's basetemp, which the run's local workers share
+
 
 def pytest_configure(config: pytest.Config) -> None:
     run.with_sbin_on_path()
@@ -101,9 +103,6 @@ def pytest_configure(config: pytest.Config) -> None:
     run_dir = (getattr(config, "workerinput", None) or {}).get(RUN_DIR)
     if run_dir:
         rootfs_inputs.share_archive_states(Path(run_dir) / "osbuilder-archive-states.json")
-
-
-RUN_DIR = "osbuilder_run_dir"  # workerinput: the controller's basetemp, which the run's local workers share
 
 
 @pytest.hookimpl(optionalhook=True)

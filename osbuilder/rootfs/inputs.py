@@ -89,22 +89,21 @@ def archive_date(settings: Settings, distro: Distro, mirror: str, suite: str | N
     if key not in _SEEN:
         name = f"{bare} {suite}"
         if _SHARED is None:
-            _SEEN[key] = _ask(settings, distro, mirror, suite)
+            _SEEN[key] = _ask(settings, distro, mirror, suite, name)
         else:
             with FileLock(f"{_SHARED}.lock"):
                 shared = _read(_SHARED)
                 if name not in shared:  # the run's first process to ask
-                    shared[name] = _ask(settings, distro, mirror, suite)
+                    shared[name] = _ask(settings, distro, mirror, suite, name)
                     _remember(_SHARED, shared)
                 _SEEN[key] = shared[name]
     return _SEEN[key]
 
 
-def _ask(settings: Settings, distro: Distro, mirror: str, suite: str) -> str:
-    """The archive's state as the mirror says it now, remembered in the per-user cache; if it cannot be
-    asked, the state last remembered, with a warning."""
-    bare = without_credentials(mirror)
-    name = f"{bare} {suite}"
+def _ask(settings: Settings, distro: Distro, mirror: str, suite: str, name: str) -> str:
+    """The archive's state as the mirror says it now, remembered in the per-user cache under `name`
+    (`<mirror without credentials> <suite>`); if it cannot be asked, the state last remembered, with a
+    warning."""
     remembered = UserCache.of(settings).archive_dates
     known = _read(remembered)
     try:
@@ -112,23 +111,24 @@ def _ask(settings: Settings, distro: Distro, mirror: str, suite: str) -> str:
     except (OSError, ValueError) as e:
         state = known.get(name, "unknown")
         log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
-                    "the archive state last seen: %s", suite, bare, e, state)
-    else:
-        seen = known.get(name)
-        if _older(state, seen):
-            log.info("rootfs: %s at %s says its Release is of %s, older than the %s already seen: a mirror (or a "
-                     "node of its CDN) not updated yet; keying on the newer", suite, bare, state, seen)
-            return str(seen)
-        if seen != state:
-            _remember(remembered, {**known, name: state})
+                    "the archive state last seen: %s", suite, without_credentials(mirror), e, state)
+        return state
+    seen = known.get(name)
+    if seen is not None and _older(state, seen):
+        log.info("rootfs: %s at %s says its Release is of %s, older than the %s already seen: a mirror (or a "
+                 "node of its CDN) not updated yet; keying on the newer", suite, without_credentials(mirror),
+                 state, seen)
+        return seen
+    if seen != state:
+        _remember(remembered, {**known, name: state})
     return state
 
 
-def _older(state: str, seen: str | None) -> bool:
+def _older(state: str, seen: str) -> bool:
     """Whether `state` and `seen` are both dates (RFC 2822, as Debian's Release files have them) and `state`
     is the earlier: an archive's Release never goes back in time, a lagging mirror node does."""
     try:
-        return seen is not None and parsedate_to_datetime(state) < parsedate_to_datetime(seen)
+        return parsedate_to_datetime(state) < parsedate_to_datetime(seen)
     except (TypeError, ValueError):
         return False
 
