@@ -1,8 +1,8 @@
-"""Real kernel builds: one cold build (the session `kernel` fixture) plus one ccache-warm rebuild.
+"""Real kernel builds: the session `kernel` fixture's, and a second build of the same inputs.
 
 The error tests stop before anything compiles, so they cost seconds. The reproducibility test runs
-last: it empties the object tree and builds again from the same inputs with ccache warm, then
-compares vmlinux.container byte for byte.
+last: it compares the session's kernel byte for byte with another build of the same inputs from an empty
+object tree, an earlier run's where one is on record, else one it makes now with ccache warm.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from fakes import lock_held_elsewhere
 from filelock import FileLock
 
 from osbuilder import arch
+from osbuilder.cache import MANIFEST
 from osbuilder.errors import InfrastructureError, OsbuilderError, UsageError
+from osbuilder.fs import write_atomically
 from osbuilder.kernel import build
 from osbuilder.kernel.fragments import merge, resolve_fragments, verify
 from osbuilder.kernel.kconfig import KconfigIndex, read_config
 from osbuilder.kernel.source import ensure_source
-from osbuilder.layout import KernelFiles, Workdir
+from osbuilder.layout import KernelFiles, UserCache, Workdir
 
 pytestmark = pytest.mark.build
 
@@ -234,8 +236,15 @@ def test_full_disk_is_reported_as_such(osbuilder_settings, tmp_path, monkeypatch
         build._make(osbuilder_settings, ["make"], tmp_path, log, {})
 
 
-# --- reproducibility: from an empty object tree (emptied under the build lock: other kernel tests
-# may run at the same time on the other xdist worker) ----------------------------------------------
+# --- reproducibility: two builds of the same inputs, each from an empty object tree ---------------------
+# The session's kernel is one such build when this run made it (CI's clean clone: a new WORKDIR). The
+# other is the last one an earlier run verified, recorded in the per-user cache under the kernel's cache
+# key (which names every input, osbuilder's kernel code included): a later run in another WORKDIR, as a
+# user's rebuild is. Without such a record, or with a session kernel WORKDIR's cache already held, the
+# test empties the object tree (under the build lock: other kernel tests may run at the same time on the
+# other xdist worker) and builds again now.
+
+COMPARED = ("vmlinux", "vmlinuz", "config")
 
 
 def clean_build_dir(settings) -> None:
@@ -247,18 +256,47 @@ def clean_build_dir(settings) -> None:
         shutil.rmtree(bdir, ignore_errors=True)
 
 
-def test_rebuild_is_byte_identical(osbuilder_kernel, osbuilder_settings, tmp_path):
-    clean_build_dir(osbuilder_settings)
-    started = time.monotonic()
-    again = build.build_kernel(osbuilder_settings, tmp_path / "again")
-    elapsed = time.monotonic() - started
-    print(f"ccache-warm rebuild from an empty object tree: {elapsed:.0f}s, ccache {again.metadata['ccache']}")
-    cached = KernelFiles(osbuilder_kernel.path)
-    assert again.files == KernelFiles(tmp_path / "again") and again.out_dir == tmp_path / "again"
-    assert sha(again.vmlinux) == sha(cached.vmlinux)
-    assert sha(again.vmlinuz) == sha(cached.vmlinuz)
-    assert sha(again.config) == sha(cached.config)
-    assert again.version == json.loads(cached.metadata.read_text())["kernel_version"]
-    if shutil.which("ccache"):
-        stats = again.metadata["ccache"]
-        assert stats["hits"] > 10 * max(stats["misses"], 1), f"ccache mostly missed: {stats}"
+def rebuild_record(settings, key: str) -> Path:
+    return UserCache.of(settings).root / "test-records" / f"kernel-rebuild-{key}.json"
+
+
+def kernel_outputs(files: KernelFiles) -> dict[str, str]:
+    return {name: sha(getattr(files, name)) for name in COMPARED} | {
+        "version": json.loads(files.metadata.read_text())["kernel_version"]}
+
+
+def built_by(entry: Path) -> str:
+    """The run that built this cache entry (the fixtures' session id), from its manifest."""
+    return str(json.loads((entry / MANIFEST).read_text()).get("session", ""))
+
+
+def test_rebuild_is_byte_identical(osbuilder_kernel, osbuilder_artifacts, osbuilder_settings, tmp_path):
+    session = KernelFiles(osbuilder_kernel.path)
+    ours = kernel_outputs(session)
+    record_path = rebuild_record(osbuilder_settings, osbuilder_kernel.key)
+    try:
+        earlier = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    this_run = osbuilder_artifacts.session
+    if earlier and built_by(osbuilder_kernel.path) == this_run and earlier.get("run") != this_run:
+        print(f"compared with the build of run {earlier['run']} ({earlier['when']}); this run's: "
+              f"ccache {json.loads(session.metadata.read_text())['ccache']}")
+        assert ours == earlier["outputs"], (
+            f"the kernel built now differs from the one an earlier run built from the same inputs "
+            f"(key {osbuilder_kernel.key}, {record_path}): a build is not reproducible, or "
+            f"kernel_manifest misses an input")
+    else:
+        clean_build_dir(osbuilder_settings)
+        started = time.monotonic()
+        again = build.build_kernel(osbuilder_settings, tmp_path / "again")
+        elapsed = time.monotonic() - started
+        print(f"ccache-warm rebuild from an empty object tree: {elapsed:.0f}s, ccache {again.metadata['ccache']}")
+        assert again.files == KernelFiles(tmp_path / "again") and again.out_dir == tmp_path / "again"
+        assert kernel_outputs(again.files) == ours
+        if shutil.which("ccache"):
+            stats = again.metadata["ccache"]
+            assert stats["hits"] > 10 * max(stats["misses"], 1), f"ccache mostly missed: {stats}"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    write_atomically(record_path, json.dumps({"run": this_run, "when": when, "outputs": ours}, indent=1) + "\n")
