@@ -260,9 +260,8 @@ def rebuild_record(settings, key: str) -> Path:
     return UserCache.of(settings).root / "test-records" / f"kernel-rebuild-{key}.json"
 
 
-def kernel_outputs(files: KernelFiles) -> dict[str, str]:
-    return {name: sha(getattr(files, name)) for name in COMPARED} | {
-        "version": json.loads(files.metadata.read_text())["kernel_version"]}
+def kernel_outputs(files: KernelFiles, metadata: dict) -> dict[str, str]:
+    return {name: sha(getattr(files, name)) for name in COMPARED} | {"version": metadata["kernel_version"]}
 
 
 def built_by(entry: Path) -> str:
@@ -272,7 +271,8 @@ def built_by(entry: Path) -> str:
 
 def test_rebuild_is_byte_identical(osbuilder_kernel, osbuilder_artifacts, osbuilder_settings, tmp_path):
     session = KernelFiles(osbuilder_kernel.path)
-    ours = kernel_outputs(session)
+    metadata = json.loads(session.metadata.read_text())
+    ours = kernel_outputs(session, metadata)
     record_path = rebuild_record(osbuilder_settings, osbuilder_kernel.key)
     try:
         earlier = json.loads(record_path.read_text())
@@ -281,7 +281,7 @@ def test_rebuild_is_byte_identical(osbuilder_kernel, osbuilder_artifacts, osbuil
     this_run = osbuilder_artifacts.session
     if earlier and built_by(osbuilder_kernel.path) == this_run and earlier.get("run") != this_run:
         print(f"compared with the build of run {earlier['run']} ({earlier['when']}); this run's: "
-              f"ccache {json.loads(session.metadata.read_text())['ccache']}")
+              f"ccache {metadata['ccache']}")
         assert ours == earlier["outputs"], (
             f"the kernel built now differs from the one an earlier run built from the same inputs "
             f"(key {osbuilder_kernel.key}, {record_path}): a build is not reproducible, or "
@@ -293,7 +293,7 @@ def test_rebuild_is_byte_identical(osbuilder_kernel, osbuilder_artifacts, osbuil
         elapsed = time.monotonic() - started
         print(f"ccache-warm rebuild from an empty object tree: {elapsed:.0f}s, ccache {again.metadata['ccache']}")
         assert again.files == KernelFiles(tmp_path / "again") and again.out_dir == tmp_path / "again"
-        assert kernel_outputs(again.files) == ours
+        assert kernel_outputs(again.files, again.metadata) == ours
         if shutil.which("ccache"):
             stats = again.metadata["ccache"]
             assert stats["hits"] > 10 * max(stats["misses"], 1), f"ccache mostly missed: {stats}"

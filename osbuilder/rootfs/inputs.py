@@ -106,18 +106,18 @@ def _ask(settings: Settings, distro: Distro, mirror: str, suite: str, name: str)
     warning."""
     remembered = UserCache.of(settings).archive_dates
     known = _read(remembered)
+    bare = without_credentials(mirror)
     try:
         state = distro.archive_state(mirror, suite)
     except (OSError, ValueError) as e:
         state = known.get(name, "unknown")
         log.warning("rootfs: cannot read the archive state of %s at %s (%s); keying the cached rootfs on "
-                    "the archive state last seen: %s", suite, without_credentials(mirror), e, state)
+                    "the archive state last seen: %s", suite, bare, e, state)
         return state
     seen = known.get(name)
     if seen is not None and _older(state, seen):
         log.info("rootfs: %s at %s says its Release is of %s, older than the %s already seen: a mirror (or a "
-                 "node of its CDN) not updated yet; keying on the newer", suite, without_credentials(mirror),
-                 state, seen)
+                 "node of its CDN) not updated yet; keying on the newer", suite, bare, state, seen)
         return seen
     if seen != state:
         _remember(remembered, {**known, name: state})
